@@ -1,0 +1,234 @@
+"""The `qdistill` command: a thin layer over the library. User mistakes print one line, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from qdistill.data import load_dataset
+from qdistill.errors import QDistillError
+from qdistill.export import inspect_packed, load_packed
+from qdistill.models import load_checkpoint, model_spec
+from qdistill.pipeline import get_teacher, new_run_dir, run_method
+from qdistill.report import RESULT_COLUMNS, markdown_table
+from qdistill.train import METHODS, TrainConfig, evaluate, read_yaml
+
+out = Console()
+
+
+def bucket_arg(text: str):
+    if text.lower() in ("none", "global"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bucket must be a positive integer or 'global', got {text!r}") from None
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; unset flags stay None so the YAML config and the defaults show through."""
+    g = p.add_argument_group("training options (also settable in --config YAML, same names with underscores)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = TrainConfig.__dataclass_fields__[f.name].default
+        if f.name == "method":
+            continue
+        if f.name == "bucket":
+            g.add_argument(flag, type=bucket_arg, default=argparse.SUPPRESS, help="values per bucket, or 'global' (default 256)")
+        elif f.name in ("include", "exclude"):
+            g.add_argument(flag, action="append", default=None, metavar="GLOB", help=f"{f.name} tensors by name pattern (repeatable)")
+        elif isinstance(default, bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {default})")
+        else:
+            g.add_argument(flag, type=type(default), default=None, help=f"(default {default})")
+
+
+def config_from(args, **fixed) -> TrainConfig:
+    values = read_yaml(args.config) if getattr(args, "config", None) else {}
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None or (f.name == "bucket" and hasattr(args, "bucket")):
+            values[f.name] = v
+    values.update(fixed)
+    return TrainConfig.from_dict(values)
+
+
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="fashion-mnist", help="'fashion-mnist' or a hook 'package.module:function' returning a qdistill.data.Dataset")
+    p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (else $QDISTILL_DATA, then Debian's folder)")
+    p.add_argument("--train-subset", type=int, help="use only the first N training examples")
+    p.add_argument("--test-subset", type=int, help="use only the first N test examples")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def data_from(args):
+    data = load_dataset(args.dataset, args.data_dir)
+    if args.train_subset or args.test_subset:
+        data = data.subset(args.train_subset, args.test_subset)
+    return data
+
+
+def load_any(path: str, spec_name: str | None = None):
+    """A packed model or a full-precision checkpoint."""
+    if Path(path).exists():
+        try:
+            return load_packed(path)[0]
+        except QDistillError as e:
+            if "not a qdistill packed model" not in str(e):
+                raise
+    spec = model_spec(spec_name) if spec_name else None
+    return load_checkpoint(path, spec)[0]
+
+
+def show_rows(rows: list[dict], title: str) -> None:
+    table = Table(title=title)
+    for _, header, _ in RESULT_COLUMNS:
+        table.add_column(header)
+    for row in rows:
+        table.add_row(*["" if row.get(k) is None else format(row[k], fmt) for k, _, fmt in RESULT_COLUMNS])
+    out.print(table)
+
+
+def cmd_train_teacher(args) -> None:
+    data = data_from(args)
+    cfg = config_from(args, method="fp")
+    run_dir = new_run_dir(args.run_dir, "teacher")
+    spec = model_spec(args.model, data.train_x.shape[1], data.num_classes)
+    row, _ = run_method("teacher", spec, data, cfg, run_dir, quiet=args.quiet)
+    (run_dir / "results.json").write_text(json.dumps({"rows": [row], "config": cfg.to_dict()}, indent=1))
+    show_rows([row], f"teacher {args.model}")
+    out.print(f"teacher saved to {run_dir / row['file']}")
+
+
+def cmd_distill(args) -> None:
+    data = data_from(args)
+    cfg = config_from(args, method=args.method)
+    method = cfg.spec
+    spec = model_spec(args.student, data.train_x.shape[1], data.num_classes)
+    init = load_checkpoint(args.init, spec)[0] if args.init else None
+    if method.trains != "weights" and init is None:
+        raise QDistillError(f"method {cfg.method} does not train the weights: give trained ones with --init")
+    needs_teacher = method.distill and not (cfg.method == "dq" and cfg.dq_teacher == "self")
+    teacher = None
+    if needs_teacher:
+        if not args.teacher:
+            raise QDistillError(f"method {cfg.method} distills from a teacher: give --teacher FILE (from `qdistill train-teacher`)")
+        teacher = get_teacher(data, "", cfg, path=args.teacher)
+    run_dir = new_run_dir(args.run_dir, f"distill-{cfg.method}")
+    (run_dir / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=1))
+    row, _ = run_method(cfg.method, spec, data, cfg, run_dir, teacher=teacher, init=init, quiet=args.quiet)
+    (run_dir / "results.json").write_text(json.dumps({"rows": [row], "config": cfg.to_dict()}, indent=1))
+    (run_dir / "report.md").write_text(f"# qdistill distill --method {cfg.method}\n\n" + markdown_table([row], RESULT_COLUMNS) + "\n")
+    show_rows([row], f"{cfg.method} on {args.student}")
+    out.print(f"model saved to {run_dir / row['file']}")
+
+
+def cmd_eval(args) -> None:
+    model = load_any(args.file, args.model)
+    data = data_from(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    acc = evaluate(model.to(device), data.test_x, data.test_y)
+    out.print(json.dumps({"file": args.file, "test_acc": acc, "test_examples": len(data.test_x)}))
+
+
+def cmd_inspect(args) -> None:
+    info = inspect_packed(args.file)
+    if args.json:
+        out.print_json(json.dumps(info))
+        return
+    table = Table(title=f"{args.file}", show_header=False)
+    fmt = {
+        "fp32_bytes": "{:,} B", "disk_bytes": "{:,} B", "theoretical_bytes": "{:,} B", "huffman_bytes": "{:,} B",
+        "overhead_pct": "{:.2f} %", "ratio_vs_fp32": "{:.2f}x", "nominal_ratio_quantized": "{:.2f}x",
+        "huffman_ratio_vs_fp32": "{:.2f}x", "huffman_bits_per_weight": "{:.3f}",
+    }
+    for key, value in info.items():
+        if key not in ("file", "info"):
+            table.add_row(key, fmt.get(key, "{}").format(value))
+    out.print(table)
+
+
+def cmd_demo(args) -> None:
+    from qdistill.demo import run_demo
+
+    start = time.perf_counter()
+    data = data_from(args)
+    cfg = config_from(args, method="qd")
+    run_dir = new_run_dir(args.run_dir, "demo")
+    rows = run_demo(data, run_dir, args.student, args.teacher, args.teacher_epochs, tuple(args.bit_widths), cfg, args.quiet)
+    show_rows(rows, f"qdistill demo ({time.perf_counter() - start:.0f} s)")
+    out.print(f"report, plots and packed models in {run_dir}/")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qdistill", description="Compress PyTorch models by quantized distillation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train-teacher", help="train a full-precision teacher")
+    p.add_argument("--model", default="resnet-small", help="preset or package.module:factory")
+    p.add_argument("--run-dir")
+    p.add_argument("--config", help="YAML file of training options")
+    add_data_flags(p)
+    add_config_flags(p)
+    p.set_defaults(func=cmd_train_teacher)
+
+    p = sub.add_parser("distill", help="train a student with one method (fp, kd, ptq, qat, qd, dq, qd+dq)")
+    p.add_argument("--method", choices=list(METHODS), default=None, help="(default qd)")
+    p.add_argument("--student", default="tiny", help="preset (tiny, small, medium, large) or package.module:factory")
+    p.add_argument("--teacher", help="teacher checkpoint (.safetensors from train-teacher)")
+    p.add_argument("--init", help="start from these student weights (needed by ptq and dq)")
+    p.add_argument("--run-dir")
+    p.add_argument("--config", help="YAML file of training options")
+    add_data_flags(p)
+    add_config_flags(p)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("eval", help="test accuracy of a packed model or a checkpoint")
+    p.add_argument("file")
+    p.add_argument("--model", help="preset or package.module:factory, for a plain state dict")
+    add_data_flags(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("inspect", help="sizes of a packed model: fp32, on disk, nominal, Huffman estimate")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="the whole comparison on Fashion-MNIST (about 8 minutes on 2 CPU cores)")
+    p.add_argument("--student", default="tiny")
+    p.add_argument("--teacher", default="resnet-small")
+    p.add_argument("--teacher-epochs", type=int, default=3)
+    p.add_argument("--bit-widths", type=int, nargs="+", default=[4, 2], help="bit widths to compare")
+    p.add_argument("--run-dir")
+    p.add_argument("--config", help="YAML file of training options")
+    add_data_flags(p)
+    add_config_flags(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "method", "x") is None:
+        args.method = "qd"
+    try:
+        args.func(args)
+    except QDistillError as e:
+        print(f"qdistill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qdistill: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The packed file: a safetensors file whose quantized weights take b bits each on disk.
+
+Tensors (few, so the safetensors header stays small next to the payload):
+  indices  uint8    every quantized tensor's level indices, bit-packed, each tensor starting on a byte
+  scales   float32  per tensor, its buckets' min then max
+  points   float32  the codebooks of learned-points tensors (uniform levels are i / (2**b - 1))
+  fp.<dtype>        every tensor kept at full precision, concatenated per dtype
+Metadata "qdistill" (JSON): format version, model spec, per-tensor layout, and a SHA-256 over the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from qdistill.errors import QDistillError
+from qdistill.export.huffman import mean_code_length
+from qdistill.models import build_model
+from qdistill.quant import LearnedPointsQuantizer, pack_bits, packed_bytes, quantized_tensors, unpack_bits
+from qdistill.quant.base import Encoded
+
+FORMAT = "qdistill-packed"
+VERSION = 1
+
+
+def _digest(meta: dict, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_packed(model: nn.Module, spec: dict, path: str | Path, info: dict | None = None, overwrite: bool = False) -> Path:
+    """Write `model` (with quantizers attached) packed; `spec` rebuilds its architecture, `info` is kept as is."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise QDistillError(f"{path} already exists; choose another name or pass overwrite")
+    quantized = quantized_tensors(model)
+    if not quantized:
+        raise QDistillError("the model has no quantizers attached: nothing to pack (attach or train with a quantized method)")
+    indices, scales, points, layout = [], [], [], []
+    offsets = {"indices": 0, "scales": 0, "points": 0}
+    with torch.no_grad():
+        for qt in quantized:
+            enc = qt.quantizer.encode(qt.shadow.detach().cpu().float())
+            packed = pack_bits(enc.indices, enc.index_bits)
+            learned = isinstance(qt.quantizer, LearnedPointsQuantizer)
+            entry = {
+                "name": qt.name,
+                "shape": list(qt.shadow.shape),
+                "kind": "learned" if learned else "uniform",
+                "index_bits": enc.index_bits,
+                "bucket": qt.quantizer.bucket,
+                "n_buckets": int(enc.lo.numel()),
+                "n_points": int(enc.points.numel()),
+                "indices": offsets["indices"],
+                "scales": offsets["scales"],
+                "points": offsets["points"] if learned else None,
+            }
+            layout.append(entry)
+            indices.append(torch.from_numpy(packed))
+            scales.append(torch.cat([enc.lo, enc.hi]).float())
+            offsets["indices"] += packed.size
+            offsets["scales"] += 2 * entry["n_buckets"]
+            if learned:
+                points.append(enc.points.float())
+                offsets["points"] += entry["n_points"]
+        tensors = {"indices": torch.cat(indices), "scales": torch.cat(scales)}
+        if points:
+            tensors["points"] = torch.cat(points)
+        kept, by_dtype = [], {}
+        for name, t in model.state_dict().items():
+            if ".parametrizations." in name:
+                continue
+            key = f"fp.{str(t.dtype).removeprefix('torch.')}"
+            chunks = by_dtype.setdefault(key, [])
+            kept.append({"name": name, "blob": key, "shape": list(t.shape), "offset": sum(c.numel() for c in chunks)})
+            chunks.append(t.detach().cpu().reshape(-1))
+        tensors.update({key: torch.cat(chunks) for key, chunks in by_dtype.items()})
+    meta = {"format": FORMAT, "version": VERSION, "spec": spec, "quantized": layout, "kept": kept, "info": info or {}}
+    meta["sha256"] = _digest(meta, tensors)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"qdistill": json.dumps(meta, separators=(",", ":"))})
+    os.replace(tmp, path)
+    return path
+
+
+def read_packed(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Metadata and raw tensors, after checking the format and the checksum."""
+    path = Path(path)
+    if not path.exists():
+        raise QDistillError(f"packed model {path} does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {})["qdistill"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except KeyError:
+        raise QDistillError(f"{path} is a safetensors file but not a qdistill packed model") from None
+    except Exception as e:
+        raise QDistillError(f"{path} is corrupt or truncated (cannot be read as a packed model: {e})") from e
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise QDistillError(f"{path}: unsupported format {meta.get('format')} version {meta.get('version')}")
+    body = {k: v for k, v in meta.items() if k != "sha256"}
+    if meta.get("sha256") != _digest(body, tensors):
+        raise QDistillError(f"{path} failed its checksum: the file was altered or damaged")
+    return meta, tensors
+
+
+def decode_entry(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    count = math.prod(entry["shape"])
+    start = entry["indices"]
+    raw = tensors["indices"][start : start + packed_bytes(count, entry["index_bits"])].numpy()
+    idx = unpack_bits(raw, entry["index_bits"], count).view(entry["shape"])
+    nb, s = entry["n_buckets"], entry["scales"]
+    scales = tensors["scales"][s : s + 2 * nb]
+    if entry["kind"] == "learned":
+        points = tensors["points"][entry["points"] : entry["points"] + entry["n_points"]]
+    else:
+        points = torch.arange(entry["n_points"], dtype=torch.float32) / (entry["n_points"] - 1)
+    return Encoded(idx, scales[:nb], scales[nb:], points, entry["index_bits"]).decode(entry["shape"], entry["bucket"])
+
+
+def load_packed(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a runnable float model whose weights equal the quantized model's, bit for bit."""
+    meta, tensors = read_packed(path)
+    state = {e["name"]: decode_entry(e, tensors) for e in meta["quantized"]}
+    for e in meta["kept"]:
+        blob = tensors[e["blob"]]
+        n = math.prod(e["shape"])
+        state[e["name"]] = blob[e["offset"] : e["offset"] + n].reshape(e["shape"]).clone()
+    model = build_model(meta["spec"])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise QDistillError(f"{path} does not fit the model {meta['spec']['factory']}: {str(e).splitlines()[0]}") from e
+    return model.eval(), meta
+
+
+def stored_metadata_bytes(path: Path) -> int:
+    """Bytes the metadata takes in the safetensors header (a JSON string inside JSON, so quotes are escaped)."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return len(json.dumps(header["__metadata__"]["qdistill"]).encode())
+
+
+def inspect_packed(path: str | Path) -> dict:
+    """Sizes: fp32, on disk, the theoretical payload, the paper's nominal ratio and Huffman estimate."""
+    path = Path(path)
+    meta, tensors = read_packed(path)
+    meta_bytes = stored_metadata_bytes(path)
+    q_numel = sum(math.prod(e["shape"]) for e in meta["quantized"])
+    kept_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith("fp."))
+    kept_numel = sum(math.prod(e["shape"]) for e in meta["kept"])
+    index_bytes = sum(packed_bytes(math.prod(e["shape"]), e["index_bits"]) for e in meta["quantized"])
+    side_bytes = 4 * (tensors["scales"].numel() + (tensors["points"].numel() if "points" in tensors else 0))
+    counts = np.zeros(256, dtype=np.int64)
+    for e in meta["quantized"]:
+        count = math.prod(e["shape"])
+        raw = tensors["indices"][e["indices"] : e["indices"] + packed_bytes(count, e["index_bits"])].numpy()
+        counts += np.bincount(unpack_bits(raw, e["index_bits"], count).numpy(), minlength=256)[:256]
+    huffman_bits = mean_code_length(counts)
+    fp32 = 4 * (q_numel + kept_numel)
+    theoretical = index_bytes + side_bytes + kept_bytes + meta_bytes
+    nominal_bits = sum(math.prod(e["shape"]) * e["index_bits"] + 64 * e["n_buckets"] for e in meta["quantized"])
+    huffman_bytes = math.ceil(q_numel * huffman_bits / 8) + side_bytes + kept_bytes
+    disk = path.stat().st_size
+    return {
+        "file": str(path),
+        "quantized_tensors": len(meta["quantized"]),
+        "quantized_weights": q_numel,
+        "kept_values": kept_numel,
+        "index_bits": sorted({e["index_bits"] for e in meta["quantized"]}),
+        "buckets": sorted({str(e["bucket"]) for e in meta["quantized"]}),
+        "fp32_bytes": fp32,
+        "disk_bytes": disk,
+        "theoretical_bytes": theoretical,
+        "overhead_pct": 100.0 * (disk - theoretical) / theoretical,
+        "ratio_vs_fp32": fp32 / disk,
+        "nominal_ratio_quantized": 32 * q_numel / nominal_bits,
+        "huffman_bits_per_weight": huffman_bits,
+        "huffman_bytes": huffman_bytes,
+        "huffman_ratio_vs_fp32": fp32 / huffman_bytes,
+        "info": meta.get("info", {}),
+    }

@@ -1,0 +1,101 @@
+"""Runs as the CLI and the demo use them: run directories, cached teachers, one method -> one result row."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qdistill.data import Dataset
+from qdistill.distill.teacher import model_digest, tensor_digest
+from qdistill.errors import QDistillError
+from qdistill.export import inspect_packed, save_packed
+from qdistill.models import build_model, count_parameters, load_checkpoint, model_spec, save_checkpoint
+from qdistill.report import MetricsLog
+from qdistill.train import TrainConfig, train
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QDISTILL_CACHE", Path.home() / ".cache" / "qdistill"))
+
+
+def new_run_dir(path: str | Path | None, prefix: str) -> Path:
+    """A fresh directory for a run's outputs; an existing non-empty one is refused so nothing is overwritten."""
+    path = Path(path) if path else Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise QDistillError(f"run directory {path} already holds files; choose another --run-dir (nothing was overwritten)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def get_teacher(data: Dataset, preset: str, cfg: TrainConfig, quiet: bool = False, path: str | Path | None = None) -> nn.Module:
+    """The teacher from `path`, or one trained once per (preset, data, settings) and kept in the cache."""
+    if path is not None:
+        return load_checkpoint(path)[0]
+    spec = model_spec(preset, data.train_x.shape[1], data.num_classes)
+    key = hashlib.sha256((json.dumps([spec, cfg.to_dict()], sort_keys=True) + tensor_digest(data.train_x, data.train_y)).encode()).hexdigest()[:16]
+    cached = cache_dir() / "teachers" / f"{preset}-{key}.safetensors"
+    if cached.exists():
+        try:
+            return load_checkpoint(cached)[0]
+        except QDistillError as e:
+            print(f"warning: retraining the teacher, the cached one is unreadable: {e}")
+    teacher = build_model(spec)
+    result = train(teacher, data, cfg.replace(method="fp"), quiet=quiet)
+    save_checkpoint(teacher, spec, cached, extra={"test_acc": result.test_acc})
+    return teacher
+
+
+def result_row(label: str, result, spec: dict, run_dir: Path, name: str) -> dict:
+    """Save the trained model (packed when quantized) and describe it as one table row."""
+    cfg = result.config
+    params = count_parameters(result.model)
+    quantized = cfg.spec.quantizer is not None
+    if quantized:
+        path = save_packed(result.model, spec, run_dir / f"{name}.safetensors", info={"method": label, "test_acc": result.test_acc, "config": cfg.to_dict()})
+        sizes = inspect_packed(path)
+        size, huffman = sizes["disk_bytes"], sizes["huffman_bytes"]
+    else:
+        path = run_dir / f"{name}.safetensors"
+        save_checkpoint(result.model, spec, path, extra={"test_acc": result.test_acc, "config": cfg.to_dict()})
+        size, huffman = path.stat().st_size, None
+    return {
+        "method": label,
+        "bits": cfg.bits if quantized else 32,
+        "bucket": (cfg.bucket or "global") if quantized else None,
+        "test_acc": result.test_acc,
+        "size_bytes": size,
+        "huffman_bytes": huffman,
+        "ratio": 4 * params / size,
+        "params": params,
+        "train_s": result.train_seconds,
+        "samples_per_s": result.samples_per_s,
+        "file": path.name,
+    }
+
+
+def run_method(
+    label: str,
+    spec: dict,
+    data: Dataset,
+    cfg: TrainConfig,
+    run_dir: Path,
+    teacher: nn.Module | None = None,
+    init: nn.Module | None = None,
+    quiet: bool = False,
+) -> tuple[dict, nn.Module]:
+    """Build the student (from `init`'s weights when given), train it with `cfg`, save it, return its row."""
+    torch.manual_seed(cfg.seed)
+    student = copy.deepcopy(init) if init is not None else build_model(spec)
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    result = train(student, data, cfg, teacher=teacher, cache_dir=cache_dir() / "logits", log=lambda r: log({"run": label, "bits": cfg.bits, **r}), quiet=quiet)
+    name = label.replace(" ", "-").replace("(", "").replace(")", "").replace("+", "-") + (f"-{cfg.bits}b" if cfg.spec.quantizer else "")
+    row = result_row(label, result, spec, run_dir, name)
+    log({"run": label, "result": row})
+    return row, result.model

@@ -1,0 +1,136 @@
+"""Training configuration: the methods are settings of one loop, not separate code paths."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from qdistill.distill.loss import check_kd_params
+from qdistill.errors import QDistillError
+from qdistill.quant import LearnedPointsQuantizer, Quantizer, UniformQuantizer
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a method changes in the loop: which quantizer is attached, whether a teacher is used, what is trained."""
+
+    quantizer: str | None  # None, "uniform" or "learned"
+    distill: bool
+    trains: str  # "weights", "points" or "nothing" (post-training quantization)
+    then: str | None = None  # a second phase run on the result (qd+dq)
+
+
+METHODS = {
+    "fp": Method(None, distill=False, trains="weights"),
+    "kd": Method(None, distill=True, trains="weights"),
+    "ptq": Method("uniform", distill=False, trains="nothing"),
+    "qat": Method("uniform", distill=False, trains="weights"),
+    "qd": Method("uniform", distill=True, trains="weights"),
+    "dq": Method("learned", distill=True, trains="points"),
+    "qd+dq": Method("uniform", distill=True, trains="weights", then="dq"),
+}
+
+
+@dataclass
+class TrainConfig:
+    method: str = "qd"
+    # quantizer
+    bits: int = 4
+    bucket: int | None = 256
+    stochastic: bool = False
+    keep_first_last: bool = False
+    include: list[str] = field(default_factory=list)  # glob patterns on tensor names; empty = all default layer types
+    exclude: list[str] = field(default_factory=list)
+    # optimization (the paper: SGD with Nesterov momentum 0.9)
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"  # onecycle, cosine or constant
+    augment: bool = False
+    # distillation
+    temperature: float = 2.0
+    alpha: float = 0.7
+    teacher_logits: str = "cached"  # cached or live (live is forced by augment)
+    # differentiable quantization
+    dq_epochs: int = 1
+    points_lr: float = 1e-3
+    points_init: str = "quantile"  # quantile or uniform (qd+dq starts from the qd levels: uniform)
+    redistribute: bool = False
+    dq_teacher: str = "teacher"  # teacher or self (the student's own full-precision weights)
+    # run
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise QDistillError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        self.make_quantizer("uniform")  # checks bits and bucket
+        check_kd_params(self.temperature, self.alpha)
+        for name in ("epochs", "dq_epochs"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise QDistillError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            raise QDistillError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        for name in ("lr", "points_lr"):
+            if not getattr(self, name) > 0:
+                raise QDistillError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not 0 <= self.momentum < 1:
+            raise QDistillError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise QDistillError(f"weight_decay must be non-negative, got {self.weight_decay}")
+        choices = {
+            "schedule": ("onecycle", "cosine", "constant"),
+            "teacher_logits": ("cached", "live"),
+            "points_init": ("quantile", "uniform"),
+            "dq_teacher": ("teacher", "self"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise QDistillError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+    @property
+    def spec(self) -> Method:
+        return METHODS[self.method]
+
+    def make_quantizer(self, kind: str, init: str | None = None) -> Quantizer:
+        if kind == "uniform":
+            return UniformQuantizer(self.bits, self.bucket, self.stochastic)
+        return LearnedPointsQuantizer(self.bits, self.bucket, init or self.points_init)
+
+    def select_kwargs(self) -> dict:
+        return {"include": self.include or None, "exclude": self.exclude or None, "keep_first_last": self.keep_first_last}
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise QDistillError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise QDistillError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise QDistillError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(values, dict):
+        raise QDistillError(f"config file {path} must hold a mapping of option: value")
+    return values

@@ -1,0 +1,184 @@
+"""The loop of method.md, Figure 1: quantize -> distill -> SGD step on the full-precision weights.
+
+Every method (fp, kd, ptq, qat, qd, dq, qd+dq) runs through `fit`; they differ only in the quantizer
+attached, whether a teacher is used, and which tensors the optimizer steps (see `config.METHODS`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from qdistill.data import Dataset, batches
+from qdistill.distill import CachedTeacher, LiveTeacher, check_compatible, distillation_loss
+from qdistill.errors import QDistillError
+from qdistill.quant import LearnedPointsQuantizer, attach, detach, quantized_tensors, redistribute_points, select
+from qdistill.train.config import TrainConfig
+from qdistill.ui import make_progress
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # with its quantizers attached: reading a weight gives the shipped value
+    config: TrainConfig
+    test_acc: float  # of the quantized model, never of the shadow weights
+    train_seconds: float = 0.0
+    samples_per_s: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise QDistillError(f"unknown device {name!r}: {e}") from None
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy in percent, with the quantized weights computed once (parametrize.cached)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = 0
+    with parametrize.cached():
+        for xb, yb, _ in batches(x, y, batch_size):
+            correct += (model(xb.to(device)).argmax(-1).cpu() == yb).sum().item()
+    model.train(was_training)
+    return 100.0 * correct / len(x)
+
+
+def make_schedule(opt, kind: str, total_steps: int):
+    if kind == "onecycle" and total_steps > 0:
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total_steps)
+    if kind == "cosine" and total_steps > 0:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+
+def fit(model, params, data: Dataset, teacher, cfg: TrainConfig, epochs: int, lr: float, name: str, log, progress) -> dict:
+    """Run `epochs` of the loop, stepping only `params`; returns timing and the per-epoch records."""
+    device = next(model.parameters()).device
+    quantizers = [qt.quantizer for qt in quantized_tensors(model)]
+    opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(data.train_x) / cfg.batch_size)
+    schedule = make_schedule(opt, cfg.schedule, epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    task = progress.add_task(name, total=epochs * steps_per_epoch, status="")
+    seconds, seen, records = 0.0, 0, []
+    for epoch in range(epochs):
+        model.train()
+        start, loss_sum = time.perf_counter(), torch.zeros((), device=device)
+        for x, y, idx in batches(data.train_x, data.train_y, cfg.batch_size, shuffle=True, generator=gen, augment=cfg.augment):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            out = model(x)  # 1. quantize: the parametrized weights read as Q(w)
+            target = teacher(x, idx.to(device)) if teacher is not None else None
+            loss = distillation_loss(out, y, target, cfg.temperature, cfg.alpha)  # 2. distill
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # straight-through: dL/dQ(w) reaches w
+            opt.step()  # 3. SGD step on the full-precision weights (or the points)
+            schedule.step()
+            for q in quantizers:
+                q.after_step()
+            loss_sum += loss.detach() * len(y)
+            seen += len(y)
+            progress.advance(task)
+        seconds += time.perf_counter() - start
+        record = {
+            "phase": name,
+            "epoch": epoch + 1,
+            "train_loss": loss_sum.item() / len(data.train_x),
+            "test_acc": evaluate(model, data.test_x, data.test_y),
+            "samples_per_s": seen / seconds,
+        }
+        records.append(record)
+        log(record)
+        progress.update(task, status=f"loss {record['train_loss']:.3f} acc {record['test_acc']:.2f}% {record['samples_per_s']:.0f}/s")
+    return {"seconds": seconds, "samples": seen, "records": records}
+
+
+def make_teacher(model: nn.Module, data: Dataset, cfg: TrainConfig, cache_dir):
+    """Cached logits when the inputs are the same every epoch, else the live model."""
+    if cfg.augment or cfg.teacher_logits == "live":
+        return LiveTeacher(model)
+    device = next(model.parameters()).device
+    return CachedTeacher.build(model, data.train_x, cache_dir, device=device).to(device)
+
+
+def attach_learned(model: nn.Module, data: Dataset, teacher, cfg: TrainConfig, init: str) -> None:
+    """Attach learned-points quantizers, optionally sharing the points among tensors by gradient norm."""
+    attach(model, cfg.make_quantizer("learned", init), **cfg.select_kwargs())
+    if not cfg.redistribute:
+        return
+    tensors = quantized_tensors(model)
+    norms = gradient_norms(model, [qt.shadow for qt in tensors], data, teacher, cfg)
+    counts = redistribute_points(norms, total=len(tensors) * 2**cfg.bits)
+    for qt, n in zip(tensors, counts):
+        qt.quantizer.init_points(qt.shadow, n)
+
+
+def gradient_norms(model, tensors, data: Dataset, teacher, cfg: TrainConfig, n_batches: int = 4) -> list[float]:
+    device = next(model.parameters()).device
+    grads = [torch.zeros_like(t) for t in tensors]
+    for i, (x, y, idx) in enumerate(batches(data.train_x, data.train_y, cfg.batch_size)):
+        if i == n_batches:
+            break
+        x, y = x.to(device), y.to(device)
+        target = teacher(x, idx.to(device)) if teacher is not None else None
+        for g, gi in zip(grads, torch.autograd.grad(distillation_loss(model(x), y, target, cfg.temperature, cfg.alpha), tensors)):
+            g += gi
+    return [g.norm().item() for g in grads]
+
+
+def train(student: nn.Module, data: Dataset, cfg: TrainConfig, teacher: nn.Module | None = None, cache_dir=None, log=None, quiet=False) -> TrainResult:
+    """Train (or only quantize, for ptq) `student` with the method in `cfg`; the student is changed in place."""
+    cfg.validate()
+    log = log or (lambda record: None)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    method = cfg.spec
+    student.to(device)
+    self_taught = cfg.method == "dq" and cfg.dq_teacher == "self"  # dq from the student's own fp weights
+    if method.distill and teacher is None and not self_taught:
+        raise QDistillError(f"method {cfg.method} needs a teacher")
+    teacher_fn = None
+    if teacher is not None and method.distill:
+        teacher.to(device)
+        check_compatible(teacher, student, data.train_x[:2].to(device))
+        teacher_fn = make_teacher(teacher, data, cfg, cache_dir)
+    if not select(student, **cfg.select_kwargs()) and method.quantizer:
+        raise QDistillError("no tensor of the student matches the quantization settings")
+    history, seconds, samples = [], 0.0, 0
+    with make_progress(quiet) as progress:
+        if method.quantizer == "uniform":
+            attach(student, cfg.make_quantizer("uniform"), **cfg.select_kwargs())
+        if method.trains == "weights":
+            params = [p for p in student.parameters() if p.requires_grad]
+            out = fit(student, params, data, teacher_fn, cfg, cfg.epochs, cfg.lr, f"{cfg.method} {cfg.bits}b" if method.quantizer else cfg.method, log, progress)
+            history += out["records"]
+            seconds, samples = seconds + out["seconds"], samples + out["samples"]
+        if method.quantizer == "learned" or method.then == "dq":
+            detach(student, keep_quantized=False)
+            if cfg.dq_teacher == "self":
+                teacher_fn = make_teacher(copy.deepcopy(student), data, cfg, cache_dir)
+            init = "uniform" if method.then == "dq" else cfg.points_init  # qd+dq starts exactly at the qd levels
+            attach_learned(student, data, teacher_fn, cfg, init)
+            student.requires_grad_(False)
+            points = []
+            for qt in quantized_tensors(student):
+                qt.quantizer.points.requires_grad_(True)
+                points.append(qt.quantizer.points)
+            dq_cfg = cfg.replace(weight_decay=0.0)
+            out = fit(student, points, data, teacher_fn, dq_cfg, cfg.dq_epochs, cfg.points_lr, f"dq {cfg.bits}b points", log, progress)
+            history += out["records"]
+            seconds, samples = seconds + out["seconds"], samples + out["samples"]
+    acc = evaluate(student, data.test_x, data.test_y)
+    return TrainResult(student, cfg, acc, seconds, samples / seconds if seconds else 0.0, history)
