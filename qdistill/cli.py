@@ -98,8 +98,8 @@ def show_rows(rows: list[dict], title: str) -> None:
 
 
 def cmd_train_teacher(args) -> None:
-    data = data_from(args)
     cfg = config_from(args, method="fp")
+    data = data_from(args)
     run_dir = new_run_dir(args.run_dir, "teacher")
     spec = model_spec(args.model, data.train_x.shape[1], data.num_classes)
     row, _ = run_method("teacher", spec, data, cfg, run_dir, quiet=args.quiet)
@@ -109,8 +109,8 @@ def cmd_train_teacher(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    data = data_from(args)
     cfg = config_from(args, method=args.method)
+    data = data_from(args)
     method = cfg.spec
     spec = model_spec(args.student, data.train_x.shape[1], data.num_classes)
     init = load_checkpoint(args.init, spec)[0] if args.init else None
@@ -136,13 +136,13 @@ def cmd_eval(args) -> None:
     data = data_from(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     acc = evaluate(model.to(device), data.test_x, data.test_y)
-    out.print(json.dumps({"file": args.file, "test_acc": acc, "test_examples": len(data.test_x)}))
+    print(json.dumps({"file": args.file, "test_acc": acc, "test_examples": len(data.test_x)}))
 
 
 def cmd_inspect(args) -> None:
     info = inspect_packed(args.file)
     if args.json:
-        out.print_json(json.dumps(info))
+        print(json.dumps(info, indent=1))
         return
     table = Table(title=f"{args.file}", show_header=False)
     fmt = {
@@ -160,8 +160,8 @@ def cmd_demo(args) -> None:
     from qdistill.demo import run_demo
 
     start = time.perf_counter()
-    data = data_from(args)
     cfg = config_from(args, method="qd")
+    data = data_from(args)
     run_dir = new_run_dir(args.run_dir, "demo")
     rows = run_demo(data, run_dir, args.student, args.teacher, args.teacher_epochs, tuple(args.bit_widths), cfg, args.quiet)
     show_rows(rows, f"qdistill demo ({time.perf_counter() - start:.0f} s)")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from qdistill.data import Dataset
-from qdistill.distill.teacher import model_digest, tensor_digest
+from qdistill.distill.teacher import tensor_digest
 from qdistill.errors import QDistillError
 from qdistill.export import inspect_packed, save_packed
 from qdistill.models import build_model, count_parameters, load_checkpoint, model_spec, save_checkpoint

@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 from qdistill.data import Dataset, batches
 from qdistill.distill import CachedTeacher, LiveTeacher, check_compatible, distillation_loss
 from qdistill.errors import QDistillError
-from qdistill.quant import LearnedPointsQuantizer, attach, detach, quantized_tensors, redistribute_points, select
+from qdistill.quant import attach, detach, quantized_tensors, redistribute_points
 from qdistill.train.config import TrainConfig
 from qdistill.ui import make_progress
 
@@ -154,8 +154,6 @@ def train(student: nn.Module, data: Dataset, cfg: TrainConfig, teacher: nn.Modul
         teacher.to(device)
         check_compatible(teacher, student, data.train_x[:2].to(device))
         teacher_fn = make_teacher(teacher, data, cfg, cache_dir)
-    if not select(student, **cfg.select_kwargs()) and method.quantizer:
-        raise QDistillError("no tensor of the student matches the quantization settings")
     history, seconds, samples = [], 0.0, 0
     with make_progress(quiet) as progress:
         if method.quantizer == "uniform":
@@ -180,5 +178,5 @@ def train(student: nn.Module, data: Dataset, cfg: TrainConfig, teacher: nn.Modul
             out = fit(student, points, data, teacher_fn, dq_cfg, cfg.dq_epochs, cfg.points_lr, f"dq {cfg.bits}b points", log, progress)
             history += out["records"]
             seconds, samples = seconds + out["seconds"], samples + out["samples"]
-    acc = evaluate(student, data.test_x, data.test_y)
+    acc = history[-1]["test_acc"] if history else evaluate(student, data.test_x, data.test_y)
     return TrainResult(student, cfg, acc, seconds, samples / seconds if seconds else 0.0, history)

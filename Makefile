@@ -1,0 +1,23 @@
+# The two commands for a fresh machine: `make demo` and `make test` (each installs everything first).
+PYTHON ?= python3
+DATA := /usr/share/datasets/fashion-mnist
+
+.PHONY: install data demo test test-all bench
+
+data:
+	@if [ ! -f $(DATA)/train-images-idx3-ubyte.gz ]; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
+		echo "warning: could not apt-get dataset-fashion-mnist; set QDISTILL_DATA or pass --data-dir"; \
+	fi
+
+install: data
+	$(PYTHON) -m pip install -q -e '.[test]'
+
+demo: install
+	qdistill demo
+
+test: install
+	$(PYTHON) -m pytest -q
+
+test-all: install
+	$(PYTHON) -m pytest -q -m ''

@@ -1,0 +1,38 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Teacher and logit caches go to a temporary folder, never the user's."""
+    monkeypatch.setenv("QDISTILL_CACHE", str(tmp_path / "cache"))
+
+
+def toy_dataset(n_train=512, n_test=256, classes=4, seed=0):
+    """Separable 1x8x8 images: each class lights up its own quadrant, plus noise."""
+    from qdistill.data import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n):
+        y = torch.randint(0, classes, (n,), generator=g)
+        x = torch.randn(n, 1, 8, 8, generator=g) * 0.5
+        for c in range(classes):
+            r, col = divmod(c, 2)
+            x[y == c, :, 4 * r : 4 * r + 4, 4 * col : 4 * col + 4] += 1.5
+        return x, y
+
+    (a, b), (c, d) = make(n_train), make(n_test)
+    return Dataset(a, b, c, d, num_classes=classes, name="toy")
+
+
+def toy_net(classes=4):
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128, classes)
+    )

@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from qdistill import LearnedPointsQuantizer, QDistillError, UniformQuantizer, attach, inspect_packed, load_packed, save_packed
+from qdistill.export.huffman import mean_code_length
+from qdistill.models import build_model, model_spec
+
+
+def quantized_model(preset="tiny", quantizer=None, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(model_spec(preset))
+    attach(model, quantizer or UniformQuantizer(4, 256))
+    model.train()
+    with torch.no_grad():  # give BatchNorm non-trivial statistics
+        model(torch.randn(64, 1, 28, 28))
+    return model.eval()
+
+
+@pytest.mark.parametrize("quantizer", [UniformQuantizer(4, 256), UniformQuantizer(2, None), UniformQuantizer(3, 100), LearnedPointsQuantizer(2, 64)])
+def test_round_trip_predicts_identically(tmp_path, quantizer):
+    model = quantized_model(quantizer=quantizer)
+    path = save_packed(model, model_spec("tiny"), tmp_path / "m.safetensors")
+    loaded, meta = load_packed(path)
+    x = torch.randn(32, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    for qt_name in (e["name"] for e in meta["quantized"]):
+        module, param = qt_name.rsplit(".", 1)
+        assert torch.equal(loaded.get_submodule(module).get_parameter(param), getattr(model.get_submodule(module), param))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_4bit_file_within_2_percent_of_theory(tmp_path, preset):
+    path = save_packed(quantized_model(preset), model_spec(preset), tmp_path / "m.safetensors")
+    info = inspect_packed(path)
+    assert info["index_bits"] == [4]
+    assert 0 <= info["overhead_pct"] < 2.0
+    assert info["ratio_vs_fp32"] > 5
+
+
+def test_altered_file_fails_checksum(tmp_path):
+    path = save_packed(quantized_model(), model_spec("tiny"), tmp_path / "m.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(QDistillError, match="failed its checksum"):
+        load_packed(path)
+
+
+def test_truncated_file(tmp_path):
+    path = save_packed(quantized_model(), model_spec("tiny"), tmp_path / "m.safetensors")
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(QDistillError, match="corrupt or truncated"):
+        load_packed(path)
+
+
+def test_missing_file_and_existing_file_kept(tmp_path):
+    with pytest.raises(QDistillError, match="does not exist"):
+        load_packed(tmp_path / "none.safetensors")
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"precious")
+    with pytest.raises(QDistillError, match="already exists"):
+        save_packed(quantized_model(), model_spec("tiny"), path)
+    assert path.read_bytes() == b"precious"
+
+
+def test_unquantized_model_cannot_be_packed(tmp_path):
+    with pytest.raises(QDistillError, match="no quantizers"):
+        save_packed(build_model(model_spec("tiny")), model_spec("tiny"), tmp_path / "m.safetensors")
+
+
+def test_huffman_mean_code_length():
+    assert mean_code_length([1, 1, 2, 4]) == pytest.approx((3 * 1 + 3 * 1 + 2 * 2 + 1 * 4) / 8)
+    assert mean_code_length([0, 5, 0]) == 1.0
+    assert mean_code_length([4, 4, 4, 4]) == 2.0

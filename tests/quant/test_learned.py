@@ -1,0 +1,89 @@
+import torch
+
+from qdistill.quant import LearnedPointsQuantizer, redistribute_points
+from qdistill.quant.base import to_buckets
+
+
+def make(w, n=4, bucket=3, init="uniform"):
+    q = LearnedPointsQuantizer(bits=2, bucket=bucket, init=init)
+    q.init_points(w, n)
+    return q
+
+
+def test_point_gradient_matches_hand_computation():
+    w = torch.tensor([0.0, 0.2, 1.0, 10.0, 13.0, 16.0])  # buckets [0, .2, 1] (alpha 1), [10, 13, 16] (alpha 6)
+    q = make(w, n=3)  # points 0, 0.5, 1
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    (q(w) * g).sum().backward()
+    # assignments: 0->p0, 0.2->p0, 1->p2 ; 0->p0, 0.5->p1, 1->p2
+    expected = torch.tensor([1.0 * 1 + 1 * 2 + 6 * 4, 6 * 5, 1 * 3 + 6 * 6])
+    assert torch.allclose(q.points.grad, expected)
+
+
+def test_point_gradient_matches_finite_differences():
+    torch.manual_seed(0)
+    w = torch.randn(5, 7).double()
+    q = make(w.float(), n=5, bucket=6).double()
+    target = torch.randn(5, 7).double()
+
+    def loss():
+        return ((q(w) - target) ** 2).sum()
+
+    loss().backward()
+    grad = q.points.grad.clone()
+    eps = 1e-6
+    for j in range(5):
+        with torch.no_grad():
+            q.points[j] += eps
+            up = loss().item()
+            q.points[j] -= 2 * eps
+            down = loss().item()
+            q.points[j] += eps
+        # a small move keeps every assignment, so the loss is smooth in p_j there
+        assert abs((up - down) / (2 * eps) - grad[j].item()) < 1e-4 * max(1.0, abs(grad[j].item()))
+
+
+def test_points_stay_sorted_and_in_range_after_steps():
+    torch.manual_seed(0)
+    w = torch.randn(64, 32)
+    q = make(w, n=8, bucket=64, init="quantile")
+    opt = torch.optim.SGD([q.points], lr=0.5)
+    for _ in range(20):
+        loss = (q(w) * torch.randn_like(w)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        q.after_step()
+        p = q.points.detach()
+        assert torch.all(p[1:] >= p[:-1]) and p.min() >= 0 and p.max() <= 1
+
+
+def test_quantile_initialization():
+    torch.manual_seed(0)
+    w = torch.randn(1000)
+    q = make(w, n=5, bucket=None, init="quantile")
+    x = (w - w.min()) / (w.max() - w.min())
+    assert torch.allclose(q.points.detach(), torch.quantile(x, torch.linspace(0, 1, 5)), atol=1e-6)
+    assert q.points[0] == 0 and q.points[-1] == 1
+
+
+def test_bucket_min_and_max_exact_with_quantile_points():
+    torch.manual_seed(1)
+    w = torch.randn(4, 100)
+    q = make(w, n=4, bucket=50, init="quantile")
+    bw, bq = to_buckets(w, 50), to_buckets(q(w).detach(), 50)
+    assert torch.equal(bw.amin(1), bq.amin(1)) and torch.equal(bw.amax(1), bq.amax(1))
+
+
+def test_redistribution_keeps_the_total():
+    for norms, total in [([1.0, 2.0, 3.0], 48), ([0.0, 0.0], 8), ([5.0, 0.1, 0.1, 0.1, 7.0], 80), ([1.0], 16)]:
+        counts = redistribute_points(norms, total)
+        assert sum(counts) == total
+        assert all(c >= 2 for c in counts)
+    counts = redistribute_points([1.0, 9.0], 32)
+    assert counts[1] > counts[0] and counts[0] >= 8  # each keeps half its even share
+
+
+def test_index_width_follows_point_count():
+    q = make(torch.randn(100), n=5)
+    assert q.index_bits == 3

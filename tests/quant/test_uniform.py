@@ -1,0 +1,94 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qdistill import QDistillError, UniformQuantizer
+from qdistill.quant.base import to_buckets
+
+shapes = st.sampled_from([(7,), (3, 5), (16, 33), (4, 3, 3, 3), (2, 300), (513,)])
+
+
+def rand(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 3 + 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, bits=st.integers(1, 8), bucket=st.sampled_from([None, 1, 5, 16, 256]), seed=st.integers(0, 10_000))
+def test_levels_min_max_and_idempotence(shape, bits, bucket, seed):
+    w = rand(shape, seed)
+    q = UniformQuantizer(bits, bucket).eval()
+    wq = q(w)
+    assert wq.shape == w.shape
+    bw, bq = to_buckets(w, bucket), to_buckets(wq, bucket)
+    for row_w, row_q in zip(bw, bq):
+        assert len(torch.unique(row_q)) <= 2**bits
+        assert row_q.min() == row_w.min() and row_q.max() == row_w.max()  # exact, not approximate
+    assert torch.equal(q(wq), wq)
+
+
+def test_each_value_goes_to_the_nearest_level():
+    w = torch.tensor([0.0, 0.1, 0.49, 0.51, 0.7, 1.0])
+    wq = UniformQuantizer(bits=2, bucket=None)(w)  # levels 0, 1/3, 2/3, 1
+    assert torch.allclose(wq, torch.tensor([0.0, 0.0, 1 / 3, 2 / 3, 2 / 3, 1.0]))
+
+
+def test_last_bucket_is_padded_with_the_last_value():
+    w = torch.arange(10.0)
+    b = to_buckets(w, 4)
+    assert b.shape == (3, 4)
+    assert b[-1].tolist() == [8.0, 9.0, 9.0, 9.0]
+    # the padding changes no bucket range: the last bucket is quantized on [8, 9]
+    wq = UniformQuantizer(bits=1, bucket=4)(w)
+    assert wq[-2:].tolist() == [8.0, 9.0]
+
+
+def test_bucket_runs_along_the_input_dimension():
+    w = torch.stack([torch.zeros(4), torch.full((4,), 100.0)])  # rows [out, in]
+    w[0, 1], w[1, 2] = 1.0, 101.0
+    wq = UniformQuantizer(bits=1, bucket=4)(w)
+    assert torch.equal(wq, w)  # two values per bucket: exactly representable with 1 bit
+
+
+def test_constant_bucket_is_kept():
+    w = torch.full((300,), 0.25)
+    assert torch.equal(UniformQuantizer(2, 256)(w), w)
+
+
+def test_stochastic_rounding_is_unbiased_and_only_in_training():
+    w = torch.cat([torch.tensor([0.0, 1.0]), torch.full((20000,), 0.3)])
+    q = UniformQuantizer(bits=1, bucket=None, stochastic=True).train()
+    torch.manual_seed(0)
+    mean = q(w)[2:].mean().item()
+    assert abs(mean - 0.3) < 0.02  # 0.3 goes to 1 with probability 0.3
+    q.eval()
+    assert torch.equal(q(w)[2:], torch.zeros(20000))  # nearest at evaluation
+
+
+def test_straight_through_gradient():
+    w = torch.randn(40, 30, requires_grad=True)
+    g = torch.randn(40, 30)
+    (UniformQuantizer(2, 16)(w) * g).sum().backward()
+    assert torch.equal(w.grad, g)
+
+
+@pytest.mark.parametrize("bits", [0, 9, -1, 2.5, True])
+def test_bits_out_of_range(bits):
+    with pytest.raises(QDistillError, match="bits must be an integer from 1 to 8"):
+        UniformQuantizer(bits)
+
+
+@pytest.mark.parametrize("bucket", [0, -3, 1.5])
+def test_bucket_not_positive(bucket):
+    with pytest.raises(QDistillError, match="bucket must be a positive integer"):
+        UniformQuantizer(4, bucket)
+
+
+@pytest.mark.parametrize("bits,ratio", [(4, 7.53), (2, 14.2)])
+def test_paper_size_ratio(bits, ratio):
+    q = UniformQuantizer(bits, 256)
+    n = 256 * 1000
+    assert math.isclose(32 * n / q.size_bits(n), ratio, rel_tol=2e-3)
+    assert UniformQuantizer(bits, 256).size_bits(257) == 257 * bits + 2 * 2 * 32

@@ -1,0 +1,94 @@
+"""End to end through the command line, on a subset of the real Fashion-MNIST."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qdistill.cli import main
+from qdistill.data.fashion_mnist import DEBIAN_DIR, _find
+from qdistill.export import load_packed
+
+needs_data = pytest.mark.skipif(_find(DEBIAN_DIR) is None, reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+SUBSET = ["--train-subset", "3000", "--test-subset", "1000", "--quiet"]
+
+
+@needs_data
+def test_train_distill_eval_inspect(tmp_path, capsys):
+    assert main(["train-teacher", "--model", "resnet-small", "--epochs", "2", "--run-dir", str(tmp_path / "t"), *SUBSET]) == 0
+    teacher = tmp_path / "t" / "teacher.safetensors"
+    assert teacher.exists()
+    assert main(["distill", "--method", "qd", "--bits", "4", "--epochs", "3", "--teacher", str(teacher), "--run-dir", str(tmp_path / "s"), *SUBSET]) == 0
+    run = tmp_path / "s"
+    row = json.loads((run / "results.json").read_text())["rows"][0]
+    assert row["test_acc"] > 60  # chance is 10
+    packed = run / row["file"]
+    assert (run / "metrics.jsonl").exists() and (run / "report.md").exists()
+    capsys.readouterr()
+    assert main(["eval", str(packed), "--test-subset", "1000"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_acc"] == row["test_acc"]  # the shipped file, same accuracy
+    assert main(["inspect", str(packed), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["index_bits"] == [4] and info["disk_bytes"] == packed.stat().st_size
+
+
+@needs_data
+def test_demo_writes_table_plots_and_models(tmp_path):
+    run = tmp_path / "demo"
+    args = ["demo", "--run-dir", str(run), "--epochs", "1", "--teacher-epochs", "1", "--bit-widths", "2", *SUBSET]
+    assert main(args) == 0
+    rows = json.loads((run / "results.json").read_text())["rows"]
+    assert {r["method"] for r in rows} >= {"fp", "kd", "ptq", "ptq (global)", "qat", "qd", "dq", "qd+dq"}
+    for name in ("report.md", "accuracy_vs_bits.png", "accuracy_vs_size.png", "metrics.jsonl"):
+        assert (run / name).exists()
+    qd = next(r for r in rows if r["method"] == "qd")
+    model, _ = load_packed(run / qd["file"])
+    assert qd["bits"] == 2 and qd["test_acc"] > 30
+    # a second demo into the same folder is refused and changes nothing
+    before = {p: p.read_bytes() for p in run.iterdir()}
+    assert main(args) == 2
+    assert {p: p.read_bytes() for p in run.iterdir()} == before
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["distill", "--bits", "9"], "bits must be an integer from 1 to 8"),
+        (["distill", "--bucket", "0"], "bucket must be a positive integer"),
+        (["distill", "--method", "qd", "--data-dir", "/nonexistent"], "does not hold the four Fashion-MNIST IDX files"),
+        (["inspect", "/nonexistent.safetensors"], "does not exist"),
+        (["distill", "--student", "huge"], "unknown model 'huge'"),
+    ],
+)
+def test_bad_input_gives_one_clear_message(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_corrupt_packed_file(tmp_path, capsys):
+    bad = write(tmp_path / "bad.safetensors", "not a model")
+    assert main(["inspect", str(bad)]) == 2
+    assert "corrupt or truncated" in capsys.readouterr().err
+
+
+def test_config_file_values_are_checked(tmp_path, capsys):
+    cfg = write(tmp_path / "c.yaml", "alpha: 3\n")
+    assert main(["distill", "--config", str(cfg)]) == 2
+    assert "alpha" in capsys.readouterr().err
+
+
+@needs_data
+def test_mismatched_teacher_from_cli(tmp_path, capsys):
+    from qdistill.models import build_model, save_checkpoint
+
+    spec = {"factory": "torch.nn:Linear", "kwargs": {"in_features": 784, "out_features": 3}}
+    wrong = tmp_path / "wrong.safetensors"
+    save_checkpoint(build_model(spec), spec, wrong)
+    assert main(["distill", "--teacher", str(wrong), "--run-dir", str(tmp_path / "r"), *SUBSET]) == 2
+    assert "teacher" in capsys.readouterr().err
