@@ -58,7 +58,10 @@ class TrainConfig:
     teacher_logits: str = "cached"  # cached or live (live is forced by augment)
     # differentiable quantization
     dq_epochs: int = 1
-    points_lr: float = 1e-4  # within the paper's 1e-6 .. 1e-4; higher rates collapsed 2-bit runs
+    points_lr: float = 1e-3
+    # adam by default: the points' gradients are sums over thousands of weights, so plain SGD (the paper's,
+    # lr 1e-6..1e-4) is scale-sensitive; measured in README "Differentiable quantization"
+    points_optimizer: str = "adam"
     points_init: str = "quantile"  # quantile or uniform (qd+dq starts from the qd levels: uniform)
     redistribute: bool = False
     dq_teacher: str = "teacher"  # teacher or self (the student's own full-precision weights)
@@ -90,6 +93,7 @@ class TrainConfig:
             "schedule": ("onecycle", "cosine", "constant"),
             "teacher_logits": ("cached", "live"),
             "points_init": ("quantile", "uniform"),
+            "points_optimizer": ("sgd", "adam"),
             "dq_teacher": ("teacher", "self"),
         }
         for name, allowed in choices.items():

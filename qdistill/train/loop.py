@@ -64,11 +64,17 @@ def make_schedule(opt, kind: str, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
 
 
-def fit(model, params, data: Dataset, teacher, cfg: TrainConfig, epochs: int, lr: float, name: str, log, progress) -> dict:
+def make_optimizer(kind: str, params, lr: float, cfg: TrainConfig):
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+
+
+def fit(model, params, data: Dataset, teacher, cfg: TrainConfig, epochs: int, lr: float, name: str, log, progress, optimizer: str = "sgd") -> dict:
     """Run `epochs` of the loop, stepping only `params`; returns timing and the per-epoch records."""
     device = next(model.parameters()).device
     quantizers = [qt.quantizer for qt in quantized_tensors(model)]
-    opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(optimizer, params, lr, cfg)
     steps_per_epoch = math.ceil(len(data.train_x) / cfg.batch_size)
     schedule = make_schedule(opt, cfg.schedule, epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -175,7 +181,7 @@ def train(student: nn.Module, data: Dataset, cfg: TrainConfig, teacher: nn.Modul
                 qt.quantizer.points.requires_grad_(True)
                 points.append(qt.quantizer.points)
             dq_cfg = cfg.replace(weight_decay=0.0)
-            out = fit(student, points, data, teacher_fn, dq_cfg, cfg.dq_epochs, cfg.points_lr, f"dq {cfg.bits}b points", log, progress)
+            out = fit(student, points, data, teacher_fn, dq_cfg, cfg.dq_epochs, cfg.points_lr, f"dq {cfg.bits}b points", log, progress, cfg.points_optimizer)
             history += out["records"]
             seconds, samples = seconds + out["seconds"], samples + out["samples"]
     acc = history[-1]["test_acc"] if history else evaluate(student, data.test_x, data.test_y)

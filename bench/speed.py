@@ -1,0 +1,153 @@
+"""Training-step speed ratios, measured in one process (ratios travel between machines, seconds don't).
+
+  qd (cached teacher logits) / fp      the cost of quantizing + distilling; goal <= 1.10
+  dq / qd                              learned points vs uniform quantizer; goal <= 1.30
+  qd live teacher / qd cached logits   what the logit cache saves
+  ours / torchao 0.18 QAT, 4 bits      fake-quant step on the same MLP; goal: ours no slower
+
+Median of `--steps` timed steps after warm-up. Writes bench/results/speed-<device>.json and .md.
+    python bench/speed.py [--steps 30] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qdistill import LearnedPointsQuantizer, UniformQuantizer, attach, distillation_loss, quantized_tensors
+from qdistill.distill import CachedTeacher, LiveTeacher
+from qdistill.models import build_model, model_spec
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_step(model, params, x, y, teacher, device, steps, warmup=5) -> float:
+    """Median seconds of one loop step: forward (quantized), loss, backward, SGD step, quantizer hook."""
+    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, nesterov=True)
+    quantizers = [qt.quantizer for qt in quantized_tensors(model)]
+    idx = torch.arange(len(x), device=device)
+    times = []
+    for i in range(warmup + steps):
+        sync(device)
+        start = time.perf_counter()
+        out = model(x)
+        loss = distillation_loss(out, y, teacher(x, idx) if teacher else None)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for q in quantizers:
+            q.after_step()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def student_ratios(preset: str, device, batch: int, steps: int) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(batch, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    teacher_model = build_model(model_spec("resnet-small")).to(device)
+    cached = CachedTeacher(LiveTeacher(teacher_model)(x, None))
+    base = build_model(model_spec(preset)).to(device)
+
+    def timed(quantizer, teacher, frozen=False):
+        model = copy.deepcopy(base)
+        if quantizer is not None:
+            attach(model, quantizer)
+        if frozen:  # dq: weights frozen, only the points train
+            model.requires_grad_(False)
+            params = [qt.quantizer.points.requires_grad_(True) for qt in quantized_tensors(model)]
+        else:
+            params = [p for p in model.parameters() if p.requires_grad]
+        return median_step(model, params, x, y, teacher, device, steps)
+
+    fp = timed(None, None)
+    qd = timed(UniformQuantizer(4, 256), cached)
+    dq = timed(LearnedPointsQuantizer(4, 256), cached, frozen=True)
+    live = timed(UniformQuantizer(4, 256), LiveTeacher(teacher_model))
+    return {
+        "student": preset,
+        "batch": batch,
+        "fp_ms": 1e3 * fp,
+        "qd_ms": 1e3 * qd,
+        "dq_ms": 1e3 * dq,
+        "qd_live_ms": 1e3 * live,
+        "qd_cached_over_fp": qd / fp,
+        "dq_over_qd": dq / qd,
+        "live_over_cached": live / qd,
+    }
+
+
+def torchao_ratio(device, batch: int, steps: int) -> dict:
+    """Ours vs torchao's QAT fake quantization: int4 asymmetric, groups of 256 (our bucket), same MLP."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 256)).to(device)
+    x = torch.randn(batch, 1024, device=device)
+    y = torch.randint(0, 256, (batch,), device=device)
+    ours = copy.deepcopy(mlp)
+    attach(ours, UniformQuantizer(4, 256))
+    theirs = copy.deepcopy(mlp)
+    quantize_(theirs, QATConfig(weight_config=IntxFakeQuantizeConfig(torch.int4, group_size=256, is_symmetric=False), step="prepare"))
+    t_ours = median_step(ours, list(ours.parameters()), x, y, None, device, steps)
+    t_theirs = median_step(theirs, list(theirs.parameters()), x, y, None, device, steps)
+    t_fp = median_step(mlp, list(mlp.parameters()), x, y, None, device, steps)
+    return {"mlp": "1024-1024-1024-256", "batch": batch, "ours_ms": 1e3 * t_ours, "torchao_ms": 1e3 * t_theirs, "fp_ms": 1e3 * t_fp, "ours_over_torchao": t_ours / t_theirs}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--students", nargs="+", default=["tiny", "medium"])
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    rows = [student_ratios(s, device, args.batch, args.steps) for s in args.students]
+    ao = torchao_ratio(device, 256, args.steps)
+    result = {"device": card, "torch": torch.__version__, "steps": args.steps, "students": rows, "torchao": ao}
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = "gpu" if device.type == "cuda" else "cpu"
+    (args.out / f"speed-{tag}.json").write_text(json.dumps(result, indent=1))
+    lines = [
+        f"# Training-step speed on {card}",
+        "",
+        f"Median of {args.steps} steps, batch {args.batch}, torch {torch.__version__}. Ratios, lower is better.",
+        "",
+        "| student | fp ms | qd ms | dq ms | qd live ms | qd cached / fp (goal <= 1.10) | dq / qd (goal <= 1.30) | live / cached |",
+        "|---|---|---|---|---|---|---|---|",
+        *[
+            f"| {r['student']} | {r['fp_ms']:.1f} | {r['qd_ms']:.1f} | {r['dq_ms']:.1f} | {r['qd_live_ms']:.1f} | "
+            f"{r['qd_cached_over_fp']:.3f} | {r['dq_over_qd']:.3f} | {r['live_over_cached']:.2f} |"
+            for r in rows
+        ],
+        "",
+        f"Fake-quant training step, MLP {ao['mlp']}, batch {ao['batch']}, int4 asymmetric, groups of 256: "
+        f"qdistill {ao['ours_ms']:.2f} ms, torchao 0.18 QAT {ao['torchao_ms']:.2f} ms, unquantized {ao['fp_ms']:.2f} ms; "
+        f"ours / torchao = **{ao['ours_over_torchao']:.3f}** (goal <= 1.0).",
+        "",
+    ]
+    (args.out / f"speed-{tag}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
