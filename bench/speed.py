@@ -34,26 +34,41 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def median_step(model, params, x, y, teacher, device, steps, warmup=5) -> float:
-    """Median seconds of one loop step: forward (quantized), loss, backward, SGD step, quantizer hook."""
-    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, nesterov=True)
-    quantizers = [qt.quantizer for qt in quantized_tensors(model)]
-    idx = torch.arange(len(x), device=device)
-    times = []
-    for i in range(warmup + steps):
-        sync(device)
+class Stepper:
+    """One configuration's training step: forward (quantized), loss, backward, SGD step, quantizer hook."""
+
+    def __init__(self, model, params, x, y, teacher):
+        self.model, self.x, self.y, self.teacher = model, x, y, teacher
+        self.opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, nesterov=True)
+        self.quantizers = [qt.quantizer for qt in quantized_tensors(model)]
+        self.idx = torch.arange(len(x), device=x.device)
+        self.times: list[float] = []
+
+    def step(self, record: bool = True) -> None:
+        sync(self.x.device)
         start = time.perf_counter()
-        out = model(x)
-        loss = distillation_loss(out, y, teacher(x, idx) if teacher else None)
-        opt.zero_grad(set_to_none=True)
+        out = self.model(self.x)
+        loss = distillation_loss(out, self.y, self.teacher(self.x, self.idx) if self.teacher else None)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        for q in quantizers:
+        self.opt.step()
+        for q in self.quantizers:
             q.after_step()
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        sync(self.x.device)
+        if record:
+            self.times.append(time.perf_counter() - start)
+
+
+def median_times(steppers: dict[str, Stepper], steps: int, rounds: int = 3, warmup: int = 3) -> dict[str, float]:
+    """Median step seconds per configuration, the configurations interleaved in rounds so drift hits all alike."""
+    for s in steppers.values():
+        for _ in range(warmup):
+            s.step(record=False)
+    for _ in range(rounds):
+        for s in steppers.values():
+            for _ in range(max(1, steps // rounds)):
+                s.step()
+    return {name: statistics.median(s.times) for name, s in steppers.items()}
 
 
 def student_ratios(preset: str, device, batch: int, steps: int) -> dict:
@@ -64,7 +79,7 @@ def student_ratios(preset: str, device, batch: int, steps: int) -> dict:
     cached = CachedTeacher(LiveTeacher(teacher_model)(x, None))
     base = build_model(model_spec(preset)).to(device)
 
-    def timed(quantizer, teacher, frozen=False):
+    def stepper(quantizer, teacher, frozen=False):
         model = copy.deepcopy(base)
         if quantizer is not None:
             attach(model, quantizer)
@@ -73,12 +88,18 @@ def student_ratios(preset: str, device, batch: int, steps: int) -> dict:
             params = [qt.quantizer.points.requires_grad_(True) for qt in quantized_tensors(model)]
         else:
             params = [p for p in model.parameters() if p.requires_grad]
-        return median_step(model, params, x, y, teacher, device, steps)
+        return Stepper(model, params, x, y, teacher)
 
-    fp = timed(None, None)
-    qd = timed(UniformQuantizer(4, 256), cached)
-    dq = timed(LearnedPointsQuantizer(4, 256), cached, frozen=True)
-    live = timed(UniformQuantizer(4, 256), LiveTeacher(teacher_model))
+    t = median_times(
+        {
+            "fp": stepper(None, None),
+            "qd": stepper(UniformQuantizer(4, 256), cached),
+            "dq": stepper(LearnedPointsQuantizer(4, 256), cached, frozen=True),
+            "live": stepper(UniformQuantizer(4, 256), LiveTeacher(teacher_model)),
+        },
+        steps,
+    )
+    fp, qd, dq, live = t["fp"], t["qd"], t["dq"], t["live"]
     return {
         "student": preset,
         "batch": batch,
@@ -105,9 +126,10 @@ def torchao_ratio(device, batch: int, steps: int) -> dict:
     attach(ours, UniformQuantizer(4, 256))
     theirs = copy.deepcopy(mlp)
     quantize_(theirs, QATConfig(weight_config=IntxFakeQuantizeConfig(torch.int4, group_size=256, is_symmetric=False), step="prepare"))
-    t_ours = median_step(ours, list(ours.parameters()), x, y, None, device, steps)
-    t_theirs = median_step(theirs, list(theirs.parameters()), x, y, None, device, steps)
-    t_fp = median_step(mlp, list(mlp.parameters()), x, y, None, device, steps)
+    t = median_times(
+        {name: Stepper(m, list(m.parameters()), x, y, None) for name, m in (("ours", ours), ("torchao", theirs), ("fp", mlp))}, steps
+    )
+    t_ours, t_theirs, t_fp = t["ours"], t["torchao"], t["fp"]
     return {"mlp": "1024-1024-1024-256", "batch": batch, "ours_ms": 1e3 * t_ours, "torchao_ms": 1e3 * t_theirs, "fp_ms": 1e3 * t_fp, "ours_over_torchao": t_ours / t_theirs}
 
 
@@ -130,7 +152,7 @@ def main() -> None:
     lines = [
         f"# Training-step speed on {card}",
         "",
-        f"Median of {args.steps} steps, batch {args.batch}, torch {torch.__version__}. Ratios, lower is better.",
+        f"Median of {args.steps} steps per configuration (interleaved in 3 rounds), batch {args.batch}, torch {torch.__version__}. Ratios, lower is better.",
         "",
         "| student | fp ms | qd ms | dq ms | qd live ms | qd cached / fp (goal <= 1.10) | dq / qd (goal <= 1.30) | live / cached |",
         "|---|---|---|---|---|---|---|---|",

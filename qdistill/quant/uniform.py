@@ -49,13 +49,14 @@ class UniformQuantizer(Quantizer):
         """Level index of every value (bucketed layout) and each bucket's min and max."""
         b = to_buckets(w.detach(), self.bucket)
         lo, hi, alpha = bucket_range(b)
-        x = (b - lo) / alpha * (2**self.bits - 1)
+        top = 2**self.bits - 1
+        x = (b - lo).mul_(top / alpha)  # (v - beta) / alpha * (s - 1), in place: this is the hot path
         if self.stochastic and self.training:
             floor = x.floor()
-            idx = floor + (torch.rand_like(x) < (x - floor)).to(x.dtype)
+            x = floor.add_(torch.rand_like(x) < x.sub_(floor)).clamp_(0, top)
         else:
-            idx = x.round()
-        return idx.clamp_(0, 2**self.bits - 1).long(), lo, hi
+            x = x.round_()  # in [0, s - 1] already: v lies between its bucket's min and max
+        return x.long(), lo, hi
 
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
         idx, lo, hi = self.levels(w)
