@@ -30,3 +30,25 @@ def test_speed_against_torchao():
     speed = load("speed")
     row = speed.torchao_ratio(torch.device("cpu"), batch=4, steps=1)
     assert row["ours_over_torchao"] > 0
+
+
+def test_accuracy_table_smoke(tmp_path):
+    from qdistill.data.fashion_mnist import DEBIAN_DIR, _find
+
+    if _find(DEBIAN_DIR) is None:
+        pytest.skip("Fashion-MNIST not installed")
+    from qdistill.data import load_dataset
+    from qdistill.models import build_model, model_spec, save_checkpoint
+    from qdistill.train import TrainConfig, train
+
+    accuracy = load("accuracy")
+    data_args = {"dataset": "fashion-mnist", "data_dir": None, "train_subset": 512, "test_subset": 256}
+    data = load_dataset().subset(512, 256)
+    teacher = build_model(model_spec("resnet-small"))
+    train(teacher, data, TrainConfig(method="fp", epochs=1), quiet=True)
+    save_checkpoint(teacher, model_spec("resnet-small"), tmp_path / "t.safetensors")
+    rows = accuracy.run_chain("tiny", 0, [2], TrainConfig(epochs=1).to_dict(), str(tmp_path / "t.safetensors"), data_args, threads=2)
+    summary = accuracy.summarize(rows)
+    assert [r["method"] for r in summary] == ["fp", "kd", "ptq (global)", "ptq", "qat", "qd", "dq", "qd+dq"]
+    accuracy.plot(summary, tmp_path / "a.png", "smoke")
+    assert (tmp_path / "a.png").stat().st_size > 0

@@ -109,5 +109,9 @@ def quantized_tensors(model: nn.Module) -> list[QuantizedTensor]:
 def detach(model: nn.Module, keep_quantized: bool = True) -> nn.Module:
     """Remove the quantizers; the weights become Q(w) (default) or the full-precision shadow."""
     for qt in quantized_tensors(model):
+        # copy.deepcopy shares a parametrized module's generated class with the original, and removal edits
+        # that class: give this module a private copy first, so detaching a copy leaves the original intact
+        cls = type(qt.module)
+        qt.module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
         parametrize.remove_parametrizations(qt.module, qt.param, leave_parametrized=keep_quantized)
     return model

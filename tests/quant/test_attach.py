@@ -70,3 +70,14 @@ def test_optimizer_steps_the_shadow_weights():
     opt.step()
     assert not torch.equal(shadow, before)
     assert shadow.grad is not None
+
+
+def test_detaching_a_copy_leaves_the_original_working():
+    import copy
+
+    model = Mixed()
+    attach(model, UniformQuantizer(2))
+    expected = model.head.weight.detach().clone()
+    detach(copy.deepcopy(model))
+    assert torch.equal(model.head.weight, expected)
+    assert model(torch.randint(0, 20, (2, 3))).shape == (2, 3, 5)

@@ -1,0 +1,176 @@
+"""Paper-style accuracy table on Fashion-MNIST: teacher, students, every method, several bit widths and seeds.
+
+For each (student, seed) one chain runs fp and kd, then per bit width ptq (bucket 256 and global, from fp),
+qat, qd, dq (points learned on the kd weights) and qd+dq (points fine-tuned after qd). Every method of a
+student uses the same epochs and schedule. Chains run in parallel processes (--workers): small students
+leave a big GPU mostly idle. Writes bench/results/accuracy-<tag>.{json,md,png}.
+
+    python bench/accuracy.py                                  # full table (meant for a GPU)
+    python bench/accuracy.py --students tiny --bits 4 2 --seeds 0 --epochs 1 --train-subset 5000   # CPU-sized
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from qdistill.data import load_dataset  # noqa: E402
+from qdistill.models import count_parameters, load_checkpoint, model_spec, save_checkpoint  # noqa: E402
+from qdistill.pipeline import get_teacher, run_method  # noqa: E402
+from qdistill.report import markdown_table  # noqa: E402
+from qdistill.train import TrainConfig, evaluate  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+ORDER = ["fp", "kd", "ptq (global)", "ptq", "qat", "qd", "dq", "qd+dq"]
+
+
+def run_chain(student: str, seed: int, bits: list[int], base: dict, teacher_path: str, data_args: dict, threads: int) -> list[dict]:
+    """All methods for one student and seed, in one process."""
+    torch.set_num_threads(threads)
+    data = load_dataset(data_args["dataset"], data_args["data_dir"]).subset(data_args["train_subset"], data_args["test_subset"])
+    teacher = load_checkpoint(teacher_path)[0]
+    cfg = TrainConfig.from_dict(base).replace(seed=seed)
+    spec = model_spec(student, data.train_x.shape[1], data.num_classes)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp)
+
+        def run(label, c, init=None):
+            row, model = run_method(label, spec, data, c, run_dir, teacher=teacher, init=init, quiet=True)
+            rows.append({**row, "student": student, "seed": seed})
+            return model
+
+        fp = run("fp", cfg.replace(method="fp"))
+        kd = run("kd", cfg.replace(method="kd"))
+        for b in bits:
+            run("ptq", cfg.replace(method="ptq", bits=b), init=fp)
+            run("ptq (global)", cfg.replace(method="ptq", bits=b, bucket=None), init=fp)
+            run("qat", cfg.replace(method="qat", bits=b))
+            qd = run("qd", cfg.replace(method="qd", bits=b))
+            qd_seconds = rows[-1]["train_s"]
+            run("dq", cfg.replace(method="dq", bits=b), init=kd)
+            run("qd+dq", cfg.replace(method="dq", bits=b, points_init="uniform"), init=qd)
+            rows[-1]["train_s"] += qd_seconds
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["student"], r["method"], r["bits"]), []).append(r)
+    out = []
+    for (student, method, bits), rs in groups.items():
+        accs = [r["test_acc"] for r in rs]
+        out.append(
+            {
+                "student": student,
+                "params": rs[0]["params"],
+                "method": method,
+                "bits": bits,
+                "seeds": len(rs),
+                "mean": statistics.mean(accs),
+                "min": min(accs),
+                "max": max(accs),
+                "size_bytes": rs[0]["size_bytes"],
+                "ratio": rs[0]["ratio"],
+            }
+        )
+    rank = {m: i for i, m in enumerate(ORDER)}
+    return sorted(out, key=lambda r: (r["params"], -r["bits"] if r["bits"] != 32 else -99, rank.get(r["method"], 99)))
+
+
+def plot(summary: list[dict], path: Path, title: str) -> None:
+    students = sorted({r["student"] for r in summary}, key=lambda s: next(r["params"] for r in summary if r["student"] == s))
+    fig, axes = plt.subplots(1, len(students), figsize=(6 * len(students), 4), squeeze=False)
+    for ax, student in zip(axes[0], students):
+        rows = [r for r in summary if r["student"] == student]
+        for m in ORDER:
+            pts = sorted((r["bits"], r["mean"], r["min"], r["max"]) for r in rows if r["method"] == m and r["bits"] != 32)
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]], marker="o", capsize=3, label=m)
+        for r in rows:
+            if r["bits"] == 32:
+                ax.axhline(r["mean"], linestyle="--", linewidth=1, color="black" if r["method"] == "kd" else "gray", label=f"{r['method']} fp32")
+        ax.set_title(f"{student} ({rows[0]['params']:,} params)")
+        ax.set_xlabel("bits per weight")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(bottom=max(0, min(r["mean"] for r in rows if r["bits"] != 32 and r["method"] not in ("ptq", "ptq (global)")) - 5))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--students", nargs="+", default=["tiny", "medium"])
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--dq-epochs", type=int, default=2)
+    p.add_argument("--teacher", default="resnet")
+    p.add_argument("--teacher-epochs", type=int, default=10)
+    p.add_argument("--augment", action="store_true", help="augment the data (forces a live teacher)")
+    p.add_argument("--workers", type=int, default=1, help="chains run in parallel processes")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data-dir")
+    p.add_argument("--train-subset", type=int)
+    p.add_argument("--test-subset", type=int)
+    p.add_argument("--tag", help="results file suffix (default: gpu or cpu)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args()
+    start = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    card = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    data = load_dataset(args.dataset, args.data_dir).subset(args.train_subset, args.test_subset)
+    base = TrainConfig(epochs=args.epochs, dq_epochs=args.dq_epochs, augment=args.augment)
+    teacher = get_teacher(data, args.teacher, base.replace(method="fp", epochs=args.teacher_epochs), quiet=True)
+    teacher_acc = evaluate(teacher, data.test_x, data.test_y)
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher_path = str(Path(tmp) / "teacher.safetensors")
+        save_checkpoint(teacher, model_spec(args.teacher, data.train_x.shape[1], data.num_classes), teacher_path)
+        data_args = {"dataset": args.dataset, "data_dir": args.data_dir, "train_subset": args.train_subset, "test_subset": args.test_subset}
+        jobs = [(s, seed, args.bits, base.to_dict(), teacher_path, data_args) for s in args.students for seed in args.seeds]
+        threads = max(1, torch.get_num_threads() // max(1, args.workers))
+        if args.workers > 1:
+            with ProcessPoolExecutor(args.workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
+                chains = list(pool.map(run_chain, *zip(*jobs), [threads] * len(jobs)))
+        else:
+            chains = [run_chain(*job, threads) for job in jobs]
+    rows = [r for chain in chains for r in chain]
+    summary = summarize(rows)
+    seconds = time.perf_counter() - start
+    tag = args.tag or ("gpu" if device == "cuda" else "cpu")
+    args.out.mkdir(parents=True, exist_ok=True)
+    setup = (
+        f"{card}; teacher {args.teacher} ({count_parameters(teacher):,} params, {args.teacher_epochs} epochs) {teacher_acc:.2f}%; "
+        f"{args.epochs} epochs per method, dq {args.dq_epochs} epochs; seeds {args.seeds}; "
+        f"train examples {len(data.train_x)}, test {len(data.test_x)}; wall time {seconds:.0f} s"
+    )
+    (args.out / f"accuracy-{tag}.json").write_text(json.dumps({"setup": setup, "summary": summary, "rows": rows}, indent=1))
+    columns = [
+        ("student", "student", ""), ("method", "method", ""), ("bits", "bits", ""), ("mean", "mean acc. (%)", ".2f"),
+        ("min", "min", ".2f"), ("max", "max", ".2f"), ("seeds", "seeds", ""), ("size_bytes", "size (bytes)", ","), ("ratio", "vs fp32", ".1f"),
+    ]
+    md = f"# Accuracy on Fashion-MNIST ({tag})\n\n{setup}.\n\n" + markdown_table(summary, columns) + f"\n\n![accuracy](accuracy-{tag}.png)\n"
+    (args.out / f"accuracy-{tag}.md").write_text(md)
+    plot(summary, args.out / f"accuracy-{tag}.png", f"Fashion-MNIST, {card}")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
