@@ -15,10 +15,10 @@ from torch import nn
 from qdistill.data import Dataset
 from qdistill.distill.teacher import tensor_digest
 from qdistill.errors import QDistillError
-from qdistill.export import inspect_packed, save_packed
+from qdistill.export import inspect_packed, load_packed, save_packed
 from qdistill.models import build_model, count_parameters, load_checkpoint, model_spec, save_checkpoint
 from qdistill.report import MetricsLog
-from qdistill.train import TrainConfig, train
+from qdistill.train import TrainConfig, evaluate, train
 
 
 def cache_dir() -> Path:
@@ -52,13 +52,20 @@ def get_teacher(data: Dataset, preset: str, cfg: TrainConfig, quiet: bool = Fals
     return teacher
 
 
-def result_row(label: str, result, spec: dict, run_dir: Path, name: str) -> dict:
-    """Save the trained model (packed when quantized) and describe it as one table row."""
+def result_row(label: str, result, spec: dict, run_dir: Path, name: str, data: Dataset) -> dict:
+    """Save the trained model (packed when quantized) and describe it as one table row.
+
+    A packed model is loaded back and evaluated: the row's accuracy is the shipped file's.
+    """
     cfg = result.config
     params = count_parameters(result.model)
     quantized = cfg.spec.quantizer is not None
     if quantized:
         path = save_packed(result.model, spec, run_dir / f"{name}.safetensors", info={"method": label, "test_acc": result.test_acc, "config": cfg.to_dict()})
+        shipped = load_packed(path)[0].to(next(result.model.parameters()).device)
+        shipped_acc = evaluate(shipped, data.test_x, data.test_y)
+        if shipped_acc != result.test_acc:
+            raise RuntimeError(f"{path}: the loaded model scores {shipped_acc}%, the trained quantized model {result.test_acc}%")
         sizes = inspect_packed(path)
         size, huffman = sizes["disk_bytes"], sizes["huffman_bytes"]
     else:
@@ -96,6 +103,6 @@ def run_method(
     log = MetricsLog(run_dir / "metrics.jsonl")
     result = train(student, data, cfg, teacher=teacher, cache_dir=cache_dir() / "logits", log=lambda r: log({"run": label, "bits": cfg.bits, **r}), quiet=quiet)
     name = label.replace(" ", "-").replace("(", "").replace(")", "").replace("+", "-") + (f"-{cfg.bits}b" if cfg.spec.quantizer else "")
-    row = result_row(label, result, spec, run_dir, name)
+    row = result_row(label, result, spec, run_dir, name, data)
     log({"run": label, "result": row})
     return row, result.model

@@ -46,25 +46,27 @@ RESULT_COLUMNS = [
 
 
 def plot_results(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
-    """Accuracy against bits and against size on disk, one line per method."""
-    methods = sorted({r["method"] for r in rows if r["bits"] != 32})
+    """Accuracy against bits and against size on disk, one line per method; fp32 models as dashed lines."""
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["bits"] != 32))
     reference = [r for r in rows if r["bits"] == 32]
+    styles = ["--", ":", "-."]
     paths = []
     for x_key, x_label, name in (("bits", "bits per weight", "accuracy_vs_bits.png"), ("size_bytes", "size on disk (bytes)", "accuracy_vs_size.png")):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7, 4.5))
         for m in methods:
             pts = sorted((r[x_key], r["test_acc"]) for r in rows if r["method"] == m)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-        for r in reference:
-            ax.axhline(r["test_acc"], linestyle="--", linewidth=1, color="gray")
-            ax.annotate(f"{r['method']} fp32", (ax.get_xlim()[0], r["test_acc"]), fontsize=7, va="bottom")
+        for i, r in enumerate(reference):
+            ax.axhline(r["test_acc"], linestyle=styles[i % 3], linewidth=1, color="gray", label=f"{r['method']}, fp32 ({r['test_acc']:.2f}%)")
         if x_key == "size_bytes":
             ax.set_xscale("log")
+        else:
+            ax.set_xticks(sorted({r["bits"] for r in rows if r["bits"] != 32}))
         ax.set_xlabel(x_label)
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(title)
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
         path = out_dir / name
         fig.savefig(path, dpi=120)

@@ -35,7 +35,7 @@ def test_train_distill_eval_inspect(tmp_path, capsys):
 @needs_data
 def test_demo_writes_table_plots_and_models(tmp_path):
     run = tmp_path / "demo"
-    args = ["demo", "--run-dir", str(run), "--epochs", "1", "--teacher-epochs", "1", "--bit-widths", "2", *SUBSET]
+    args = ["demo", "--run-dir", str(run), "--epochs", "2", "--teacher-epochs", "1", "--bit-widths", "4", *SUBSET]
     assert main(args) == 0
     rows = json.loads((run / "results.json").read_text())["rows"]
     assert {r["method"] for r in rows} >= {"fp", "kd", "ptq", "ptq (global)", "qat", "qd", "dq", "qd+dq"}
@@ -43,7 +43,7 @@ def test_demo_writes_table_plots_and_models(tmp_path):
         assert (run / name).exists()
     qd = next(r for r in rows if r["method"] == "qd")
     model, _ = load_packed(run / qd["file"])
-    assert qd["bits"] == 2 and qd["test_acc"] > 30
+    assert qd["bits"] == 4 and qd["test_acc"] > 60  # chance is 10
     # a second demo into the same folder is refused and changes nothing
     before = {p: p.read_bytes() for p in run.iterdir()}
     assert main(args) == 2
