@@ -7,17 +7,17 @@ import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
+import yaml
 from rich.console import Console
 from rich.table import Table
 
 from qdistill.data import load_dataset
 from qdistill.errors import QDistillError
-from qdistill.export import inspect_packed, load_packed
+from qdistill.export import inspect_packed, is_packed, load_packed
 from qdistill.models import load_checkpoint, model_spec
-from qdistill.pipeline import get_teacher, new_run_dir, run_method
+from qdistill.pipeline import new_run_dir, run_method
 from qdistill.report import RESULT_COLUMNS, markdown_table
 from qdistill.train import METHODS, TrainConfig, evaluate, read_yaml
 
@@ -77,13 +77,9 @@ def data_from(args):
 
 
 def load_any(path: str, spec_name: str | None = None):
-    """A packed model or a full-precision checkpoint."""
-    if Path(path).exists():
-        try:
-            return load_packed(path)[0]
-        except QDistillError as e:
-            if "not a qdistill packed model" not in str(e):
-                raise
+    """A packed model (as its quantized weights) or a full-precision checkpoint."""
+    if is_packed(path):
+        return load_packed(path)[0]
     spec = model_spec(spec_name) if spec_name else None
     return load_checkpoint(path, spec)[0]
 
@@ -113,17 +109,16 @@ def cmd_distill(args) -> None:
     data = data_from(args)
     method = cfg.spec
     spec = model_spec(args.student, data.train_x.shape[1], data.num_classes)
-    init = load_checkpoint(args.init, spec)[0] if args.init else None
+    init = load_any(args.init, args.student) if args.init else None
     if method.trains != "weights" and init is None:
         raise QDistillError(f"method {cfg.method} does not train the weights: give trained ones with --init")
-    needs_teacher = method.distill and not (cfg.method == "dq" and cfg.dq_teacher == "self")
     teacher = None
-    if needs_teacher:
+    if cfg.needs_teacher:
         if not args.teacher:
             raise QDistillError(f"method {cfg.method} distills from a teacher: give --teacher FILE (from `qdistill train-teacher`)")
-        teacher = get_teacher(data, "", cfg, path=args.teacher)
+        teacher = load_checkpoint(args.teacher)[0]
     run_dir = new_run_dir(args.run_dir, f"distill-{cfg.method}")
-    (run_dir / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=1))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     row, _ = run_method(cfg.method, spec, data, cfg, run_dir, teacher=teacher, init=init, quiet=args.quiet)
     (run_dir / "results.json").write_text(json.dumps({"rows": [row], "config": cfg.to_dict()}, indent=1))
     (run_dir / "report.md").write_text(f"# qdistill distill --method {cfg.method}\n\n" + markdown_table([row], RESULT_COLUMNS) + "\n")

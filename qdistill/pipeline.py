@@ -34,10 +34,8 @@ def new_run_dir(path: str | Path | None, prefix: str) -> Path:
     return path
 
 
-def get_teacher(data: Dataset, preset: str, cfg: TrainConfig, quiet: bool = False, path: str | Path | None = None) -> nn.Module:
-    """The teacher from `path`, or one trained once per (preset, data, settings) and kept in the cache."""
-    if path is not None:
-        return load_checkpoint(path)[0]
+def get_teacher(data: Dataset, preset: str, cfg: TrainConfig, quiet: bool = False) -> nn.Module:
+    """A teacher trained once per (preset, data, settings) and kept in the cache."""
     spec = model_spec(preset, data.train_x.shape[1], data.num_classes)
     key = hashlib.sha256((json.dumps([spec, cfg.to_dict()], sort_keys=True) + tensor_digest(data.train_x, data.train_y)).encode()).hexdigest()[:16]
     cached = cache_dir() / "teachers" / f"{preset}-{key}.safetensors"

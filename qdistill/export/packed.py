@@ -96,6 +96,15 @@ def save_packed(model: nn.Module, spec: dict, path: str | Path, info: dict | Non
     return path
 
 
+def is_packed(path: str | Path) -> bool:
+    """Whether `path` is a readable safetensors file carrying qdistill packed metadata."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return "qdistill" in (f.metadata() or {})
+    except Exception:
+        return False
+
+
 def read_packed(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """Metadata and raw tensors, after checking the format and the checksum."""
     path = Path(path)

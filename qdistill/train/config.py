@@ -104,6 +104,11 @@ class TrainConfig:
     def spec(self) -> Method:
         return METHODS[self.method]
 
+    @property
+    def needs_teacher(self) -> bool:
+        """Distilling methods need one, except dq taught by the student's own full-precision weights."""
+        return self.spec.distill and not (self.method == "dq" and self.dq_teacher == "self")
+
     def make_quantizer(self, kind: str, init: str | None = None) -> Quantizer:
         if kind == "uniform":
             return UniformQuantizer(self.bits, self.bucket, self.stochastic)

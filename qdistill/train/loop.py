@@ -152,8 +152,7 @@ def train(student: nn.Module, data: Dataset, cfg: TrainConfig, teacher: nn.Modul
     torch.manual_seed(cfg.seed)
     method = cfg.spec
     student.to(device)
-    self_taught = cfg.method == "dq" and cfg.dq_teacher == "self"  # dq from the student's own fp weights
-    if method.distill and teacher is None and not self_taught:
+    if cfg.needs_teacher and teacher is None:
         raise QDistillError(f"method {cfg.method} needs a teacher")
     teacher_fn = None
     if teacher is not None and method.distill:
