@@ -31,7 +31,7 @@ def test_train_distill_eval_inspect(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["index_bits"] == [4] and info["disk_bytes"] == packed.stat().st_size
     # qd+dq by hand: learn the points of the packed qd model, taught by itself
-    assert main(["distill", "--method", "dq", "--bits", "4", "--init", str(packed), "--dq-teacher", "self", "--run-dir", str(tmp_path / "dq"), *SUBSET]) == 0
+    assert main(["distill", "--method", "dq", "--bits", "4", "--init", str(packed), "--points-init", "uniform", "--dq-teacher", "self", "--run-dir", str(tmp_path / "dq"), *SUBSET]) == 0
     dq = json.loads((tmp_path / "dq" / "results.json").read_text())["rows"][0]
     assert dq["test_acc"] > row["test_acc"] - 3
     assert main(["distill", "--method", "dq", "--run-dir", str(tmp_path / "x"), *SUBSET]) == 2
