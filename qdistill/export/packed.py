@@ -52,7 +52,7 @@ def save_packed(model: nn.Module, spec: dict, path: str | Path, info: dict | Non
     offsets = {"indices": 0, "scales": 0, "points": 0}
     with torch.no_grad():
         for qt in quantized:
-            enc = qt.quantizer.encode(qt.shadow.detach().cpu().float())
+            enc = qt.quantizer.encode(qt.shadow.detach())  # on the training device: the same indices as its forward
             packed = pack_bits(enc.indices, enc.index_bits)
             learned = isinstance(qt.quantizer, LearnedPointsQuantizer)
             entry = {
@@ -69,11 +69,11 @@ def save_packed(model: nn.Module, spec: dict, path: str | Path, info: dict | Non
             }
             layout.append(entry)
             indices.append(torch.from_numpy(packed))
-            scales.append(torch.cat([enc.lo, enc.hi]).float())
+            scales.append(torch.cat([enc.lo, enc.hi]).float().cpu())
             offsets["indices"] += packed.size
             offsets["scales"] += 2 * entry["n_buckets"]
             if learned:
-                points.append(enc.points.float())
+                points.append(enc.points.float().cpu())
                 offsets["points"] += entry["n_points"]
         tensors = {"indices": torch.cat(indices), "scales": torch.cat(scales)}
         if points:

@@ -73,3 +73,14 @@ def test_huffman_mean_code_length():
     assert mean_code_length([1, 1, 2, 4]) == pytest.approx((3 * 1 + 3 * 1 + 2 * 2 + 1 * 4) / 8)
     assert mean_code_length([0, 5, 0]) == 1.0
     assert mean_code_length([4, 4, 4, 4]) == 2.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quantizer", [UniformQuantizer(2, 256), LearnedPointsQuantizer(2, 64)])
+def test_round_trip_on_gpu(tmp_path, quantizer):
+    model = quantized_model(quantizer=quantizer).cuda()
+    path = save_packed(model, model_spec("tiny"), tmp_path / "m.safetensors")
+    loaded = load_packed(path)[0].cuda()
+    x = torch.randn(32, 1, 28, 28, device="cuda")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
