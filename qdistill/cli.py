@@ -18,7 +18,7 @@ from qdistill.errors import QDistillError
 from qdistill.export import inspect_packed, is_packed, load_packed
 from qdistill.models import load_checkpoint, model_spec
 from qdistill.pipeline import new_run_dir, run_method
-from qdistill.report import RESULT_COLUMNS, markdown_table
+from qdistill.report import RESULT_COLUMNS, markdown_table, plot_history
 from qdistill.train import METHODS, TrainConfig, evaluate, read_yaml
 
 out = Console()
@@ -100,6 +100,7 @@ def cmd_train_teacher(args) -> None:
     spec = model_spec(args.model, data.train_x.shape[1], data.num_classes)
     row, _ = run_method("teacher", spec, data, cfg, run_dir, quiet=args.quiet)
     (run_dir / "results.json").write_text(json.dumps({"rows": [row], "config": cfg.to_dict()}, indent=1))
+    plot_history(run_dir / "metrics.jsonl", run_dir / "training.png", f"teacher {args.model}")
     show_rows([row], f"teacher {args.model}")
     out.print(f"teacher saved to {run_dir / row['file']}")
 
@@ -121,7 +122,9 @@ def cmd_distill(args) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     row, _ = run_method(cfg.method, spec, data, cfg, run_dir, teacher=teacher, init=init, quiet=args.quiet)
     (run_dir / "results.json").write_text(json.dumps({"rows": [row], "config": cfg.to_dict()}, indent=1))
-    (run_dir / "report.md").write_text(f"# qdistill distill --method {cfg.method}\n\n" + markdown_table([row], RESULT_COLUMNS) + "\n")
+    plot_history(run_dir / "metrics.jsonl", run_dir / "training.png", f"{cfg.method} on {args.student}")
+    report = f"# qdistill distill --method {cfg.method}\n\n" + markdown_table([row], RESULT_COLUMNS) + "\n\n![training](training.png)\n"
+    (run_dir / "report.md").write_text(report)
     show_rows([row], f"{cfg.method} on {args.student}")
     out.print(f"model saved to {run_dir / row['file']}")
 

@@ -45,6 +45,27 @@ RESULT_COLUMNS = [
 ]
 
 
+def plot_history(metrics: Path, path: Path, title: str) -> Path:
+    """Test accuracy and training loss per epoch, one line per phase, from a run's metrics.jsonl."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = [r for r in records if "epoch" in r]
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for phase in dict.fromkeys(r["phase"] for r in records):
+        rs = [r for r in records if r["phase"] == phase]
+        acc_ax.plot([r["epoch"] for r in rs], [r["test_acc"] for r in rs], marker="o", label=phase)
+        loss_ax.plot([r["epoch"] for r in rs], [r["train_loss"] for r in rs], marker="o", label=phase)
+    for ax, label in ((acc_ax, "test accuracy (%)"), (loss_ax, "training loss")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_results(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
     """Accuracy against bits and against size on disk, one line per method; fp32 models as dashed lines."""
     methods = list(dict.fromkeys(r["method"] for r in rows if r["bits"] != 32))

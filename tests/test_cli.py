@@ -23,7 +23,7 @@ def test_train_distill_eval_inspect(tmp_path, capsys):
     row = json.loads((run / "results.json").read_text())["rows"][0]
     assert row["test_acc"] > 60  # chance is 10
     packed = run / row["file"]
-    assert (run / "metrics.jsonl").exists() and (run / "report.md").exists()
+    assert (run / "metrics.jsonl").exists() and (run / "report.md").exists() and (run / "training.png").exists()
     capsys.readouterr()
     assert main(["eval", str(packed), "--test-subset", "1000"]) == 0
     assert json.loads(capsys.readouterr().out)["test_acc"] == row["test_acc"]  # the shipped file, same accuracy

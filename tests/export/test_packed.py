@@ -16,7 +16,10 @@ def quantized_model(preset="tiny", quantizer=None, seed=0):
     return model.eval()
 
 
-@pytest.mark.parametrize("quantizer", [UniformQuantizer(4, 256), UniformQuantizer(2, None), UniformQuantizer(3, 100), LearnedPointsQuantizer(2, 64)])
+ROUND_TRIP = [UniformQuantizer(4, 256), UniformQuantizer(2, None), UniformQuantizer(3, 100), LearnedPointsQuantizer(2, 64), LearnedPointsQuantizer(2, 64, n_points=5)]
+
+
+@pytest.mark.parametrize("quantizer", ROUND_TRIP)
 def test_round_trip_predicts_identically(tmp_path, quantizer):
     model = quantized_model(quantizer=quantizer)
     path = save_packed(model, model_spec("tiny"), tmp_path / "m.safetensors")
@@ -24,6 +27,7 @@ def test_round_trip_predicts_identically(tmp_path, quantizer):
     x = torch.randn(32, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+    assert {e["index_bits"] for e in meta["quantized"]} == {quantizer.index_bits}  # 5 points take 3 bits
     for qt_name in (e["name"] for e in meta["quantized"]):
         module, param = qt_name.rsplit(".", 1)
         assert torch.equal(loaded.get_submodule(module).get_parameter(param), getattr(model.get_submodule(module), param))
