@@ -67,16 +67,20 @@ def run_chain(student: str, seed: int, bits: list[int], base: dict, teacher_path
 
 
 def summarize(rows: list[dict]) -> list[dict]:
+    """Mean, min and max over seeds per (student, method, bits); sizes relative to the student's fp32 size."""
+    students = list(dict.fromkeys(r["student"] for r in rows))
+    params = {r["student"]: r["params"] for r in rows if r["method"] == "fp"}
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["student"], r["method"], r["bits"]), []).append(r)
     out = []
     for (student, method, bits), rs in groups.items():
         accs = [r["test_acc"] for r in rs]
+        n = params.get(student, rs[0]["params"])
         out.append(
             {
                 "student": student,
-                "params": rs[0]["params"],
+                "params": n,
                 "method": method,
                 "bits": bits,
                 "seeds": len(rs),
@@ -84,11 +88,11 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "min": min(accs),
                 "max": max(accs),
                 "size_bytes": rs[0]["size_bytes"],
-                "ratio": rs[0]["ratio"],
+                "ratio": 4 * n / rs[0]["size_bytes"],
             }
         )
     rank = {m: i for i, m in enumerate(ORDER)}
-    return sorted(out, key=lambda r: (r["params"], -r["bits"] if r["bits"] != 32 else -99, rank.get(r["method"], 99)))
+    return sorted(out, key=lambda r: (students.index(r["student"]), -r["bits"] if r["bits"] != 32 else -99, rank.get(r["method"], 99)))
 
 
 def plot(summary: list[dict], path: Path, title: str) -> None:
@@ -132,7 +136,10 @@ def main() -> None:
     p.add_argument("--test-subset", type=int)
     p.add_argument("--tag", help="results file suffix (default: gpu or cpu)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--rerender", type=Path, metavar="JSON", help="only rewrite the table and plot of a saved run")
     args = p.parse_args()
+    if args.rerender:
+        return rerender(args.rerender)
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     card = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
@@ -152,24 +159,34 @@ def main() -> None:
         else:
             chains = [run_chain(*job, threads) for job in jobs]
     rows = [r for chain in chains for r in chain]
-    summary = summarize(rows)
     seconds = time.perf_counter() - start
-    tag = args.tag or ("gpu" if device == "cuda" else "cpu")
-    args.out.mkdir(parents=True, exist_ok=True)
     setup = (
         f"{card}; teacher {args.teacher} ({count_parameters(teacher):,} params, {args.teacher_epochs} epochs) {teacher_acc:.2f}%; "
-        f"{args.epochs} epochs per method, dq {args.dq_epochs} epochs; seeds {args.seeds}; "
+        f"{args.epochs} epochs per method, dq {args.dq_epochs} more; seeds {args.seeds}; "
         f"train examples {len(data.train_x)}, test {len(data.test_x)}; wall time {seconds:.0f} s"
     )
-    (args.out / f"accuracy-{tag}.json").write_text(json.dumps({"setup": setup, "summary": summary, "rows": rows}, indent=1))
+    write_outputs(rows, setup, card, args.tag or ("gpu" if device == "cuda" else "cpu"), args.out)
+
+
+def write_outputs(rows: list[dict], setup: str, card: str, tag: str, out: Path) -> None:
+    summary = summarize(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"accuracy-{tag}.json").write_text(json.dumps({"setup": setup, "card": card, "summary": summary, "rows": rows}, indent=1))
     columns = [
         ("student", "student", ""), ("method", "method", ""), ("bits", "bits", ""), ("mean", "mean acc. (%)", ".2f"),
         ("min", "min", ".2f"), ("max", "max", ".2f"), ("seeds", "seeds", ""), ("size_bytes", "size (bytes)", ","), ("ratio", "vs fp32", ".1f"),
     ]
     md = f"# Accuracy on Fashion-MNIST ({tag})\n\n{setup}.\n\n" + markdown_table(summary, columns) + f"\n\n![accuracy](accuracy-{tag}.png)\n"
-    (args.out / f"accuracy-{tag}.md").write_text(md)
-    plot(summary, args.out / f"accuracy-{tag}.png", f"Fashion-MNIST, {card}")
+    (out / f"accuracy-{tag}.md").write_text(md)
+    plot(summary, out / f"accuracy-{tag}.png", f"Fashion-MNIST, {card}")
     print(md)
+
+
+def rerender(path: Path) -> None:
+    """Rewrite the table and plot of a saved run from its JSON (after a change to the presentation)."""
+    saved = json.loads(path.read_text())
+    card = saved.get("card") or saved["setup"].split(";")[0]
+    write_outputs(saved["rows"], saved["setup"], card, path.stem.removeprefix("accuracy-"), path.parent)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from qdistill.data import Dataset
 from qdistill.distill.teacher import tensor_digest
 from qdistill.errors import QDistillError
 from qdistill.export import inspect_packed, load_packed, save_packed
-from qdistill.models import build_model, count_parameters, load_checkpoint, model_spec, save_checkpoint
+from qdistill.models import build_model, load_checkpoint, model_spec, save_checkpoint
 from qdistill.report import MetricsLog
 from qdistill.train import TrainConfig, evaluate, train
 
@@ -56,7 +56,7 @@ def result_row(label: str, result, spec: dict, run_dir: Path, name: str, data: D
     A packed model is loaded back and evaluated: the row's accuracy is the shipped file's.
     """
     cfg = result.config
-    params = count_parameters(result.model)
+    params = sum(p.numel() for n, p in result.model.named_parameters() if ".parametrizations." not in n or n.endswith(".original"))
     quantized = cfg.spec.quantizer is not None
     if quantized:
         path = save_packed(result.model, spec, run_dir / f"{name}.safetensors", info={"method": label, "test_acc": result.test_acc, "config": cfg.to_dict()})
