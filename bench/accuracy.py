@@ -1,7 +1,8 @@
 """Paper-style accuracy table on Fashion-MNIST: teacher, students, every method, several bit widths and seeds.
 
 For each (student, seed) one chain runs fp and kd, then per bit width ptq (bucket 256 and global, from fp),
-qat, qd, dq (points learned on the kd weights) and qd+dq (points fine-tuned after qd). Every method of a
+qat, qd, qd started from the kd weights, dq (points learned on the kd weights) and qd+dq (points
+fine-tuned after qd). Every method of a
 student uses the same epochs and schedule. Chains run in parallel processes (--workers): small students
 leave a big GPU mostly idle. Writes bench/results/accuracy-<tag>.{json,md,png}.
 
@@ -33,7 +34,7 @@ from qdistill.report import markdown_table  # noqa: E402
 from qdistill.train import TrainConfig, evaluate  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-ORDER = ["fp", "kd", "ptq (global)", "ptq", "qat", "qd", "dq", "qd+dq"]
+ORDER = ["fp", "kd", "ptq (global)", "ptq", "qat", "qd", "qd (from kd)", "dq", "qd+dq"]
 
 
 def run_chain(student: str, seed: int, bits: list[int], base: dict, teacher_path: str, data_args: dict, threads: int) -> list[dict]:
@@ -60,6 +61,7 @@ def run_chain(student: str, seed: int, bits: list[int], base: dict, teacher_path
             run("qat", cfg.replace(method="qat", bits=b))
             qd = run("qd", cfg.replace(method="qd", bits=b))
             qd_seconds = rows[-1]["train_s"]
+            run("qd (from kd)", cfg.replace(method="qd", bits=b), init=kd)  # warm start: same schedule, kd weights
             run("dq", cfg.replace(method="dq", bits=b), init=kd)
             run("qd+dq", cfg.replace(method="dq", bits=b, points_init="uniform"), init=qd)
             rows[-1]["train_s"] += qd_seconds

@@ -122,8 +122,10 @@ def cmd_distill(args) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     row, _ = run_method(cfg.method, spec, data, cfg, run_dir, teacher=teacher, init=init, quiet=args.quiet)
     (run_dir / "results.json").write_text(json.dumps({"rows": [row], "config": cfg.to_dict()}, indent=1))
-    plot_history(run_dir / "metrics.jsonl", run_dir / "training.png", f"{cfg.method} on {args.student}")
-    report = f"# qdistill distill --method {cfg.method}\n\n" + markdown_table([row], RESULT_COLUMNS) + "\n\n![training](training.png)\n"
+    plot = plot_history(run_dir / "metrics.jsonl", run_dir / "training.png", f"{cfg.method} on {args.student}")
+    report = f"# qdistill distill --method {cfg.method}\n\n" + markdown_table([row], RESULT_COLUMNS) + "\n"
+    if plot:
+        report += "\n![training](training.png)\n"
     (run_dir / "report.md").write_text(report)
     show_rows([row], f"{cfg.method} on {args.student}")
     out.print(f"model saved to {run_dir / row['file']}")

@@ -45,10 +45,12 @@ RESULT_COLUMNS = [
 ]
 
 
-def plot_history(metrics: Path, path: Path, title: str) -> Path:
-    """Test accuracy and training loss per epoch, one line per phase, from a run's metrics.jsonl."""
+def plot_history(metrics: Path, path: Path, title: str) -> Path | None:
+    """Test accuracy and training loss per epoch, one line per phase, from a run's metrics.jsonl (None: no epochs)."""
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     records = [r for r in records if "epoch" in r]
+    if not records:
+        return None
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
     for phase in dict.fromkeys(r["phase"] for r in records):
         rs = [r for r in records if r["phase"] == phase]

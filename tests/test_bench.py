@@ -49,6 +49,6 @@ def test_accuracy_table_smoke(tmp_path):
     save_checkpoint(teacher, model_spec("resnet-small"), tmp_path / "t.safetensors")
     rows = accuracy.run_chain("tiny", 0, [2], TrainConfig(epochs=1).to_dict(), str(tmp_path / "t.safetensors"), data_args, threads=2)
     summary = accuracy.summarize(rows)
-    assert [r["method"] for r in summary] == ["fp", "kd", "ptq (global)", "ptq", "qat", "qd", "dq", "qd+dq"]
+    assert [r["method"] for r in summary] == ["fp", "kd", "ptq (global)", "ptq", "qat", "qd", "qd (from kd)", "dq", "qd+dq"]
     accuracy.plot(summary, tmp_path / "a.png", "smoke")
     assert (tmp_path / "a.png").stat().st_size > 0

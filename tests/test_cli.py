@@ -34,6 +34,10 @@ def test_train_distill_eval_inspect(tmp_path, capsys):
     assert main(["distill", "--method", "dq", "--bits", "4", "--init", str(packed), "--points-init", "uniform", "--dq-teacher", "self", "--run-dir", str(tmp_path / "dq"), *SUBSET]) == 0
     dq = json.loads((tmp_path / "dq" / "results.json").read_text())["rows"][0]
     assert dq["test_acc"] > row["test_acc"] - 3
+    # ptq from a full-precision checkpoint given with --init
+    assert main(["distill", "--method", "ptq", "--bits", "8", "--init", str(teacher), "--student", "resnet-small", "--run-dir", str(tmp_path / "p"), *SUBSET]) == 0
+    ptq = json.loads((tmp_path / "p" / "results.json").read_text())["rows"][0]
+    assert ptq["test_acc"] > 60 and ptq["bits"] == 8
     assert main(["distill", "--method", "dq", "--run-dir", str(tmp_path / "x"), *SUBSET]) == 2
     assert "give trained ones with --init" in capsys.readouterr().err
 

@@ -100,8 +100,8 @@ def is_packed(path: str | Path) -> bool:
     """Whether `path` is a readable safetensors file carrying qdistill packed metadata."""
     try:
         with safe_open(str(path), "pt") as f:
-            return "qdistill" in (f.metadata() or {})
-    except Exception:
+            return json.loads((f.metadata() or {})["qdistill"])["format"] == FORMAT
+    except Exception:  # not safetensors, no such key, or a full-precision checkpoint's metadata
         return False
 
 
