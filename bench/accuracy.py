@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from qdistill.data import load_dataset  # noqa: E402
 from qdistill.models import count_parameters, load_checkpoint, model_spec, save_checkpoint  # noqa: E402
-from qdistill.pipeline import get_teacher, run_method  # noqa: E402
+from qdistill.pipeline import compare_methods, get_teacher  # noqa: E402
 from qdistill.report import markdown_table  # noqa: E402
 from qdistill.train import TrainConfig, evaluate  # noqa: E402
 
@@ -44,28 +44,9 @@ def run_chain(student: str, seed: int, bits: list[int], base: dict, teacher_path
     teacher = load_checkpoint(teacher_path)[0]
     cfg = TrainConfig.from_dict(base).replace(seed=seed)
     spec = model_spec(student, data.train_x.shape[1], data.num_classes)
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp)
-
-        def run(label, c, init=None):
-            row, model = run_method(label, spec, data, c, run_dir, teacher=teacher, init=init, quiet=True)
-            rows.append({**row, "student": student, "seed": seed})
-            return model
-
-        fp = run("fp", cfg.replace(method="fp"))
-        kd = run("kd", cfg.replace(method="kd"))
-        for b in bits:
-            run("ptq", cfg.replace(method="ptq", bits=b), init=fp)
-            run("ptq (global)", cfg.replace(method="ptq", bits=b, bucket=None), init=fp)
-            run("qat", cfg.replace(method="qat", bits=b))
-            qd = run("qd", cfg.replace(method="qd", bits=b))
-            qd_seconds = rows[-1]["train_s"]
-            run("qd (from kd)", cfg.replace(method="qd", bits=b), init=kd)  # warm start: same schedule, kd weights
-            run("dq", cfg.replace(method="dq", bits=b), init=kd)
-            run("qd+dq", cfg.replace(method="dq", bits=b, points_init="uniform"), init=qd)
-            rows[-1]["train_s"] += qd_seconds
-    return rows
+        rows = compare_methods(spec, data, cfg, Path(tmp), teacher, bits, warm_start=True, quiet=True)
+    return [{**row, "student": student, "seed": seed} for row in rows]
 
 
 def summarize(rows: list[dict]) -> list[dict]:

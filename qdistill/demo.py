@@ -8,7 +8,7 @@ from pathlib import Path
 
 from qdistill.data import Dataset
 from qdistill.models import count_parameters, model_spec, save_checkpoint
-from qdistill.pipeline import get_teacher, run_method
+from qdistill.pipeline import compare_methods, get_teacher
 from qdistill.report import RESULT_COLUMNS, markdown_table, plot_results
 from qdistill.train import TrainConfig, evaluate
 
@@ -39,24 +39,7 @@ def run_demo(
         }
     ]
     rows[0]["ratio"] = 4 * rows[0]["params"] / rows[0]["size_bytes"]
-
-    def run(label, cfg, init=None):
-        row, model = run_method(label, spec, data, cfg, run_dir, teacher=teacher_model, init=init, quiet=quiet)
-        rows.append(row)
-        return model
-
-    fp_model = run("fp", base.replace(method="fp"))
-    kd_model = run("kd", base.replace(method="kd"))
-    for b in bits:
-        run("ptq", base.replace(method="ptq", bits=b), init=fp_model)
-        run("ptq (global)", base.replace(method="ptq", bits=b, bucket=None), init=fp_model)
-        run("qat", base.replace(method="qat", bits=b))
-        qd_model = run("qd", base.replace(method="qd", bits=b))
-        qd_seconds = rows[-1]["train_s"]
-        run("dq", base.replace(method="dq", bits=b), init=kd_model)
-        # qd+dq = the qd run above, then its points fine-tuned starting from its own uniform levels
-        run("qd+dq", base.replace(method="dq", bits=b, points_init="uniform"), init=qd_model)
-        rows[-1]["train_s"] += qd_seconds
+    rows += compare_methods(spec, data, base, run_dir, teacher_model, bits, quiet=quiet)
     seconds = time.perf_counter() - start
     write_report(rows, run_dir, f"qdistill demo: student {student} ({rows[1]['params']:,} params), teacher {teacher}", base, seconds)
     return rows

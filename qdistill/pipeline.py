@@ -104,3 +104,42 @@ def run_method(
     row = result_row(label, result, spec, run_dir, name, data)
     log({"run": label, "result": row})
     return row, result.model
+
+
+def compare_methods(
+    spec: dict,
+    data: Dataset,
+    base: TrainConfig,
+    run_dir: Path,
+    teacher: nn.Module,
+    bits: tuple[int, ...] | list[int],
+    warm_start: bool = False,
+    quiet: bool = False,
+) -> list[dict]:
+    """Every method on one student with the same data and schedule; one row each.
+
+    fp and kd, then per bit width: ptq with buckets and global (from the fp weights), qat, qd,
+    optionally qd started from the kd weights, dq (points learned on the kd weights) and qd+dq
+    (the qd run's points fine-tuned, starting from its own uniform levels).
+    """
+    rows = []
+
+    def run(label, cfg, init=None):
+        row, model = run_method(label, spec, data, cfg, run_dir, teacher=teacher, init=init, quiet=quiet)
+        rows.append(row)
+        return model
+
+    fp = run("fp", base.replace(method="fp"))
+    kd = run("kd", base.replace(method="kd"))
+    for b in bits:
+        run("ptq", base.replace(method="ptq", bits=b), init=fp)
+        run("ptq (global)", base.replace(method="ptq", bits=b, bucket=None), init=fp)
+        run("qat", base.replace(method="qat", bits=b))
+        qd = run("qd", base.replace(method="qd", bits=b))
+        qd_seconds = rows[-1]["train_s"]
+        if warm_start:
+            run("qd (from kd)", base.replace(method="qd", bits=b), init=kd)
+        run("dq", base.replace(method="dq", bits=b), init=kd)
+        run("qd+dq", base.replace(method="dq", bits=b, points_init="uniform"), init=qd)
+        rows[-1]["train_s"] += qd_seconds
+    return rows
