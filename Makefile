@@ -2,7 +2,7 @@
 PYTHON ?= python3
 DATA := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data demo test test-all bench
+.PHONY: install data demo test
 
 data:
 	@if [ ! -f $(DATA)/train-images-idx3-ubyte.gz ]; then \
@@ -18,6 +18,3 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
-
-test-all: install
-	$(PYTHON) -m pytest -q -m ''
