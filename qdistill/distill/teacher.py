@@ -31,13 +31,19 @@ def model_digest(model: nn.Module) -> str:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Logits of `model` in eval mode over `x`, batch by batch, on the CPU."""
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512, device: str | torch.device = "cpu", progress=None) -> torch.Tensor:
+    """Logits of `model` in eval mode over `x`, batch by batch, returned on the CPU; `progress` is a rich Progress."""
     was_training = model.training
     model.eval()
-    out = torch.cat([model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+    starts = range(0, len(x), batch_size)
+    task = progress.add_task("teacher logits", total=len(starts), status="") if progress is not None else None
+    out = []
+    for i in starts:
+        out.append(model(x[i : i + batch_size].to(device)).float().cpu())
+        if task is not None:
+            progress.advance(task)
     model.train(was_training)
-    return out
+    return torch.cat(out)
 
 
 class LiveTeacher:
@@ -65,7 +71,7 @@ class CachedTeacher:
         return self.logits[index]
 
     @classmethod
-    def build(cls, model: nn.Module, x: torch.Tensor, cache_dir: str | Path | None = None, device="cpu") -> "CachedTeacher":
+    def build(cls, model: nn.Module, x: torch.Tensor, cache_dir: str | Path | None = None, device="cpu", progress=None) -> "CachedTeacher":
         """Compute the logits over `x`, or load them from `cache_dir` when this teacher and data were seen before."""
         path = None
         if cache_dir is not None:
@@ -79,7 +85,7 @@ class CachedTeacher:
                 else:
                     if logits.shape[0] == len(x):
                         return cls(logits)
-        logits = predict(model, x, device=device)
+        logits = predict(model, x, device=device, progress=progress)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")

@@ -111,12 +111,12 @@ def fit(model, params, data: Dataset, teacher, cfg: TrainConfig, epochs: int, lr
     return {"seconds": seconds, "samples": seen, "records": records}
 
 
-def make_teacher(model: nn.Module, data: Dataset, cfg: TrainConfig, cache_dir):
+def make_teacher(model: nn.Module, data: Dataset, cfg: TrainConfig, cache_dir, progress=None):
     """Cached logits when the inputs are the same every epoch, else the live model."""
     if cfg.augment or cfg.teacher_logits == "live":
         return LiveTeacher(model)
     device = next(model.parameters()).device
-    return CachedTeacher.build(model, data.train_x, cache_dir, device=device).to(device)
+    return CachedTeacher.build(model, data.train_x, cache_dir, device=device, progress=progress).to(device)
 
 
 def attach_learned(model: nn.Module, data: Dataset, teacher, cfg: TrainConfig, init: str) -> None:
@@ -154,13 +154,12 @@ def train(student: nn.Module, data: Dataset, cfg: TrainConfig, teacher: nn.Modul
     student.to(device)
     if cfg.needs_teacher and teacher is None:
         raise QDistillError(f"method {cfg.method} needs a teacher")
-    teacher_fn = None
     if teacher is not None and method.distill:
         teacher.to(device)
         check_compatible(teacher, student, data.train_x[:2].to(device))
-        teacher_fn = make_teacher(teacher, data, cfg, cache_dir)
     history, seconds, samples = [], 0.0, 0
     with make_progress(quiet) as progress:
+        teacher_fn = make_teacher(teacher, data, cfg, cache_dir, progress) if teacher is not None and method.distill else None
         if method.quantizer == "uniform":
             attach(student, cfg.make_quantizer("uniform"), **cfg.select_kwargs())
         if method.trains == "weights":
@@ -170,7 +169,7 @@ def train(student: nn.Module, data: Dataset, cfg: TrainConfig, teacher: nn.Modul
             seconds, samples = seconds + out["seconds"], samples + out["samples"]
         if method.quantizer == "learned" or method.then == "dq":
             if cfg.dq_teacher == "self":  # the full-precision version of this very model
-                teacher_fn = make_teacher(detach(copy.deepcopy(student), keep_quantized=False), data, cfg, cache_dir)
+                teacher_fn = make_teacher(detach(copy.deepcopy(student), keep_quantized=False), data, cfg, cache_dir, progress)
             # Points are learned for the model as it stands: a quantized model is baked to its levels first,
             # so each weight keeps its level and the points move the levels. (Learning them over the shadow
             # weights of qd instead reassigns the many weights that training left near a decision boundary:
