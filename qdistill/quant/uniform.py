@@ -45,13 +45,13 @@ class UniformQuantizer(Quantizer):
     def extra_repr(self) -> str:
         return f"bits={self.bits}, bucket={self.bucket}, stochastic={self.stochastic}"
 
-    def levels(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def levels(self, w: torch.Tensor, stochastic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Level index of every value (bucketed layout) and each bucket's min and max."""
         b = to_buckets(w.detach(), self.bucket)
         lo, hi, alpha = bucket_range(b)
         top = 2**self.bits - 1
         x = (b - lo).mul_(top / alpha)  # (v - beta) / alpha * (s - 1), in place: this is the hot path
-        if self.stochastic and self.training:
+        if stochastic:
             floor = x.floor()
             x = floor.add_(torch.rand_like(x) < x.sub_(floor)).clamp_(0, top)
         else:
@@ -59,12 +59,13 @@ class UniformQuantizer(Quantizer):
         return x.long(), lo, hi
 
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
-        idx, lo, hi = self.levels(w)
+        idx, lo, hi = self.levels(w, stochastic=self.stochastic and self.training)
         return from_buckets(dequantize(self.points.to(w.device)[idx], lo, hi), w)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return _StraightThrough.apply(w, self)
 
     def encode(self, w: torch.Tensor) -> Encoded:
+        """The shipped form: always rounded to nearest, as in evaluation, whatever the module's mode."""
         idx, lo, hi = self.levels(w)
         return Encoded(from_buckets(idx, w), lo.view(-1), hi.view(-1), self.points.cpu(), self.bits)

@@ -33,6 +33,15 @@ def test_round_trip_predicts_identically(tmp_path, quantizer):
         assert torch.equal(loaded.get_submodule(module).get_parameter(param), getattr(model.get_submodule(module), param))
 
 
+def test_stochastic_rounding_model_packs_its_evaluation_weights(tmp_path):
+    model = quantized_model(quantizer=UniformQuantizer(2, 256, stochastic=True)).train()  # left in training mode
+    path = save_packed(model, model_spec("tiny"), tmp_path / "m.safetensors")
+    loaded = load_packed(path)[0]
+    x = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+
+
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_4bit_file_within_2_percent_of_theory(tmp_path, preset):
     path = save_packed(quantized_model(preset), model_spec(preset), tmp_path / "m.safetensors")
