@@ -154,12 +154,13 @@ def train(student: nn.Module, data: Dataset, cfg: TrainConfig, teacher: nn.Modul
     student.to(device)
     if cfg.needs_teacher and teacher is None:
         raise QDistillError(f"method {cfg.method} needs a teacher")
-    if teacher is not None and method.distill:
+    use_teacher = teacher is not None and method.distill
+    if use_teacher:
         teacher.to(device)
         check_compatible(teacher, student, data.train_x[:2].to(device))
     history, seconds, samples = [], 0.0, 0
     with make_progress(quiet) as progress:
-        teacher_fn = make_teacher(teacher, data, cfg, cache_dir, progress) if teacher is not None and method.distill else None
+        teacher_fn = make_teacher(teacher, data, cfg, cache_dir, progress) if use_teacher else None
         if method.quantizer == "uniform":
             attach(student, cfg.make_quantizer("uniform"), **cfg.select_kwargs())
         if method.trains == "weights":
