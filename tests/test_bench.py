@@ -52,3 +52,35 @@ def test_accuracy_table_smoke(tmp_path):
     assert [r["method"] for r in summary] == ["fp", "kd", "ptq (global)", "ptq", "qat", "qd", "qd (from kd)", "dq", "qd+dq"]
     accuracy.plot(summary, tmp_path / "a.png", "smoke")
     assert (tmp_path / "a.png").stat().st_size > 0
+
+
+def test_ablation_variant_parsing():
+    ablation = load("ablation")
+    assert ablation.parse_variant("qd from kd, T=4: init=kd, temperature=4, scale=mse") == (
+        "qd from kd, T=4",
+        {"init": "kd", "temperature": 4, "scale": "mse"},
+    )
+    assert ablation.parse_variant("qd") == ("qd", {})
+    with pytest.raises(SystemExit, match="is not key=value"):
+        ablation.parse_variant("bad: epochs")
+
+
+def test_ablation_smoke(tmp_path):
+    from qdistill.data.fashion_mnist import DEBIAN_DIR, _find
+
+    if _find(DEBIAN_DIR) is None:
+        pytest.skip("Fashion-MNIST not installed")
+    from qdistill.models import build_model, model_spec, save_checkpoint
+    from qdistill.train import TrainConfig
+
+    ablation = load("ablation")
+    data_args = {"dataset": "fashion-mnist", "data_dir": None, "train_subset": 256, "test_subset": 128, "student": "tiny"}
+    paths = {"teacher": str(tmp_path / "t.safetensors"), "kd0": str(tmp_path / "kd0.safetensors")}
+    save_checkpoint(build_model(model_spec("resnet-small")), model_spec("resnet-small"), paths["teacher"])
+    base = TrainConfig(epochs=1, bits=2).to_dict()
+    rows = [ablation.run_one("kd", {"method": "kd"}, 0, base, paths, data_args, threads=2)]
+    for label, changes in (("qd", {}), ("mse from kd", {"init": "kd", "scale": "mse"})):
+        rows.append(ablation.run_one(label, changes, 0, base, paths, data_args, threads=2))
+    summary = ablation.summarize(rows, ["kd", "qd", "mse from kd"])
+    assert [(r["variant"], r["bits"]) for r in summary] == [("kd", 32), ("qd", 2), ("mse from kd", 2)]
+    assert summary[1]["vs_baseline"] == 0 and summary[0]["vs_baseline"] is None

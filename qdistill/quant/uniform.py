@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from qdistill.errors import QDistillError
 from qdistill.quant.base import (
+    MIN_RANGE,
     Encoded,
     Quantizer,
     bucket_range,
@@ -28,35 +30,70 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
+SCALES = ("minmax", "mse")
+# Shrink factors tried by scale="mse", 1 first so that a tie keeps the paper's min-max range.
+CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4)
+
+
+def clipped_range(b: torch.Tensor, bits: int, factors=CLIP_FACTORS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per bucket, the min-max range shrunk about its midpoint by the factor with the least squared error.
+
+    With few levels the extremes of a bucket waste most of them (at 2 bits, min-max puts the inner
+    levels near +-0.9 sigma of a Gaussian, the optimum is near +-0.5 sigma); values outside the
+    shrunk range go to the end levels. One factor at a time, so memory stays at one copy of `b`.
+    """
+    lo, hi, _ = bucket_range(b)
+    mid, half = (lo + hi) / 2, (hi - lo) / 2
+    top = 2**bits - 1
+    best_err = best_lo = best_hi = None
+    for c in factors:
+        c_lo, c_hi = (lo, hi) if c == 1 else (mid - c * half, mid + c * half)  # exact min-max at 1
+        alpha = (c_hi - c_lo).clamp_min(MIN_RANGE)
+        x = (b - c_lo).mul_(top / alpha).round_().clamp_(0, top).div_(top)
+        err = torch.lerp(c_lo, c_hi, x).sub_(b).square_().sum(1, keepdim=True)
+        if best_err is None:
+            best_err, best_lo, best_hi = err, c_lo, c_hi
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo, best_hi = torch.where(better, c_lo, best_lo), torch.where(better, c_hi, best_hi)
+    alpha = best_hi - best_lo
+    return best_lo, best_hi, torch.where(alpha < MIN_RANGE, torch.ones_like(alpha), alpha)
+
+
 class UniformQuantizer(Quantizer):
     """``b`` bits, buckets of ``bucket`` consecutive values (None: one per tensor), nearest or stochastic rounding.
 
     Stochastic rounding is used only in training mode; evaluation and export round to nearest,
-    so the shipped model is deterministic.
+    so the shipped model is deterministic. ``scale="minmax"`` is the paper's per-bucket range;
+    ``scale="mse"`` clips it to the range of least squared error (`clipped_range`), stored the same way.
     """
 
-    def __init__(self, bits: int = 4, bucket: int | None = 256, stochastic: bool = False):
+    def __init__(self, bits: int = 4, bucket: int | None = 256, stochastic: bool = False, scale: str = "minmax"):
         super().__init__()
         self.bits = check_bits(bits)
         self.bucket = check_bucket(bucket)
+        if scale not in SCALES:
+            raise QDistillError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
         self.stochastic = stochastic
+        self.scale = scale
         self.register_buffer("points", torch.arange(2**bits, dtype=torch.float32) / (2**bits - 1), persistent=False)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, bucket={self.bucket}, stochastic={self.stochastic}"
+        return f"bits={self.bits}, bucket={self.bucket}, stochastic={self.stochastic}, scale={self.scale}"
 
     def levels(self, w: torch.Tensor, stochastic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Level index of every value (bucketed layout) and each bucket's min and max."""
+        """Level index of every value (bucketed layout) and each bucket's range (min and max of the levels)."""
         b = to_buckets(w.detach(), self.bucket)
-        lo, hi, alpha = bucket_range(b)
+        lo, hi, alpha = bucket_range(b) if self.scale == "minmax" else clipped_range(b, self.bits)
         top = 2**self.bits - 1
         x = (b - lo).mul_(top / alpha)  # (v - beta) / alpha * (s - 1), in place: this is the hot path
         if stochastic:
             floor = x.floor()
-            x = floor.add_(torch.rand_like(x) < x.sub_(floor)).clamp_(0, top)
+            x = floor.add_(torch.rand_like(x) < x.sub_(floor))
         else:
-            x = x.round_()  # in [0, s - 1] already: v lies between its bucket's min and max
-        return x.long(), lo, hi
+            x = x.round_()
+        return x.clamp_(0, top).long(), lo, hi  # the clamp matters only for a clipped range
 
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
         idx, lo, hi = self.levels(w, stochastic=self.stochastic and self.training)

@@ -11,6 +11,7 @@ import yaml
 from qdistill.distill.loss import check_kd_params
 from qdistill.errors import QDistillError
 from qdistill.quant import LearnedPointsQuantizer, Quantizer, UniformQuantizer
+from qdistill.quant.uniform import SCALES
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class TrainConfig:
     bits: int = 4
     bucket: int | None = 256
     stochastic: bool = False
+    scale: str = "minmax"  # minmax (the paper) or mse: each bucket's range clipped to the least squared error
     keep_first_last: bool = False
     include: list[str] = field(default_factory=list)  # glob patterns on tensor names; empty = all default layer types
     exclude: list[str] = field(default_factory=list)
@@ -91,6 +93,7 @@ class TrainConfig:
         if self.weight_decay < 0:
             raise QDistillError(f"weight_decay must be non-negative, got {self.weight_decay}")
         choices = {
+            "scale": SCALES,
             "schedule": ("onecycle", "cosine", "constant"),
             "teacher_logits": ("cached", "live"),
             "points_init": ("quantile", "uniform"),
@@ -112,7 +115,7 @@ class TrainConfig:
 
     def make_quantizer(self, kind: str, init: str | None = None) -> Quantizer:
         if kind == "uniform":
-            return UniformQuantizer(self.bits, self.bucket, self.stochastic)
+            return UniformQuantizer(self.bits, self.bucket, self.stochastic, self.scale)
         return LearnedPointsQuantizer(self.bits, self.bucket, init or self.points_init)
 
     def select_kwargs(self) -> dict:

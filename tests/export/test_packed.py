@@ -16,7 +16,7 @@ def quantized_model(preset="tiny", quantizer=None, seed=0):
     return model.eval()
 
 
-ROUND_TRIP = [UniformQuantizer(4, 256), UniformQuantizer(2, None), UniformQuantizer(3, 100), LearnedPointsQuantizer(2, 64), LearnedPointsQuantizer(2, 64, n_points=5)]
+ROUND_TRIP = [UniformQuantizer(4, 256), UniformQuantizer(2, None), UniformQuantizer(2, 256, scale="mse"), UniformQuantizer(3, 100), LearnedPointsQuantizer(2, 64), LearnedPointsQuantizer(2, 64, n_points=5)]
 
 
 @pytest.mark.parametrize("quantizer", ROUND_TRIP)

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from qdistill import QDistillError, UniformQuantizer
 from qdistill.quant.base import to_buckets
+from qdistill.quant.uniform import SCALES
 
 shapes = st.sampled_from([(7,), (3, 5), (16, 33), (4, 3, 3, 3), (2, 300), (513,)])
 
@@ -65,6 +66,29 @@ def test_stochastic_rounding_is_unbiased_and_only_in_training():
     assert abs(mean - 0.3) < 0.02  # 0.3 goes to 1 with probability 0.3
     q.eval()
     assert torch.equal(q(w)[2:], torch.zeros(20000))  # nearest at evaluation
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=shapes, bits=st.integers(1, 8), bucket=st.sampled_from([None, 5, 16, 256]), seed=st.integers(0, 10_000))
+def test_mse_scale_is_never_worse_per_bucket_and_stays_in_range(shape, bits, bucket, seed):
+    w = rand(shape, seed)
+    err = {s: to_buckets(UniformQuantizer(bits, bucket, scale=s).eval()(w) - w, bucket).square().sum(1) for s in SCALES}
+    assert torch.all(err["mse"] <= err["minmax"] * (1 + 1e-5) + 1e-12)  # min-max is one of the candidates
+    idx, lo, hi = UniformQuantizer(bits, bucket, scale="mse").levels(w)
+    assert idx.min() >= 0 and idx.max() < 2**bits
+    bw = to_buckets(w, bucket)
+    assert torch.all(lo >= bw.amin(1, keepdim=True)) and torch.all(hi <= bw.amax(1, keepdim=True))
+
+
+def test_mse_scale_clips_gaussian_buckets_at_2_bits():
+    w = torch.randn(256 * 200, generator=torch.Generator().manual_seed(0))
+    mse = {s: (UniformQuantizer(2, 256, scale=s)(w) - w).square().mean().item() for s in SCALES}
+    assert mse["mse"] < 0.6 * mse["minmax"]  # the outer levels move in from the extremes
+
+
+def test_unknown_scale():
+    with pytest.raises(QDistillError, match="scale must be one of minmax, mse"):
+        UniformQuantizer(2, 256, scale="max")
 
 
 def test_straight_through_gradient():
