@@ -1,12 +1,13 @@
 """Measure what an option buys: variants of a method against the same baseline, seeds and full-precision target.
 
 A variant is ``"label: key=value, key=value"``: TrainConfig overrides (the method defaults to qd), plus
-``init=kd`` to start from the kd weights of the same seed. Per seed, kd is trained first (the goal:
-a low-bit student as good as its full-precision distilled twin), then every variant. The first variant
-is the baseline the gains are measured against. Writes bench/results/ablation-<tag>.{json,md}.
+``init=LABEL`` to start from the weights, same seed, of kd or of a full-precision (fp or kd) variant.
+Per seed, kd is trained first (the goal: a low-bit student as good as its full-precision distilled
+twin), then the variants that others start from, then the rest. The first variant is the baseline
+the gains are measured against. Writes bench/results/ablation-<tag>.{json,md}.
 
     python bench/ablation.py --tag 2bit --bits 2 --variant "qd" --variant "qd, mse scale: scale=mse" \\
-        --variant "qd from kd: init=kd"
+        --variant "qd from kd: init=kd" --variant "fp: method=fp" --variant "qat from fp: method=qat, init=fp"
 """
 
 from __future__ import annotations
@@ -45,18 +46,19 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 
 def run_one(label: str, changes: dict, seed: int, base: dict, paths: dict, data_args: dict, threads: int) -> dict:
-    """Train one variant for one seed in its own process; kd is the variant that writes the seed's kd weights."""
+    """Train one variant for one seed in its own process; a full-precision variant leaves its weights for `init`."""
     torch.set_num_threads(threads)
     data = load_dataset(data_args["dataset"], data_args["data_dir"]).subset(data_args["train_subset"], data_args["test_subset"])
     teacher = load_checkpoint(paths["teacher"])[0]
     changes = dict(changes)
-    init = load_checkpoint(paths[f"kd{seed}"])[0] if changes.pop("init", None) == "kd" else None
+    init_label = changes.pop("init", None)
+    init = load_checkpoint(paths[(init_label, seed)])[0] if init_label else None
     cfg = TrainConfig.from_dict({**base, "method": "qd", **changes, "seed": seed})
     spec = model_spec(data_args["student"], data.train_x.shape[1], data.num_classes)
     with tempfile.TemporaryDirectory() as tmp:
         row, model = run_method(label, spec, data, cfg, Path(tmp), teacher=teacher, init=init, quiet=True)
-    if label == "kd":
-        save_checkpoint(model, spec, paths[f"kd{seed}"])
+    if (label, seed) in paths:
+        save_checkpoint(model, spec, paths[(label, seed)])
     return {**row, "variant": label, "seed": seed}
 
 
@@ -106,8 +108,13 @@ def main() -> None:
     if len(set(labels)) != len(labels):
         raise SystemExit("variant labels must be distinct and not 'kd'")
     base = TrainConfig(epochs=args.epochs, bits=args.bits)
-    for label, changes in variants:  # fail before any training on a bad key or value
-        TrainConfig.from_dict({**base.to_dict(), "method": "qd", **{k: v for k, v in changes.items() if k != "init"}})
+    methods = {"kd": "kd"}
+    for label, changes in variants:  # fail before any training on a bad key, value or init
+        cfg = TrainConfig.from_dict({**base.to_dict(), "method": "qd", **{k: v for k, v in changes.items() if k != "init"}})
+        if changes.get("init") is not None and methods.get(changes["init"]) not in ("fp", "kd"):
+            raise SystemExit(f"variant {label!r}: init={changes['init']} must name kd or an earlier fp/kd variant")
+        methods[label] = cfg.method
+    sources = {"kd"} | {changes["init"] for _, changes in variants if changes.get("init")}
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     card = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
@@ -117,14 +124,16 @@ def main() -> None:
     data_args = {"dataset": args.dataset, "data_dir": args.data_dir, "train_subset": args.train_subset, "test_subset": args.test_subset, "student": args.student}
     threads = max(1, torch.get_num_threads() // args.workers)
     with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(args.workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
-        paths = {"teacher": str(Path(tmp) / "teacher.safetensors"), **{f"kd{s}": str(Path(tmp) / f"kd{s}.safetensors") for s in args.seeds}}
+        paths = {"teacher": str(Path(tmp) / "teacher.safetensors")}
+        paths |= {(label, s): str(Path(tmp) / f"init-{i}-{s}.safetensors") for i, label in enumerate(sorted(sources)) for s in args.seeds}
         save_checkpoint(teacher, model_spec(args.teacher, data.train_x.shape[1], data.num_classes), paths["teacher"])
 
         def run_all(jobs):
             return list(pool.map(run_one, *zip(*jobs), *([x] * len(jobs) for x in (base.to_dict(), paths, data_args, threads))))
 
-        rows = run_all([("kd", {"method": "kd"}, s) for s in args.seeds])
-        rows += run_all([(label, changes, s) for label, changes in variants for s in args.seeds])
+        first = [("kd", {"method": "kd"})] + [v for v in variants if v[0] in sources]
+        rows = run_all([(label, changes, s) for label, changes in first for s in args.seeds])
+        rows += run_all([(label, changes, s) for label, changes in variants if label not in sources for s in args.seeds])
     seconds = time.perf_counter() - start
     summary = summarize(rows, labels)
     setup = (

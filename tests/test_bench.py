@@ -21,7 +21,7 @@ def load(name):
 def test_speed_student_ratios():
     speed = load("speed")
     row = speed.student_ratios("tiny", torch.device("cpu"), batch=4, steps=1)
-    for key in ("qd_cached_over_fp", "dq_over_qd", "live_over_cached"):
+    for key in ("qd_cached_over_fp", "dq_over_qd", "live_over_cached", "qd_mse_over_fp"):
         assert row[key] > 0
 
 
@@ -75,7 +75,7 @@ def test_ablation_smoke(tmp_path):
 
     ablation = load("ablation")
     data_args = {"dataset": "fashion-mnist", "data_dir": None, "train_subset": 256, "test_subset": 128, "student": "tiny"}
-    paths = {"teacher": str(tmp_path / "t.safetensors"), "kd0": str(tmp_path / "kd0.safetensors")}
+    paths = {"teacher": str(tmp_path / "t.safetensors"), ("kd", 0): str(tmp_path / "kd0.safetensors")}
     save_checkpoint(build_model(model_spec("resnet-small")), model_spec("resnet-small"), paths["teacher"])
     base = TrainConfig(epochs=1, bits=2).to_dict()
     rows = [ablation.run_one("kd", {"method": "kd"}, 0, base, paths, data_args, threads=2)]

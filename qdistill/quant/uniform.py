@@ -35,30 +35,30 @@ SCALES = ("minmax", "mse")
 CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4)
 
 
-def clipped_range(b: torch.Tensor, bits: int, factors=CLIP_FACTORS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def clipped_range(b: torch.Tensor, bits: int, factors=CLIP_FACTORS, max_elements: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per bucket, the min-max range shrunk about its midpoint by the factor with the least squared error.
 
     With few levels the extremes of a bucket waste most of them (at 2 bits, min-max puts the inner
     levels near +-0.9 sigma of a Gaussian, the optimum is near +-0.5 sigma); values outside the
-    shrunk range go to the end levels. One factor at a time, so memory stays at one copy of `b`.
+    shrunk range go to the end levels. All factors are tried in one batch of kernels (a GPU step
+    of a small model is bound by kernel launches), in chunks of at most `max_elements` values.
     """
     lo, hi, _ = bucket_range(b)
     mid, half = (lo + hi) / 2, (hi - lo) / 2
+    c = torch.tensor(factors, dtype=b.dtype, device=b.device).view(-1, 1, 1)
+    c_lo = torch.where(c == 1, lo, mid - c * half)  # [factors, buckets, 1]; exact min-max at 1
+    c_hi = torch.where(c == 1, hi, mid + c * half)
     top = 2**bits - 1
-    best_err = best_lo = best_hi = None
-    for c in factors:
-        c_lo, c_hi = (lo, hi) if c == 1 else (mid - c * half, mid + c * half)  # exact min-max at 1
-        alpha = (c_hi - c_lo).clamp_min(MIN_RANGE)
-        x = (b - c_lo).mul_(top / alpha).round_().clamp_(0, top).div_(top)
-        err = torch.lerp(c_lo, c_hi, x).sub_(b).square_().sum(1, keepdim=True)
-        if best_err is None:
-            best_err, best_lo, best_hi = err, c_lo, c_hi
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_lo, best_hi = torch.where(better, c_lo, best_lo), torch.where(better, c_hi, best_hi)
-    alpha = best_hi - best_lo
-    return best_lo, best_hi, torch.where(alpha < MIN_RANGE, torch.ones_like(alpha), alpha)
+    chunk = max(1, max_elements // max(1, b.numel()))
+    errors = []
+    for i in range(0, len(factors), chunk):
+        l, h = c_lo[i : i + chunk], c_hi[i : i + chunk]
+        x = (b - l).mul_(top / (h - l).clamp_min(MIN_RANGE)).round_().clamp_(0, top).div_(top)
+        errors.append(torch.lerp(l, h, x).sub_(b).square_().sum(-1, keepdim=True))
+    best = torch.cat(errors).argmin(0, keepdim=True)  # the first of equal errors: factor 1 wins ties
+    lo, hi = c_lo.gather(0, best)[0], c_hi.gather(0, best)[0]
+    alpha = hi - lo
+    return lo, hi, torch.where(alpha < MIN_RANGE, torch.ones_like(alpha), alpha)
 
 
 class UniformQuantizer(Quantizer):

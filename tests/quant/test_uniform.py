@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from qdistill import QDistillError, UniformQuantizer
 from qdistill.quant.base import to_buckets
-from qdistill.quant.uniform import SCALES
+from qdistill.quant.uniform import SCALES, clipped_range
 
 shapes = st.sampled_from([(7,), (3, 5), (16, 33), (4, 3, 3, 3), (2, 300), (513,)])
 
@@ -84,6 +84,12 @@ def test_mse_scale_clips_gaussian_buckets_at_2_bits():
     w = torch.randn(256 * 200, generator=torch.Generator().manual_seed(0))
     mse = {s: (UniformQuantizer(2, 256, scale=s)(w) - w).square().mean().item() for s in SCALES}
     assert mse["mse"] < 0.6 * mse["minmax"]  # the outer levels move in from the extremes
+
+
+def test_mse_scale_chunked_search_gives_the_same_ranges():
+    b = to_buckets(torch.randn(256 * 30, generator=torch.Generator().manual_seed(1)), 256)
+    whole, chunked = clipped_range(b, 2), clipped_range(b, 2, max_elements=1000)  # one factor at a time
+    assert all(torch.equal(x, y) for x, y in zip(whole, chunked))
 
 
 def test_unknown_scale():
