@@ -1,10 +1,11 @@
 """Paper-style accuracy table on Fashion-MNIST: teacher, students, every method, several bit widths and seeds.
 
-For each (student, seed) one chain runs fp and kd, then per bit width ptq (bucket 256 and global, from fp),
-qat, qd, qd started from the kd weights, dq (points learned on the kd weights) and qd+dq (points
-fine-tuned after qd). Every method of a
-student uses the same epochs and schedule. Chains run in parallel processes (--workers): small students
-leave a big GPU mostly idle. Writes bench/results/accuracy-<tag>.{json,md,png}.
+For each (student, seed): fp and kd, then per bit width ptq (bucket 256 and global, from fp), qat, qd,
+the improved recipe for both (`pipeline.improved_recipe`: qat from fp, qd from kd, clipped ranges, T = 1),
+dq (points learned on the kd weights) and qd+dq (points fine-tuned after qd). Every method of a student
+uses the same epochs and schedule. Jobs, one per (student, seed) for fp and kd, then one per (student,
+seed, bit width), run in parallel processes (--workers): small students leave a big GPU mostly idle.
+Writes bench/results/accuracy-<tag>.{json,md,png}.
 
     python bench/accuracy.py                                  # full table (meant for a GPU)
     python bench/accuracy.py --students tiny --bits 4 2 --seeds 0 --epochs 1 --train-subset 5000   # CPU-sized
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -29,23 +31,31 @@ import torch  # noqa: E402
 
 from qdistill.data import load_dataset  # noqa: E402
 from qdistill.models import count_parameters, load_checkpoint, model_spec, save_checkpoint  # noqa: E402
-from qdistill.pipeline import compare_methods, get_teacher  # noqa: E402
+from qdistill.distill import CachedTeacher  # noqa: E402
+from qdistill.pipeline import cache_dir, compare_at_bits, get_teacher, train_references  # noqa: E402
 from qdistill.report import markdown_table  # noqa: E402
 from qdistill.train import TrainConfig, evaluate  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-ORDER = ["fp", "kd", "ptq (global)", "ptq", "qat", "qd", "qd (from kd)", "dq", "qd+dq"]
+ORDER = ["fp", "kd", "ptq (global)", "ptq", "qat", "qd", "qat (from fp, mse)", "qd (from kd, mse, T 1)", "dq", "qd+dq"]
 
 
-def run_chain(student: str, seed: int, bits: list[int], base: dict, teacher_path: str, data_args: dict, threads: int) -> list[dict]:
-    """All methods for one student and seed, in one process."""
+def run_job(student: str, seed: int, bits: int | None, base: dict, paths: dict, data_args: dict, threads: int) -> list[dict]:
+    """One process's share: fp and kd of (student, seed) when `bits` is None (their weights saved to
+    `paths`), else every low-bit method at `bits`, starting from those weights where a method does."""
     torch.set_num_threads(threads)
     data = load_dataset(data_args["dataset"], data_args["data_dir"]).subset(data_args["train_subset"], data_args["test_subset"])
-    teacher = load_checkpoint(teacher_path)[0]
+    teacher = load_checkpoint(paths["teacher"])[0]
     cfg = TrainConfig.from_dict(base).replace(seed=seed)
     spec = model_spec(student, data.train_x.shape[1], data.num_classes)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = compare_methods(spec, data, cfg, Path(tmp), teacher, bits, warm_start=True, quiet=True)
+        if bits is None:
+            rows, fp, kd = train_references(spec, data, cfg, Path(tmp), teacher, quiet=True)
+            save_checkpoint(fp, spec, paths[("fp", student, seed)])
+            save_checkpoint(kd, spec, paths[("kd", student, seed)])
+        else:
+            fp, kd = (load_checkpoint(paths[(m, student, seed)])[0] for m in ("fp", "kd"))
+            rows = compare_at_bits(spec, data, cfg, Path(tmp), teacher, bits, fp, kd, improved=True, quiet=True)
     return [{**row, "student": student, "seed": seed} for row in rows]
 
 
@@ -112,7 +122,7 @@ def main() -> None:
     p.add_argument("--teacher", default="resnet")
     p.add_argument("--teacher-epochs", type=int, default=10)
     p.add_argument("--augment", action="store_true", help="augment the data (forces a live teacher)")
-    p.add_argument("--workers", type=int, default=1, help="chains run in parallel processes")
+    p.add_argument("--workers", type=int, help="parallel processes (default: 12 on a GPU, one per CPU core otherwise)")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir")
     p.add_argument("--train-subset", type=int)
@@ -130,18 +140,22 @@ def main() -> None:
     base = TrainConfig(epochs=args.epochs, dq_epochs=args.dq_epochs, augment=args.augment)
     teacher = get_teacher(data, args.teacher, base.replace(method="fp", epochs=args.teacher_epochs), quiet=True)
     teacher_acc = evaluate(teacher, data.test_x, data.test_y)
-    with tempfile.TemporaryDirectory() as tmp:
-        teacher_path = str(Path(tmp) / "teacher.safetensors")
-        save_checkpoint(teacher, model_spec(args.teacher, data.train_x.shape[1], data.num_classes), teacher_path)
-        data_args = {"dataset": args.dataset, "data_dir": args.data_dir, "train_subset": args.train_subset, "test_subset": args.test_subset}
-        jobs = [(s, seed, args.bits, base.to_dict(), teacher_path, data_args) for s in args.students for seed in args.seeds]
-        threads = max(1, torch.get_num_threads() // max(1, args.workers))
-        if args.workers > 1:
-            with ProcessPoolExecutor(args.workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
-                chains = list(pool.map(run_chain, *zip(*jobs), [threads] * len(jobs)))
-        else:
-            chains = [run_chain(*job, threads) for job in jobs]
-    rows = [r for chain in chains for r in chain]
+    if not args.augment:  # the logit cache is filled once, before the workers look it up
+        CachedTeacher.build(teacher.to(device), data.train_x, cache_dir() / "logits", device=device)
+    workers = args.workers or (min(12, os.cpu_count() or 1) if device == "cuda" else os.cpu_count() or 1)
+    data_args = {"dataset": args.dataset, "data_dir": args.data_dir, "train_subset": args.train_subset, "test_subset": args.test_subset}
+    threads = max(1, torch.get_num_threads() // workers)
+    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
+        paths = {"teacher": str(Path(tmp) / "teacher.safetensors")}
+        paths |= {(m, s, seed): str(Path(tmp) / f"{m}-{s}-{seed}.safetensors") for m in ("fp", "kd") for s in args.students for seed in args.seeds}
+        save_checkpoint(teacher, model_spec(args.teacher, data.train_x.shape[1], data.num_classes), paths["teacher"])
+
+        def run_all(jobs):
+            shared = [[x] * len(jobs) for x in (base.to_dict(), paths, data_args, threads)]
+            return [row for rows in pool.map(run_job, *zip(*jobs), *shared) for row in rows]
+
+        rows = run_all([(s, seed, None) for s in args.students for seed in args.seeds])
+        rows += run_all([(s, seed, b) for s in args.students for seed in args.seeds for b in args.bits])
     seconds = time.perf_counter() - start
     setup = (
         f"{card}; teacher {args.teacher} ({count_parameters(teacher):,} params, {args.teacher_epochs} epochs) {teacher_acc:.2f}%; "

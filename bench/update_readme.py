@@ -9,7 +9,9 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 def section() -> str:
     parts = []
-    for md in sorted((ROOT / "bench" / "results").glob("*.md")):
+    kinds = ["accuracy", "ablation", "speed"]  # the table first, then what each option buys, then the ratios
+    files = sorted((ROOT / "bench" / "results").glob("*.md"), key=lambda p: (kinds.index(p.stem.split("-")[0]) if p.stem.split("-")[0] in kinds else 9, p.name))
+    for md in files:
         body = re.sub(r"^# ", "### ", md.read_text().strip(), count=1)  # nest under the README's heading
         body = re.sub(r"\]\((?!https?:)([^)]+)\)", r"](bench/results/\1)", body)  # links relative to the root
         parts.append(body)

@@ -106,6 +106,58 @@ def run_method(
     return row, result.model
 
 
+def improved_recipe(cfg: TrainConfig) -> TrainConfig:
+    """The options that paid in bench/ablation.py (bench/results/ablation-*.md), on top of `cfg`.
+
+    Start from the trained full-precision student (fp for qat, kd for qd; `init` of run_method),
+    clip each bucket's range to the least squared error (scale=mse) and, when distilling, use T = 1.
+    """
+    return cfg.replace(scale="mse", temperature=1.0 if cfg.spec.distill else cfg.temperature)
+
+
+def train_references(spec: dict, data: Dataset, base: TrainConfig, run_dir: Path, teacher: nn.Module, quiet: bool = False):
+    """fp and kd: the full-precision students the low-bit rows are measured against (and start from)."""
+    fp_row, fp = run_method("fp", spec, data, base.replace(method="fp"), run_dir, quiet=quiet)
+    kd_row, kd = run_method("kd", spec, data, base.replace(method="kd"), run_dir, teacher=teacher, quiet=quiet)
+    return [fp_row, kd_row], fp, kd
+
+
+def compare_at_bits(
+    spec: dict,
+    data: Dataset,
+    base: TrainConfig,
+    run_dir: Path,
+    teacher: nn.Module,
+    bits: int,
+    fp: nn.Module,
+    kd: nn.Module,
+    improved: bool = False,
+    quiet: bool = False,
+) -> list[dict]:
+    """Every low-bit method at one bit width: ptq with buckets and global (from the fp weights), qat, qd,
+    optionally qat and qd with the improved recipe (from fp and from kd), dq (points learned on the kd
+    weights) and qd+dq (the qd run's points fine-tuned, starting from its own uniform levels)."""
+    rows = []
+
+    def run(label, cfg, init=None):
+        row, model = run_method(label, spec, data, cfg.replace(bits=bits), run_dir, teacher=teacher, init=init, quiet=quiet)
+        rows.append(row)
+        return model
+
+    run("ptq", base.replace(method="ptq"), init=fp)
+    run("ptq (global)", base.replace(method="ptq", bucket=None), init=fp)
+    run("qat", base.replace(method="qat"))
+    qd = run("qd", base.replace(method="qd"))
+    qd_seconds = rows[-1]["train_s"]
+    if improved:
+        run("qat (from fp, mse)", improved_recipe(base.replace(method="qat")), init=fp)
+        run("qd (from kd, mse, T 1)", improved_recipe(base.replace(method="qd")), init=kd)
+    run("dq", base.replace(method="dq"), init=kd)
+    run("qd+dq", base.replace(method="dq", points_init="uniform"), init=qd)
+    rows[-1]["train_s"] += qd_seconds
+    return rows
+
+
 def compare_methods(
     spec: dict,
     data: Dataset,
@@ -113,33 +165,11 @@ def compare_methods(
     run_dir: Path,
     teacher: nn.Module,
     bits: tuple[int, ...] | list[int],
-    warm_start: bool = False,
+    improved: bool = False,
     quiet: bool = False,
 ) -> list[dict]:
-    """Every method on one student with the same data and schedule; one row each.
-
-    fp and kd, then per bit width: ptq with buckets and global (from the fp weights), qat, qd,
-    optionally qd started from the kd weights, dq (points learned on the kd weights) and qd+dq
-    (the qd run's points fine-tuned, starting from its own uniform levels).
-    """
-    rows = []
-
-    def run(label, cfg, init=None):
-        row, model = run_method(label, spec, data, cfg, run_dir, teacher=teacher, init=init, quiet=quiet)
-        rows.append(row)
-        return model
-
-    fp = run("fp", base.replace(method="fp"))
-    kd = run("kd", base.replace(method="kd"))
+    """Every method on one student with the same data and schedule; one row each."""
+    rows, fp, kd = train_references(spec, data, base, run_dir, teacher, quiet)
     for b in bits:
-        run("ptq", base.replace(method="ptq", bits=b), init=fp)
-        run("ptq (global)", base.replace(method="ptq", bits=b, bucket=None), init=fp)
-        run("qat", base.replace(method="qat", bits=b))
-        qd = run("qd", base.replace(method="qd", bits=b))
-        qd_seconds = rows[-1]["train_s"]
-        if warm_start:
-            run("qd (from kd)", base.replace(method="qd", bits=b), init=kd)
-        run("dq", base.replace(method="dq", bits=b), init=kd)
-        run("qd+dq", base.replace(method="dq", bits=b, points_init="uniform"), init=qd)
-        rows[-1]["train_s"] += qd_seconds
+        rows += compare_at_bits(spec, data, base, run_dir, teacher, b, fp, kd, improved, quiet)
     return rows

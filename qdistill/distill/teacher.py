@@ -8,6 +8,7 @@ teacher's weights and of the data, and reused by every run.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -88,7 +89,7 @@ class CachedTeacher:
         logits = predict(model, x, device=device, progress=progress)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # parallel builders do not share a temporary file
             save_file({"logits": logits.contiguous()}, tmp)
             tmp.replace(path)
         return cls(logits)
