@@ -55,7 +55,7 @@ def run_job(student: str, seed: int, bits: int | None, base: dict, paths: dict, 
             save_checkpoint(kd, spec, paths[("kd", student, seed)])
         else:
             fp, kd = (load_checkpoint(paths[(m, student, seed)])[0] for m in ("fp", "kd"))
-            rows = compare_at_bits(spec, data, cfg, Path(tmp), teacher, bits, fp, kd, improved=True, quiet=True)
+            rows = compare_at_bits(spec, data, cfg, Path(tmp), teacher, bits, fp, kd, improved=("qat", "qd"), quiet=True)
     return [{**row, "student": student, "seed": seed} for row in rows]
 
 

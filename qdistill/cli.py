@@ -20,6 +20,7 @@ from qdistill.models import load_checkpoint, model_spec
 from qdistill.pipeline import new_run_dir, run_method
 from qdistill.report import RESULT_COLUMNS, markdown_table, plot_history
 from qdistill.train import METHODS, TrainConfig, evaluate, read_yaml
+from qdistill.train.config import CHOICES
 
 out = Console()
 
@@ -47,6 +48,8 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, action="append", default=None, metavar="GLOB", help=f"{f.name} tensors by name pattern (repeatable)")
         elif isinstance(default, bool):
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {default})")
+        elif f.name in CHOICES:
+            g.add_argument(flag, default=None, help=f"{' or '.join(CHOICES[f.name])} (default {default})")
         else:
             g.add_argument(flag, type=type(default), default=None, help=f"(default {default})")
 

@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def run_method(
     student = copy.deepcopy(init) if init is not None else build_model(spec)
     log = MetricsLog(run_dir / "metrics.jsonl")
     result = train(student, data, cfg, teacher=teacher, cache_dir=cache_dir() / "logits", log=lambda r: log({"run": label, "bits": cfg.bits, **r}), quiet=quiet)
-    name = label.replace(" ", "-").replace("(", "").replace(")", "").replace("+", "-") + (f"-{cfg.bits}b" if cfg.spec.quantizer else "")
+    name = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-") + (f"-{cfg.bits}b" if cfg.spec.quantizer else "")
     row = result_row(label, result, spec, run_dir, name, data)
     log({"run": label, "result": row})
     return row, result.model
@@ -131,12 +132,12 @@ def compare_at_bits(
     bits: int,
     fp: nn.Module,
     kd: nn.Module,
-    improved: bool = False,
+    improved: tuple[str, ...] = (),
     quiet: bool = False,
 ) -> list[dict]:
     """Every low-bit method at one bit width: ptq with buckets and global (from the fp weights), qat, qd,
-    optionally qat and qd with the improved recipe (from fp and from kd), dq (points learned on the kd
-    weights) and qd+dq (the qd run's points fine-tuned, starting from its own uniform levels)."""
+    the `improved` ones ("qat", "qd") again with the improved recipe (from fp and from kd), dq (points
+    learned on the kd weights) and qd+dq (the qd run's points fine-tuned, starting from its own levels)."""
     rows = []
 
     def run(label, cfg, init=None):
@@ -149,8 +150,9 @@ def compare_at_bits(
     run("qat", base.replace(method="qat"))
     qd = run("qd", base.replace(method="qd"))
     qd_seconds = rows[-1]["train_s"]
-    if improved:
+    if "qat" in improved:
         run("qat (from fp, mse)", improved_recipe(base.replace(method="qat")), init=fp)
+    if "qd" in improved:
         run("qd (from kd, mse, T 1)", improved_recipe(base.replace(method="qd")), init=kd)
     run("dq", base.replace(method="dq"), init=kd)
     run("qd+dq", base.replace(method="dq", points_init="uniform"), init=qd)
@@ -165,7 +167,7 @@ def compare_methods(
     run_dir: Path,
     teacher: nn.Module,
     bits: tuple[int, ...] | list[int],
-    improved: bool = False,
+    improved: tuple[str, ...] = (),
     quiet: bool = False,
 ) -> list[dict]:
     """Every method on one student with the same data and schedule; one row each."""

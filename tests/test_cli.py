@@ -48,7 +48,7 @@ def test_demo_writes_table_plots_and_models(tmp_path):
     args = ["demo", "--run-dir", str(run), "--epochs", "2", "--teacher-epochs", "1", "--bit-widths", "4", *SUBSET]
     assert main(args) == 0
     rows = json.loads((run / "results.json").read_text())["rows"]
-    assert {r["method"] for r in rows} >= {"fp", "kd", "ptq", "ptq (global)", "qat", "qd", "dq", "qd+dq"}
+    assert {r["method"] for r in rows} >= {"fp", "kd", "ptq", "ptq (global)", "qat", "qd", "qd (from kd, mse, T 1)", "dq", "qd+dq"}
     for name in ("report.md", "accuracy_vs_bits.png", "accuracy_vs_size.png", "metrics.jsonl"):
         assert (run / name).exists()
     qd = next(r for r in rows if r["method"] == "qd")

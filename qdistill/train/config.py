@@ -35,6 +35,17 @@ METHODS = {
 }
 
 
+# The allowed values of the string options.
+CHOICES = {
+    "scale": SCALES,
+    "schedule": ("onecycle", "cosine", "constant"),
+    "teacher_logits": ("cached", "live"),
+    "points_init": ("quantile", "uniform"),
+    "points_optimizer": ("sgd", "adam"),
+    "dq_teacher": ("teacher", "self"),
+}
+
+
 @dataclass
 class TrainConfig:
     method: str = "qd"
@@ -92,15 +103,7 @@ class TrainConfig:
             raise QDistillError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise QDistillError(f"weight_decay must be non-negative, got {self.weight_decay}")
-        choices = {
-            "scale": SCALES,
-            "schedule": ("onecycle", "cosine", "constant"),
-            "teacher_logits": ("cached", "live"),
-            "points_init": ("quantile", "uniform"),
-            "points_optimizer": ("sgd", "adam"),
-            "dq_teacher": ("teacher", "self"),
-        }
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise QDistillError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
