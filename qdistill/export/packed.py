@@ -2,7 +2,7 @@
 
 Tensors (few, so the safetensors header stays small next to the payload):
   indices  uint8    every quantized tensor's level indices, bit-packed, each tensor starting on a byte
-  scales   float32  per tensor, its buckets' min then max
+  scales   float32  per tensor, its buckets' lowest then highest level (min and max, or the clipped range)
   points   float32  the codebooks of learned-points tensors (uniform levels are i / (2**b - 1))
   fp.<dtype>        every tensor kept at full precision, concatenated per dtype
 Metadata "qdistill" (JSON): format version, model spec, per-tensor layout, and a SHA-256 over the rest.

@@ -83,26 +83,26 @@ class UniformQuantizer(Quantizer):
         return f"bits={self.bits}, bucket={self.bucket}, stochastic={self.stochastic}, scale={self.scale}"
 
     def levels(self, w: torch.Tensor, stochastic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Level index of every value (bucketed layout) and each bucket's range (min and max of the levels)."""
+        """Level of every value as a float in {0, ..., s - 1} (bucketed layout), and each bucket's lowest and highest level."""
         b = to_buckets(w.detach(), self.bucket)
         lo, hi, alpha = bucket_range(b) if self.scale == "minmax" else clipped_range(b, self.bits)
         top = 2**self.bits - 1
         x = (b - lo).mul_(top / alpha)  # (v - beta) / alpha * (s - 1), in place: this is the hot path
         if stochastic:
             floor = x.floor()
-            x = floor.add_(torch.rand_like(x) < x.sub_(floor))
-        else:
-            x = x.round_()
-        return x.clamp_(0, top).long(), lo, hi  # the clamp matters only for a clipped range
+            return floor.add_(torch.rand_like(x) < x.sub_(floor)).clamp_(0, top), lo, hi
+        x = x.round_()
+        return (x if self.scale == "minmax" else x.clamp_(0, top)), lo, hi  # min-max: v is inside its range already
 
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
-        idx, lo, hi = self.levels(w, stochastic=self.stochastic and self.training)
-        return from_buckets(dequantize(self.points.to(w.device)[idx], lo, hi), w)
+        x, lo, hi = self.levels(w, stochastic=self.stochastic and self.training)
+        # level / (s - 1) is bit for bit the stored point self.points[level]: no integer gather in the hot path
+        return from_buckets(dequantize(x.div_(2**self.bits - 1), lo, hi), w)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return _StraightThrough.apply(w, self)
 
     def encode(self, w: torch.Tensor) -> Encoded:
         """The shipped form: always rounded to nearest, as in evaluation, whatever the module's mode."""
-        idx, lo, hi = self.levels(w)
-        return Encoded(from_buckets(idx, w), lo.view(-1), hi.view(-1), self.points.cpu(), self.bits)
+        x, lo, hi = self.levels(w)
+        return Encoded(from_buckets(x.long(), w), lo.view(-1), hi.view(-1), self.points.cpu(), self.bits)

@@ -106,6 +106,8 @@ class TrainConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise QDistillError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.scale != "minmax" and self.spec.quantizer != "uniform":
+            raise QDistillError(f"scale={self.scale} applies to the uniform quantizer (ptq, qat, qd, qd+dq), not to method {self.method}")
 
     @property
     def spec(self) -> Method:

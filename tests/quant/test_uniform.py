@@ -97,6 +97,13 @@ def test_unknown_scale():
         UniformQuantizer(2, 256, scale="max")
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_level_over_top_is_the_stored_point_bit_for_bit(bits):
+    q = UniformQuantizer(bits)
+    levels = torch.arange(2**bits, dtype=torch.float32)
+    assert torch.equal(levels / (2**bits - 1), q.points[levels.long()])  # training computes one, the file stores the other
+
+
 def test_straight_through_gradient():
     w = torch.randn(40, 30, requires_grad=True)
     g = torch.randn(40, 30)

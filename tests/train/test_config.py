@@ -16,6 +16,9 @@ from qdistill.train import read_yaml
         ({"alpha": 1.5}, "alpha"),
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"schedule": "warp"}, "schedule must be one of"),
+        ({"scale": "max"}, "scale must be one of minmax, mse"),
+        ({"scale": "mse", "method": "dq"}, "scale=mse applies to the uniform quantizer"),
+        ({"scale": "mse", "method": "kd"}, "not to method kd"),
     ],
 )
 def test_out_of_range_values_are_named(change, message):
