@@ -26,7 +26,8 @@ import yaml
 
 from qdistill.data import load_dataset
 from qdistill.models import load_checkpoint, model_spec, save_checkpoint
-from qdistill.pipeline import get_teacher, run_method
+from qdistill.distill import CachedTeacher
+from qdistill.pipeline import cache_dir, get_teacher, run_method
 from qdistill.report import markdown_table
 from qdistill.train import TrainConfig, evaluate
 
@@ -121,6 +122,7 @@ def main() -> None:
     data = load_dataset(args.dataset, args.data_dir).subset(args.train_subset, args.test_subset)
     teacher = get_teacher(data, args.teacher, base.replace(method="fp", epochs=args.teacher_epochs), quiet=True)
     teacher_acc = evaluate(teacher, data.test_x, data.test_y)
+    CachedTeacher.build(teacher.to(device), data.train_x, cache_dir() / "logits", device=device)  # once, not once per worker
     data_args = {"dataset": args.dataset, "data_dir": args.data_dir, "train_subset": args.train_subset, "test_subset": args.test_subset, "student": args.student}
     threads = max(1, torch.get_num_threads() // args.workers)
     with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(args.workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
