@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qdistill import LearnedPointsQuantizer, UniformQuantizer, attach, distillation_loss, quantized_tensors
+from qdistill import LearnedPointsQuantizer, TrainConfig, UniformQuantizer, attach, distillation_loss, quantized_tensors
 from qdistill.distill import CachedTeacher, LiveTeacher
 from qdistill.models import build_model, model_spec
 
@@ -60,14 +60,15 @@ class Stepper:
             self.times.append(time.perf_counter() - start)
 
 
-def median_times(steppers: dict[str, Stepper], steps: int, rounds: int = 3, warmup: int = 3) -> dict[str, float]:
-    """Median step seconds per configuration, the configurations interleaved in rounds so drift hits all alike."""
+def median_times(steppers: dict[str, Stepper], steps: int, burst: int = 5, warmup: int = 3) -> dict[str, float]:
+    """Median step seconds per configuration, the configurations taking turns every `burst` steps so that
+    drift in the machine's speed (other load, clocks) hits all alike."""
     for s in steppers.values():
         for _ in range(warmup):
             s.step(record=False)
-    for _ in range(rounds):
+    for _ in range(max(1, steps // burst)):
         for s in steppers.values():
-            for _ in range(max(1, steps // rounds)):
+            for _ in range(burst):
                 s.step()
     return {name: statistics.median(s.times) for name, s in steppers.items()}
 
@@ -78,7 +79,7 @@ def student_ratios(preset: str, device, batch: int, steps: int) -> dict:
     y = torch.randint(0, 10, (batch,), device=device)
     teacher_model = build_model(model_spec("resnet-small")).to(device)
     cached = CachedTeacher(LiveTeacher(teacher_model)(x, None))
-    base = build_model(model_spec(preset)).to(device)
+    base = build_model(model_spec(preset)).to(device, memory_format=TrainConfig().torch_memory_format(device))  # as the loop has it
 
     def stepper(quantizer, teacher, frozen=False):
         model = copy.deepcopy(base)
@@ -149,14 +150,15 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     rows = [student_ratios(s, device, args.batch, args.steps) for s in args.students]
     ao = torchao_ratio(device, 256, args.steps)
-    result = {"device": card, "torch": torch.__version__, "steps": args.steps, "students": rows, "torchao": ao}
+    layout = TrainConfig().torch_memory_format(device)
+    result = {"device": card, "torch": torch.__version__, "steps": args.steps, "layout": str(layout), "students": rows, "torchao": ao}
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "gpu" if device.type == "cuda" else "cpu"
     (args.out / f"speed-{tag}.json").write_text(json.dumps(result, indent=1))
     lines = [
         f"# Training-step speed on {card}",
         "",
-        f"Median of {args.steps} steps per configuration (interleaved in 3 rounds), batch {args.batch}, torch {torch.__version__}. Ratios, lower is better.",
+        f"Median of {args.steps} steps per configuration (taking turns every 5 steps), batch {args.batch}, students in {layout} (the loop's default here), torch {torch.__version__}. Ratios, lower is better.",
         "",
         "| student | fp ms | qd ms | dq ms | qd live ms | qd mse ms | qd cached / fp (goal <= 1.10) | dq / qd (goal <= 1.30) | live / cached | qd mse / fp |",
         "|---|---|---|---|---|---|---|---|---|---|",

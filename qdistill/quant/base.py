@@ -41,7 +41,14 @@ def to_buckets(w: torch.Tensor, bucket: int | None) -> torch.Tensor:
 
 
 def from_buckets(b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return b.reshape(-1)[: like.numel()].view_as(like)
+    """Undo `to_buckets`, in `like`'s memory layout: a channels-last shadow gives a channels-last Q(w),
+    the layout the CPU conv kernels run fastest in (the buckets themselves always follow row-major order)."""
+    out = b.reshape(-1)[: like.numel()].view_as(like)
+    if out.stride() == like.stride():
+        return out
+    if like.is_contiguous():  # same order in memory, only the strides of size-1 dims differ (a 1-channel conv)
+        return out.as_strided(like.shape, like.stride())
+    return torch.empty_like(like, dtype=b.dtype).copy_(out)
 
 
 def bucket_range(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -151,12 +151,13 @@ def train(student: nn.Module, data: Dataset, cfg: TrainConfig, teacher: nn.Modul
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     method = cfg.spec
-    student.to(device)
+    layout = cfg.torch_memory_format(device)  # applies to 4-d weights (convolutions) only
+    student.to(device, memory_format=layout)
     if cfg.needs_teacher and teacher is None:
         raise QDistillError(f"method {cfg.method} needs a teacher")
     use_teacher = teacher is not None and method.distill
     if use_teacher:
-        teacher.to(device)
+        teacher.to(device, memory_format=layout)
         check_compatible(teacher, student, data.train_x[:2].to(device))
     history, seconds, samples = [], 0.0, 0
     with make_progress(quiet) as progress:

@@ -6,9 +6,9 @@ from qdistill.export.huffman import mean_code_length
 from qdistill.models import build_model, model_spec
 
 
-def quantized_model(preset="tiny", quantizer=None, seed=0):
+def quantized_model(preset="tiny", quantizer=None, seed=0, memory_format=torch.contiguous_format):
     torch.manual_seed(seed)
-    model = build_model(model_spec(preset))
+    model = build_model(model_spec(preset)).to(memory_format=memory_format)
     attach(model, quantizer or UniformQuantizer(4, 256))
     model.train()
     with torch.no_grad():  # give BatchNorm non-trivial statistics
@@ -31,6 +31,14 @@ def test_round_trip_predicts_identically(tmp_path, quantizer):
     for qt_name in (e["name"] for e in meta["quantized"]):
         module, param = qt_name.rsplit(".", 1)
         assert torch.equal(loaded.get_submodule(module).get_parameter(param), getattr(model.get_submodule(module), param))
+
+
+def test_channels_last_model_round_trip(tmp_path):
+    model = quantized_model(memory_format=torch.channels_last)
+    loaded = load_packed(save_packed(model, model_spec("tiny"), tmp_path / "m.safetensors"))[0]
+    x = torch.randn(32, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-5)  # same weights; the layouts pick different conv kernels
 
 
 def test_stochastic_rounding_model_packs_its_evaluation_weights(tmp_path):

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qdistill import QDistillError, UniformQuantizer
+from qdistill import LearnedPointsQuantizer, QDistillError, UniformQuantizer
 from qdistill.quant.base import to_buckets
 from qdistill.quant.uniform import SCALES, clipped_range
 
@@ -102,6 +102,18 @@ def test_level_over_top_is_the_stored_point_bit_for_bit(bits):
     q = UniformQuantizer(bits)
     levels = torch.arange(2**bits, dtype=torch.float32)
     assert torch.equal(levels / (2**bits - 1), q.points[levels.long()])  # training computes one, the file stores the other
+
+
+@pytest.mark.parametrize("quantizer", [UniformQuantizer(2, 16), UniformQuantizer(3, 256, scale="mse"), LearnedPointsQuantizer(2, 16)])
+def test_channels_last_weight_gives_the_same_values_in_its_own_layout(quantizer):
+    w = rand((8, 6, 3, 3), 0)
+    w_cl = w.contiguous(memory_format=torch.channels_last)
+    if isinstance(quantizer, LearnedPointsQuantizer):
+        quantizer.init_points(w)
+    q, q_cl = quantizer(w), quantizer(w_cl)
+    assert torch.equal(q, q_cl)  # buckets follow the row-major order whatever the layout
+    assert q_cl.is_contiguous(memory_format=torch.channels_last) and not q_cl.is_contiguous()
+    assert torch.equal(quantizer.encode(w).indices, quantizer.encode(w_cl).indices)
 
 
 def test_straight_through_gradient():

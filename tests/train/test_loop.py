@@ -68,6 +68,17 @@ def test_batchnorm_statistics_come_from_quantized_weights(data):
     assert not torch.allclose(running, fp_mean, atol=0.05)
 
 
+@pytest.mark.parametrize("layout, channels_last", [("channels_last", True), ("contiguous", False), ("auto", True)])  # auto: CPU
+def test_memory_format_reaches_shadow_and_quantized_weights(data, layout, channels_last):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*toy_net()[:3], torch.nn.Conv2d(8, 8, 3, padding=1), *toy_net()[3:])
+    result = train(model, data, TrainConfig(method="qat", bits=2, epochs=1, batch_size=64, memory_format=layout, device="cpu"), quiet=True)
+    conv = result.model[3]
+    for w in (conv.weight, conv.parametrizations.weight.original):
+        assert w.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert result.test_acc > 80
+
+
 def test_distilling_methods_need_a_teacher(data):
     with pytest.raises(QDistillError, match="needs a teacher"):
         train(toy_net(), data, TrainConfig(method="qd"), quiet=True)
