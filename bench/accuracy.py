@@ -9,6 +9,7 @@ Writes bench/results/accuracy-<tag>.{json,md,png}.
 
     python bench/accuracy.py                                  # full table (meant for a GPU)
     python bench/accuracy.py --students tiny --bits 4 2 --seeds 0 --epochs 1 --train-subset 5000   # CPU-sized
+    python bench/accuracy.py --students medium --bits 4 2 --methods ptq qat qd --improved qd      # fewer rows
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch  # noqa: E402
 from qdistill.data import load_dataset  # noqa: E402
 from qdistill.models import count_parameters, load_checkpoint, model_spec, save_checkpoint  # noqa: E402
 from qdistill.distill import CachedTeacher  # noqa: E402
-from qdistill.pipeline import cache_dir, compare_at_bits, get_teacher, train_references  # noqa: E402
+from qdistill.pipeline import LOW_BIT_METHODS, cache_dir, compare_at_bits, get_teacher, train_references  # noqa: E402
 from qdistill.report import markdown_table  # noqa: E402
 from qdistill.train import TrainConfig, evaluate  # noqa: E402
 
@@ -40,7 +41,7 @@ RESULTS = Path(__file__).parent / "results"
 ORDER = ["fp", "kd", "ptq (global)", "ptq", "qat", "qd", "qat (from fp, mse)", "qd (from kd, mse, T 1)", "dq", "qd+dq"]
 
 
-def run_job(student: str, seed: int, bits: int | None, base: dict, paths: dict, data_args: dict, threads: int) -> list[dict]:
+def run_job(student: str, seed: int, bits: int | None, base: dict, paths: dict, data_args: dict, threads: int, methods: dict) -> list[dict]:
     """One process's share: fp and kd of (student, seed) when `bits` is None (their weights saved to
     `paths`), else every low-bit method at `bits`, starting from those weights where a method does."""
     torch.set_num_threads(threads)
@@ -55,7 +56,7 @@ def run_job(student: str, seed: int, bits: int | None, base: dict, paths: dict, 
             save_checkpoint(kd, spec, paths[("kd", student, seed)])
         else:
             fp, kd = (load_checkpoint(paths[(m, student, seed)])[0] for m in ("fp", "kd"))
-            rows = compare_at_bits(spec, data, cfg, Path(tmp), teacher, bits, fp, kd, improved=("qat", "qd"), quiet=True)
+            rows = compare_at_bits(spec, data, cfg, Path(tmp), teacher, bits, fp, kd, quiet=True, **methods)
     return [{**row, "student": student, "seed": seed} for row in rows]
 
 
@@ -121,6 +122,8 @@ def main() -> None:
     p.add_argument("--dq-epochs", type=int, default=2)
     p.add_argument("--teacher", default="resnet")
     p.add_argument("--teacher-epochs", type=int, default=10)
+    p.add_argument("--methods", nargs="+", choices=LOW_BIT_METHODS, default=list(LOW_BIT_METHODS), help="low-bit methods (fp and kd always run)")
+    p.add_argument("--improved", nargs="*", choices=("qat", "qd"), default=["qat", "qd"], help="methods run again with the improved recipe")
     p.add_argument("--augment", action="store_true", help="augment the data (forces a live teacher)")
     p.add_argument("--workers", type=int, help="parallel processes (default: 12 on a GPU, one per CPU core otherwise)")
     p.add_argument("--dataset", default="fashion-mnist")
@@ -131,6 +134,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--rerender", type=Path, metavar="JSON", help="only rewrite the table and plot of a saved run")
     args = p.parse_args()
+    if "qd+dq" in args.methods and "qd" not in args.methods:
+        p.error("qd+dq fine-tunes the points of the qd run: ask for qd too")
     if args.rerender:
         return rerender(args.rerender)
     start = time.perf_counter()
@@ -151,7 +156,8 @@ def main() -> None:
         save_checkpoint(teacher, model_spec(args.teacher, data.train_x.shape[1], data.num_classes), paths["teacher"])
 
         def run_all(jobs):
-            shared = [[x] * len(jobs) for x in (base.to_dict(), paths, data_args, threads)]
+            methods = {"methods": tuple(args.methods), "improved": tuple(args.improved)}
+            shared = [[x] * len(jobs) for x in (base.to_dict(), paths, data_args, threads, methods)]
             return [row for rows in pool.map(run_job, *zip(*jobs), *shared) for row in rows]
 
         rows = run_all([(s, seed, None) for s in args.students for seed in args.seeds])

@@ -123,6 +123,9 @@ def train_references(spec: dict, data: Dataset, base: TrainConfig, run_dir: Path
     return [fp_row, kd_row], fp, kd
 
 
+LOW_BIT_METHODS = ("ptq", "qat", "qd", "dq", "qd+dq")  # what `compare_at_bits` runs by default
+
+
 def compare_at_bits(
     spec: dict,
     data: Dataset,
@@ -134,10 +137,13 @@ def compare_at_bits(
     kd: nn.Module,
     improved: tuple[str, ...] = (),
     quiet: bool = False,
+    methods: tuple[str, ...] = LOW_BIT_METHODS,
 ) -> list[dict]:
-    """Every low-bit method at one bit width: ptq with buckets and global (from the fp weights), qat, qd,
+    """The low-bit `methods` at one bit width: ptq with buckets and global (from the fp weights), qat, qd,
     the `improved` ones ("qat", "qd") again with the improved recipe (from fp and from kd), dq (points
     learned on the kd weights) and qd+dq (the qd run's points fine-tuned, starting from its own levels)."""
+    if "qd+dq" in methods and "qd" not in methods:
+        raise QDistillError("qd+dq fine-tunes the points of the qd run: ask for qd too")
     rows = []
 
     def run(label, cfg, init=None):
@@ -145,18 +151,23 @@ def compare_at_bits(
         rows.append(row)
         return model
 
-    run("ptq", base.replace(method="ptq"), init=fp)
-    run("ptq (global)", base.replace(method="ptq", bucket=None), init=fp)
-    run("qat", base.replace(method="qat"))
-    qd = run("qd", base.replace(method="qd"))
-    qd_seconds = rows[-1]["train_s"]
+    if "ptq" in methods:
+        run("ptq", base.replace(method="ptq"), init=fp)
+        run("ptq (global)", base.replace(method="ptq", bucket=None), init=fp)
+    if "qat" in methods:
+        run("qat", base.replace(method="qat"))
+    if "qd" in methods:
+        qd = run("qd", base.replace(method="qd"))
+        qd_seconds = rows[-1]["train_s"]
     if "qat" in improved:
         run("qat (from fp, mse)", improved_recipe(base.replace(method="qat")), init=fp)
     if "qd" in improved:
         run("qd (from kd, mse, T 1)", improved_recipe(base.replace(method="qd")), init=kd)
-    run("dq", base.replace(method="dq"), init=kd)
-    run("qd+dq", base.replace(method="dq", points_init="uniform"), init=qd)
-    rows[-1]["train_s"] += qd_seconds
+    if "dq" in methods:
+        run("dq", base.replace(method="dq"), init=kd)
+    if "qd+dq" in methods:
+        run("qd+dq", base.replace(method="dq", points_init="uniform"), init=qd)
+        rows[-1]["train_s"] += qd_seconds
     return rows
 
 

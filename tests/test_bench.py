@@ -49,9 +49,12 @@ def test_accuracy_table_smoke(tmp_path):
     save_checkpoint(teacher, model_spec("resnet-small"), tmp_path / "t.safetensors")
     paths = {"teacher": str(tmp_path / "t.safetensors"), **{(m, "tiny", 0): str(tmp_path / f"{m}.safetensors") for m in ("fp", "kd")}}
     base = TrainConfig(epochs=1).to_dict()
-    rows = accuracy.run_job("tiny", 0, None, base, paths, data_args, threads=2) + accuracy.run_job("tiny", 0, 2, base, paths, data_args, threads=2)
+    every = {"methods": accuracy.LOW_BIT_METHODS, "improved": ("qat", "qd")}
+    rows = accuracy.run_job("tiny", 0, None, base, paths, data_args, 2, every) + accuracy.run_job("tiny", 0, 2, base, paths, data_args, 2, every)
     summary = accuracy.summarize(rows)
     assert [r["method"] for r in summary] == accuracy.ORDER
+    fewer = accuracy.run_job("tiny", 0, 4, base, paths, data_args, 2, {"methods": ("qat", "qd"), "improved": ("qd",)})
+    assert [r["method"] for r in fewer] == ["qat", "qd", "qd (from kd, mse, T 1)"]
     accuracy.plot(summary, tmp_path / "a.png", "smoke")
     assert (tmp_path / "a.png").stat().st_size > 0
 
