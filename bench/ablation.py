@@ -30,6 +30,7 @@ from qdistill.distill import CachedTeacher
 from qdistill.pipeline import cache_dir, get_teacher, run_method
 from qdistill.report import markdown_table
 from qdistill.train import TrainConfig, evaluate
+from qdistill.ui import map_with_progress
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -130,12 +131,12 @@ def main() -> None:
         paths |= {(label, s): str(Path(tmp) / f"init-{i}-{s}.safetensors") for i, label in enumerate(sorted(sources)) for s in args.seeds}
         save_checkpoint(teacher, model_spec(args.teacher, data.train_x.shape[1], data.num_classes), paths["teacher"])
 
-        def run_all(jobs):
-            return list(pool.map(run_one, *zip(*jobs), *([x] * len(jobs) for x in (base.to_dict(), paths, data_args, threads))))
+        def run_all(jobs, description):
+            return map_with_progress(pool, run_one, [job + (base.to_dict(), paths, data_args, threads) for job in jobs], description)
 
         first = [("kd", {"method": "kd"})] + [v for v in variants if v[0] in sources]
-        rows = run_all([(label, changes, s) for label, changes in first for s in args.seeds])
-        rows += run_all([(label, changes, s) for label, changes in variants if label not in sources for s in args.seeds])
+        rows = run_all([(label, changes, s) for label, changes in first for s in args.seeds], "starting points (variant, seed)")
+        rows += run_all([(label, changes, s) for label, changes in variants if label not in sources for s in args.seeds], "variants (variant, seed)")
     seconds = time.perf_counter() - start
     summary = summarize(rows, labels)
     setup = (

@@ -36,6 +36,7 @@ from qdistill.distill import CachedTeacher  # noqa: E402
 from qdistill.pipeline import LOW_BIT_METHODS, cache_dir, compare_at_bits, get_teacher, train_references  # noqa: E402
 from qdistill.report import markdown_table  # noqa: E402
 from qdistill.train import TrainConfig, evaluate  # noqa: E402
+from qdistill.ui import map_with_progress  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 ORDER = ["fp", "kd", "ptq (global)", "ptq", "qat", "qd", "qat (from fp, mse)", "qd (from kd, mse, T 1)", "dq", "qd+dq"]
@@ -155,13 +156,12 @@ def main() -> None:
         paths |= {(m, s, seed): str(Path(tmp) / f"{m}-{s}-{seed}.safetensors") for m in ("fp", "kd") for s in args.students for seed in args.seeds}
         save_checkpoint(teacher, model_spec(args.teacher, data.train_x.shape[1], data.num_classes), paths["teacher"])
 
-        def run_all(jobs):
-            methods = {"methods": tuple(args.methods), "improved": tuple(args.improved)}
-            shared = [[x] * len(jobs) for x in (base.to_dict(), paths, data_args, threads, methods)]
-            return [row for rows in pool.map(run_job, *zip(*jobs), *shared) for row in rows]
+        def run_all(jobs, description):
+            shared = (base.to_dict(), paths, data_args, threads, {"methods": tuple(args.methods), "improved": tuple(args.improved)})
+            return [row for rows in map_with_progress(pool, run_job, [job + shared for job in jobs], description) for row in rows]
 
-        rows = run_all([(s, seed, None) for s in args.students for seed in args.seeds])
-        rows += run_all([(s, seed, b) for s in args.students for seed in args.seeds for b in args.bits])
+        rows = run_all([(s, seed, None) for s in args.students for seed in args.seeds], "fp and kd (student, seed)")
+        rows += run_all([(s, seed, b) for s in args.students for seed in args.seeds for b in args.bits], "low-bit methods (student, seed, bits)")
     seconds = time.perf_counter() - start
     setup = (
         f"{card}; teacher {args.teacher} ({count_parameters(teacher):,} params, {args.teacher_epochs} epochs) {teacher_acc:.2f}%; "
