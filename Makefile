@@ -2,7 +2,7 @@
 PYTHON ?= python3
 DATA := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data demo test
+.PHONY: install data demo test bench
 
 data:
 	@if [ ! -f $(DATA)/train-images-idx3-ubyte.gz ]; then \
@@ -18,3 +18,8 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+# The whole benchmark (speed ratios, accuracy table, README section); sized for one CUDA GPU.
+bench: data
+	$(PYTHON) -m pip install -q -e '.[bench]'
+	bash bench/run.sh
