@@ -13,6 +13,7 @@ Median of `--steps` timed steps after warm-up. Writes bench/results/speed-<devic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -26,6 +27,7 @@ from torch import nn
 from qdistill import LearnedPointsQuantizer, TrainConfig, UniformQuantizer, attach, distillation_loss, quantized_tensors
 from qdistill.distill import CachedTeacher, LiveTeacher
 from qdistill.models import build_model, model_spec
+from qdistill.quant.fused import fused_quantization
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -40,6 +42,8 @@ class Stepper:
 
     def __init__(self, model, params, x, y, teacher):
         self.model, self.x, self.y, self.teacher = model, x, y, teacher
+        self.fused = contextlib.ExitStack()  # quantize as the training loop does: grouped, for this stepper's life
+        self.fused.enter_context(fused_quantization(model))
         self.opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, nesterov=True)
         self.quantizers = [qt.quantizer for qt in quantized_tensors(model)]
         self.idx = torch.arange(len(x), device=x.device)

@@ -18,12 +18,12 @@ from qdistill.quant.base import (
 )
 
 
-class _StraightThrough(torch.autograd.Function):
-    """Forward returns Q(w) exactly; backward hands the gradient w.r.t. Q(w) to w unchanged."""
+class StraightThrough(torch.autograd.Function):
+    """Forward returns quantize(w) exactly; backward hands the gradient w.r.t. Q(w) to w unchanged."""
 
     @staticmethod
-    def forward(ctx, w, quantizer):
-        return quantizer.quantize(w)
+    def forward(ctx, w, quantize):
+        return quantize(w)
 
     @staticmethod
     def backward(ctx, grad):
@@ -78,13 +78,13 @@ class UniformQuantizer(Quantizer):
         self.stochastic = stochastic
         self.scale = scale
         self.register_buffer("points", torch.arange(2**bits, dtype=torch.float32) / (2**bits - 1), persistent=False)
+        self.fused: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, bucket={self.bucket}, stochastic={self.stochastic}, scale={self.scale}"
 
-    def levels(self, w: torch.Tensor, stochastic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Level of every value as a float in {0, ..., s - 1} (bucketed layout), and each bucket's lowest and highest level."""
-        b = to_buckets(w.detach(), self.bucket)
+    def levels(self, b: torch.Tensor, stochastic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Level of every value of the buckets `b` (one per row) as a float in {0, ..., s - 1}, and each bucket's lowest and highest level."""
         lo, hi, alpha = bucket_range(b) if self.scale == "minmax" else clipped_range(b, self.bits)
         top = 2**self.bits - 1
         x = (b - lo).mul_(top / alpha)  # (v - beta) / alpha * (s - 1), in place: this is the hot path
@@ -94,15 +94,21 @@ class UniformQuantizer(Quantizer):
         x = x.round_()
         return (x if self.scale == "minmax" else x.clamp_(0, top)), lo, hi  # min-max: v is inside its range already
 
-    def quantize(self, w: torch.Tensor) -> torch.Tensor:
-        x, lo, hi = self.levels(w, stochastic=self.stochastic and self.training)
+    def quantize_buckets(self, b: torch.Tensor) -> torch.Tensor:
+        """Q of each row of `b`, rows being buckets (of one tensor, or of many: see `quant.fused`)."""
+        x, lo, hi = self.levels(b.detach(), stochastic=self.stochastic and self.training)
         # level / (s - 1) is bit for bit the stored point self.points[level]: no integer gather in the hot path
-        return from_buckets(dequantize(x.div_(2**self.bits - 1), lo, hi), w)
+        return dequantize(x.div_(2**self.bits - 1), lo, hi)
+
+    def quantize(self, w: torch.Tensor) -> torch.Tensor:
+        return from_buckets(self.quantize_buckets(to_buckets(w.detach(), self.bucket)), w)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return _StraightThrough.apply(w, self)
+        if self.fused is not None:  # computed with the model's other tensors by quant.fused, for this forward
+            return self.fused
+        return StraightThrough.apply(w, self.quantize)
 
     def encode(self, w: torch.Tensor) -> Encoded:
         """The shipped form: always rounded to nearest, as in evaluation, whatever the module's mode."""
-        x, lo, hi = self.levels(w)
+        x, lo, hi = self.levels(to_buckets(w.detach(), self.bucket))
         return Encoded(from_buckets(x.long(), w), lo.view(-1), hi.view(-1), self.points.cpu(), self.bits)

@@ -19,6 +19,7 @@ from qdistill.data import Dataset, batches
 from qdistill.distill import CachedTeacher, LiveTeacher, check_compatible, distillation_loss
 from qdistill.errors import QDistillError
 from qdistill.quant import attach, detach, quantized_tensors, redistribute_points
+from qdistill.quant.fused import fused_quantization
 from qdistill.train.config import TrainConfig
 from qdistill.ui import make_progress
 
@@ -166,7 +167,8 @@ def train(student: nn.Module, data: Dataset, cfg: TrainConfig, teacher: nn.Modul
             attach(student, cfg.make_quantizer("uniform"), **cfg.select_kwargs())
         if method.trains == "weights":
             params = [p for p in student.parameters() if p.requires_grad]
-            out = fit(student, params, data, teacher_fn, cfg, cfg.epochs, cfg.lr, f"{cfg.method} {cfg.bits}b" if method.quantizer else cfg.method, log, progress)
+            with fused_quantization(student):  # all tensors in one batch of kernels per step, same values
+                out = fit(student, params, data, teacher_fn, cfg, cfg.epochs, cfg.lr, f"{cfg.method} {cfg.bits}b" if method.quantizer else cfg.method, log, progress)
             history += out["records"]
             seconds, samples = seconds + out["seconds"], samples + out["samples"]
         if method.quantizer == "learned" or method.then == "dq":

@@ -74,9 +74,9 @@ def test_mse_scale_is_never_worse_per_bucket_and_stays_in_range(shape, bits, buc
     w = rand(shape, seed)
     err = {s: to_buckets(UniformQuantizer(bits, bucket, scale=s).eval()(w) - w, bucket).square().sum(1) for s in SCALES}
     assert torch.all(err["mse"] <= err["minmax"] * (1 + 1e-5) + 1e-12)  # min-max is one of the candidates
-    idx, lo, hi = UniformQuantizer(bits, bucket, scale="mse").levels(w)
-    assert idx.min() >= 0 and idx.max() < 2**bits
     bw = to_buckets(w, bucket)
+    idx, lo, hi = UniformQuantizer(bits, bucket, scale="mse").levels(bw)
+    assert idx.min() >= 0 and idx.max() < 2**bits
     assert torch.all(lo >= bw.amin(1, keepdim=True)) and torch.all(hi <= bw.amax(1, keepdim=True))
 
 

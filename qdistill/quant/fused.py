@@ -1,0 +1,86 @@
+"""Quantize all of a model's uniform-quantized tensors in one batch of kernels per training forward.
+
+A small model's training step on a GPU is bound by kernel launches, and quantizing each tensor on
+its own costs about a dozen of them. Buckets are independent rows, so the buckets of every tensor
+whose quantizer has the same settings are stacked into one matrix, quantized at once, and handed
+back to the parametrizations for the length of one forward. The values are bit for bit those of the
+per-tensor path (tested); tensors quantized as one bucket each (bucket=None) keep the per-tensor path.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from qdistill.quant.attach import QuantizedTensor, quantized_tensors
+from qdistill.quant.base import from_buckets
+from qdistill.quant.uniform import StraightThrough, UniformQuantizer
+
+
+class FusedGroup:
+    """Tensors whose quantizers share bits, bucket, scale and rounding: quantized as one matrix of buckets."""
+
+    def __init__(self, tensors: list[QuantizedTensor]):
+        self.tensors = tensors
+        self.quantizer: UniformQuantizer = tensors[0].quantizer
+        k = self.quantizer.bucket
+        self.pads = [-qt.shadow.numel() % k for qt in tensors]
+
+    def compute(self) -> None:
+        """Set every quantizer's `fused` output from one stacked quantization (straight-through to the shadows)."""
+        parts = []
+        for qt, pad in zip(self.tensors, self.pads):
+            flat = qt.shadow.reshape(-1)
+            parts += [flat, flat[-1:].expand(pad)] if pad else [flat]  # each tensor padded as `to_buckets` pads it
+        b = torch.cat(parts).view(-1, self.quantizer.bucket)
+        out = StraightThrough.apply(b, self.quantizer.quantize_buckets).view(-1)
+        start = 0
+        for qt, pad in zip(self.tensors, self.pads):
+            n = qt.shadow.numel()
+            qt.quantizer.fused = from_buckets(out[start : start + n], qt.shadow)
+            start += n + pad
+
+    def clear(self) -> None:
+        for qt in self.tensors:
+            qt.quantizer.fused = None
+
+
+def fusable_groups(model: nn.Module) -> list[FusedGroup]:
+    groups: dict[tuple, list[QuantizedTensor]] = {}
+    for qt in quantized_tensors(model):
+        q = qt.quantizer
+        if type(q) is UniformQuantizer and q.bucket is not None:
+            groups.setdefault((q.bits, q.bucket, q.scale, q.stochastic, qt.shadow.device, qt.shadow.dtype), []).append(qt)
+    return [FusedGroup(tensors) for tensors in groups.values() if len(tensors) > 1]
+
+
+@contextmanager
+def fused_quantization(model: nn.Module):
+    """Within this block, each training-mode forward of `model` quantizes its tensors group by group.
+
+    Forwards in eval mode, and weights read outside a forward, take the per-tensor path.
+    """
+    groups = fusable_groups(model)
+    if not groups:
+        yield
+        return
+
+    def before(module, args):
+        if module.training:
+            for g in groups:
+                g.compute()
+
+    def after(module, args, output):
+        for g in groups:
+            g.clear()
+
+    handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after, always_call=True)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for g in groups:
+            g.clear()
