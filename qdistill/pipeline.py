@@ -20,6 +20,7 @@ from qdistill.export import inspect_packed, load_packed, save_packed
 from qdistill.models import build_model, load_checkpoint, model_spec, save_checkpoint
 from qdistill.report import MetricsLog
 from qdistill.train import TrainConfig, evaluate, train
+from qdistill.train.config import SPEED_ONLY
 
 
 def cache_dir() -> Path:
@@ -38,7 +39,8 @@ def new_run_dir(path: str | Path | None, prefix: str) -> Path:
 def get_teacher(data: Dataset, preset: str, cfg: TrainConfig, quiet: bool = False) -> nn.Module:
     """A teacher trained once per (preset, data, settings) and kept in the cache."""
     spec = model_spec(preset, data.train_x.shape[1], data.num_classes)
-    key = hashlib.sha256((json.dumps([spec, cfg.to_dict()], sort_keys=True) + tensor_digest(data.train_x, data.train_y)).encode()).hexdigest()[:16]
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in SPEED_ONLY}
+    key = hashlib.sha256((json.dumps([spec, settings], sort_keys=True) + tensor_digest(data.train_x, data.train_y)).encode()).hexdigest()[:16]
     cached = cache_dir() / "teachers" / f"{preset}-{key}.safetensors"
     if cached.exists():
         try:

@@ -7,3 +7,18 @@ from qdistill.pipeline import compare_at_bits
 def test_qd_dq_without_qd_is_refused_before_any_training(tmp_path):
     with pytest.raises(QDistillError, match="ask for qd too"):
         compare_at_bits({}, None, TrainConfig(), tmp_path, None, 2, None, None, methods=("qat", "qd+dq"))
+
+
+def test_teacher_cache_ignores_settings_that_only_change_speed(monkeypatch):
+    from qdistill import pipeline
+    from tests.conftest import toy_dataset
+
+    calls = []
+    real_train = pipeline.train
+    monkeypatch.setattr(pipeline, "train", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    data = toy_dataset(n_train=64, n_test=32)
+    for layout in ("contiguous", "channels_last"):
+        pipeline.get_teacher(data, "tiny", TrainConfig(method="fp", epochs=1, memory_format=layout), quiet=True)
+    assert len(calls) == 1
+    pipeline.get_teacher(data, "tiny", TrainConfig(method="fp", epochs=2), quiet=True)
+    assert len(calls) == 2

@@ -48,6 +48,10 @@ CHOICES = {
 }
 
 
+# Settings that change how fast a model trains, not what it learns: left out of cache keys.
+SPEED_ONLY = ("memory_format",)
+
+
 @dataclass
 class TrainConfig:
     method: str = "qd"
