@@ -27,7 +27,7 @@ from torch import nn
 from qdistill import LearnedPointsQuantizer, TrainConfig, UniformQuantizer, attach, distillation_loss, quantized_tensors
 from qdistill.distill import CachedTeacher, LiveTeacher
 from qdistill.models import build_model, model_spec
-from qdistill.quant.fused import fused_quantization
+from qdistill.quant import fused_quantization
 
 RESULTS = Path(__file__).parent / "results"
 

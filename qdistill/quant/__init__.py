@@ -2,6 +2,7 @@
 
 from qdistill.quant.attach import DEFAULT_TYPES, QuantizedTensor, attach, detach, quantized_tensors, select
 from qdistill.quant.base import Encoded, Quantizer, pack_bits, packed_bytes, unpack_bits
+from qdistill.quant.fused import fused_quantization
 from qdistill.quant.learned import LearnedPointsQuantizer, redistribute_points
 from qdistill.quant.uniform import UniformQuantizer
 
@@ -14,6 +15,7 @@ __all__ = [
     "UniformQuantizer",
     "attach",
     "detach",
+    "fused_quantization",
     "pack_bits",
     "packed_bytes",
     "quantized_tensors",

@@ -18,8 +18,7 @@ from torch.nn.utils import parametrize
 from qdistill.data import Dataset, batches
 from qdistill.distill import CachedTeacher, LiveTeacher, check_compatible, distillation_loss
 from qdistill.errors import QDistillError
-from qdistill.quant import attach, detach, quantized_tensors, redistribute_points
-from qdistill.quant.fused import fused_quantization
+from qdistill.quant import attach, detach, fused_quantization, quantized_tensors, redistribute_points
 from qdistill.train.config import TrainConfig
 from qdistill.ui import make_progress
 
