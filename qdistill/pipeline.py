@@ -37,8 +37,11 @@ def new_run_dir(path: str | Path | None, prefix: str) -> Path:
 
 
 def get_teacher(data: Dataset, preset: str, cfg: TrainConfig, quiet: bool = False) -> nn.Module:
-    """A teacher trained once per (preset, data, settings) and kept in the cache."""
+    """A teacher trained once per (preset, data, settings) and kept in the cache.
+
+    Only the settings that full-precision training reads count: a change of bits or dq epochs reuses the teacher."""
     spec = model_spec(preset, data.train_x.shape[1], data.num_classes)
+    cfg = cfg.fp_only()
     settings = {k: v for k, v in cfg.to_dict().items() if k not in SPEED_ONLY}
     key = hashlib.sha256((json.dumps([spec, settings], sort_keys=True) + tensor_digest(data.train_x, data.train_y)).encode()).hexdigest()[:16]
     cached = cache_dir() / "teachers" / f"{preset}-{key}.safetensors"
@@ -48,7 +51,7 @@ def get_teacher(data: Dataset, preset: str, cfg: TrainConfig, quiet: bool = Fals
         except QDistillError as e:
             print(f"warning: retraining the teacher, the cached one is unreadable: {e}")
     teacher = build_model(spec)
-    result = train(teacher, data, cfg.replace(method="fp"), quiet=quiet)
+    result = train(teacher, data, cfg, quiet=quiet)
     save_checkpoint(teacher, spec, cached, extra={"test_acc": result.test_acc})
     return teacher
 

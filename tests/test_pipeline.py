@@ -9,7 +9,7 @@ def test_qd_dq_without_qd_is_refused_before_any_training(tmp_path):
         compare_at_bits({}, None, TrainConfig(), tmp_path, None, 2, None, None, methods=("qat", "qd+dq"))
 
 
-def test_teacher_cache_ignores_settings_that_only_change_speed(monkeypatch):
+def test_teacher_cache_ignores_settings_that_do_not_change_the_teacher(monkeypatch):
     from qdistill import pipeline
     from tests.conftest import toy_dataset
 
@@ -19,6 +19,7 @@ def test_teacher_cache_ignores_settings_that_only_change_speed(monkeypatch):
     data = toy_dataset(n_train=64, n_test=32)
     for layout in ("contiguous", "channels_last"):
         pipeline.get_teacher(data, "tiny", TrainConfig(method="fp", epochs=1, memory_format=layout), quiet=True)
+    pipeline.get_teacher(data, "tiny", TrainConfig(method="qd", epochs=1, bits=2, dq_epochs=3, temperature=1.0, scale="mse"), quiet=True)
     assert len(calls) == 1
     pipeline.get_teacher(data, "tiny", TrainConfig(method="fp", epochs=2), quiet=True)
     assert len(calls) == 2

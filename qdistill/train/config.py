@@ -50,6 +50,8 @@ CHOICES = {
 
 # Settings that change how fast a model trains, not what it learns: left out of cache keys.
 SPEED_ONLY = ("memory_format",)
+# What training a full-precision model (method fp, as a teacher is trained) reads from a config.
+FP_SETTINGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "augment", "seed", "device", "memory_format")
 
 
 @dataclass
@@ -117,6 +119,10 @@ class TrainConfig:
                 raise QDistillError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.scale != "minmax" and self.spec.quantizer != "uniform":
             raise QDistillError(f"scale={self.scale} applies to the uniform quantizer (ptq, qat, qd, qd+dq), not to method {self.method}")
+
+    def fp_only(self) -> "TrainConfig":
+        """Method fp with this config's full-precision training settings and every other setting at its default."""
+        return TrainConfig(method="fp", **{k: getattr(self, k) for k in FP_SETTINGS})
 
     def torch_memory_format(self, device: torch.device) -> torch.memory_format:
         if self.memory_format == "channels_last" or (self.memory_format == "auto" and device.type == "cpu"):
