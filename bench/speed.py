@@ -43,7 +43,7 @@ class Stepper:
     def __init__(self, model, params, x, y, teacher):
         self.model, self.x, self.y, self.teacher = model, x, y, teacher
         self.fused = contextlib.ExitStack()  # quantize as the training loop does: grouped, for this stepper's life
-        self.fused.enter_context(fused_quantization(model, enabled=x.device.type != "cpu"))
+        self.fused.enter_context(fused_quantization(model))
         self.opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, nesterov=True)
         self.quantizers = [qt.quantizer for qt in quantized_tensors(model)]
         self.idx = torch.arange(len(x), device=x.device)

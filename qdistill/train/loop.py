@@ -166,7 +166,7 @@ def train(student: nn.Module, data: Dataset, cfg: TrainConfig, teacher: nn.Modul
             attach(student, cfg.make_quantizer("uniform"), **cfg.select_kwargs())
         if method.trains == "weights":
             params = [p for p in student.parameters() if p.requires_grad]
-            with fused_quantization(student, enabled=device.type != "cpu"):  # one batch of kernels for all tensors, same values
+            with fused_quantization(student):  # off-CPU: one batch of kernels for all tensors, same values
                 out = fit(student, params, data, teacher_fn, cfg, cfg.epochs, cfg.lr, f"{cfg.method} {cfg.bits}b" if method.quantizer else cfg.method, log, progress)
             history += out["records"]
             seconds, samples = seconds + out["seconds"], samples + out["samples"]

@@ -31,7 +31,7 @@ def test_fused_forward_and_gradients_are_those_of_the_per_tensor_path(quantizer,
     attach(plain, quantizer)
     fused = copy.deepcopy(plain)
     x = torch.randn(4, 3, 6, 6)
-    with fused_quantization(fused):
+    with fused_quantization(fused, enabled=True):
         assert len(fusable_groups(fused)) == 1
         for _ in range(2):  # the second forward sees the weights after a step
             (out_a, grads_a), (out_b, grads_b) = loss_and_grads(plain, x), loss_and_grads(fused, x)
@@ -47,7 +47,7 @@ def test_fused_forward_and_gradients_are_those_of_the_per_tensor_path(quantizer,
 def test_eval_mode_and_reads_outside_a_forward_take_the_per_tensor_path():
     model = net()
     attach(model, UniformQuantizer(2, 64))
-    with fused_quantization(model):
+    with fused_quantization(model, enabled=True):
         model.eval()
         model(torch.randn(2, 3, 6, 6))
         assert model[0].parametrizations.weight[0].fused is None
@@ -57,7 +57,7 @@ def test_eval_mode_and_reads_outside_a_forward_take_the_per_tensor_path():
 def test_fused_outputs_are_cleared_when_the_forward_fails():
     model = net()
     attach(model, UniformQuantizer(2, 64))
-    with fused_quantization(model), pytest.raises(RuntimeError):
+    with fused_quantization(model, enabled=True), pytest.raises(RuntimeError):
         model(torch.randn(2, 3, 5, 5))  # wrong size for the first linear layer
     assert all(qt.quantizer.fused is None for qt in quantized_tensors(model))
     assert not model._forward_pre_hooks and not model._forward_hooks
@@ -72,3 +72,10 @@ def test_only_bucketed_uniform_tensors_with_equal_settings_are_grouped():
     attach(model, UniformQuantizer(2, 64), include=["0.*", "3.*"])
     parametrize.register_parametrization(model[8], "weight", UniformQuantizer(4, 64))  # alone with its settings
     assert [[qt.name for qt in g.tensors] for g in fusable_groups(model)] == [["0.weight", "3.weight"]]
+
+
+def test_by_default_tensors_on_a_cpu_keep_the_per_tensor_path():
+    model = net()
+    attach(model, UniformQuantizer(2, 64))
+    with fused_quantization(model):
+        assert not model._forward_pre_hooks
