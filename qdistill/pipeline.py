@@ -42,7 +42,8 @@ def get_teacher(data: Dataset, preset: str, cfg: TrainConfig, quiet: bool = Fals
     Only the settings that full-precision training reads count: a change of bits or dq epochs reuses the teacher."""
     spec = model_spec(preset, data.train_x.shape[1], data.num_classes)
     cfg = cfg.fp_only()
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in SPEED_ONLY}
+    # An option left off (None) is keyed as if it did not exist, so adding an option keeps the cached teachers.
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in SPEED_ONLY and v is not None}
     key = hashlib.sha256((json.dumps([spec, settings], sort_keys=True) + tensor_digest(data.train_x, data.train_y)).encode()).hexdigest()[:16]
     cached = cache_dir() / "teachers" / f"{preset}-{key}.safetensors"
     if cached.exists():

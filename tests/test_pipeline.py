@@ -23,3 +23,5 @@ def test_teacher_cache_ignores_settings_that_do_not_change_the_teacher(monkeypat
     assert len(calls) == 1
     pipeline.get_teacher(data, "tiny", TrainConfig(method="fp", epochs=2), quiet=True)
     assert len(calls) == 2
+    pipeline.get_teacher(data, "tiny", TrainConfig(method="fp", epochs=2, grad_clip=1.0), quiet=True)
+    assert len(calls) == 3

@@ -51,7 +51,7 @@ CHOICES = {
 # Settings that change how fast a model trains, not what it learns: left out of cache keys.
 SPEED_ONLY = ("memory_format",)
 # What training a full-precision model (method fp, as a teacher is trained) reads from a config.
-FP_SETTINGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "augment", "seed", "device", "memory_format")
+FP_SETTINGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "grad_clip", "augment", "seed", "device", "memory_format")
 
 
 @dataclass
@@ -72,6 +72,10 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "onecycle"  # onecycle, cosine or constant
+    # None (the paper) or the largest global gradient norm let through to a step. At 2 bits with min-max
+    # buckets one loss spike can grow a bucket's extreme weight, widen its levels and feed back
+    # (bench/results/ablation-cpu-medium-2bit-clip.md)
+    grad_clip: float | None = None
     augment: bool = False
     # distillation
     temperature: float = 2.0
@@ -110,6 +114,8 @@ class TrainConfig:
         for name in ("lr", "points_lr"):
             if not getattr(self, name) > 0:
                 raise QDistillError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
+            raise QDistillError(f"grad_clip must be positive or null (no clipping), got {self.grad_clip!r}")
         if not 0 <= self.momentum < 1:
             raise QDistillError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:

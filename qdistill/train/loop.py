@@ -90,6 +90,8 @@ def fit(model, params, data: Dataset, teacher, cfg: TrainConfig, epochs: int, lr
             loss = distillation_loss(out, y, target, cfg.temperature, cfg.alpha)  # 2. distill
             opt.zero_grad(set_to_none=True)
             loss.backward()  # straight-through: dL/dQ(w) reaches w
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()  # 3. SGD step on the full-precision weights (or the points)
             schedule.step()
             for q in quantizers:

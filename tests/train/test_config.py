@@ -17,6 +17,8 @@ from qdistill.train import read_yaml
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"schedule": "warp"}, "schedule must be one of"),
         ({"scale": "max"}, "scale must be one of minmax, mse"),
+        ({"grad_clip": 0}, "grad_clip must be positive or null"),
+        ({"grad_clip": "1"}, "grad_clip must be positive or null"),
         ({"scale": "mse", "method": "dq"}, "scale=mse applies to the uniform quantizer"),
         ({"scale": "mse", "method": "kd"}, "not to method kd"),
     ],

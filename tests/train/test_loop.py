@@ -79,6 +79,19 @@ def test_memory_format_reaches_shadow_and_quantized_weights(data, layout, channe
     assert result.test_acc > 80
 
 
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_grad_clip_bounds_each_step(data, clip):
+    torch.manual_seed(0)
+    model = toy_net()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig(method="qat", bits=2, epochs=1, batch_size=64, lr=1.0, momentum=0.0, weight_decay=0.0, schedule="constant", grad_clip=clip)
+    train(model, data, cfg, quiet=True)
+    after = {n.replace(".parametrizations.weight.original", ".weight"): p.detach() for n, p in model.named_parameters()}  # the shadows
+    steps = -(-len(data.train_x) // cfg.batch_size)
+    moved = torch.cat([(after[n] - before[n]).flatten() for n in before]).norm().item()
+    assert (moved <= steps * 1e-3 * 1.001) == (clip is not None)
+
+
 def test_distilling_methods_need_a_teacher(data):
     with pytest.raises(QDistillError, match="needs a teacher"):
         train(toy_net(), data, TrainConfig(method="qd"), quiet=True)
