@@ -51,7 +51,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         elif f.name in CHOICES:
             g.add_argument(flag, default=None, help=f"{' or '.join(CHOICES[f.name])} (default {default})")
         else:
-            g.add_argument(flag, type=float if default is None else type(default), default=None, help=f"(default {default})")
+            g.add_argument(flag, type=float if default is None else type(default), default=None, help="(default off)" if default is None else f"(default {default})")
 
 
 def config_from(args, **fixed) -> TrainConfig:

@@ -114,7 +114,7 @@ class TrainConfig:
         for name in ("lr", "points_lr"):
             if not getattr(self, name) > 0:
                 raise QDistillError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and not isinstance(self.grad_clip, bool) and self.grad_clip > 0):
             raise QDistillError(f"grad_clip must be positive or null (no clipping), got {self.grad_clip!r}")
         if not 0 <= self.momentum < 1:
             raise QDistillError(f"momentum must be in [0, 1), got {self.momentum}")

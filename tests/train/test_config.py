@@ -19,6 +19,7 @@ from qdistill.train import read_yaml
         ({"scale": "max"}, "scale must be one of minmax, mse"),
         ({"grad_clip": 0}, "grad_clip must be positive or null"),
         ({"grad_clip": "1"}, "grad_clip must be positive or null"),
+        ({"grad_clip": True}, "grad_clip must be positive or null"),
         ({"scale": "mse", "method": "dq"}, "scale=mse applies to the uniform quantizer"),
         ({"scale": "mse", "method": "kd"}, "not to method kd"),
     ],
