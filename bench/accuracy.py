@@ -133,12 +133,12 @@ def main() -> None:
     p.add_argument("--test-subset", type=int)
     p.add_argument("--tag", help="results file suffix (default: gpu or cpu)")
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--rerender", type=Path, metavar="JSON", help="only rewrite the table and plot of a saved run")
+    p.add_argument("--rerender", type=Path, nargs="+", metavar="JSON", help="only rewrite the table and plot of saved runs (several: merged under --tag)")
     args = p.parse_args()
     if "qd+dq" in args.methods and "qd" not in args.methods:
         p.error("qd+dq fine-tunes the points of the qd run: ask for qd too")
     if args.rerender:
-        return rerender(args.rerender)
+        return rerender(args.rerender, args.tag)
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     card = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
@@ -185,11 +185,30 @@ def write_outputs(rows: list[dict], setup: str, card: str, tag: str, out: Path) 
     print(md)
 
 
-def rerender(path: Path) -> None:
-    """Rewrite the table and plot of a saved run from its JSON (after a change to the presentation)."""
-    saved = json.loads(path.read_text())
-    card = saved.get("card") or saved["setup"].split(";")[0]
-    write_outputs(saved["rows"], saved["setup"], card, path.stem.removeprefix("accuracy-"), path.parent)
+def rerender(paths: list[Path], tag: str | None = None) -> None:
+    """Rewrite the table and plot of saved runs from their JSON: after a change to the presentation, or to
+    merge runs that split one table's bit widths between them (same setup but for the wall time)."""
+    saved = [json.loads(path.read_text()) for path in paths]
+    if len(paths) > 1 and not tag:
+        raise SystemExit("merging several runs: name the merged table with --tag")
+    setups = {s["setup"].split("; wall time")[0] for s in saved}
+    if len(setups) > 1:
+        raise SystemExit("cannot merge runs with different setups:\n" + "\n".join(sorted(setups)))
+    rows: dict[tuple, dict] = {}  # fp and kd are in every run: training is deterministic, so they must agree
+    for row in (row for s in saved for row in s["rows"]):
+        key = (row["student"], row["method"], row["bits"], row["seed"])
+        if key in rows and rows[key]["test_acc"] != row["test_acc"]:
+            raise SystemExit(f"cannot merge: the runs disagree on {key}: {rows[key]['test_acc']} vs {row['test_acc']}")
+        rows.setdefault(key, row)
+    setup = saved[0]["setup"]
+    if len(saved) > 1:
+        walls = []
+        for s in saved:
+            bits = " ".join(str(b) for b in sorted({r["bits"] for r in s["rows"]} - {32}))
+            walls.append(f"{s['setup'].split('; wall time ')[1]} (bits {bits})")
+        setup = f"{setups.pop()}; {len(saved)} runs merged, wall times {', '.join(walls)}"
+    card = saved[0].get("card") or setup.split(";")[0]
+    write_outputs(list(rows.values()), setup, card, tag or paths[0].stem.removeprefix("accuracy-"), paths[0].parent)
 
 
 if __name__ == "__main__":

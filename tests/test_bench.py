@@ -89,3 +89,33 @@ def test_ablation_smoke(tmp_path):
     summary = ablation.summarize(rows, ["kd", "qd", "mse from kd"])
     assert [(r["variant"], r["bits"]) for r in summary] == [("kd", 32), ("qd", 2), ("mse from kd", 2)]
     assert summary[1]["vs_baseline"] == 0 and summary[0]["vs_baseline"] is None
+
+
+def test_accuracy_rerender_merges_runs(tmp_path):
+    import json
+
+    accuracy = load("accuracy")
+
+    def row(method, bits, seed, acc):
+        return {"student": "tiny", "method": method, "bits": bits, "seed": seed, "test_acc": acc, "params": 100, "size_bytes": 400 if bits == 32 else 50}
+
+    def save(name, bits, wall, kd_acc=90.0):
+        rows = [row("fp", 32, 0, 89.0), row("kd", 32, 0, kd_acc), row("qd", bits, 0, 80.0 + bits)]
+        path = tmp_path / f"accuracy-{name}.json"
+        path.write_text(json.dumps({"setup": f"CPU; 2 epochs; wall time {wall} s", "card": "CPU", "rows": rows}))
+        return path
+
+    first, second = save("a", 2, 10), save("b", 4, 20)
+    with pytest.raises(SystemExit, match="--tag"):
+        accuracy.rerender([first, second])
+    accuracy.rerender([first, second], "merged")
+    merged = json.loads((tmp_path / "accuracy-merged.json").read_text())
+    assert [(r["method"], r["bits"]) for r in merged["summary"]] == [("fp", 32), ("kd", 32), ("qd", 4), ("qd", 2)]
+    assert merged["setup"] == "CPU; 2 epochs; 2 runs merged, wall times 10 s (bits 2), 20 s (bits 4)"
+    with pytest.raises(SystemExit, match="disagree on .*'kd'"):
+        accuracy.rerender([first, save("c", 8, 30, kd_acc=91.0)], "bad")
+    other = tmp_path / "accuracy-d.json"
+    other.write_text(json.dumps({**json.loads(first.read_text()), "setup": "CPU; 4 epochs; wall time 5 s"}))
+    with pytest.raises(SystemExit, match="different setups"):
+        accuracy.rerender([first, other], "bad")
+    assert not (tmp_path / "accuracy-bad.json").exists()
