@@ -138,7 +138,7 @@ def main() -> None:
     if "qd+dq" in args.methods and "qd" not in args.methods:
         p.error("qd+dq fine-tunes the points of the qd run: ask for qd too")
     if args.rerender:
-        return rerender(args.rerender, args.tag)
+        return rerender(args.rerender, args.tag, args.out)
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     card = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
@@ -185,7 +185,7 @@ def write_outputs(rows: list[dict], setup: str, card: str, tag: str, out: Path) 
     print(md)
 
 
-def rerender(paths: list[Path], tag: str | None = None) -> None:
+def rerender(paths: list[Path], tag: str | None = None, out: Path = RESULTS) -> None:
     """Rewrite the table and plot of saved runs from their JSON: after a change to the presentation, or to
     merge runs that split one table's bit widths between them (same setup but for the wall time)."""
     saved = [json.loads(path.read_text()) for path in paths]
@@ -201,14 +201,15 @@ def rerender(paths: list[Path], tag: str | None = None) -> None:
             raise SystemExit(f"cannot merge: the runs disagree on {key}: {rows[key]['test_acc']} vs {row['test_acc']}")
         rows.setdefault(key, row)
     setup = saved[0]["setup"]
-    if len(saved) > 1:
+    if len(saved) > 1:  # "...; wall time 7483 s (bits 2 4) + 5210 s (bits 3 8)": merged again, it stays one setup
         walls = []
         for s in saved:
+            wall = s["setup"].split("; wall time ")[1]
             bits = " ".join(str(b) for b in sorted({r["bits"] for r in s["rows"]} - {32}))
-            walls.append(f"{s['setup'].split('; wall time ')[1]} (bits {bits})")
-        setup = f"{setups.pop()}; {len(saved)} runs merged, wall times {', '.join(walls)}"
+            walls.append(wall if "(bits" in wall else f"{wall} (bits {bits})")
+        setup = f"{setups.pop()}; wall time {' + '.join(walls)}"
     card = saved[0].get("card") or setup.split(";")[0]
-    write_outputs(list(rows.values()), setup, card, tag or paths[0].stem.removeprefix("accuracy-"), paths[0].parent)
+    write_outputs(list(rows.values()), setup, card, tag or paths[0].stem.removeprefix("accuracy-"), out)
 
 
 if __name__ == "__main__":

@@ -107,15 +107,19 @@ def test_accuracy_rerender_merges_runs(tmp_path):
 
     first, second = save("a", 2, 10), save("b", 4, 20)
     with pytest.raises(SystemExit, match="--tag"):
-        accuracy.rerender([first, second])
-    accuracy.rerender([first, second], "merged")
+        accuracy.rerender([first, second], out=tmp_path)
+    accuracy.rerender([first, second], "merged", tmp_path)
     merged = json.loads((tmp_path / "accuracy-merged.json").read_text())
     assert [(r["method"], r["bits"]) for r in merged["summary"]] == [("fp", 32), ("kd", 32), ("qd", 4), ("qd", 2)]
-    assert merged["setup"] == "CPU; 2 epochs; 2 runs merged, wall times 10 s (bits 2), 20 s (bits 4)"
+    assert merged["setup"] == "CPU; 2 epochs; wall time 10 s (bits 2) + 20 s (bits 4)"
+    accuracy.rerender([tmp_path / "accuracy-merged.json", save("e", 8, 30)], "again", tmp_path)
+    again = json.loads((tmp_path / "accuracy-again.json").read_text())
+    assert again["setup"] == "CPU; 2 epochs; wall time 10 s (bits 2) + 20 s (bits 4) + 30 s (bits 8)"
+    assert [r["bits"] for r in again["summary"]] == [32, 32, 8, 4, 2]
     with pytest.raises(SystemExit, match="disagree on .*'kd'"):
-        accuracy.rerender([first, save("c", 8, 30, kd_acc=91.0)], "bad")
+        accuracy.rerender([first, save("c", 8, 30, kd_acc=91.0)], "bad", tmp_path)
     other = tmp_path / "accuracy-d.json"
     other.write_text(json.dumps({**json.loads(first.read_text()), "setup": "CPU; 4 epochs; wall time 5 s"}))
     with pytest.raises(SystemExit, match="different setups"):
-        accuracy.rerender([first, other], "bad")
+        accuracy.rerender([first, other], "bad", tmp_path)
     assert not (tmp_path / "accuracy-bad.json").exists()
