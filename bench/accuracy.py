@@ -194,7 +194,7 @@ def rerender(paths: list[Path], tag: str | None = None, out: Path = RESULTS) -> 
     setups = {s["setup"].split("; wall time")[0] for s in saved}
     if len(setups) > 1:
         raise SystemExit("cannot merge runs with different setups:\n" + "\n".join(sorted(setups)))
-    rows: dict[tuple, dict] = {}  # fp and kd are in every run: training is deterministic, so they must agree
+    rows: dict[tuple, dict] = {}  # fp and kd are in every run; same seeds and threads train the same, so they must agree
     for row in (row for s in saved for row in s["rows"]):
         key = (row["student"], row["method"], row["bits"], row["seed"])
         if key in rows and rows[key]["test_acc"] != row["test_acc"]:
