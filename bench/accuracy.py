@@ -185,10 +185,21 @@ def write_outputs(rows: list[dict], setup: str, card: str, tag: str, out: Path) 
     print(md)
 
 
+def read_run(path: Path) -> dict:
+    """A saved run's JSON, or one line naming what is wrong with the file."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{path}: not a readable results file ({e})") from None
+    if not isinstance(saved, dict) or not {"setup", "rows"} <= saved.keys():
+        raise SystemExit(f"{path}: not a results file of bench/accuracy.py (no setup and rows)")
+    return saved
+
+
 def rerender(paths: list[Path], tag: str | None = None, out: Path = RESULTS) -> None:
     """Rewrite the table and plot of saved runs from their JSON: after a change to the presentation, or to
     merge runs that split one table's bit widths between them (same setup but for the wall time)."""
-    saved = [json.loads(path.read_text()) for path in paths]
+    saved = [read_run(path) for path in paths]
     if len(paths) > 1 and not tag:
         raise SystemExit("merging several runs: name the merged table with --tag")
     setups = {s["setup"].split("; wall time")[0] for s in saved}

@@ -122,4 +122,9 @@ def test_accuracy_rerender_merges_runs(tmp_path):
     other.write_text(json.dumps({**json.loads(first.read_text()), "setup": "CPU; 4 epochs; wall time 5 s"}))
     with pytest.raises(SystemExit, match="different setups"):
         accuracy.rerender([first, other], "bad", tmp_path)
+    with pytest.raises(SystemExit, match="missing.json: not a readable results file"):
+        accuracy.rerender([first, tmp_path / "missing.json"], "bad", tmp_path)
+    (tmp_path / "other.json").write_text("[]")
+    with pytest.raises(SystemExit, match="other.json: not a results file"):
+        accuracy.rerender([tmp_path / "other.json"], "bad", tmp_path)
     assert not (tmp_path / "accuracy-bad.json").exists()
