@@ -16,7 +16,7 @@ from rich.table import Table
 from qdistill.data import load_dataset
 from qdistill.errors import QDistillError
 from qdistill.export import inspect_packed, is_packed, load_packed
-from qdistill.models import load_checkpoint, model_spec
+from qdistill.models import build_model, load_checkpoint, model_spec
 from qdistill.pipeline import new_run_dir, run_method
 from qdistill.report import RESULT_COLUMNS, markdown_table, plot_history
 from qdistill.train import METHODS, TrainConfig, evaluate, read_yaml
@@ -64,6 +64,14 @@ def config_from(args, **fixed) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
+def add_trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="let a model file name the Python factory that builds it, and run it (off: files are opened without running any code they name)",
+    )
+
+
 def add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="fashion-mnist", help="'fashion-mnist' or a hook 'package.module:function' returning a qdistill.data.Dataset")
     p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (else $QDISTILL_DATA, then Debian's folder)")
@@ -79,12 +87,16 @@ def data_from(args):
     return data
 
 
-def load_any(path: str, spec_name: str | None = None):
-    """A packed model (as its quantized weights) or a full-precision checkpoint."""
+def load_any(path: str, spec: dict | None = None, trust_code: bool = False):
+    """A packed model (as its quantized weights) or a full-precision checkpoint, and the spec it was built from.
+
+    `spec` is the user's own (from --model/--student: built as given); without it the file's spec is
+    used, which is code-free unless the user passed --trust-code."""
+    model = build_model(spec) if spec is not None else None
     if is_packed(path):
-        return load_packed(path)[0]
-    spec = model_spec(spec_name) if spec_name else None
-    return load_checkpoint(path, spec)[0]
+        loaded, meta = load_packed(path, model=model, trust_code=trust_code)
+        return loaded, spec or meta["spec"]
+    return load_checkpoint(path, spec=spec, model=model, trust_code=trust_code)
 
 
 def show_rows(rows: list[dict], title: str) -> None:
@@ -112,31 +124,36 @@ def cmd_distill(args) -> None:
     cfg = config_from(args, method=args.method)
     data = data_from(args)
     method = cfg.spec
-    spec = model_spec(args.student, data.train_x.shape[1], data.num_classes)
-    init = load_any(args.init, args.student) if args.init else None
+    spec = model_spec(args.student, data.train_x.shape[1], data.num_classes) if args.student else None
+    init = None
+    if args.init:
+        init, spec = load_any(args.init, spec, args.trust_code)
+    spec = spec or model_spec("tiny", data.train_x.shape[1], data.num_classes)
     if method.trains != "weights" and init is None:
         raise QDistillError(f"method {cfg.method} does not train the weights: give trained ones with --init")
     teacher = None
     if cfg.needs_teacher:
         if not args.teacher:
             raise QDistillError(f"method {cfg.method} distills from a teacher: give --teacher FILE (from `qdistill train-teacher`)")
-        teacher = load_checkpoint(args.teacher)[0]
+        teacher_spec = model_spec(args.teacher_model, data.train_x.shape[1], data.num_classes) if args.teacher_model else None
+        teacher = load_any(args.teacher, teacher_spec, args.trust_code)[0]
     run_dir = new_run_dir(args.run_dir, f"distill-{cfg.method}")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     row, _ = run_method(cfg.method, spec, data, cfg, run_dir, teacher=teacher, init=init, quiet=args.quiet)
     (run_dir / "results.json").write_text(json.dumps({"rows": [row], "config": cfg.to_dict()}, indent=1))
-    plot = plot_history(run_dir / "metrics.jsonl", run_dir / "training.png", f"{cfg.method} on {args.student}")
+    plot = plot_history(run_dir / "metrics.jsonl", run_dir / "training.png", f"{cfg.method} on {spec['kwargs'].get('size', spec['factory'])}")
     report = f"# qdistill distill --method {cfg.method}\n\n" + markdown_table([row], RESULT_COLUMNS) + "\n"
     if plot:
         report += "\n![training](training.png)\n"
     (run_dir / "report.md").write_text(report)
-    show_rows([row], f"{cfg.method} on {args.student}")
+    show_rows([row], f"{cfg.method} on {spec['kwargs'].get('size', spec['factory'])}")
     out.print(f"model saved to {run_dir / row['file']}")
 
 
 def cmd_eval(args) -> None:
-    model = load_any(args.file, args.model)
     data = data_from(args)
+    spec = model_spec(args.model, data.train_x.shape[1], data.num_classes) if args.model else None
+    model = load_any(args.file, spec, args.trust_code)[0]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     acc = evaluate(model.to(device), data.test_x, data.test_y)
     print(json.dumps({"file": args.file, "test_acc": acc, "test_examples": len(data.test_x)}))
@@ -185,9 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="train a student with one method (fp, kd, ptq, qat, qd, dq, qd+dq)")
     p.add_argument("--method", choices=list(METHODS), default=None, help="(default qd)")
-    p.add_argument("--student", default="tiny", help="preset (tiny, small, medium, large) or package.module:factory")
+    p.add_argument("--student", help="preset (tiny, small, medium, large) or package.module:factory (default: the --init file's model, else tiny)")
     p.add_argument("--teacher", help="teacher checkpoint (.safetensors from train-teacher)")
+    p.add_argument("--teacher-model", help="the teacher's architecture (preset or package.module:factory) when its file holds a model of your own")
     p.add_argument("--init", help="start from these student weights (needed by ptq and dq)")
+    add_trust_flag(p)
     p.add_argument("--run-dir")
     p.add_argument("--config", help="YAML file of training options")
     add_data_flags(p)
@@ -196,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="test accuracy of a packed model or a checkpoint")
     p.add_argument("file")
-    p.add_argument("--model", help="preset or package.module:factory, for a plain state dict")
+    p.add_argument("--model", help="the file's architecture, a preset or package.module:factory (for a plain state dict or a model of your own)")
+    add_trust_flag(p)
     add_data_flags(p)
     p.set_defaults(func=cmd_eval)
 

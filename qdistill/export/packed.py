@@ -24,7 +24,7 @@ from torch import nn
 
 from qdistill.errors import QDistillError
 from qdistill.export.huffman import mean_code_length
-from qdistill.models import build_model
+from qdistill.models import build_model, load_state
 from qdistill.quant import LearnedPointsQuantizer, pack_bits, packed_bytes, quantized_tensors, unpack_bits
 from qdistill.quant.base import Encoded
 
@@ -80,7 +80,7 @@ def save_packed(model: nn.Module, spec: dict, path: str | Path, info: dict | Non
             tensors["points"] = torch.cat(points)
         kept, by_dtype = [], {}
         for name, t in model.state_dict().items():
-            if ".parametrizations." in name:
+            if "parametrizations" in name.split("."):  # the shadows and quantizer state: stored above
                 continue
             key = f"fp.{str(t.dtype).removeprefix('torch.')}"
             chunks = by_dtype.setdefault(key, [])
@@ -106,31 +106,116 @@ def is_packed(path: str | Path) -> bool:
 
 
 def read_packed(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Metadata and raw tensors, after checking the format and the checksum."""
+    """Metadata and raw tensors, after checking the format, the checksum and the whole layout.
+
+    Nothing in the file is trusted: every offset, count and shape is checked against the tensors
+    before any is decoded (`check_layout`), so a damaged or crafted file fails here with a
+    QDistillError instead of decoding to wrong weights or allocating what its metadata claims."""
     path = Path(path)
     if not path.exists():
         raise QDistillError(f"packed model {path} does not exist")
     try:
         with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {})["qdistill"])
+            raw = (f.metadata() or {}).get("qdistill")
+            if raw is None:
+                raise QDistillError(f"{path} is a safetensors file but not a qdistill packed model")
+            meta = json.loads(raw)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except KeyError:
-        raise QDistillError(f"{path} is a safetensors file but not a qdistill packed model") from None
+    except QDistillError:
+        raise
     except Exception as e:
-        raise QDistillError(f"{path} is corrupt or truncated (cannot be read as a packed model: {e})") from e
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise QDistillError(f"{path}: unsupported format {meta.get('format')} version {meta.get('version')}")
+        raise QDistillError(f"{path} is corrupt or truncated (cannot be read as a packed model: {type(e).__name__})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else type(meta).__name__
+        raise QDistillError(f"{path}: not a {FORMAT} file of version {VERSION} (found {found})")
     body = {k: v for k, v in meta.items() if k != "sha256"}
     if meta.get("sha256") != _digest(body, tensors):
         raise QDistillError(f"{path} failed its checksum: the file was altered or damaged")
+    check_layout(meta, tensors, path)
     return meta, tensors
 
 
+def _int(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def check_layout(meta: dict, tensors: dict[str, torch.Tensor], path) -> None:
+    """Raise QDistillError unless the metadata describes exactly the tensors that save_packed writes.
+
+    Every quantized tensor's indices, scales and points must tile their blobs in order with nothing
+    left over, every kept tensor must lie inside its blob, and names must be unique. A checksum
+    proves nothing against an edit (whoever edits a file recomputes it); these checks do."""
+
+    def bad(what: str):
+        return QDistillError(f"{path}: damaged or crafted metadata ({what}); the file cannot be loaded safely")
+
+    if not isinstance(meta.get("quantized"), list) or not isinstance(meta.get("kept"), list) or not isinstance(meta.get("info", {}), dict):
+        raise bad("'quantized' and 'kept' must be lists")
+    for key, dtype in (("indices", torch.uint8), ("scales", torch.float32), ("points", torch.float32)):
+        if key in tensors and (tensors[key].dtype != dtype or tensors[key].dim() != 1):
+            raise bad(f"tensor {key!r} must be 1-d {dtype}")
+    if "indices" not in tensors or "scales" not in tensors:
+        raise bad("tensors 'indices' and 'scales' are missing")
+    names, offsets = set(), {"indices": 0, "scales": 0, "points": 0}
+    limit = tensors["indices"].numel() * 8  # no tensor can hold more weights than the file has index bits
+    for e in meta["quantized"]:
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str) or e["name"] in names:
+            raise bad("a quantized entry without a unique name")
+        names.add(e["name"])
+        shape = e.get("shape")
+        if not isinstance(shape, list) or len(shape) > 8 or not all(_int(d, 0, limit) for d in shape):
+            raise bad(f"{e['name']}: shape {shape!r}")
+        count = math.prod(shape)
+        bits, bucket = e.get("index_bits"), e.get("bucket")
+        if not _int(bits, 1, 8) or count * bits > limit:
+            raise bad(f"{e['name']}: {count} weights of {bits!r} bits")
+        if not (bucket is None or _int(bucket, 1, limit)):
+            raise bad(f"{e['name']}: bucket {bucket!r}")
+        n_buckets = 1 if bucket is None else math.ceil(count / bucket)
+        if e.get("kind") not in ("uniform", "learned") or e.get("n_buckets") != n_buckets or count == 0:
+            raise bad(f"{e['name']}: kind {e.get('kind')!r}, {e.get('n_buckets')!r} buckets for {count} weights")
+        learned = e["kind"] == "learned"
+        n_points = e.get("n_points")
+        if not (_int(n_points, 2, 2**bits) if learned else n_points == 2**bits):
+            raise bad(f"{e['name']}: {n_points!r} points for {bits}-bit indices")
+        spans = {"indices": packed_bytes(count, bits), "scales": 2 * n_buckets, "points": n_points if learned else 0}
+        for key, span in spans.items():
+            expected = offsets[key] if span or key != "points" else None
+            if e.get(key) != expected:
+                raise bad(f"{e['name']}: {key} offset {e.get(key)!r}, expected {expected}")
+            offsets[key] += span
+    for key, used in offsets.items():
+        size = tensors[key].numel() if key in tensors else 0
+        if used != size:
+            raise bad(f"the layout uses {used} values of {key!r}, the file holds {size}")
+    for e in meta["kept"]:
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str) or e["name"] in names:
+            raise bad("a kept entry without a unique name")
+        names.add(e["name"])
+        blob, shape, offset = e.get("blob"), e.get("shape"), e.get("offset")
+        if not isinstance(blob, str) or not blob.startswith("fp.") or blob not in tensors or tensors[blob].dim() != 1:
+            raise bad(f"{e['name']}: blob {blob!r}")
+        size = tensors[blob].numel()
+        if not isinstance(shape, list) or len(shape) > 8 or not all(_int(d, 0, size) for d in shape) or not _int(offset, 0, size):
+            raise bad(f"{e['name']}: shape {shape!r} at {offset!r}")
+        if offset + math.prod(shape) > size:
+            raise bad(f"{e['name']}: {math.prod(shape)} values at {offset} overrun its blob of {size}")
+    extra = set(tensors) - {"indices", "scales", "points"} - {e["blob"] for e in meta["kept"]}
+    if extra:
+        raise bad(f"unexplained tensors {sorted(extra)}")
+    for key in ("scales", "points"):
+        if key in tensors and not bool(torch.isfinite(tensors[key]).all()):
+            raise bad(f"non-finite values in {key!r}")
+
+
 def decode_entry(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tensor's quantized values; entries come from a layout `check_layout` accepted."""
     count = math.prod(entry["shape"])
     start = entry["indices"]
     raw = tensors["indices"][start : start + packed_bytes(count, entry["index_bits"])].numpy()
     idx = unpack_bits(raw, entry["index_bits"], count).view(entry["shape"])
+    if int(idx.max()) >= entry["n_points"]:
+        raise QDistillError(f"{entry['name']}: a level index exceeds its {entry['n_points']} points (damaged or crafted file)")
     nb, s = entry["n_buckets"], entry["scales"]
     scales = tensors["scales"][s : s + 2 * nb]
     if entry["kind"] == "learned":
@@ -140,20 +225,20 @@ def decode_entry(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return Encoded(idx, scales[:nb], scales[nb:], points, entry["index_bits"]).decode(entry["shape"], entry["bucket"])
 
 
-def load_packed(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild a runnable float model whose weights equal the quantized model's, bit for bit."""
+def load_packed(path: str | Path, model: nn.Module | None = None, trust_code: bool = False) -> tuple[nn.Module, dict]:
+    """Rebuild a runnable float model whose weights equal the quantized model's, bit for bit.
+
+    The architecture is `model` when given (the caller's own), else the file's spec: a qdistill
+    preset, rebuilt from data alone, or, only with `trust_code`, a factory the file names."""
     meta, tensors = read_packed(path)
     state = {e["name"]: decode_entry(e, tensors) for e in meta["quantized"]}
     for e in meta["kept"]:
         blob = tensors[e["blob"]]
         n = math.prod(e["shape"])
         state[e["name"]] = blob[e["offset"] : e["offset"] + n].reshape(e["shape"]).clone()
-    model = build_model(meta["spec"])
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise QDistillError(f"{path} does not fit the model {meta['spec']['factory']}: {str(e).splitlines()[0]}") from e
-    return model.eval(), meta
+    if model is None:
+        model = build_model(meta.get("spec"), trust_code=trust_code, source=str(path))
+    return load_state(model, state, path, f"the model {type(model).__name__}").eval(), meta
 
 
 def stored_metadata_bytes(path: Path) -> int:

@@ -6,10 +6,12 @@ A spec is {"factory": "package.module:function", "kwargs": {...}}; presets are n
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from qdistill.data.dataset import load_object
@@ -30,21 +32,61 @@ def model_spec(name: str, in_channels: int = 1, num_classes: int = 10, **kwargs)
     raise QDistillError(f"unknown model {name!r}: use a preset ({presets}) or 'package.module:factory'")
 
 
-def build_model(spec: dict) -> nn.Module:
-    factory = load_object(spec["factory"], "model factory")
+def _preset_kwargs(presets: dict):
+    """Checks a preset factory's keyword arguments, which come from files: a known size and bounded integers."""
+
+    def check(kwargs: dict) -> dict:
+        unknown = set(kwargs) - {"size", "in_channels", "num_classes"}
+        if unknown:
+            raise QDistillError(f"unknown preset arguments {sorted(unknown)}")
+        if kwargs.get("size", next(iter(presets))) not in presets:
+            raise QDistillError(f"unknown preset size {kwargs.get('size')!r}: one of {', '.join(presets)}")
+        for key, top in (("in_channels", 4096), ("num_classes", 1 << 20)):
+            v = kwargs.get(key, 1)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= top:
+                raise QDistillError(f"preset argument {key} must be an integer from 1 to {top}, got {v!r}")
+        return kwargs
+
+    return check
+
+
+# The factories a spec read from a file may name: called by lookup, never imported by name.
+PRESET_FACTORIES = {
+    "qdistill.models:conv_student": (conv_student, _preset_kwargs(STUDENT_PRESETS)),
+    "qdistill.models:resnet_teacher": (resnet_teacher, _preset_kwargs(TEACHER_PRESETS)),
+}
+
+
+def build_model(spec: dict, trust_code: bool = True, source: str = "the spec") -> nn.Module:
+    """Build the model a spec describes.
+
+    A preset is rebuilt from its data alone. Any other factory is imported and called only with
+    `trust_code`: callers pass False for specs read from a file (`source` names it), so opening a
+    file never runs code it names."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("factory"), str) or not isinstance(spec.get("kwargs", {}), dict):
+        raise QDistillError(f"{source} holds a malformed model spec (expected {{'factory': str, 'kwargs': dict}})")
+    name, kwargs = spec["factory"], spec.get("kwargs", {})
+    if name in PRESET_FACTORIES:
+        factory, check = PRESET_FACTORIES[name]
+        return factory(**check(kwargs))
+    if not trust_code:
+        raise QDistillError(
+            f"{source} names the model factory {name!r}, code outside qdistill, which is not run when a file is opened: "
+            f"give the model yourself (--model {name}, or model=... in Python), or pass --trust-code (trust_code=True) "
+            "if you trust whoever wrote the file"
+        )
+    factory = load_object(name, "model factory")
     try:
-        model = factory(**spec.get("kwargs", {}))
+        model = factory(**kwargs)
     except TypeError as e:
-        raise QDistillError(f"cannot build model {spec['factory']} with {spec.get('kwargs', {})}: {e}") from e
+        raise QDistillError(f"cannot build model {name} with {kwargs}: {e}") from e
     if not isinstance(model, nn.Module):
-        raise QDistillError(f"model factory {spec['factory']} returned {type(model).__name__}, not an nn.Module")
+        raise QDistillError(f"model factory {name} returned {type(model).__name__}, not an nn.Module")
     return model
 
 
 def save_checkpoint(model: nn.Module, spec: dict, path: str | Path, extra: dict | None = None) -> None:
     """A full-precision model as safetensors, with its spec in the metadata (written atomically)."""
-    import json
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"qdistill": "checkpoint", "spec": json.dumps(spec), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
@@ -53,36 +95,53 @@ def save_checkpoint(model: nn.Module, spec: dict, path: str | Path, extra: dict 
     tmp.replace(path)
 
 
-def load_checkpoint(path: str | Path, spec: dict | None = None) -> tuple[nn.Module, dict]:
-    """Load a checkpoint written by `save_checkpoint`, or a plain state dict (safetensors or torch) given `spec`."""
-    import json
-
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.exists():
-        raise QDistillError(f"model file {path} does not exist")
+def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """A state dict and its safetensors metadata, or one QDistillError naming the file (never torch's own advice)."""
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-            state = load_file(path)
-            if spec is None and "spec" in meta:
-                spec = json.loads(meta["spec"])
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except QDistillError:
-        raise
+                return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise QDistillError(f"cannot read model file {path}: {e}") from e
-    if spec is None:
-        raise QDistillError(f"{path} does not say which model it holds: give the model (a preset or package.module:factory)")
-    model = build_model(spec)
+        # torch.load's message suggests weights_only=False, i.e. unpickling the file: never pass that on
+        raise QDistillError(
+            f"cannot read model file {path}: it is truncated, damaged, or not a safetensors or PyTorch state-dict file ({type(e).__name__})"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise QDistillError(f"{path} is not a state dict (a mapping of names to tensors)")
+    return state, {}
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], path, what: str) -> nn.Module:
+    """`model.load_state_dict(state)`, as one QDistillError when the tensors do not fit."""
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise QDistillError(f"weights in {path} do not fit model {spec['factory']}: {str(e).splitlines()[0]}") from e
-    return model, spec
+        raise QDistillError(f"weights in {path} do not fit {what}: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def load_checkpoint(path: str | Path, spec: dict | None = None, model: nn.Module | None = None, trust_code: bool = False) -> tuple[nn.Module, dict]:
+    """Load a checkpoint written by `save_checkpoint`, or a plain state dict (safetensors or torch).
+
+    The architecture is `model`, else the caller's `spec`, else the file's own spec: a preset, or
+    with `trust_code` a factory it names (never imported otherwise)."""
+    path = Path(path)
+    if not path.exists():
+        raise QDistillError(f"model file {path} does not exist")
+    state, meta = read_state(path)
+    if model is None:
+        if spec is None and "spec" in meta:
+            try:
+                spec = json.loads(meta["spec"])
+            except ValueError:
+                raise QDistillError(f"{path} has a damaged model spec in its metadata") from None
+            model = build_model(spec, trust_code=trust_code, source=str(path))
+        elif spec is None:
+            raise QDistillError(f"{path} does not say which model it holds: give the model (a preset or package.module:factory)")
+        else:
+            model = build_model(spec)
+    return load_state(model, state, path, f"model {spec['factory'] if spec else type(model).__name__}"), spec
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -99,6 +158,7 @@ __all__ = [
     "count_parameters",
     "load_checkpoint",
     "model_spec",
+    "read_state",
     "resnet_teacher",
     "save_checkpoint",
 ]

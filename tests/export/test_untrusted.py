@@ -1,0 +1,176 @@
+"""Opening a file never runs code it names, and damaged or crafted files fail with one QDistillError."""
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from qdistill import QDistillError, UniformQuantizer, attach, load_packed, save_packed
+from qdistill.cli import main
+from qdistill.export.packed import _digest
+from qdistill.models import load_checkpoint, model_spec, save_checkpoint
+from tests.export.test_packed import quantized_model
+
+
+def rewrite(path, out, edit_meta=None, edit_tensors=None):
+    """Copy a packed file with edited metadata or tensors and a *recomputed* checksum, as an attacker would."""
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["qdistill"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.pop("sha256")
+    if edit_meta:
+        edit_meta(meta)
+    if edit_tensors:
+        edit_tensors(tensors)
+    meta["sha256"] = _digest(meta, tensors)
+    save_file(tensors, str(out), metadata={"qdistill": json.dumps(meta)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    path = tmp_path_factory.mktemp("packed") / "m.safetensors"
+    return save_packed(quantized_model(quantizer=UniformQuantizer(3, 100)), model_spec("tiny"), path)
+
+
+def evil_spec(marker):
+    return {"factory": "os:system", "kwargs": {"command": f"touch {marker}"}}
+
+
+def test_packed_file_naming_code_does_not_run_it(packed, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    evil = rewrite(packed, tmp_path / "evil.safetensors", lambda m: m.update(spec=evil_spec(marker)))
+    with pytest.raises(QDistillError, match="os:system.*--trust-code"):
+        load_packed(evil)
+    assert main(["eval", str(evil)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qdistill: error:") and err.count("\n") == 1 and "--model" in err
+    assert not marker.exists()
+
+
+def test_checkpoint_naming_code_does_not_run_it(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.safetensors"
+    save_checkpoint(nn.Linear(2, 2), evil_spec(marker), path)
+    with pytest.raises(QDistillError, match="os:system"):
+        load_checkpoint(path)
+    assert main(["distill", "--method", "kd", "--teacher", str(path), "--run-dir", str(tmp_path / "r"), "--dataset", "tests.export.test_untrusted:never_loaded"]) == 2
+    assert not marker.exists()
+
+
+def never_loaded():  # the distill above must fail on the teacher before any data is read... or on the data, not by running code
+    raise QDistillError("data hook called")
+
+
+def test_the_callers_own_model_or_trust_code_loads_a_custom_architecture(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    attach(model, UniformQuantizer(4, 32))
+    spec = {"factory": "torch.nn:Linear", "kwargs": {"in_features": 8, "out_features": 3}}  # deliberately not the model's
+    path = save_packed(model, spec, tmp_path / "m.safetensors")
+    with pytest.raises(QDistillError, match="torch.nn:Linear"):
+        load_packed(path)
+    own = load_packed(path, model=nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)))[0]
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        assert torch.equal(own(x), model(x))
+    with pytest.raises(QDistillError, match="do not fit"):  # trusted, it runs the named factory, whose shapes differ
+        load_packed(path, trust_code=True)
+
+
+def test_top_level_parametrized_weight_round_trips(tmp_path):
+    model = nn.Linear(40, 6)
+    attach(model, UniformQuantizer(2, 16))
+    path = save_packed(model, {"factory": "torch.nn:Linear", "kwargs": {"in_features": 40, "out_features": 6}}, tmp_path / "m.safetensors")
+    loaded = load_packed(path, trust_code=True)[0]
+    assert torch.equal(loaded.weight, model.weight) and torch.equal(loaded.bias, model.bias)
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_truncated_torch_file_gets_no_unsafe_advice(tmp_path, zip_format):
+    path = tmp_path / "w.pt"
+    torch.save(nn.Linear(3, 3).state_dict(), path, _use_new_zipfile_serialization=zip_format)
+    path.write_bytes(path.read_bytes()[: 141 if not zip_format else -40])  # the legacy cut makes torch advise weights_only=False
+    with pytest.raises(QDistillError, match="truncated") as e:
+        load_checkpoint(path, model_spec("tiny"))
+    assert "weights_only" not in str(e.value)
+
+
+LAYOUT_EDITS = [
+    ("shift an offset", lambda m: m["quantized"][1].update(indices=m["quantized"][1]["indices"] + 1)),
+    ("huge shape", lambda m: m["quantized"][0].update(shape=[1 << 40, 1 << 40])),
+    ("negative dim", lambda m: m["quantized"][0].update(shape=[-8, 9])),
+    ("more bits", lambda m: m["quantized"][0].update(index_bits=8, n_points=256)),
+    ("fewer buckets", lambda m: m["quantized"][-1].update(n_buckets=1)),
+    ("kept overruns", lambda m: m["kept"][0].update(offset=10**9)),
+    ("kept in a missing blob", lambda m: m["kept"][0].update(blob="fp.float64")),
+    ("duplicate name", lambda m: m["kept"][0].update(name=m["quantized"][0]["name"])),
+    ("entry not a dict", lambda m: m["quantized"].append(7)),
+    ("bucket a string", lambda m: m["quantized"][0].update(bucket="256")),
+]
+
+
+@pytest.mark.parametrize("edit", [e for _, e in LAYOUT_EDITS], ids=[n for n, _ in LAYOUT_EDITS])
+def test_edited_layout_with_recomputed_checksum_is_refused(packed, tmp_path, edit):
+    with pytest.raises(QDistillError, match="damaged or crafted"):
+        load_packed(rewrite(packed, tmp_path / "x.safetensors", edit))
+
+
+def test_padding_overrun_is_refused(packed, tmp_path):
+    """np.unpackbits would pad a short index blob with zeros: a shortened blob must not decode."""
+    edit = lambda t: t.update(indices=t["indices"][:-3].clone())  # noqa: E731
+    with pytest.raises(QDistillError, match="damaged or crafted"):
+        load_packed(rewrite(packed, tmp_path / "x.safetensors", edit_tensors=edit))
+
+
+JSON_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True), st.text(max_size=8),
+    st.lists(st.integers(-5, 1 << 40), max_size=4),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_files_load_correctly_or_fail_cleanly(packed, tmp_path, data):
+    """Truncation, bit flips, and metadata edits with a recomputed checksum: a model or a QDistillError, nothing else."""
+    original = packed.read_bytes()
+    kind = data.draw(st.sampled_from(["truncate", "flip", "edit", "edit-tensor"]))
+    out = tmp_path / "fuzz.safetensors"
+    if kind == "truncate":
+        out.write_bytes(original[: data.draw(st.integers(0, len(original) - 1))])
+    elif kind == "flip":
+        raw = bytearray(original)
+        for pos in data.draw(st.lists(st.integers(0, len(raw) - 1), min_size=1, max_size=4)):
+            raw[pos] ^= 1 << data.draw(st.integers(0, 7))
+        out.write_bytes(bytes(raw))
+    elif kind == "edit":
+        section = data.draw(st.sampled_from(["quantized", "kept"]))
+
+        def edit(m):
+            entries = m[section]
+            entry = entries[data.draw(st.integers(0, len(entries) - 1))]
+            entry[data.draw(st.sampled_from(sorted(entry)))] = data.draw(JSON_VALUES)
+
+        rewrite(packed, out, edit)
+    else:
+        def edit_tensor(t):
+            key = data.draw(st.sampled_from(sorted(t)))
+            n = t[key].numel()
+            t[key] = t[key][: data.draw(st.integers(0, n))].clone() if data.draw(st.booleans()) else torch.cat([t[key], t[key][:5]])
+
+        rewrite(packed, out, edit_tensors=edit_tensor)
+    try:
+        model, meta = load_packed(out)
+    except QDistillError:
+        return
+    reference = load_packed(packed)[0]  # what survived must be a complete model of the right shapes
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert a.shape == b.shape and bool(torch.isfinite(a).all() if a.is_floating_point() else True), name
+    with torch.no_grad():
+        assert math.isfinite(float(sum(p.sum() for p in model.parameters())))
