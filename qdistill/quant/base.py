@@ -40,6 +40,18 @@ def to_buckets(w: torch.Tensor, bucket: int | None) -> torch.Tensor:
     return flat.view(-1, k)
 
 
+def upcast(b: torch.Tensor) -> torch.Tensor:
+    """`b` in at least float32, the precision quantization is computed in.
+
+    In float16, top / alpha overflows for buckets narrower than (2**bits - 1) / 65504, hi - lo for ranges
+    over 65504, and MIN_RANGE rounds to 0 (a constant bucket gives 0 * inf); bfloat16's 8-bit significand
+    loses the bucket's max. Every float16 and bfloat16 value is exact in float32, so a half-precision
+    tensor quantizes to its float32 result rounded to its dtype, which stays in each bucket's range
+    (rounding is monotone and the range ends are representable). Float32 and float64 pass unchanged.
+    """
+    return b.to(torch.promote_types(b.dtype, torch.float32))
+
+
 def from_buckets(b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Undo `to_buckets`, in `like`'s memory layout: a channels-last shadow gives a channels-last Q(w),
     the layout the CPU conv kernels run fastest in (the buckets themselves always follow row-major order)."""

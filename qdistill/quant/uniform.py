@@ -15,6 +15,7 @@ from qdistill.quant.base import (
     dequantize,
     from_buckets,
     to_buckets,
+    upcast,
 )
 
 
@@ -84,7 +85,10 @@ class UniformQuantizer(Quantizer):
         return f"bits={self.bits}, bucket={self.bucket}, stochastic={self.stochastic}, scale={self.scale}"
 
     def levels(self, b: torch.Tensor, stochastic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Level of every value of the buckets `b` (one per row) as a float in {0, ..., s - 1}, and each bucket's lowest and highest level."""
+        """Level of every value of the buckets `b` (one per row) as a float in {0, ..., s - 1}, and each bucket's lowest and highest level.
+
+        All three are at least float32 (`upcast`)."""
+        b = upcast(b)
         lo, hi, alpha = bucket_range(b) if self.scale == "minmax" else clipped_range(b, self.bits)
         top = 2**self.bits - 1
         x = (b - lo).mul_(top / alpha)  # (v - beta) / alpha * (s - 1), in place: this is the hot path
@@ -98,7 +102,7 @@ class UniformQuantizer(Quantizer):
         """Q of each row of `b`, rows being buckets (of one tensor, or of many: see `quant.fused`)."""
         x, lo, hi = self.levels(b.detach(), stochastic=self.stochastic and self.training)
         # level / (s - 1) is bit for bit the stored point self.points[level]: no integer gather in the hot path
-        return dequantize(x.div_(2**self.bits - 1), lo, hi)
+        return dequantize(x.div_(2**self.bits - 1), lo, hi).to(b.dtype)
 
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
         return from_buckets(self.quantize_buckets(to_buckets(w.detach(), self.bucket)), w)

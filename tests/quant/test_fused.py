@@ -79,3 +79,19 @@ def test_by_default_tensors_on_a_cpu_keep_the_per_tensor_path():
     attach(model, UniformQuantizer(2, 64))
     with fused_quantization(model):
         assert not model._forward_pre_hooks
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_half_precision_is_the_per_tensor_path(dtype):
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(12, 30), nn.ReLU(), nn.Linear(30, 7)).to(dtype)
+    with torch.no_grad():
+        plain[0].weight[0] = 0.5  # a constant bucket: NaN if quantized in fp16
+        plain[2].weight[0, :16] = torch.linspace(0, 1e-3, 16)  # a narrow one: inf
+    attach(plain, UniformQuantizer(8, 16))
+    fused = copy.deepcopy(plain)
+    x = torch.randn(4, 12).to(dtype)
+    with fused_quantization(fused, enabled=True):
+        (out_a, grads_a), (out_b, grads_b) = loss_and_grads(plain, x), loss_and_grads(fused, x)
+    assert out_a.isfinite().all() and torch.equal(out_a, out_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))

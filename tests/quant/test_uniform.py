@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qdistill import LearnedPointsQuantizer, QDistillError, UniformQuantizer
-from qdistill.quant.base import to_buckets
+from qdistill.quant.base import MIN_RANGE, to_buckets
 from qdistill.quant.uniform import SCALES, clipped_range
 
 shapes = st.sampled_from([(7,), (3, 5), (16, 33), (4, 3, 3, 3), (2, 300), (513,)])
@@ -141,3 +141,45 @@ def test_paper_size_ratio(bits, ratio):
     n = 256 * 1000
     assert math.isclose(32 * n / q.size_bits(n), ratio, rel_tol=2e-3)
     assert UniformQuantizer(bits, 256).size_bits(257) == 257 * bits + 2 * 2 * 32
+
+
+half = st.sampled_from([torch.float16, torch.bfloat16])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    dtype=half,
+    bits=st.integers(1, 8),
+    bucket=st.sampled_from([None, 2, 5, 16]),
+    scale=st.sampled_from(SCALES),
+    base=st.sampled_from([0.0, 1e-30, 1e-6, -0.03, 1.0, 300.0, -6e4, 6e4]),
+    log_spread=st.one_of(st.none(), st.integers(-135, 17)),  # None: constant buckets
+    seed=st.integers(0, 10_000),
+)
+def test_half_precision_narrow_and_wide_buckets_stay_finite_and_in_range(dtype, bits, bucket, scale, base, log_spread, seed):
+    spread = 0.0 if log_spread is None else 2.0**log_spread
+    top = torch.finfo(torch.float16).max if dtype == torch.float16 else 1e38  # a bf16 range over fp32's max overflows as fp32 weights do
+    w = (base + spread * torch.randn(40, generator=torch.Generator().manual_seed(seed))).clamp(-top, top).to(dtype)
+    q = UniformQuantizer(bits, bucket, scale=scale).eval()
+    out = q(w)
+    assert out.dtype == dtype and out.isfinite().all()
+    assert torch.equal(out, q(w.float()).to(dtype))  # every fp16/bf16 value is exact in fp32: the fp32 result, rounded
+    bw, bq = to_buckets(w, bucket), to_buckets(out, bucket)
+    lo, hi = bw.amin(1, keepdim=True), bw.amax(1, keepdim=True)
+    assert torch.all((bq >= lo) & (bq <= hi))
+    if scale == "minmax":
+        wide = (hi.float() - lo.float()) >= MIN_RANGE  # narrower ranges go to their minimum, as in fp32
+        assert torch.equal(bq.amin(1, keepdim=True), lo) and torch.equal(bq.amax(1, keepdim=True)[wide], hi[wide])
+    enc = q.encode(w)
+    assert torch.equal(enc.indices, q.encode(w.float()).indices) and enc.lo.dtype == enc.hi.dtype == torch.float32
+    noisy = UniformQuantizer(bits, bucket, stochastic=True, scale=scale).train()(w)
+    assert noisy.isfinite().all() and torch.all((to_buckets(noisy, bucket) >= lo) & (to_buckets(noisy, bucket) <= hi))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("values", [[0.25] * 4, [0.0, 1e-3, 5e-4, 2e-4], [0.0, 6e-8, 0.0, 6e-8], [-6e4, 6e4, 0.0, 1.0]])
+def test_half_precision_degenerate_narrow_and_wide_buckets(dtype, values):
+    w = torch.tensor(values).to(dtype)
+    for q in (UniformQuantizer(8, None), UniformQuantizer(2, None), UniformQuantizer(8, None, scale="mse")):
+        out = q(w)
+        assert out.isfinite().all() and out.min() == w.min() and out.max() == w.max()
