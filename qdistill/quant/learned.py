@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from qdistill.errors import QDistillError
-from qdistill.quant.base import Encoded, Quantizer, bucket_range, check_bits, check_bucket, dequantize, from_buckets, to_buckets
+from qdistill.quant.base import Encoded, Quantizer, bucket_range, check_bits, check_bucket, dequantize, from_buckets, to_buckets, upcast
 
 QUANTILE_SAMPLE = 1 << 22  # torch.quantile's input limit is 2**24; sample above this
 
@@ -43,7 +43,8 @@ class LearnedPointsQuantizer(Quantizer):
         return 32 * self.points.numel()
 
     def scaled(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b = to_buckets(w.detach(), self.bucket)
+        """Weights in [0, 1] per bucket, and the buckets' min and max; at least float32, as the points are."""
+        b = upcast(to_buckets(w.detach(), self.bucket))
         lo, hi, alpha = bucket_range(b)
         return (b - lo) / alpha, lo, hi
 
@@ -68,7 +69,7 @@ class LearnedPointsQuantizer(Quantizer):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         x, lo, hi = self.scaled(w)
-        q = from_buckets(dequantize(self.points[self.assign(x)], lo, hi), w)
+        q = from_buckets(dequantize(self.points[self.assign(x)], lo, hi).to(w.dtype), w)
         if w.requires_grad:  # straight-through to the shadow weights; adding an exact zero keeps q bit-identical
             q = q + (w - w.detach())
         return q

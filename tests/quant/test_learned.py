@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from qdistill.quant import LearnedPointsQuantizer, redistribute_points
@@ -87,3 +88,23 @@ def test_redistribution_keeps_the_total():
 def test_index_width_follows_point_count():
     q = make(torch.randn(100), n=5)
     assert q.index_bits == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("init", ["quantile", "uniform"])
+def test_half_precision_weights_quantize_as_their_float32_values(dtype, init):
+    w = (torch.randn(20, 30, generator=torch.Generator().manual_seed(0)) * 0.05).to(dtype)
+    w[3] = 0.01  # a constant bucket
+    w[4, :2] = torch.tensor([0.0, 1e-3])  # a narrow one
+    w[4, 2:] = 0.0
+    q, q32 = LearnedPointsQuantizer(2, 30, init=init), LearnedPointsQuantizer(2, 30, init=init)
+    q.init_points(w)
+    q32.init_points(w.float())
+    assert torch.equal(q.points, q32.points)
+    out = q(w)
+    assert out.dtype == dtype and torch.equal(out, q32(w.float()).to(dtype))  # every fp16/bf16 value is exact in fp32
+    assert torch.equal(q.encode(w).indices, q32.encode(w.float()).indices)
+    wr = w.clone().requires_grad_(True)
+    g = torch.randn(20, 30).to(dtype)
+    (q(wr) * g).sum().backward()
+    assert torch.equal(wr.grad, g) and q.points.grad.dtype == torch.float32 and q.points.grad.isfinite().all()
