@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,24 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def isolated_cache(tmp_path, monkeypatch):
     """Teacher and logit caches go to a temporary folder, never the user's."""
     monkeypatch.setenv("QDISTILL_CACHE", str(tmp_path / "cache"))
+
+
+def find_fashion_mnist() -> Path | None:
+    """The folder the library reads Fashion-MNIST from when no --data-dir is given ($QDISTILL_DATA, else
+    Debian's), or None where it holds no data; never the download the library falls back on."""
+    from qdistill.data.fashion_mnist import DEBIAN_DIR, _find
+
+    folder = Path(os.environ.get("QDISTILL_DATA") or DEBIAN_DIR)
+    return folder if _find(folder) else None
+
+
+@pytest.fixture
+def fashion_mnist() -> Path:
+    """The real Fashion-MNIST's folder; the test is skipped where the library would have to download it."""
+    folder = find_fashion_mnist()
+    if folder is None:
+        pytest.skip("Fashion-MNIST not found in $QDISTILL_DATA or Debian's folder (apt-get install dataset-fashion-mnist)")
+    return folder
 
 
 def toy_dataset(n_train=512, n_test=256, classes=4, seed=0):
