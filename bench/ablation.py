@@ -6,6 +6,15 @@ Per seed, kd is trained first (the goal: a low-bit student as good as its full-p
 twin), then the variants that others start from, then the rest. The first variant is the baseline
 the gains are measured against. Writes bench/results/ablation-<tag>.{json,md}.
 
+A run that diverges (qdistill.errors.Diverged) gets a row marked diverged instead of stopping the
+ablation, and a variant that starts from it (init=) is marked not run for that seed; the table averages
+the seeds that trained and says how many diverged.
+
+To resume after a kill, run the same command again. Each finished (variant, seed) row, and the weights
+others start from, are kept in a work directory (--work-dir, default bench/results/work-ablation-<tag>/)
+as soon as the run ends; a rerun skips what it finds there. A rerun with other arguments into the same
+work directory is refused: delete the directory (or give another --work-dir) to start over.
+
     python bench/ablation.py --tag 2bit --bits 2 --variant "qd" --variant "qd, mse scale: scale=mse" \\
         --variant "qd from kd: init=kd" --variant "fp: method=fp" --variant "qat from fp: method=qat, init=fp"
 """
@@ -25,12 +34,15 @@ import torch
 import yaml
 
 from qdistill.data import load_dataset
-from qdistill.models import load_checkpoint, model_spec, save_checkpoint
 from qdistill.distill import CachedTeacher
+from qdistill.errors import Diverged
+from qdistill.models import load_checkpoint, model_spec, save_checkpoint
 from qdistill.pipeline import cache_dir, get_teacher, run_method
 from qdistill.report import markdown_table
 from qdistill.train import TrainConfig, evaluate
 from qdistill.ui import map_with_progress
+
+from accuracy import accuracy_cell, diverged, open_work_dir, write_json  # bench/accuracy.py, next to this script
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -48,47 +60,66 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 
 def run_one(label: str, changes: dict, seed: int, base: dict, paths: dict, data_args: dict, threads: int) -> dict:
-    """Train one variant for one seed in its own process; a full-precision variant leaves its weights for `init`."""
+    """Train one variant for one seed in its own process; a full-precision variant leaves its weights for
+    `init`. A run that diverges gives a row marked so; one whose `init` has no weights in `paths` (it
+    diverged) is marked not run."""
     torch.set_num_threads(threads)
-    data = load_dataset(data_args["dataset"], data_args["data_dir"]).subset(data_args["train_subset"], data_args["test_subset"])
-    teacher = load_checkpoint(paths["teacher"])[0]
     changes = dict(changes)
     init_label = changes.pop("init", None)
-    init = load_checkpoint(paths[(init_label, seed)])[0] if init_label else None
     cfg = TrainConfig.from_dict({**base, "method": "qd", **changes, "seed": seed})
+    mark = {"variant": label, "seed": seed, "bits": cfg.bits if cfg.spec.quantizer is not None else 32, "test_acc": None}
+    if init_label and (init_label, seed) not in paths:
+        return {**mark, "not_run": f"{init_label} diverged"}
+    data = load_dataset(data_args["dataset"], data_args["data_dir"]).subset(data_args["train_subset"], data_args["test_subset"])
+    teacher = load_checkpoint(paths["teacher"])[0]
+    init = load_checkpoint(paths[(init_label, seed)])[0] if init_label else None
     spec = model_spec(data_args["student"], data.train_x.shape[1], data.num_classes)
     with tempfile.TemporaryDirectory() as tmp:
-        row, model = run_method(label, spec, data, cfg, Path(tmp), teacher=teacher, init=init, quiet=True)
+        try:
+            row, model = run_method(label, spec, data, cfg, Path(tmp), teacher=teacher, init=init, quiet=True)
+        except Diverged as e:
+            return {**mark, "diverged": diverged(e)}
     if (label, seed) in paths:
         save_checkpoint(model, spec, paths[(label, seed)])
     return {**row, "variant": label, "seed": seed}
 
 
+def finish(path: str, *job) -> None:
+    """Run one (variant, seed) in a worker and keep its row at once, so that a killed run loses only the runs under way."""
+    write_json(Path(path), run_one(*job))
+
+
 def summarize(rows: list[dict], labels: list[str]) -> list[dict]:
+    """Per variant: mean, min and max over the seeds that trained, how many did not, and the gains in mean
+    accuracy over kd and over the baseline (the first variant, labels[1])."""
     by_label = {label: [r for r in rows if r["variant"] == label] for label in labels}
-    kd_mean = statistics.mean(r["test_acc"] for r in by_label["kd"])
-    base_mean = statistics.mean(r["test_acc"] for r in by_label[labels[1]])
+    trained = {label: [r for r in rs if r["test_acc"] is not None] for label, rs in by_label.items()}
+    means = {label: statistics.mean(r["test_acc"] for r in rs) if rs else None for label, rs in trained.items()}
+    kd_mean, base_mean = means["kd"], means[labels[1]]
     out = []
     for label in labels:
-        accs = [r["test_acc"] for r in by_label[label]]
-        mean = statistics.mean(accs)
+        accs, mean = [r["test_acc"] for r in trained[label]], means[label]
         out.append(
             {
                 "variant": label,
                 "bits": by_label[label][0]["bits"],
+                "seeds": len(by_label[label]),
+                "diverged": sum("diverged" in r for r in by_label[label]),
+                "not_run": sum("not_run" in r for r in by_label[label]),
+                "why_not_run": ", ".join(sorted({r["not_run"] for r in by_label[label] if "not_run" in r})) or None,
                 "mean": mean,
-                "min": min(accs),
-                "max": max(accs),
-                "vs_kd": mean - kd_mean,
-                "vs_baseline": None if label == "kd" else mean - base_mean,
-                "size_bytes": by_label[label][0]["size_bytes"],
-                "train_s": statistics.mean(r["train_s"] for r in by_label[label]),
+                "min": min(accs, default=None),
+                "max": max(accs, default=None),
+                "vs_kd": None if mean is None or kd_mean is None else mean - kd_mean,
+                "vs_baseline": None if label == "kd" or mean is None or base_mean is None else mean - base_mean,
+                "size_bytes": trained[label][0]["size_bytes"] if accs else None,
+                "train_s": statistics.mean(r["train_s"] for r in trained[label]) if accs else None,
             }
         )
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", action="append", required=True, help="'label: key=value, ...' (repeatable; the first is the baseline)")
     p.add_argument("--bits", type=int, default=2)
@@ -104,7 +135,8 @@ def main() -> None:
     p.add_argument("--test-subset", type=int)
     p.add_argument("--tag", required=True, help="results file: ablation-<tag>")
     p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args()
+    p.add_argument("--work-dir", type=Path, help="finished runs and the weights others start from, kept to resume after a kill (default: <out>/work-ablation-<tag>)")
+    args = p.parse_args(argv)
     variants = [parse_variant(v) for v in args.variant]
     labels = ["kd"] + [label for label, _ in variants]
     if len(set(labels)) != len(labels):
@@ -117,39 +149,57 @@ def main() -> None:
             raise SystemExit(f"variant {label!r}: init={changes['init']} must name kd or an earlier fp/kd variant")
         methods[label] = cfg.method
     sources = {"kd"} | {changes["init"] for _, changes in variants if changes.get("init")}
+    work = args.work_dir or args.out / f"work-ablation-{args.tag}"
+    arguments = {k: v for k, v in vars(args).items() if k != "work_dir"}
+    resumed = open_work_dir(work, json.loads(json.dumps(arguments, default=str)))
+    if resumed:
+        print(f"resuming {work}: {resumed} runs done before")
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     card = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     data = load_dataset(args.dataset, args.data_dir).subset(args.train_subset, args.test_subset)
-    teacher = get_teacher(data, args.teacher, base.replace(method="fp", epochs=args.teacher_epochs), quiet=True)
+    teacher_path = work / "teacher.safetensors"
+    if teacher_path.exists():  # the teacher of the rows already there
+        teacher = load_checkpoint(teacher_path)[0]
+    else:
+        teacher = get_teacher(data, args.teacher, base.replace(method="fp", epochs=args.teacher_epochs), quiet=True)
+        save_checkpoint(teacher, model_spec(args.teacher, data.train_x.shape[1], data.num_classes), teacher_path)
     teacher_acc = evaluate(teacher, data.test_x, data.test_y)
     CachedTeacher.build(teacher.to(device), data.train_x, cache_dir() / "logits", device=device)  # once, not once per worker
     data_args = {"dataset": args.dataset, "data_dir": args.data_dir, "train_subset": args.train_subset, "test_subset": args.test_subset, "student": args.student}
     threads = max(1, torch.get_num_threads() // args.workers)
-    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(args.workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
-        paths = {"teacher": str(Path(tmp) / "teacher.safetensors")}
-        paths |= {(label, s): str(Path(tmp) / f"init-{i}-{s}.safetensors") for i, label in enumerate(sorted(sources)) for s in args.seeds}
-        save_checkpoint(teacher, model_spec(args.teacher, data.train_x.shape[1], data.num_classes), paths["teacher"])
+    paths = {"teacher": str(teacher_path)}
+    paths |= {(label, s): str(work / f"init-{labels.index(label)}-{s}.safetensors") for label in sources for s in args.seeds}
+    with ProcessPoolExecutor(args.workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
 
-        def run_all(jobs, description):
-            return map_with_progress(pool, run_one, [job + (base.to_dict(), paths, data_args, threads) for job in jobs], description)
+        def run_all(jobs, paths, description):
+            """The jobs' rows: those of finished runs read back from the work directory, the others run."""
+            files = [work / "jobs" / f"{labels.index(label)}-{s}.json" for label, _, s in jobs]
+            todo = [(str(f), *job, base.to_dict(), paths, data_args, threads) for f, job in zip(files, jobs) if not f.exists()]
+            map_with_progress(pool, finish, todo, description)
+            return [json.loads(f.read_text()) for f in files]
 
         first = [("kd", {"method": "kd"})] + [v for v in variants if v[0] in sources]
-        rows = run_all([(label, changes, s) for label, changes in first for s in args.seeds], "starting points (variant, seed)")
-        rows += run_all([(label, changes, s) for label, changes in variants if label not in sources for s in args.seeds], "variants (variant, seed)")
+        rows = run_all([(label, changes, s) for label, changes in first for s in args.seeds], paths, "starting points (variant, seed)")
+        trained = {(r["variant"], r["seed"]) for r in rows if r["test_acc"] is not None}
+        rest_paths = {k: v for k, v in paths.items() if k == "teacher" or k in trained}  # a diverged starting point has no weights
+        rest = [(label, changes, s) for label, changes in variants if label not in sources for s in args.seeds]
+        rows += run_all(rest, rest_paths, "variants (variant, seed)")
     seconds = time.perf_counter() - start
     summary = summarize(rows, labels)
     setup = (
         f"{card}; student {args.student}; teacher {args.teacher} ({args.teacher_epochs} epochs) {teacher_acc:.2f}%; "
         f"{args.bits} bits; {args.epochs} epochs unless a variant says otherwise; seeds {args.seeds}; "
         f"train examples {len(data.train_x)}, test {len(data.test_x)}; wall time {seconds:.0f} s"
+        + (f", resumed with {resumed} of {len(labels) * len(args.seeds)} runs done before" if resumed else "")
     )
     columns = [
-        ("variant", "variant", ""), ("bits", "bits", ""), ("mean", "mean acc. (%)", ".2f"), ("min", "min", ".2f"), ("max", "max", ".2f"),
+        ("variant", "variant", ""), ("bits", "bits", ""), ("accuracy", "test acc. (%): mean (min–max)", ""),
         ("vs_kd", "vs kd", "+.2f"), ("vs_baseline", "vs baseline", "+.2f"), ("size_bytes", "size (bytes)", ","), ("train_s", "train s", ".0f"),
     ]
     spelled = "\n".join(f"- `{v}`" for v in args.variant)
-    md = f"# Ablation: {args.tag}\n\n{setup}.\n\nVariants (label: TrainConfig overrides; the first is the baseline):\n{spelled}\n\n{markdown_table(summary, columns)}\n"
+    table = markdown_table([{**s, "accuracy": accuracy_cell(s)} for s in summary], columns)
+    md = f"# Ablation: {args.tag}\n\n{setup}.\n\nVariants (label: TrainConfig overrides; the first is the baseline):\n{spelled}\n\n{table}\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"ablation-{args.tag}.json").write_text(json.dumps({"setup": setup, "card": card, "variants": args.variant, "summary": summary, "rows": rows}, indent=1))
     (args.out / f"ablation-{args.tag}.md").write_text(md)

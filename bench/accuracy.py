@@ -7,6 +7,16 @@ uses the same epochs and schedule. Jobs, one per (student, seed) for fp and kd, 
 seed, bit width), run in parallel processes (--workers): small students leave a big GPU mostly idle.
 Writes bench/results/accuracy-<tag>.{json,md,png}.
 
+A method whose training diverges (qdistill.errors.Diverged) gets a row marked diverged instead of stopping
+the table, and the methods that start from it (qd+dq from qd; ptq and the improved qat from fp; the
+improved qd and dq from kd) are marked not run. The table averages the seeds that trained and says how
+many diverged.
+
+To resume after a kill, run the same command again. Each job's rows, and the fp and kd weights, are
+kept in a work directory (--work-dir, default bench/results/work-accuracy-<tag>/) as soon as the job
+ends; a rerun skips the jobs found there. A rerun with other arguments into the same work directory is
+refused: delete the directory (or give another --work-dir) to start over.
+
     python bench/accuracy.py                                  # full table (meant for a GPU)
     python bench/accuracy.py --students tiny --bits 4 2 --seeds 0 --epochs 1 --train-subset 5000   # CPU-sized
     python bench/accuracy.py --students medium --bits 4 2 --methods ptq qat qd --improved qd      # fewer rows
@@ -31,9 +41,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from qdistill.data import load_dataset  # noqa: E402
-from qdistill.models import count_parameters, load_checkpoint, model_spec, save_checkpoint  # noqa: E402
 from qdistill.distill import CachedTeacher  # noqa: E402
-from qdistill.pipeline import LOW_BIT_METHODS, cache_dir, compare_at_bits, get_teacher, train_references  # noqa: E402
+from qdistill.errors import Diverged  # noqa: E402
+from qdistill.models import count_parameters, load_checkpoint, model_spec, save_checkpoint  # noqa: E402
+from qdistill.pipeline import LOW_BIT_METHODS, cache_dir, get_teacher, improved_recipe, run_method  # noqa: E402
 from qdistill.report import markdown_table  # noqa: E402
 from qdistill.train import TrainConfig, evaluate  # noqa: E402
 from qdistill.ui import map_with_progress  # noqa: E402
@@ -42,36 +53,80 @@ RESULTS = Path(__file__).parent / "results"
 ORDER = ["fp", "kd", "ptq (global)", "ptq", "qat", "qd", "qat (from fp, mse)", "qd (from kd, mse, T 1)", "dq", "qd+dq"]
 
 
+def low_bit_steps(cfg: TrainConfig, methods: tuple[str, ...], improved: tuple[str, ...]) -> list[tuple[str, TrainConfig, str | None]]:
+    """What `pipeline.compare_at_bits` runs, as (label, config, the run it starts from), so that one
+    method's divergence does not lose the others' rows."""
+    steps = []
+    if "ptq" in methods:
+        steps += [("ptq", cfg.replace(method="ptq"), "fp"), ("ptq (global)", cfg.replace(method="ptq", bucket=None), "fp")]
+    if "qat" in methods:
+        steps.append(("qat", cfg.replace(method="qat"), None))
+    if "qd" in methods:
+        steps.append(("qd", cfg.replace(method="qd"), None))
+    if "qat" in improved:
+        steps.append(("qat (from fp, mse)", improved_recipe(cfg.replace(method="qat")), "fp"))
+    if "qd" in improved:
+        steps.append(("qd (from kd, mse, T 1)", improved_recipe(cfg.replace(method="qd")), "kd"))
+    if "dq" in methods:
+        steps.append(("dq", cfg.replace(method="dq"), "kd"))
+    if "qd+dq" in methods:
+        steps.append(("qd+dq", cfg.replace(method="dq", points_init="uniform"), "qd"))
+    return steps
+
+
+def diverged(error: Diverged) -> dict:
+    return {"phase": error.phase, "step": error.step, "loss": error.loss}
+
+
 def run_job(student: str, seed: int, bits: int | None, base: dict, paths: dict, data_args: dict, threads: int, methods: dict) -> list[dict]:
-    """One process's share: fp and kd of (student, seed) when `bits` is None (their weights saved to
-    `paths`), else every low-bit method at `bits`, starting from those weights where a method does."""
+    """One process's share: fp and kd of (student, seed) when `bits` is None (the weights of those that
+    trained saved to `paths`), else every low-bit method at `bits`, starting from the fp and kd weights
+    in `paths` where a method does. A method that diverges gives a row marked so, and the methods that
+    start from it, or from fp or kd missing from `paths`, are marked not run."""
     torch.set_num_threads(threads)
     data = load_dataset(data_args["dataset"], data_args["data_dir"]).subset(data_args["train_subset"], data_args["test_subset"])
     teacher = load_checkpoint(paths["teacher"])[0]
     cfg = TrainConfig.from_dict(base).replace(seed=seed)
     spec = model_spec(student, data.train_x.shape[1], data.num_classes)
+    if bits is None:
+        steps = [("fp", cfg.replace(method="fp"), None), ("kd", cfg.replace(method="kd"), None)]
+        models = {}
+    else:
+        steps = low_bit_steps(cfg.replace(bits=bits), **methods)
+        models = {m: load_checkpoint(paths[(m, student, seed)])[0] if (m, student, seed) in paths else None for m in ("fp", "kd")}
+    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        if bits is None:
-            rows, fp, kd = train_references(spec, data, cfg, Path(tmp), teacher, quiet=True)
-            save_checkpoint(fp, spec, paths[("fp", student, seed)])
-            save_checkpoint(kd, spec, paths[("kd", student, seed)])
-        else:
-            fp, kd = (load_checkpoint(paths[(m, student, seed)])[0] for m in ("fp", "kd"))
-            rows = compare_at_bits(spec, data, cfg, Path(tmp), teacher, bits, fp, kd, quiet=True, **methods)
-    return [{**row, "student": student, "seed": seed} for row in rows]
+        for label, method_cfg, source in steps:
+            models[label] = None
+            mark = {"method": label, "bits": bits or 32, "test_acc": None}
+            if source and models[source] is None:
+                rows[label] = {**mark, "not_run": f"{source} diverged"}
+                continue
+            try:
+                rows[label], models[label] = run_method(label, spec, data, method_cfg, Path(tmp), teacher=teacher, init=models.get(source), quiet=True)
+            except Diverged as e:
+                rows[label] = {**mark, "diverged": diverged(e)}
+                continue
+            if bits is None:
+                save_checkpoint(models[label], spec, paths[(label, student, seed)])
+            if label == "qd+dq":
+                rows[label]["train_s"] += rows["qd"]["train_s"]
+    return [{**row, "student": student, "seed": seed} for row in rows.values()]
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean, min and max over seeds per (student, method, bits); sizes relative to the student's fp32 size."""
+    """Mean, min and max over the seeds that trained, per (student, method, bits), and how many diverged
+    or were not run; sizes relative to the student's fp32 size."""
     students = list(dict.fromkeys(r["student"] for r in rows))
-    params = {r["student"]: r["params"] for r in rows if r["method"] == "fp"}
+    params = {r["student"]: r["params"] for r in rows if r["test_acc"] is not None}
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["student"], r["method"], r["bits"]), []).append(r)
     out = []
     for (student, method, bits), rs in groups.items():
-        accs = [r["test_acc"] for r in rs]
-        n = params.get(student, rs[0]["params"])
+        trained = [r for r in rs if r["test_acc"] is not None]
+        accs = [r["test_acc"] for r in trained]
+        n, size = params.get(student), trained[0]["size_bytes"] if trained else None
         out.append(
             {
                 "student": student,
@@ -79,22 +134,67 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "method": method,
                 "bits": bits,
                 "seeds": len(rs),
-                "mean": statistics.mean(accs),
-                "min": min(accs),
-                "max": max(accs),
-                "size_bytes": rs[0]["size_bytes"],
-                "ratio": 4 * n / rs[0]["size_bytes"],
+                "diverged": sum("diverged" in r for r in rs),
+                "not_run": sum("not_run" in r for r in rs),
+                "why_not_run": ", ".join(sorted({r["not_run"] for r in rs if "not_run" in r})) or None,
+                "mean": statistics.mean(accs) if accs else None,
+                "min": min(accs, default=None),
+                "max": max(accs, default=None),
+                "size_bytes": size,
+                "ratio": 4 * n / size if n and size else None,
             }
         )
     rank = {m: i for i, m in enumerate(ORDER)}
     return sorted(out, key=lambda r: (students.index(r["student"]), -r["bits"] if r["bits"] != 32 else -99, rank.get(r["method"], 99)))
 
 
+def accuracy_cell(s: dict) -> str:
+    """"92.20 (91.97–92.56), 1/3 diverged": mean (min–max) over the seeds that trained, then those that
+    did not; never an accuracy where no seed trained."""
+    n = s["seeds"]
+    notes = [f"{s['diverged']}/{n} diverged"] if s["diverged"] else []
+    if s["not_run"]:
+        notes.append(f"{s['not_run']}/{n} not run ({s['why_not_run']})")
+    if s["mean"] is None:
+        return f"diverged ({n}/{n})" if s["diverged"] == n else ", ".join(notes)
+    return ", ".join([f"{s['mean']:.2f} ({s['min']:.2f}–{s['max']:.2f})", *notes])
+
+
+def write_json(path: Path, value) -> None:
+    """Write then rename: a kill leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def open_work_dir(work: Path, arguments: dict) -> int:
+    """Make the work directory, or check that the one there holds a run of the same arguments (its rows
+    and weights belong to that run); return how many jobs it has finished."""
+    saved = work / "arguments.json"
+    if saved.exists():
+        before = json.loads(saved.read_text())
+        if before != arguments:
+            differ = ", ".join(sorted(k for k in before.keys() | arguments.keys() if before.get(k) != arguments.get(k)))
+            raise SystemExit(
+                f"{work} holds a run made with other arguments ({differ} differ): run the same command to resume it, "
+                f"or give another --work-dir (or delete {work}) to start over"
+            )
+    else:
+        (work / "jobs").mkdir(parents=True, exist_ok=True)
+        write_json(saved, arguments)
+    return len(list((work / "jobs").glob("*.json")))
+
+
+def finish(path: str, *job) -> None:
+    """Run one job in a worker and keep its rows at once, so that a killed run loses only the jobs under way."""
+    write_json(Path(path), run_job(*job))
+
+
 def plot(summary: list[dict], path: Path, title: str) -> None:
-    students = sorted({r["student"] for r in summary}, key=lambda s: next(r["params"] for r in summary if r["student"] == s))
+    students = sorted({r["student"] for r in summary}, key=lambda s: next(r["params"] or 0 for r in summary if r["student"] == s))
     fig, axes = plt.subplots(1, len(students), figsize=(6 * len(students), 4), squeeze=False)
     for ax, student in zip(axes[0], students):
-        rows = [r for r in summary if r["student"] == student]
+        rows = [r for r in summary if r["student"] == student and r["mean"] is not None]  # a diverged method has no point
         for m in ORDER:
             pts = sorted((r["bits"], r["mean"], r["min"], r["max"]) for r in rows if r["method"] == m and r["bits"] != 32)
             if pts:
@@ -102,10 +202,13 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
         for r in rows:
             if r["bits"] == 32:
                 ax.axhline(r["mean"], linestyle="--", linewidth=1, color="black" if r["method"] == "kd" else "gray", label=f"{r['method']} fp32")
-        ax.set_title(f"{student} ({rows[0]['params']:,} params)")
+        params = next(r["params"] for r in summary if r["student"] == student)
+        ax.set_title(f"{student} ({params:,} params)" if params else student)
         ax.set_xlabel("bits per weight")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_ylim(bottom=max(0, min(r["mean"] for r in rows if r["bits"] != 32 and r["method"] not in ("ptq", "ptq (global)")) - 5))
+        trained = [r["mean"] for r in rows if r["bits"] != 32 and r["method"] not in ("ptq", "ptq (global)")]
+        if trained:
+            ax.set_ylim(bottom=max(0, min(trained) - 5))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
@@ -114,7 +217,7 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--students", nargs="+", default=["tiny", "medium"])
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
@@ -133,42 +236,61 @@ def main() -> None:
     p.add_argument("--test-subset", type=int)
     p.add_argument("--tag", help="results file suffix (default: gpu or cpu)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--work-dir", type=Path, help="finished jobs and fp/kd weights, kept to resume after a kill (default: <out>/work-accuracy-<tag>)")
     p.add_argument("--rerender", type=Path, nargs="+", metavar="JSON", help="only rewrite the table and plot of saved runs (several: merged under --tag)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if "qd+dq" in args.methods and "qd" not in args.methods:
         p.error("qd+dq fine-tunes the points of the qd run: ask for qd too")
     if args.rerender:
         return rerender(args.rerender, args.tag, args.out)
-    start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    tag = args.tag or ("gpu" if device == "cuda" else "cpu")
+    work = args.work_dir or args.out / f"work-accuracy-{tag}"
+    arguments = {k: v for k, v in vars(args).items() if k not in ("work_dir", "rerender")}
+    resumed = open_work_dir(work, json.loads(json.dumps(arguments, default=str)))
+    if resumed:
+        print(f"resuming {work}: {resumed} jobs done before")
+    start = time.perf_counter()
     card = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     data = load_dataset(args.dataset, args.data_dir).subset(args.train_subset, args.test_subset)
     base = TrainConfig(epochs=args.epochs, dq_epochs=args.dq_epochs, augment=args.augment)
-    teacher = get_teacher(data, args.teacher, base.replace(method="fp", epochs=args.teacher_epochs), quiet=True)
+    teacher_path = work / "teacher.safetensors"
+    if teacher_path.exists():  # the teacher of the rows already there
+        teacher = load_checkpoint(teacher_path)[0]
+    else:
+        teacher = get_teacher(data, args.teacher, base.replace(method="fp", epochs=args.teacher_epochs), quiet=True)
+        save_checkpoint(teacher, model_spec(args.teacher, data.train_x.shape[1], data.num_classes), teacher_path)
     teacher_acc = evaluate(teacher, data.test_x, data.test_y)
     if not args.augment:  # the logit cache is filled once, before the workers look it up
         CachedTeacher.build(teacher.to(device), data.train_x, cache_dir() / "logits", device=device)
     workers = args.workers or (min(12, os.cpu_count() or 1) if device == "cuda" else os.cpu_count() or 1)
     data_args = {"dataset": args.dataset, "data_dir": args.data_dir, "train_subset": args.train_subset, "test_subset": args.test_subset}
     threads = max(1, torch.get_num_threads() // workers)
-    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
-        paths = {"teacher": str(Path(tmp) / "teacher.safetensors")}
-        paths |= {(m, s, seed): str(Path(tmp) / f"{m}-{s}-{seed}.safetensors") for m in ("fp", "kd") for s in args.students for seed in args.seeds}
-        save_checkpoint(teacher, model_spec(args.teacher, data.train_x.shape[1], data.num_classes), paths["teacher"])
+    paths = {"teacher": str(teacher_path)}
+    paths |= {(m, s, seed): str(work / f"{m}-{s}-{seed}.safetensors") for m in ("fp", "kd") for s in args.students for seed in args.seeds}
+    methods = {"methods": tuple(args.methods), "improved": tuple(args.improved)}
+    with ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
 
-        def run_all(jobs, description):
-            shared = (base.to_dict(), paths, data_args, threads, {"methods": tuple(args.methods), "improved": tuple(args.improved)})
-            return [row for rows in map_with_progress(pool, run_job, [job + shared for job in jobs], description) for row in rows]
+        def run_all(jobs, paths, description):
+            """The jobs' rows: those of finished jobs read back from the work directory, the others run."""
+            files = [work / "jobs" / f"{s}-{seed}-{'fp-kd' if b is None else f'{b}b'}.json" for s, seed, b in jobs]
+            todo = [(str(f), *job, base.to_dict(), paths, data_args, threads, methods) for f, job in zip(files, jobs) if not f.exists()]
+            map_with_progress(pool, finish, todo, description)
+            return [row for f in files for row in json.loads(f.read_text())]
 
-        rows = run_all([(s, seed, None) for s in args.students for seed in args.seeds], "fp and kd (student, seed)")
-        rows += run_all([(s, seed, b) for s in args.students for seed in args.seeds for b in args.bits], "low-bit methods (student, seed, bits)")
+        rows = run_all([(s, seed, None) for s in args.students for seed in args.seeds], paths, "fp and kd (student, seed)")
+        trained = {(r["method"], r["student"], r["seed"]) for r in rows if r["test_acc"] is not None}
+        low_bit_paths = {k: v for k, v in paths.items() if k == "teacher" or k in trained}  # a diverged fp or kd has no weights
+        rows += run_all([(s, seed, b) for s in args.students for seed in args.seeds for b in args.bits], low_bit_paths, "low-bit methods (student, seed, bits)")
     seconds = time.perf_counter() - start
+    jobs = len(args.students) * len(args.seeds) * (1 + len(args.bits))
     setup = (
         f"{card}; teacher {args.teacher} ({count_parameters(teacher):,} params, {args.teacher_epochs} epochs) {teacher_acc:.2f}%; "
         f"{args.epochs} epochs per method, dq {args.dq_epochs} more; seeds {args.seeds}; "
         f"train examples {len(data.train_x)}, test {len(data.test_x)}; wall time {seconds:.0f} s"
+        + (f", resumed with {resumed} of {jobs} jobs done before" if resumed else "")
     )
-    write_outputs(rows, setup, card, args.tag or ("gpu" if device == "cuda" else "cpu"), args.out)
+    write_outputs(rows, setup, card, tag, args.out)
 
 
 def write_outputs(rows: list[dict], setup: str, card: str, tag: str, out: Path) -> None:
@@ -176,10 +298,11 @@ def write_outputs(rows: list[dict], setup: str, card: str, tag: str, out: Path) 
     out.mkdir(parents=True, exist_ok=True)
     (out / f"accuracy-{tag}.json").write_text(json.dumps({"setup": setup, "card": card, "summary": summary, "rows": rows}, indent=1))
     columns = [
-        ("student", "student", ""), ("method", "method", ""), ("bits", "bits", ""), ("mean", "mean acc. (%)", ".2f"),
-        ("min", "min", ".2f"), ("max", "max", ".2f"), ("seeds", "seeds", ""), ("size_bytes", "size (bytes)", ","), ("ratio", "vs fp32", ".1f"),
+        ("student", "student", ""), ("method", "method", ""), ("bits", "bits", ""), ("accuracy", "test acc. (%): mean (min–max)", ""),
+        ("seeds", "seeds", ""), ("size_bytes", "size (bytes)", ","), ("ratio", "vs fp32", ".1f"),
     ]
-    md = f"# Accuracy on Fashion-MNIST ({tag})\n\n{setup}.\n\n" + markdown_table(summary, columns) + f"\n\n![accuracy](accuracy-{tag}.png)\n"
+    cells = [{**s, "accuracy": accuracy_cell(s)} for s in summary]
+    md = f"# Accuracy on Fashion-MNIST ({tag})\n\n{setup}.\n\n" + markdown_table(cells, columns) + f"\n\n![accuracy](accuracy-{tag}.png)\n"
     (out / f"accuracy-{tag}.md").write_text(md)
     plot(summary, out / f"accuracy-{tag}.png", f"Fashion-MNIST, {card}")
     print(md)

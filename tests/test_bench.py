@@ -1,16 +1,25 @@
-"""Smoke versions of the benchmarks: tiny sizes, a couple of steps; the numbers themselves are not checked."""
+"""The benchmark drivers: their arithmetic on rows with known numbers, divergence and resuming with the
+training faked, and smoke versions on tiny sizes (whose accuracies are not checked)."""
 
 import importlib.util
+import json
+import statistics
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
+from qdistill.errors import Diverged
+
 BENCH = Path(__file__).parent.parent / "bench"
+TOY = ["--dataset", "tests.conftest:toy_dataset", "--train-subset", "256", "--test-subset", "128", "--teacher", "resnet-small", "--teacher-epochs", "1"]
 
 
 def load(name):
+    if str(BENCH) not in sys.path:  # ablation imports accuracy, its neighbour
+        sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -18,32 +27,134 @@ def load(name):
     return module
 
 
-def test_speed_student_ratios():
+def spy_on_timings(speed, monkeypatch) -> dict:
+    """Record the steppers that `median_times` is given and the times it returns."""
+    seen = {}
+    real = speed.median_times
+
+    def spy(steppers, steps, **kwargs):
+        seen["steppers"], seen["times"] = steppers, real(steppers, steps, **kwargs)
+        return seen["times"]
+
+    monkeypatch.setattr(speed, "median_times", spy)
+    return seen
+
+
+def test_speed_student_ratios(monkeypatch):
+    from qdistill import LearnedPointsQuantizer, UniformQuantizer
+    from qdistill.distill import CachedTeacher, LiveTeacher
+
     speed = load("speed")
+    seen = spy_on_timings(speed, monkeypatch)
     row = speed.student_ratios("tiny", torch.device("cpu"), batch=4, steps=1)
-    for key in ("qd_cached_over_fp", "dq_over_qd", "live_over_cached", "qd_mse_over_fp"):
-        assert row[key] > 0
+    t, steppers = seen["times"], seen["steppers"]
+    assert row["qd_cached_over_fp"] == t["qd"] / t["fp"] and row["qd_mse_over_fp"] == t["qd_mse"] / t["fp"]
+    assert row["dq_over_qd"] == t["dq"] / t["qd"] and row["live_over_cached"] == t["live"] / t["qd"]
+    for key, name in (("fp_ms", "fp"), ("qd_ms", "qd"), ("dq_ms", "dq"), ("qd_live_ms", "live"), ("qd_mse_ms", "qd_mse")):
+        assert row[key] == 1e3 * t[name]
+        assert t[name] == statistics.median(steppers[name].times) and len(steppers[name].times) == 5  # one burst of 5 steps
+    # each time is that of the configuration its name says
+    assert steppers["fp"].quantizers == [] and steppers["fp"].teacher is None
+    for name, scale in (("qd", "minmax"), ("qd_mse", "mse"), ("live", "minmax")):
+        assert steppers[name].quantizers and all(type(q) is UniformQuantizer and (q.bits, q.scale) == (4, scale) for q in steppers[name].quantizers)
+    assert isinstance(steppers["qd"].teacher, CachedTeacher) and isinstance(steppers["live"].teacher, LiveTeacher)
+    dq = steppers["dq"]
+    assert dq.quantizers and all(isinstance(q, LearnedPointsQuantizer) for q in dq.quantizers)
+    assert {id(p) for g in dq.opt.param_groups for p in g["params"]} == {id(q.points) for q in dq.quantizers}  # only the points train
 
 
-def test_speed_against_torchao():
+def test_speed_against_torchao(monkeypatch):
     pytest.importorskip("torchao")
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    from qdistill import UniformQuantizer
+
     speed = load("speed")
+    seen = spy_on_timings(speed, monkeypatch)
     row = speed.torchao_ratio(torch.device("cpu"), batch=4, steps=1)
-    assert row["ours_over_torchao"] > 0
+    t, steppers = seen["times"], seen["steppers"]
+    assert row["ours_over_torchao"] == t["ours"] / t["torchao"]
+    assert (row["ours_ms"], row["torchao_ms"], row["fp_ms"]) == (1e3 * t["ours"], 1e3 * t["torchao"], 1e3 * t["fp"])
+    ours = steppers["ours"].quantizers
+    assert len(ours) == 3 and all(type(q) is UniformQuantizer and (q.bits, q.bucket) == (4, 256) for q in ours)
+    theirs = [m for m in steppers["torchao"].model.modules() if isinstance(m, FakeQuantizedLinear)]
+    assert len(theirs) == 3 and steppers["torchao"].quantizers == []
+    assert all(m.weight_fake_quantizer.config.group_size == 256 for m in theirs)
+    assert steppers["fp"].quantizers == [] and not any(isinstance(m, FakeQuantizedLinear) for m in steppers["fp"].model.modules())
 
 
-def test_accuracy_table_smoke(tmp_path):
-    from qdistill.data.fashion_mnist import DEBIAN_DIR, _find
+def row(method, bits, seed, acc, student="tiny", **extra):
+    """A result row as the drivers keep them; accuracy None with `extra` marking why."""
+    if acc is None:
+        return {"student": student, "method": method, "bits": bits, "seed": seed, "test_acc": None, **extra}
+    return {"student": student, "method": method, "bits": bits, "seed": seed, "test_acc": acc, "params": 100, "size_bytes": 400 if bits == 32 else 50}
 
-    if _find(DEBIAN_DIR) is None:
-        pytest.skip("Fashion-MNIST not installed")
+
+DIVERGED = {"diverged": {"phase": "qd 2b", "step": 12, "loss": float("nan")}}
+
+
+def test_accuracy_summary_excludes_and_counts_diverged_seeds():
+    accuracy = load("accuracy")
+    rows = [row("fp", 32, s, a) for s, a in enumerate((90.0, 91.0, 92.5))]
+    rows += [row("qd", 2, 0, 92.56), row("qd", 2, 1, None, **DIVERGED), row("qd", 2, 2, 91.84)]
+    rows += [row("qat", 2, s, None, **DIVERGED) for s in range(3)]
+    rows += [row("qd+dq", 2, 0, 92.0), row("qd+dq", 2, 1, None, not_run="qd diverged"), row("qd+dq", 2, 2, 93.0)]
+    summary = {r["method"]: r for r in accuracy.summarize(rows)}
+    fp, qd, qat, qddq = summary["fp"], summary["qd"], summary["qat"], summary["qd+dq"]
+    assert (fp["mean"], fp["min"], fp["max"], fp["seeds"], fp["diverged"]) == (91.16666666666667, 90.0, 92.5, 3, 0)
+    assert (qd["mean"], qd["min"], qd["max"], qd["seeds"], qd["diverged"]) == (pytest.approx(92.2), 91.84, 92.56, 3, 1)
+    assert (qd["size_bytes"], qd["ratio"]) == (50, 8.0)  # 100 fp32 params in 50 bytes
+    assert accuracy.accuracy_cell(fp) == "91.17 (90.00–92.50)"
+    assert accuracy.accuracy_cell(qd) == "92.20 (91.84–92.56), 1/3 diverged"
+    assert (qat["mean"], qat["min"], qat["max"], qat["ratio"]) == (None, None, None, None)
+    assert accuracy.accuracy_cell(qat) == "diverged (3/3)"
+    assert accuracy.accuracy_cell(qddq) == "92.50 (92.00–93.00), 1/3 not run (qd diverged)"
+
+
+def test_accuracy_job_marks_a_diverged_method_and_what_starts_from_it(tmp_path, monkeypatch):
+    """qd diverges: ptq and qat keep their rows, qd+dq (from qd) is not run; kd diverges: dq and the
+    improved qd (from kd) are not run in the next job."""
+    from qdistill.models import build_model, model_spec, save_checkpoint
+
+    accuracy = load("accuracy")
+    calls = []
+
+    def fake_run_method(label, spec, data, cfg, run_dir, teacher=None, init=None, quiet=False):
+        calls.append(label)
+        if label in ("qd", "kd"):
+            raise Diverged(f"{label} {cfg.bits}b", 12, float("inf"), "loss exploded")
+        bits = cfg.bits if cfg.spec.quantizer is not None else 32
+        return {"method": label, "bits": bits, "test_acc": 50.0, "params": 10, "size_bytes": 5, "train_s": 1.0}, build_model(spec)
+
+    monkeypatch.setattr(accuracy, "run_method", fake_run_method)
+    save_checkpoint(build_model(model_spec("resnet-small", 1, 4)), model_spec("resnet-small", 1, 4), tmp_path / "t.safetensors")
+    paths = {"teacher": str(tmp_path / "t.safetensors"), **{(m, "tiny", 0): str(tmp_path / f"{m}.safetensors") for m in ("fp", "kd")}}
+    data_args = {"dataset": "tests.conftest:toy_dataset", "data_dir": None, "train_subset": 64, "test_subset": 32}
+    base = accuracy.TrainConfig(epochs=1).to_dict()
+    every = {"methods": accuracy.LOW_BIT_METHODS, "improved": ("qat", "qd")}
+    refs = accuracy.run_job("tiny", 0, None, base, paths, data_args, 2, every)
+    assert [(r["method"], r["test_acc"]) for r in refs] == [("fp", 50.0), ("kd", None)]
+    assert refs[1]["diverged"] == {"phase": "kd 4b", "step": 12, "loss": float("inf")} and refs[1]["bits"] == 32
+    assert Path(paths[("fp", "tiny", 0)]).exists() and not Path(paths[("kd", "tiny", 0)]).exists()
+    calls.clear()
+    low = accuracy.run_job("tiny", 0, 2, base, {k: v for k, v in paths.items() if k != ("kd", "tiny", 0)}, data_args, 2, every)
+    assert [r["method"] for r in low] == ["ptq", "ptq (global)", "qat", "qd", "qat (from fp, mse)", "qd (from kd, mse, T 1)", "dq", "qd+dq"]
+    assert calls == ["ptq", "ptq (global)", "qat", "qd", "qat (from fp, mse)"]
+    by = {r["method"]: r for r in low}
+    assert all(by[m]["test_acc"] == 50.0 and by[m]["bits"] == 2 for m in ("ptq", "ptq (global)", "qat", "qat (from fp, mse)"))
+    assert by["qd"]["test_acc"] is None and by["qd"]["diverged"]["phase"] == "qd 2b"
+    assert by["qd+dq"] == {"method": "qd+dq", "bits": 2, "test_acc": None, "not_run": "qd diverged", "student": "tiny", "seed": 0}
+    assert by["dq"]["not_run"] == by["qd (from kd, mse, T 1)"]["not_run"] == "kd diverged"
+
+
+def test_accuracy_table_smoke(tmp_path, fashion_mnist):
     from qdistill.data import load_dataset
     from qdistill.models import build_model, model_spec, save_checkpoint
     from qdistill.train import TrainConfig, train
 
     accuracy = load("accuracy")
-    data_args = {"dataset": "fashion-mnist", "data_dir": None, "train_subset": 512, "test_subset": 256}
-    data = load_dataset().subset(512, 256)
+    data_args = {"dataset": "fashion-mnist", "data_dir": str(fashion_mnist), "train_subset": 512, "test_subset": 256}
+    data = load_dataset("fashion-mnist", fashion_mnist).subset(512, 256)
     teacher = build_model(model_spec("resnet-small"))
     train(teacher, data, TrainConfig(method="fp", epochs=1), quiet=True)
     save_checkpoint(teacher, model_spec("resnet-small"), tmp_path / "t.safetensors")
@@ -59,45 +170,51 @@ def test_accuracy_table_smoke(tmp_path):
     assert (tmp_path / "a.png").stat().st_size > 0
 
 
-def test_ablation_variant_parsing():
-    ablation = load("ablation")
-    assert ablation.parse_variant("qd from kd, T=4: init=kd, temperature=4, scale=mse") == (
-        "qd from kd, T=4",
-        {"init": "kd", "temperature": 4, "scale": "mse"},
-    )
-    assert ablation.parse_variant("qd") == ("qd", {})
-    with pytest.raises(SystemExit, match="is not key=value"):
-        ablation.parse_variant("bad: epochs")
+def test_accuracy_resumes_after_a_kill(tmp_path, monkeypatch):
+    """A run stopped in the middle keeps the jobs it finished; the same command runs only the rest, and
+    other arguments into the same work directory are refused."""
+    accuracy = load("accuracy")
+    monkeypatch.setattr(accuracy, "ProcessPoolExecutor", lambda workers, mp_context: ThreadPoolExecutor(1))  # the fake job below, in-process
+    calls, killed = [], {("tiny", 0, 2)}
 
+    def fake_job(student, seed, bits, base, paths, data_args, threads, methods):
+        calls.append((student, seed, bits))
+        if (student, seed, bits) in killed:
+            raise RuntimeError("killed")
+        if bits is None:
+            fp = row("fp", 32, seed, 80.0 + seed, student)
+            return [fp, row("kd", 32, seed, None, student, **DIVERGED) if seed == 1 else row("kd", 32, seed, 85.0, student)]
+        assert (("kd", student, seed) in paths) == (seed == 0)  # a diverged kd leaves no weights to start from
+        return [row("qd", bits, seed, 70.0 + seed + bits, student)]
 
-def test_ablation_smoke(tmp_path):
-    from qdistill.data.fashion_mnist import DEBIAN_DIR, _find
-
-    if _find(DEBIAN_DIR) is None:
-        pytest.skip("Fashion-MNIST not installed")
-    from qdistill.models import build_model, model_spec, save_checkpoint
-    from qdistill.train import TrainConfig
-
-    ablation = load("ablation")
-    data_args = {"dataset": "fashion-mnist", "data_dir": None, "train_subset": 256, "test_subset": 128, "student": "tiny"}
-    paths = {"teacher": str(tmp_path / "t.safetensors"), ("kd", 0): str(tmp_path / "kd0.safetensors")}
-    save_checkpoint(build_model(model_spec("resnet-small")), model_spec("resnet-small"), paths["teacher"])
-    base = TrainConfig(epochs=1, bits=2).to_dict()
-    rows = [ablation.run_one("kd", {"method": "kd"}, 0, base, paths, data_args, threads=2)]
-    for label, changes in (("qd", {}), ("mse from kd", {"init": "kd", "scale": "mse"})):
-        rows.append(ablation.run_one(label, changes, 0, base, paths, data_args, threads=2))
-    summary = ablation.summarize(rows, ["kd", "qd", "mse from kd"])
-    assert [(r["variant"], r["bits"]) for r in summary] == [("kd", 32), ("qd", 2), ("mse from kd", 2)]
-    assert summary[1]["vs_baseline"] == 0 and summary[0]["vs_baseline"] is None
+    monkeypatch.setattr(accuracy, "run_job", fake_job)
+    args = ["--students", "tiny", "--bits", "4", "2", "--seeds", "0", "1", "--epochs", "1", "--methods", "qd", "--improved", "--workers", "1"]
+    args += [*TOY, "--tag", "t", "--out", str(tmp_path)]
+    every = [("tiny", 0, None), ("tiny", 1, None), ("tiny", 0, 4), ("tiny", 0, 2), ("tiny", 1, 4), ("tiny", 1, 2)]
+    with pytest.raises(RuntimeError, match="killed"):
+        accuracy.main(args)
+    assert calls == every
+    work = tmp_path / "work-accuracy-t"
+    assert len(list((work / "jobs").glob("*.json"))) == 5 and (work / "teacher.safetensors").exists()
+    calls.clear()
+    killed.clear()
+    accuracy.main(args)
+    assert calls == [("tiny", 0, 2)]
+    saved = json.loads((tmp_path / "accuracy-t.json").read_text())
+    assert "resumed with 5 of 6 jobs done before" in saved["setup"]
+    summary = {(r["method"], r["bits"]): r for r in saved["summary"]}
+    assert summary[("qd", 4)]["mean"] == 74.5 and summary[("qd", 2)]["mean"] == 72.5  # rows of both runs
+    assert accuracy.accuracy_cell(summary[("kd", 32)]) == "85.00 (85.00–85.00), 1/2 diverged"
+    calls.clear()
+    accuracy.main(args)
+    assert calls == []
+    with pytest.raises(SystemExit, match=r"other arguments \(epochs differ\)"):
+        accuracy.main([*args, "--epochs", "2"])
+    assert calls == []
 
 
 def test_accuracy_rerender_merges_runs(tmp_path):
-    import json
-
     accuracy = load("accuracy")
-
-    def row(method, bits, seed, acc):
-        return {"student": "tiny", "method": method, "bits": bits, "seed": seed, "test_acc": acc, "params": 100, "size_bytes": 400 if bits == 32 else 50}
 
     def save(name, bits, wall, kd_acc=90.0):
         rows = [row("fp", 32, 0, 89.0), row("kd", 32, 0, kd_acc), row("qd", bits, 0, 80.0 + bits)]
@@ -128,3 +245,120 @@ def test_accuracy_rerender_merges_runs(tmp_path):
     with pytest.raises(SystemExit, match="other.json: not a results file"):
         accuracy.rerender([tmp_path / "other.json"], "bad", tmp_path)
     assert not (tmp_path / "accuracy-bad.json").exists()
+
+
+def test_accuracy_rerender_with_diverged_rows(tmp_path):
+    accuracy = load("accuracy")
+    rows = [row("fp", 32, s, 90.0 + s) for s in range(3)] + [row("kd", 32, s, 91.0) for s in range(3)]
+    rows += [row("qd", 2, s, None, **DIVERGED) for s in range(3)] + [row("qd+dq", 2, s, None, not_run="qd diverged") for s in range(3)]
+    rows += [row("qat", 2, 0, 88.0), row("qat", 2, 1, 86.0), row("qat", 2, 2, None, **DIVERGED)]
+    path = tmp_path / "accuracy-x.json"
+    path.write_text(json.dumps({"setup": "CPU; wall time 5 s", "card": "CPU", "rows": rows}))
+    accuracy.rerender([path], out=tmp_path)
+    md = (tmp_path / "accuracy-x.md").read_text()
+    assert "| tiny | qd | 2 | diverged (3/3) | 3 |" in md
+    assert "| tiny | qd+dq | 2 | 3/3 not run (qd diverged) | 3 |" in md
+    assert "| tiny | qat | 2 | 87.00 (86.00–88.00), 1/3 diverged | 3 | 50 | 8.0 |" in md
+    assert (tmp_path / "accuracy-x.png").stat().st_size > 0
+
+
+def test_ablation_variant_parsing():
+    ablation = load("ablation")
+    assert ablation.parse_variant("qd from kd, T=4: init=kd, temperature=4, scale=mse") == (
+        "qd from kd, T=4",
+        {"init": "kd", "temperature": 4, "scale": "mse"},
+    )
+    assert ablation.parse_variant("qd") == ("qd", {})
+    with pytest.raises(SystemExit, match="is not key=value"):
+        ablation.parse_variant("bad: epochs")
+
+
+def variant_row(label, seed, acc, bits=2, **extra):
+    if acc is None:
+        return {"variant": label, "seed": seed, "bits": bits, "test_acc": None, **extra}
+    return {"variant": label, "seed": seed, "bits": bits, "test_acc": acc, "size_bytes": 50, "train_s": 10.0 + seed}
+
+
+def test_ablation_summary_gains():
+    ablation = load("ablation")
+    rows = [variant_row("kd", s, a, bits=32) for s, a in enumerate((90.0, 92.0, 91.0))]
+    rows += [variant_row("qd", s, a) for s, a in enumerate((80.0, 84.0, 85.0))]
+    rows += [variant_row("mse", 0, 86.0), variant_row("mse", 1, None, **DIVERGED), variant_row("mse", 2, 88.0)]
+    rows += [variant_row("bad", s, None, **DIVERGED) for s in range(3)]
+    rows += [variant_row("from bad", s, None, not_run="bad diverged") for s in range(3)]
+    summary = {r["variant"]: r for r in ablation.summarize(rows, ["kd", "qd", "mse", "bad", "from bad"])}
+    kd, qd, mse, bad = summary["kd"], summary["qd"], summary["mse"], summary["bad"]
+    assert (kd["mean"], kd["vs_kd"], kd["vs_baseline"]) == (91.0, 0.0, None)
+    assert (qd["mean"], qd["vs_kd"], qd["vs_baseline"]) == (83.0, -8.0, 0.0)
+    assert (mse["mean"], mse["min"], mse["max"], mse["vs_kd"], mse["vs_baseline"]) == (87.0, 86.0, 88.0, -4.0, 4.0)
+    assert (mse["diverged"], mse["seeds"], mse["train_s"]) == (1, 3, 11.0)  # the mean of seeds 0 and 2
+    assert ablation.accuracy_cell(mse) == "87.00 (86.00–88.00), 1/3 diverged"
+    assert (bad["mean"], bad["vs_kd"], bad["vs_baseline"], bad["train_s"]) == (None, None, None, None)
+    assert ablation.accuracy_cell(bad) == "diverged (3/3)"
+    assert ablation.accuracy_cell(summary["from bad"]) == "3/3 not run (bad diverged)"
+
+
+def test_ablation_marks_diverged_runs(tmp_path, monkeypatch):
+    from qdistill.models import build_model, model_spec, save_checkpoint
+
+    ablation = load("ablation")
+
+    def fake_run_method(label, spec, data, cfg, run_dir, teacher=None, init=None, quiet=False):
+        raise Diverged(f"{cfg.method} {cfg.bits}b", 3, float("nan"), "non-finite loss")
+
+    monkeypatch.setattr(ablation, "run_method", fake_run_method)
+    save_checkpoint(build_model(model_spec("resnet-small", 1, 4)), model_spec("resnet-small", 1, 4), tmp_path / "t.safetensors")
+    paths = {"teacher": str(tmp_path / "t.safetensors"), ("kd", 0): str(tmp_path / "kd0.safetensors")}
+    data_args = {"dataset": "tests.conftest:toy_dataset", "data_dir": None, "train_subset": 64, "test_subset": 32, "student": "tiny"}
+    base = ablation.TrainConfig(epochs=1, bits=2).to_dict()
+    kd = ablation.run_one("kd", {"method": "kd"}, 0, base, paths, data_args, threads=2)
+    assert kd["test_acc"] is None and kd["bits"] == 32 and kd["diverged"]["phase"] == "kd 2b" and kd["diverged"]["step"] == 3
+    assert not Path(paths[("kd", 0)]).exists()
+    from_kd = ablation.run_one("from kd", {"init": "kd"}, 0, base, {"teacher": paths["teacher"]}, data_args, threads=2)
+    assert from_kd == {"variant": "from kd", "seed": 0, "bits": 2, "test_acc": None, "not_run": "kd diverged"}
+
+
+def test_ablation_smoke(tmp_path, fashion_mnist):
+    from qdistill.models import build_model, model_spec, save_checkpoint
+    from qdistill.train import TrainConfig
+
+    ablation = load("ablation")
+    data_args = {"dataset": "fashion-mnist", "data_dir": str(fashion_mnist), "train_subset": 256, "test_subset": 128, "student": "tiny"}
+    paths = {"teacher": str(tmp_path / "t.safetensors"), ("kd", 0): str(tmp_path / "kd0.safetensors")}
+    save_checkpoint(build_model(model_spec("resnet-small")), model_spec("resnet-small"), paths["teacher"])
+    base = TrainConfig(epochs=1, bits=2).to_dict()
+    rows = [ablation.run_one("kd", {"method": "kd"}, 0, base, paths, data_args, threads=2)]
+    assert Path(paths[("kd", 0)]).exists()  # left for the variants that start from kd
+    for label, changes in (("qd", {}), ("mse from kd", {"init": "kd", "scale": "mse"})):
+        rows.append(ablation.run_one(label, changes, 0, base, paths, data_args, threads=2))
+    summary = ablation.summarize(rows, ["kd", "qd", "mse from kd"])
+    assert [(r["variant"], r["bits"], r["seeds"], r["diverged"]) for r in summary] == [("kd", 32, 1, 0), ("qd", 2, 1, 0), ("mse from kd", 2, 1, 0)]
+    assert all(0 <= r["mean"] <= 100 and r["size_bytes"] > 0 for r in summary)
+
+
+def test_ablation_resumes_after_a_kill(tmp_path, monkeypatch):
+    ablation = load("ablation")
+    monkeypatch.setattr(ablation, "ProcessPoolExecutor", lambda workers, mp_context: ThreadPoolExecutor(1))
+    calls, killed = [], {("mse", 1)}
+
+    def fake_run(label, changes, seed, base, paths, data_args, threads):
+        calls.append((label, seed))
+        if (label, seed) in killed:
+            raise RuntimeError("killed")
+        return variant_row(label, seed, 80.0 + seed, bits=32 if label == "kd" else 2)
+
+    monkeypatch.setattr(ablation, "run_one", fake_run)
+    args = ["--variant", "qd", "--variant", "mse: scale=mse", "--seeds", "0", "1", "--bits", "2", "--epochs", "1", "--workers", "1"]
+    args += [*TOY, "--tag", "t", "--out", str(tmp_path)]
+    with pytest.raises(RuntimeError, match="killed"):
+        ablation.main(args)
+    assert calls == [("kd", 0), ("kd", 1), ("qd", 0), ("qd", 1), ("mse", 0), ("mse", 1)]
+    calls.clear()
+    killed.clear()
+    ablation.main(args)
+    assert calls == [("mse", 1)]
+    saved = json.loads((tmp_path / "ablation-t.json").read_text())
+    assert "resumed with 5 of 6 runs done before" in saved["setup"] and len(saved["rows"]) == 6
+    with pytest.raises(SystemExit, match=r"other arguments \(seeds differ\)"):
+        ablation.main([*args, "--seeds", "0"])
+    assert calls == [("mse", 1)]
