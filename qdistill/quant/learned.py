@@ -64,12 +64,13 @@ class LearnedPointsQuantizer(Quantizer):
         self.points = nn.Parameter(p.sort().values.contiguous(), requires_grad=self.points.requires_grad)
 
     def assign(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.points.detach()
+        p = self.points.detach().to(x.dtype)
         return torch.bucketize(x, (p[1:] + p[:-1]) / 2)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         x, lo, hi = self.scaled(w)
-        q = from_buckets(dequantize(self.points[self.assign(x)], lo, hi).to(w.dtype), w)
+        # model.half() converts the points too: they are used in the weights' float32 working precision
+        q = from_buckets(dequantize(self.points.to(x.dtype)[self.assign(x)], lo, hi).to(w.dtype), w)
         if w.requires_grad:  # straight-through to the shadow weights; adding an exact zero keeps q bit-identical
             q = q + (w - w.detach())
         return q

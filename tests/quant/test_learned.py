@@ -108,3 +108,14 @@ def test_half_precision_weights_quantize_as_their_float32_values(dtype, init):
     g = torch.randn(20, 30).to(dtype)
     (q(wr) * g).sum().backward()
     assert torch.equal(wr.grad, g) and q.points.grad.dtype == torch.float32 and q.points.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_points_converted_with_the_model_still_quantize(dtype):
+    w = (torch.randn(20, 30, generator=torch.Generator().manual_seed(0)) * 0.05).to(dtype)
+    q = LearnedPointsQuantizer(2, 30)
+    q.init_points(w)
+    q.to(dtype)  # as model.half() does
+    ref = LearnedPointsQuantizer(2, 30)
+    ref.points = torch.nn.Parameter(q.points.detach().float())
+    assert torch.equal(q(w), ref(w)) and torch.equal(q.encode(w).indices, ref.encode(w).indices)
