@@ -3,12 +3,17 @@
 After ``attach``, reading ``layer.weight`` gives the quantized tensor and the full-precision shadow
 lives at ``layer.parametrizations.weight.original``: the optimizer steps the shadow, the forward
 sees ``Q(w)``. BatchNorm statistics are therefore gathered with the quantized weights.
+
+A tensor shared by several modules (an embedding tied to the output layer, ``head.weight = emb.weight``)
+is one quantized tensor: every module holding it gets the same quantizer instance on the same shadow
+Parameter (a parametrization keeps the Parameter object as its ``original``), so all of them read one
+Q(w) and the optimizer sees one shadow. With stochastic rounding each read draws its own rounding.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatch
 
 import torch
@@ -29,12 +34,16 @@ DEFAULT_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
+Use = tuple[str, nn.Module, str]  # a tensor's name, and the module and attribute holding it there
+
+
 @dataclass
 class QuantizedTensor:
-    name: str  # e.g. "features.0.weight"
+    name: str  # e.g. "features.0.weight"; a tied tensor's first name
     module: nn.Module
     param: str
     quantizer: Quantizer
+    tied: list[Use] = field(default_factory=list)  # the tensor's other uses: same shadow, same quantizer
 
     @property
     def shadow(self) -> torch.Tensor:
@@ -47,36 +56,51 @@ def _weight_names(module: nn.Module) -> list[str]:
     return ["weight"] if isinstance(getattr(module, "weight", None), nn.Parameter) else []
 
 
+def _uses(model: nn.Module) -> dict[int, list[Use]]:
+    """Every use of each parameter, by the parameter's id, in module order: a tied tensor has several."""
+    uses: dict[int, list[Use]] = {}
+    for mod_name, module in model.named_modules():
+        for param, t in module.named_parameters(recurse=False, remove_duplicate=False):
+            uses.setdefault(id(t), []).append((f"{mod_name}.{param}" if mod_name else param, module, param))
+    return uses
+
+
 def select(
     model: nn.Module,
     types: tuple[type[nn.Module], ...] = DEFAULT_TYPES,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     keep_first_last: bool = False,
-) -> list[tuple[str, nn.Module, str]]:
+) -> list[Use]:
     """Tensors to quantize: weights of `types`, filtered by glob patterns on the tensor name
-    ("features.*.weight"); with keep_first_last, the first and last selected *layers* stay full precision."""
+    ("features.*.weight"); with keep_first_last, the first and last selected *layers* stay full precision.
+
+    A tied tensor is one tensor with several names, selected once (under its first name) or not at all:
+    it is selected if one of its names is included and none is excluded, and a kept first or last layer
+    keeps it in full precision everywhere. Quantizing it in one module only is impossible: they share it.
+    """
+    uses = _uses(model)
+
+    def wanted(t: torch.Tensor) -> bool:
+        names = [name for name, _, _ in uses[id(t)]]
+        if include and not any(fnmatch(n, p) for n in names for p in include):
+            return False
+        return not (exclude and any(fnmatch(n, p) for n in names for p in exclude))
+
     layers = []
-    for mod_name, module in model.named_modules():
-        if not isinstance(module, types):
-            continue
-        tensors = []
-        for param in _weight_names(module):
-            name = f"{mod_name}.{param}" if mod_name else param
-            if include and not any(fnmatch(name, p) for p in include):
-                continue
-            if exclude and any(fnmatch(name, p) for p in exclude):
-                continue
-            tensors.append((name, module, param))
-        if tensors:
-            layers.append(tensors)
-    if keep_first_last:
-        layers = layers[1:-1]
-    return [t for layer in layers for t in layer]
+    for module in model.modules():
+        if isinstance(module, types):
+            tensors = [t for t in (getattr(module, p) for p in _weight_names(module)) if wanted(t)]
+            if tensors:
+                layers.append(tensors)
+    kept = {id(t) for layer in (layers[:1] + layers[-1:] if keep_first_last else []) for t in layer}
+    chosen = {id(t): uses[id(t)][0] for layer in layers for t in layer if id(t) not in kept}
+    return list(chosen.values())
 
 
 def attach(model: nn.Module, quantizer: Quantizer, **select_kwargs) -> list[QuantizedTensor]:
-    """Give every selected tensor its own copy of `quantizer`; returns what was attached.
+    """Give every selected tensor its own copy of `quantizer` (shared by the modules that share the tensor);
+    returns what was attached.
 
     Takes the same keyword arguments as `select`. A model can carry one set of quantizers at a time.
     """
@@ -85,33 +109,51 @@ def attach(model: nn.Module, quantizer: Quantizer, **select_kwargs) -> list[Quan
     chosen = select(model, **select_kwargs)
     if not chosen:
         raise QDistillError("no tensor matched: nothing to quantize (check the layer types and name patterns)")
+    uses = _uses(model)
     for _, module, param in chosen:
         q = copy.deepcopy(quantizer)
         weight = getattr(module, param)
         if isinstance(q, LearnedPointsQuantizer):
             q.init_points(weight)
-        parametrize.register_parametrization(module, param, q.to(weight.device))
+        q.to(weight.device)
+        for _, holder, name in uses[id(weight)]:  # every module sharing the tensor, whatever its type
+            parametrize.register_parametrization(holder, name, q)
     return quantized_tensors(model)
 
 
 def quantized_tensors(model: nn.Module) -> list[QuantizedTensor]:
-    found = []
+    """The quantized tensors, each once: a tied tensor under its first name, its other uses in `tied`."""
+    found: dict[int, QuantizedTensor] = {}
     for mod_name, module in model.named_modules():
         if not parametrize.is_parametrized(module):
             continue
         for param, plist in module.parametrizations.items():
-            for q in plist:
-                if isinstance(q, Quantizer):
-                    found.append(QuantizedTensor(f"{mod_name}.{param}" if mod_name else param, module, param, q))
-    return found
+            q = next((m for m in plist if isinstance(m, Quantizer)), None)
+            if q is None:
+                continue
+            name = f"{mod_name}.{param}" if mod_name else param
+            if id(plist.original) in found:
+                found[id(plist.original)].tied.append((name, module, param))
+            else:
+                found[id(plist.original)] = QuantizedTensor(name, module, param, q)
+    return list(found.values())
+
+
+def _remove(module: nn.Module, param: str, leave_parametrized: bool) -> None:
+    # copy.deepcopy shares a parametrized module's generated class with the original, and removal edits
+    # that class: give this module a private copy first, so detaching a copy leaves the original intact
+    cls = type(module)
+    module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+    parametrize.remove_parametrizations(module, param, leave_parametrized=leave_parametrized)
 
 
 def detach(model: nn.Module, keep_quantized: bool = True) -> nn.Module:
-    """Remove the quantizers; the weights become Q(w) (default) or the full-precision shadow."""
+    """Remove the quantizers; the weights become Q(w) (default) or the full-precision shadow.
+
+    Each shadow Parameter stays in place (only its data becomes Q(w)), so tied modules stay tied.
+    """
     for qt in quantized_tensors(model):
-        # copy.deepcopy shares a parametrized module's generated class with the original, and removal edits
-        # that class: give this module a private copy first, so detaching a copy leaves the original intact
-        cls = type(qt.module)
-        qt.module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
-        parametrize.remove_parametrizations(qt.module, qt.param, leave_parametrized=keep_quantized)
+        for _, module, param in qt.tied:  # to the shadow first: leaving these quantized would quantize Q(w) a second time
+            _remove(module, param, leave_parametrized=False)
+        _remove(qt.module, qt.param, keep_quantized)
     return model

@@ -1,8 +1,10 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from qdistill import QDistillError, UniformQuantizer, attach, detach, quantized_tensors
+from qdistill import LearnedPointsQuantizer, QDistillError, UniformQuantizer, attach, detach, quantized_tensors
 
 
 class Mixed(nn.Module):
@@ -73,11 +75,91 @@ def test_optimizer_steps_the_shadow_weights():
 
 
 def test_detaching_a_copy_leaves_the_original_working():
-    import copy
-
     model = Mixed()
     attach(model, UniformQuantizer(2))
     expected = model.head.weight.detach().clone()
     detach(copy.deepcopy(model))
     assert torch.equal(model.head.weight, expected)
     assert model(torch.randint(0, 20, (2, 3))).shape == (2, 3, 5)
+
+
+class TiedLM(nn.Module):
+    """An embedding tied to the output layer, a recurrent layer between them."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(20, 8)
+        self.rnn = nn.LSTM(8, 8)
+        self.head = nn.Linear(8, 20)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(self.rnn(self.emb(tokens))[0])
+
+
+def occurrences(model, t):
+    return sum(p is t for p in model.parameters())
+
+
+@pytest.mark.parametrize("quantizer", [UniformQuantizer(2, 16), LearnedPointsQuantizer(2, 16)])
+def test_a_tied_tensor_gets_one_quantizer_and_one_shadow(quantizer):
+    model = TiedLM()
+    shared = model.emb.weight
+    qts = attach(model, quantizer)
+    assert [qt.name for qt in qts] == [qt.name for qt in quantized_tensors(model)] == ["emb.weight", "rnn.weight_ih_l0", "rnn.weight_hh_l0"]
+    assert [name for name, _, _ in qts[0].tied] == ["head.weight"]
+    assert model.emb.parametrizations.weight[0] is model.head.parametrizations.weight[0] is qts[0].quantizer
+    assert model.emb.parametrizations.weight.original is model.head.parametrizations.weight.original is shared
+    assert occurrences(model, shared) == 1
+    assert all(occurrences(model, p) == 1 for p in qts[0].quantizer.parameters())  # learned points: once
+    assert torch.equal(model.emb.weight, model.head.weight)
+    assert sum(qt.quantizer.size_bits(qt.shadow.numel()) for qt in qts) == sum(quantizer.size_bits(n) for n in (160, 256, 256))
+
+
+@pytest.mark.parametrize("quantizer", [UniformQuantizer(2, 16), LearnedPointsQuantizer(2, 16)])
+def test_tied_model_trains_a_step_with_gradient_from_both_uses_and_stays_tied(quantizer):
+    model = TiedLM()
+    attach(model, quantizer)
+    shadow = model.emb.parametrizations.weight.original
+    tokens = torch.randint(0, 20, (5, 3), generator=torch.Generator().manual_seed(1))
+    # the same network with the two uses of Q(w) as two separate Parameters: their gradients must add up in the shadow
+    untied = detach(copy.deepcopy(model))
+    untied.head.weight = nn.Parameter(untied.emb.weight.detach().clone())
+    untied(tokens).square().mean().backward()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(tokens).square().mean().backward()
+    for part in (untied.emb.weight.grad, untied.head.weight.grad):
+        assert part.abs().sum() > 0 and not torch.allclose(shadow.grad, part)
+    assert torch.allclose(shadow.grad, untied.emb.weight.grad + untied.head.weight.grad, atol=1e-7)
+    before = shadow.detach().clone()
+    opt.step()
+    assert not torch.equal(shadow, before)
+    assert torch.equal(model.emb.weight, model.head.weight) and torch.equal(model.emb.weight, model.emb.parametrizations.weight[0](shadow))
+
+
+@pytest.mark.parametrize("keep_quantized", [True, False])
+def test_detach_leaves_tied_modules_tied(keep_quantized):
+    model = TiedLM()
+    attach(model, LearnedPointsQuantizer(2, 16))
+    shadow = model.emb.parametrizations.weight.original
+    q = model.emb.parametrizations.weight[0]
+    with torch.no_grad():
+        q.points.copy_(torch.tensor([0.1, 0.4, 0.6, 0.9]))  # without 0 and 1, quantizing Q(w) again changes it
+    expected = (model.emb.weight if keep_quantized else shadow).detach().clone()
+    detach(model, keep_quantized=keep_quantized)
+    assert not quantized_tensors(model)
+    assert model.emb.weight is model.head.weight is shadow  # the optimizer's Parameter, still shared
+    assert torch.equal(model.emb.weight, expected) and occurrences(model, shadow) == 1
+
+
+def test_selecting_a_tied_tensor():
+    def names(**kw):
+        return [qt.name for qt in attach(TiedLM(), UniformQuantizer(4), **kw)]
+
+    assert names(include=["head.*"]) == ["emb.weight"]  # one of its names is enough
+    assert names(exclude=["head.*"]) == ["rnn.weight_ih_l0", "rnn.weight_hh_l0"]  # and any excludes it
+    model = TiedLM()
+    assert [qt.name for qt in attach(model, UniformQuantizer(4), types=(nn.Linear,))] == ["emb.weight"]
+    assert torch.equal(model.emb.weight, model.head.weight)  # the embedding reads Q(w) too: it is the same tensor
+    assert names(keep_first_last=True) == ["rnn.weight_ih_l0", "rnn.weight_hh_l0"]

@@ -95,3 +95,16 @@ def test_fused_half_precision_is_the_per_tensor_path(dtype):
         (out_a, grads_a), (out_b, grads_b) = loss_and_grads(plain, x), loss_and_grads(fused, x)
     assert out_a.isfinite().all() and torch.equal(out_a, out_b)
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+def test_a_tied_tensor_is_fused_once():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    plain[4].weight = plain[0].weight
+    attach(plain, UniformQuantizer(2, 64))
+    fused = copy.deepcopy(plain)
+    x = torch.randn(4, 16)
+    with fused_quantization(fused, enabled=True):
+        assert [[qt.name for qt in g.tensors] for g in fusable_groups(fused)] == [["0.weight", "2.weight"]]
+        (out_a, grads_a), (out_b, grads_b) = loss_and_grads(plain, x), loss_and_grads(fused, x)
+    assert torch.equal(out_a, out_b) and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
