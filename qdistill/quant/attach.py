@@ -13,6 +13,7 @@ Q(w) and the optimizer sees one shadow. With stochastic rounding each read draws
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 
@@ -118,7 +119,19 @@ def attach(model: nn.Module, quantizer: Quantizer, **select_kwargs) -> list[Quan
         q.to(weight.device)
         for _, holder, name in uses[id(weight)]:  # every module sharing the tensor, whatever its type
             parametrize.register_parametrization(holder, name, q)
+            if isinstance(holder, nn.RNNBase) and "_parametrize_deepcopy" not in vars(type(holder)):
+                cls = type(holder)  # the class parametrize made for this module alone
+                cls._parametrize_deepcopy, cls.__deepcopy__ = cls.__deepcopy__, _deepcopy_rnn
     return quantized_tensors(model)
+
+
+def _deepcopy_rnn(self: nn.RNNBase, memo: dict) -> nn.RNNBase:
+    """Deepcopy of a quantized RNN, which keeps the last forward's Q(w) (with autograd history, which
+    deepcopy refuses) in `_flat_weights`: they become detached copies first. Each forward still rebuilds
+    the list, from fresh reads of the weights: the weak references it checks point to those copies."""
+    self._flat_weights = [None if w is None else w.detach() for w in self._flat_weights]
+    self._flat_weight_refs = [None if w is None else weakref.ref(w) for w in self._flat_weights]
+    return type(self)._parametrize_deepcopy(self, memo)
 
 
 def quantized_tensors(model: nn.Module) -> list[QuantizedTensor]:
@@ -145,6 +158,8 @@ def _remove(module: nn.Module, param: str, leave_parametrized: bool) -> None:
     cls = type(module)
     module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
     parametrize.remove_parametrizations(module, param, leave_parametrized=leave_parametrized)
+    if isinstance(module, nn.RNNBase):
+        module._init_flat_weights()  # drop the last forward's Q(w): the plain module's deepcopy refuses them
 
 
 def detach(model: nn.Module, keep_quantized: bool = True) -> nn.Module:

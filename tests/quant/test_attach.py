@@ -29,10 +29,54 @@ def test_default_selection_quantizes_weights_not_biases_or_norms():
 
 
 def test_forward_uses_quantized_weights_and_runs():
+    torch.manual_seed(0)
     model = Mixed()
+    fp = copy.deepcopy(model)
     attach(model, UniformQuantizer(2, bucket=None))
     assert len(torch.unique(model.head.weight)) <= 4
-    assert model(torch.randint(0, 20, (3, 6))).shape == (3, 6, 5)
+    tokens = torch.randint(0, 20, (3, 6))
+    out = model(tokens)
+    assert out.shape == (3, 6, 5)
+    assert torch.equal(out, detach(copy.deepcopy(model))(tokens))  # every layer, the LSTM included, computes with Q(w)
+    assert not torch.allclose(out, fp(tokens), atol=1e-3)
+
+
+def plain_lstm_with_weights_of(lstm):
+    """A plain LSTM whose tensors are `lstm`'s current ones (Q(w) where quantized)."""
+    plain = nn.LSTM(lstm.input_size, lstm.hidden_size, num_layers=lstm.num_layers)
+    with torch.no_grad():
+        for name in plain._flat_weights_names:
+            getattr(plain, name).copy_(getattr(lstm, name))
+    return plain
+
+
+def test_lstm_computes_with_the_current_quantized_weights_after_each_step():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(6, 5, num_layers=2)
+    fp = copy.deepcopy(lstm)
+    qts = attach(lstm, UniformQuantizer(2, 8))
+    assert len(qts) == 4
+    x = torch.randn(4, 3, 6)
+    opt = torch.optim.SGD(lstm.parameters(), lr=0.5)
+    out = lstm(x)[0]
+    assert not torch.allclose(out, fp(x)[0], atol=1e-3)
+    for _ in range(2):
+        assert torch.equal(out, plain_lstm_with_weights_of(lstm)(x)[0])
+        before = [qt.module.parametrizations[qt.param][0](qt.shadow).detach() for qt in qts]
+        opt.zero_grad()
+        out.square().sum().backward()
+        opt.step()  # moves the shadows in place: an LSTM holding on to the old tensors would give the old output
+        assert not all(torch.equal(b, getattr(lstm, qt.param)) for b, qt in zip(before, qts))
+        new = lstm(x)[0]
+        assert not torch.equal(new, out)
+        out = new
+    with torch.no_grad():
+        assert torch.equal(lstm.eval()(x)[0], plain_lstm_with_weights_of(lstm)(x)[0])
+    expected = lstm(x)[0]
+    assert torch.equal(copy.deepcopy(lstm)(x)[0], expected)  # it holds this forward's Q(w), with autograd history
+    assert torch.equal(lstm(x)[0], expected) and torch.equal(copy.deepcopy(lstm.float())(x)[0], expected)
+    detach(lstm)
+    assert torch.equal(copy.deepcopy(lstm)(x)[0], expected) and torch.equal(lstm(x)[0], expected)
 
 
 def test_keep_first_and_last_layer_by_layer():
