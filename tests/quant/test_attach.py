@@ -62,7 +62,7 @@ def test_lstm_computes_with_the_current_quantized_weights_after_each_step():
     assert not torch.allclose(out, fp(x)[0], atol=1e-3)
     for _ in range(2):
         assert torch.equal(out, plain_lstm_with_weights_of(lstm)(x)[0])
-        before = [qt.module.parametrizations[qt.param][0](qt.shadow).detach() for qt in qts]
+        before = [getattr(lstm, qt.param).detach() for qt in qts]
         opt.zero_grad()
         out.square().sum().backward()
         opt.step()  # moves the shadows in place: an LSTM holding on to the old tensors would give the old output
