@@ -6,7 +6,8 @@ import torch
 
 from qdistill import QDistillError
 from qdistill.data import batches, load_fashion_mnist, random_shift_flip
-from qdistill.data.fashion_mnist import FILES, read_idx
+from qdistill.data.fashion_mnist import DEBIAN_DIR, FILES, _find, locate, read_idx
+from tests.conftest import find_fashion_mnist
 
 
 def write_idx(path, array):
@@ -33,6 +34,25 @@ def test_env_variable_is_searched(tmp_path, monkeypatch):
     fake_fashion(tmp_path)
     monkeypatch.setenv("QDISTILL_DATA", str(tmp_path))
     assert len(load_fashion_mnist().train_x) == 20
+
+
+def test_tests_look_for_the_data_where_the_library_does(tmp_path, monkeypatch):
+    monkeypatch.delenv("QDISTILL_DATA", raising=False)
+    assert find_fashion_mnist() == (DEBIAN_DIR if _find(DEBIAN_DIR) else None)
+    fake_fashion(tmp_path)
+    monkeypatch.setenv("QDISTILL_DATA", str(tmp_path))
+    assert find_fashion_mnist() == tmp_path and locate()["train_x"].parent == tmp_path
+    monkeypatch.setenv("QDISTILL_DATA", str(tmp_path / "empty"))  # the library stops here, it does not fall back on Debian's
+    assert find_fashion_mnist() is None
+    with pytest.raises(QDistillError, match="does not hold"):
+        locate()
+
+
+def test_real_files(fashion_mnist):
+    d = load_fashion_mnist(fashion_mnist)
+    assert d.train_x.shape == (60000, 1, 28, 28) and d.test_x.shape == (10000, 1, 28, 28)
+    assert torch.bincount(d.train_y).tolist() == [6000] * 10 and torch.bincount(d.test_y).tolist() == [1000] * 10
+    assert abs(d.train_x.mean().item()) < 0.01 and abs(d.train_x.std().item() - 1) < 0.01  # normalized with the data's own mean and std
 
 
 def test_missing_files_say_how_to_get_them(tmp_path):
