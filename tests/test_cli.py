@@ -6,10 +6,9 @@ from pathlib import Path
 import pytest
 
 from qdistill.cli import main
-from qdistill.data.fashion_mnist import DEBIAN_DIR, _find
 from qdistill.export import load_packed
 
-needs_data = pytest.mark.skipif(_find(DEBIAN_DIR) is None, reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+needs_data = pytest.mark.usefixtures("fashion_mnist")  # skips where the library would have to download the data
 SUBSET = ["--train-subset", "3000", "--test-subset", "1000", "--quiet"]
 
 
@@ -53,11 +52,36 @@ def test_demo_writes_table_plots_and_models(tmp_path):
         assert (run / name).exists()
     qd = next(r for r in rows if r["method"] == "qd")
     model, _ = load_packed(run / qd["file"])
-    assert qd["bits"] == 4 and qd["test_acc"] > 60  # chance is 10
+    assert qd["bits"] == 4 and qd["test_acc"] > 40  # chance is 10; the 1-epoch teacher is at about 45
     # a second demo into the same folder is refused and changes nothing
     before = {p: p.read_bytes() for p in run.iterdir()}
     assert main(args) == 2
     assert {p: p.read_bytes() for p in run.iterdir()} == before
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path, fashion_mnist):
+    """Every method at 4 and 2 bits through `qdistill demo`; each saved model, loaded back, scores the
+    accuracy its row reports."""
+    from qdistill.data import load_dataset
+    from qdistill.models import load_checkpoint
+    from qdistill.train import evaluate
+
+    run = tmp_path / "demo"
+    subset = ["--train-subset", "2000", "--test-subset", "500", "--data-dir", str(fashion_mnist), "--quiet"]
+    assert main(["demo", "--run-dir", str(run), "--teacher-epochs", "1", "--epochs", "1", "--bit-widths", "4", "2", *subset]) == 0
+    rows = json.loads((run / "results.json").read_text())["rows"]
+    methods = ["ptq", "ptq (global)", "qat", "qd", "qd (from kd, mse, T 1)", "dq", "qd+dq"]
+    expected = ["teacher (resnet-small)", "fp", "kd"] + [m for _ in (4, 2) for m in methods]
+    assert [r["method"] for r in rows] == expected
+    assert [r["bits"] for r in rows] == [32] * 3 + [4] * len(methods) + [2] * len(methods)
+    data = load_dataset("fashion-mnist", fashion_mnist).subset(2000, 500)
+    for r in rows[1:]:
+        path = run / r["file"]
+        model = load_packed(path)[0] if r["bits"] < 32 else load_checkpoint(path)[0]
+        assert evaluate(model, data.test_x, data.test_y) == r["test_acc"], r["method"]
+        assert r["bits"] == 32 or r["size_bytes"] == path.stat().st_size < rows[1]["size_bytes"]  # packed: smaller than fp32
+    assert (run / "report.md").exists() and (run / "teacher.safetensors").exists()
 
 
 def write(path: Path, text: str) -> Path:
