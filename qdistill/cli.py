@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 import yaml
@@ -20,6 +21,7 @@ from qdistill.models import build_model, load_checkpoint, model_spec
 from qdistill.pipeline import new_run_dir, run_method
 from qdistill.report import RESULT_COLUMNS, markdown_table, plot_history
 from qdistill.train import METHODS, TrainConfig, evaluate, read_yaml
+from qdistill.train.state import Checkpoint
 from qdistill.train.config import CHOICES
 
 out = Console()
@@ -76,12 +78,13 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="fashion-mnist", help="'fashion-mnist' or a hook 'package.module:function' returning a qdistill.data.Dataset")
     p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (else $QDISTILL_DATA, then Debian's folder)")
     p.add_argument("--train-subset", type=int, help="use only the first N training examples")
-    p.add_argument("--test-subset", type=int, help="use only the first N test examples")
+    p.add_argument("--test-subset", type=int, help="use only the first N test (and validation) examples")
+    p.add_argument("--val-size", type=int, help="the last N training examples are the validation split (default 5000 for fashion-mnist, 0 for a hook's data)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def data_from(args):
-    data = load_dataset(args.dataset, args.data_dir)
+    data = load_dataset(args.dataset, args.data_dir, args.val_size)
     if args.train_subset or args.test_subset:
         data = data.subset(args.train_subset, args.test_subset)
     return data
@@ -120,8 +123,30 @@ def cmd_train_teacher(args) -> None:
     out.print(f"teacher saved to {run_dir / row['file']}")
 
 
+RUN_ARGS = "run.json"  # what a distill run was asked to do, so that --resume can do it again
+FILE_ARGS = ("teacher", "init", "config", "data_dir")
+
+
+def resumed_args(run_dir: Path) -> tuple[argparse.Namespace, TrainConfig]:
+    """The arguments and config of the killed run in `run_dir`; a finished or foreign directory is refused."""
+    if not (run_dir / RUN_ARGS).is_file() or not (run_dir / "config.yaml").is_file():
+        raise QDistillError(f"{run_dir} is not the directory of a `qdistill distill` run (no {RUN_ARGS}): nothing to resume")
+    if (run_dir / "results.json").exists():
+        raise QDistillError(f"{run_dir} holds a finished run (results.json): nothing to resume; start a new run with another --run-dir")
+    try:
+        saved = json.loads((run_dir / RUN_ARGS).read_text())
+        assert saved.pop("command") == "distill"
+        return argparse.Namespace(**saved, resume=str(run_dir)), TrainConfig.from_dict(read_yaml(run_dir / "config.yaml"))
+    except (ValueError, AssertionError, KeyError, TypeError):
+        raise QDistillError(f"{run_dir / RUN_ARGS} is damaged or not written by qdistill distill: cannot resume") from None
+
+
 def cmd_distill(args) -> None:
-    cfg = config_from(args, method=args.method)
+    if args.resume:
+        run_dir = Path(args.resume)
+        args, cfg = resumed_args(run_dir)
+    else:
+        cfg = config_from(args, method=args.method)
     data = data_from(args)
     method = cfg.spec
     spec = model_spec(args.student, data.train_x.shape[1], data.num_classes) if args.student else None
@@ -137,9 +162,16 @@ def cmd_distill(args) -> None:
             raise QDistillError(f"method {cfg.method} distills from a teacher: give --teacher FILE (from `qdistill train-teacher`)")
         teacher_spec = model_spec(args.teacher_model, data.train_x.shape[1], data.num_classes) if args.teacher_model else None
         teacher = load_any(args.teacher, teacher_spec, args.trust_code)[0]
-    run_dir = new_run_dir(args.run_dir, f"distill-{cfg.method}")
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    row, _ = run_method(cfg.method, spec, data, cfg, run_dir, teacher=teacher, init=init, quiet=args.quiet)
+    if not args.resume:
+        run_dir = new_run_dir(args.run_dir, f"distill-{cfg.method}")
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        saved = {k: v for k, v in vars(args).items() if k not in ("func", "resume")}
+        saved.update({k: str(Path(saved[k]).resolve()) for k in FILE_ARGS if saved.get(k)})
+        (run_dir / RUN_ARGS).write_text(json.dumps({"command": "distill", **saved}, indent=1))
+    state = run_dir / "state.pt"
+    checkpoint = Checkpoint(state, args.checkpoint_steps, args.checkpoint_minutes, log_path=run_dir / "metrics.jsonl")
+    row, _ = run_method(cfg.method, spec, data, cfg, run_dir, teacher=teacher, init=init, quiet=args.quiet, checkpoint=checkpoint)
+    state.unlink(missing_ok=True)
     (run_dir / "results.json").write_text(json.dumps({"rows": [row], "config": cfg.to_dict()}, indent=1))
     plot = plot_history(run_dir / "metrics.jsonl", run_dir / "training.png", f"{cfg.method} on {spec['kwargs'].get('size', spec['factory'])}")
     report = f"# qdistill distill --method {cfg.method}\n\n" + markdown_table([row], RESULT_COLUMNS) + "\n"
@@ -207,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-model", help="the teacher's architecture (preset or package.module:factory) when its file holds a model of your own")
     p.add_argument("--init", help="start from these student weights (needed by ptq and dq)")
     add_trust_flag(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the killed run in RUN_DIR with its own options (other flags are ignored)")
+    p.add_argument("--checkpoint-steps", type=int, help="save the run's whole state every N steps (for --resume)")
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0, help="... and every M minutes (default 5)")
     p.add_argument("--run-dir")
     p.add_argument("--config", help="YAML file of training options")
     add_data_flags(p)

@@ -63,11 +63,11 @@ def result_row(label: str, result, spec: dict, run_dir: Path, name: str, data: D
     A packed model is loaded back and evaluated: the row's accuracy is the shipped file's.
     """
     cfg = result.config
-    params = sum(p.numel() for n, p in result.model.named_parameters() if ".parametrizations." not in n or n.endswith(".original"))
+    params = sum(p.numel() for n, p in result.model.named_parameters() if "parametrizations" not in n.split(".") or n.endswith(".original"))
     quantized = cfg.spec.quantizer is not None
     if quantized:
         path = save_packed(result.model, spec, run_dir / f"{name}.safetensors", info={"method": label, "test_acc": result.test_acc, "config": cfg.to_dict()})
-        shipped = load_packed(path)[0].to(next(result.model.parameters()).device)
+        shipped = load_packed(path, model=build_model(spec))[0].to(next(result.model.parameters()).device)
         shipped_acc = evaluate(shipped, data.test_x, data.test_y)
         if shipped_acc != result.test_acc:
             raise RuntimeError(f"{path}: the loaded model scores {shipped_acc}%, the trained quantized model {result.test_acc}%")
@@ -81,6 +81,7 @@ def result_row(label: str, result, spec: dict, run_dir: Path, name: str, data: D
         "method": label,
         "bits": cfg.bits if quantized else 32,
         "bucket": (cfg.bucket or "global") if quantized else None,
+        "val_acc": result.val_acc,
         "test_acc": result.test_acc,
         "size_bytes": size,
         "huffman_bytes": huffman,
@@ -101,12 +102,17 @@ def run_method(
     teacher: nn.Module | None = None,
     init: nn.Module | None = None,
     quiet: bool = False,
+    checkpoint=None,
 ) -> tuple[dict, nn.Module]:
-    """Build the student (from `init`'s weights when given), train it with `cfg`, save it, return its row."""
+    """Build the student (from `init`'s weights when given), train it with `cfg`, save it, return its row.
+
+    `checkpoint` (a `train.state.Checkpoint`) saves the run as it goes and resumes a killed one."""
     torch.manual_seed(cfg.seed)
     student = copy.deepcopy(init) if init is not None else build_model(spec)
     log = MetricsLog(run_dir / "metrics.jsonl")
-    result = train(student, data, cfg, teacher=teacher, cache_dir=cache_dir() / "logits", log=lambda r: log({"run": label, "bits": cfg.bits, **r}), quiet=quiet)
+    result = train(
+        student, data, cfg, teacher=teacher, cache_dir=cache_dir() / "logits", log=lambda r: log({"run": label, "bits": cfg.bits, **r}), quiet=quiet, checkpoint=checkpoint
+    )
     name = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-") + (f"-{cfg.bits}b" if cfg.spec.quantizer else "")
     row = result_row(label, result, spec, run_dir, name, data)
     log({"run": label, "result": row})

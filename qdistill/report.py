@@ -38,6 +38,7 @@ RESULT_COLUMNS = [
     ("method", "method", ""),
     ("bits", "bits", ""),
     ("bucket", "bucket", ""),
+    ("val_acc", "val. acc. (%)", ".2f"),
     ("test_acc", "test acc. (%)", ".2f"),
     ("size_bytes", "size (bytes)", ","),
     ("ratio", "vs fp32", ".1f"),
@@ -46,21 +47,27 @@ RESULT_COLUMNS = [
 
 
 def plot_history(metrics: Path, path: Path, title: str) -> Path | None:
-    """Test accuracy and training loss per epoch, one line per phase, from a run's metrics.jsonl (None: no epochs)."""
+    """Training loss per step and validation accuracy per epoch, one line per phase, from a run's metrics.jsonl
+    (None: nothing was trained)."""
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    records = [r for r in records if "epoch" in r]
-    if not records:
+    steps = [r for r in records if "loss" in r and "step" in r]
+    epochs = [r for r in records if "val_acc" in r]
+    if not steps:
         return None
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for phase in dict.fromkeys(r["phase"] for r in records):
-        rs = [r for r in records if r["phase"] == phase]
-        acc_ax.plot([r["epoch"] for r in rs], [r["test_acc"] for r in rs], marker="o", label=phase)
-        loss_ax.plot([r["epoch"] for r in rs], [r["train_loss"] for r in rs], marker="o", label=phase)
-    for ax, label in ((acc_ax, "test accuracy (%)"), (loss_ax, "training loss")):
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for phase in dict.fromkeys(r["phase"] for r in steps):
+        rs = [r for r in steps if r["phase"] == phase]
+        loss_ax.plot([r["epoch"] for r in rs], [r["loss"] for r in rs], linewidth=0.8, label=phase)
+        rs = [r for r in epochs if r["phase"] == phase]
+        if rs:
+            acc_ax.plot([r["epoch"] for r in rs], [r["val_acc"] for r in rs], marker="o", label=phase)
+    for ax, label in ((loss_ax, "training loss (per step)"), (acc_ax, "validation accuracy (%)")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    loss_ax.set_yscale("log")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

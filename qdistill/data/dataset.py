@@ -17,7 +17,10 @@ from qdistill.errors import QDistillError
 
 @dataclass
 class Dataset:
-    """Train and test tensors; x is float (normalized), y holds class indices (or token ids)."""
+    """Train, test and optionally validation tensors; x is float (normalized), y holds class indices (or token ids).
+
+    Options are chosen on the validation split (the loop reports it every epoch); the test split is
+    for final tables only."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -25,9 +28,13 @@ class Dataset:
     test_y: torch.Tensor
     num_classes: int
     name: str = "custom"
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
 
     def __post_init__(self):
-        for split in ("train", "test"):
+        if (self.val_x is None) != (self.val_y is None):
+            raise QDistillError(f"dataset {self.name!r}: give both validation inputs and labels, or neither")
+        for split in ("train", "test") + (("val",) if self.val_x is not None else ()):
             x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
             if len(x) != len(y):
                 raise QDistillError(f"dataset {self.name!r}: {split} has {len(x)} inputs but {len(y)} labels")
@@ -35,13 +42,23 @@ class Dataset:
                 raise QDistillError(f"dataset {self.name!r}: the {split} split is empty")
 
     def subset(self, train: int | None = None, test: int | None = None) -> "Dataset":
-        """The first `train` / `test` examples (for quick runs and tests)."""
+        """The first `train` training examples, and the first `test` test and validation examples (quick runs, tests)."""
         for n, what in ((train, "train"), (test, "test")):
             if n is not None and n <= 0:
                 raise QDistillError(f"{what} subset size must be positive, got {n}")
-        return Dataset(
-            self.train_x[:train], self.train_y[:train], self.test_x[:test], self.test_y[:test], self.num_classes, self.name
-        )
+        val = (self.val_x[:test], self.val_y[:test]) if self.val_x is not None else (None, None)
+        return Dataset(self.train_x[:train], self.train_y[:train], self.test_x[:test], self.test_y[:test], self.num_classes, self.name, *val)
+
+    def holdout(self, n: int) -> "Dataset":
+        """The last `n` training examples become the validation split (deterministic); 0 leaves the data as they are."""
+        if n == 0:
+            return self
+        if self.val_x is not None:
+            raise QDistillError(f"dataset {self.name!r} already has a validation split")
+        if not 0 < n < len(self.train_x):
+            raise QDistillError(f"validation size must be from 0 to {len(self.train_x) - 1} (the training examples), got {n}")
+        k = len(self.train_x) - n
+        return Dataset(self.train_x[:k], self.train_y[:k], self.test_x, self.test_y, self.num_classes, self.name, self.train_x[k:], self.train_y[k:])
 
 
 def load_user_dataset(spec: str, **kwargs) -> Dataset:

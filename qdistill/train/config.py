@@ -45,13 +45,15 @@ CHOICES = {
     "points_optimizer": ("sgd", "adam"),
     "dq_teacher": ("teacher", "self"),
     "memory_format": ("auto", "channels_last", "contiguous"),
+    "guard": ("stop", "rollback", "off"),
 }
 
 
-# Settings that change how fast a model trains, not what it learns: left out of cache keys.
-SPEED_ONLY = ("memory_format",)
+# Settings that change how fast a model trains, or only what happens once it diverged, not what a
+# finished run learns: left out of cache keys.
+SPEED_ONLY = ("memory_format", "guard", "guard_factor")
 # What training a full-precision model (method fp, as a teacher is trained) reads from a config.
-FP_SETTINGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "grad_clip", "augment", "seed", "device", "memory_format")
+FP_SETTINGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "grad_clip", "augment", "seed", "device", "memory_format", "guard", "guard_factor")
 
 
 @dataclass
@@ -76,6 +78,10 @@ class TrainConfig:
     # buckets one loss spike can grow a bucket's extreme weight, widen its levels and feed back
     # (bench/results/ablation-cpu-medium-2bit-clip.md)
     grad_clip: float | None = None
+    # the divergence guard: a non-finite loss, or one over guard_factor x its running median (null: no
+    # ratio test), stops the phase (stop), or returns to the last good state and clips the gradient (rollback)
+    guard: str = "stop"
+    guard_factor: float | None = 10.0
     augment: bool = False
     # distillation
     temperature: float = 2.0
@@ -116,6 +122,8 @@ class TrainConfig:
                 raise QDistillError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and not isinstance(self.grad_clip, bool) and self.grad_clip > 0):
             raise QDistillError(f"grad_clip must be positive or null (no clipping), got {self.grad_clip!r}")
+        if self.guard_factor is not None and not (isinstance(self.guard_factor, (int, float)) and not isinstance(self.guard_factor, bool) and self.guard_factor > 1):
+            raise QDistillError(f"guard_factor must be a number above 1 or null (no ratio test), got {self.guard_factor!r}")
         if not 0 <= self.momentum < 1:
             raise QDistillError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:

@@ -7,6 +7,7 @@ attached, whether a teacher is used, and which tensors the optimizer steps (see 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -15,12 +16,17 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from qdistill.data import Dataset, batches
+from qdistill.data import Dataset, batches, random_shift_flip
 from qdistill.distill import CachedTeacher, LiveTeacher, check_compatible, distillation_loss
-from qdistill.errors import QDistillError
+from qdistill.errors import Diverged, QDistillError
 from qdistill.quant import attach, detach, fused_quantization, quantized_tensors, redistribute_points
 from qdistill.train.config import TrainConfig
+from qdistill.train.guard import DivergenceGuard
+from qdistill.train.state import Checkpoint, capture, restore, set_rng_state
 from qdistill.ui import make_progress
+
+MAX_ROLLBACKS = 3
+ROLLBACK_CLIP = 1.0  # the gradient norm a rollback clips to when the run set none (bench/results/ablation-cpu-medium-2bit-clip.md)
 
 
 @dataclass
@@ -31,6 +37,7 @@ class TrainResult:
     train_seconds: float = 0.0
     samples_per_s: float = 0.0
     history: list[dict] = field(default_factory=list)
+    val_acc: float | None = None  # on the validation split, where the data have one: what options are chosen on
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,7 +65,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 def make_schedule(opt, kind: str, total_steps: int):
     if kind == "onecycle" and total_steps > 0:
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total_steps)
+        # cycle_momentum=False: the configured momentum (or Adam's beta1) stays what the user set
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total_steps, cycle_momentum=False)
     if kind == "cosine" and total_steps > 0:
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
@@ -70,47 +78,103 @@ def make_optimizer(kind: str, params, lr: float, cfg: TrainConfig):
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
 
 
-def fit(model, params, data: Dataset, teacher, cfg: TrainConfig, epochs: int, lr: float, name: str, log, progress, optimizer: str = "sgd") -> dict:
-    """Run `epochs` of the loop, stepping only `params`; returns timing and the per-epoch records."""
+@functools.lru_cache(maxsize=2)
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of one epoch, a function of (seed, epoch) alone: a resumed run needs no saved order."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def training_batch(data: Dataset, cfg: TrainConfig, epoch: int, position: int, steps_per_epoch: int):
+    """Inputs, labels and example indices of step `position` of `epoch`; augmentation is seeded by the step too."""
+    idx = epoch_order(len(data.train_x), cfg.seed, epoch)[position * cfg.batch_size : (position + 1) * cfg.batch_size]
+    x = data.train_x[idx]
+    if cfg.augment:
+        x = random_shift_flip(x, pad=2, flip=True, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * steps_per_epoch + position))
+    return x, data.train_y[idx], idx
+
+
+def fit(model, params, data: Dataset, teacher, cfg: TrainConfig, epochs: int, lr: float, name: str, log, progress, optimizer: str = "sgd", checkpoint: Checkpoint | None = None) -> dict:
+    """Run `epochs` of the loop, stepping only `params`; returns timing and the per-epoch records.
+
+    With a `checkpoint`, the phase starts where a killed run left it (or is skipped if it finished)."""
+    done = checkpoint.finished(name) if checkpoint else None
+    if done is not None:
+        model.load_state_dict(done["model"])
+        set_rng_state(done)
+        return done["result"]
     device = next(model.parameters()).device
     quantizers = [qt.quantizer for qt in quantized_tensors(model)]
     opt = make_optimizer(optimizer, params, lr, cfg)
     steps_per_epoch = math.ceil(len(data.train_x) / cfg.batch_size)
-    schedule = make_schedule(opt, cfg.schedule, epochs * steps_per_epoch)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    task = progress.add_task(name, total=epochs * steps_per_epoch, status="")
-    seconds, seen, records = 0.0, 0, []
-    for epoch in range(epochs):
+    total = epochs * steps_per_epoch
+    schedule = make_schedule(opt, cfg.schedule, total)
+    guard = DivergenceGuard(name, cfg.guard_factor, enabled=cfg.guard != "off")
+    run = {"step": 0, "seconds": 0.0, "seen": 0, "loss_sum": 0.0, "records": [], "grad_clip": cfg.grad_clip, "rollbacks": 0, "guard": guard.state()}
+    resumed = checkpoint.running(name) if checkpoint else None
+    if resumed is not None:
+        run = restore(resumed, model, opt, schedule)
+        guard.load(run["guard"])
+    good = capture(model, opt, schedule, run) if cfg.guard == "rollback" else None  # the guard's rollback point
+    task = progress.add_task(name, total=total, completed=run["step"], status="")
+    start = time.perf_counter()
+    while run["step"] < total:
         model.train()
-        start, loss_sum = time.perf_counter(), torch.zeros((), device=device)
-        for x, y, idx in batches(data.train_x, data.train_y, cfg.batch_size, shuffle=True, generator=gen, augment=cfg.augment):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            out = model(x)  # 1. quantize: the parametrized weights read as Q(w)
-            target = teacher(x, idx.to(device)) if teacher is not None else None
-            loss = distillation_loss(out, y, target, cfg.temperature, cfg.alpha)  # 2. distill
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # straight-through: dL/dQ(w) reaches w
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()  # 3. SGD step on the full-precision weights (or the points)
-            schedule.step()
-            for q in quantizers:
-                q.after_step()
-            loss_sum += loss.detach() * len(y)
-            seen += len(y)
-            progress.advance(task)
-        seconds += time.perf_counter() - start
-        record = {
-            "phase": name,
-            "epoch": epoch + 1,
-            "train_loss": loss_sum.item() / len(data.train_x),
-            "test_acc": evaluate(model, data.test_x, data.test_y),
-            "samples_per_s": seen / seconds,
-        }
-        records.append(record)
-        log(record)
-        progress.update(task, status=f"loss {record['train_loss']:.3f} acc {record['test_acc']:.2f}% {record['samples_per_s']:.0f}/s")
-    return {"seconds": seconds, "samples": seen, "records": records}
+        epoch, position = divmod(run["step"], steps_per_epoch)
+        x, y, idx = training_batch(data, cfg, epoch, position, steps_per_epoch)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        out = model(x)  # 1. quantize: the parametrized weights read as Q(w)
+        target = teacher(x, idx.to(device)) if teacher is not None else None
+        loss = distillation_loss(out, y, target, cfg.temperature, cfg.alpha)  # 2. distill
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # straight-through: dL/dQ(w) reaches w
+        if run["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(params, run["grad_clip"])
+        opt.step()  # 3. SGD step on the full-precision weights (or the points)
+        schedule.step()
+        for q in quantizers:
+            q.after_step()
+        run["step"] += 1
+        run["seen"] += len(y)
+        progress.advance(task)
+        end_of_epoch = run["step"] % steps_per_epoch == 0
+        if guard.add(loss) or end_of_epoch or (checkpoint and checkpoint.due(run["step"])):
+            try:
+                losses = guard.check(run["step"])
+            except Diverged as e:
+                if good is None or run["rollbacks"] == MAX_ROLLBACKS:
+                    raise
+                rollbacks = run["rollbacks"] + 1
+                run = restore(good, model, opt, schedule)
+                run["rollbacks"], run["grad_clip"] = rollbacks, cfg.grad_clip or ROLLBACK_CLIP
+                guard.load(run["guard"])
+                log({"phase": name, "rollback_to": run["step"], "diverged_at": e.step, "loss": e.loss, "grad_clip": run["grad_clip"]})
+                progress.update(task, completed=run["step"])
+                continue
+            first = run["step"] - len(losses)
+            for i, value in enumerate(losses, start=first + 1):  # the training curve, one point per step
+                log({"phase": name, "step": i, "epoch": i / steps_per_epoch, "loss": value})
+            run["loss_sum"] += sum(losses)
+            run["guard"] = guard.state()
+            if end_of_epoch:
+                run["seconds"] += time.perf_counter() - start
+                start = time.perf_counter()
+                record = {"phase": name, "epoch": epoch + 1, "step": run["step"], "train_loss": run["loss_sum"] / steps_per_epoch, "samples_per_s": run["seen"] / run["seconds"]}
+                if data.val_x is not None:
+                    record["val_acc"] = evaluate(model, data.val_x, data.val_y)
+                run["records"].append(record)
+                run["loss_sum"] = 0.0
+                log(record)
+                progress.update(task, status=f"loss {record['train_loss']:.3f}" + (f" val {record['val_acc']:.2f}%" if "val_acc" in record else ""))
+            if good is not None:
+                good = capture(model, opt, schedule, run)
+            if checkpoint and checkpoint.due(run["step"]) and run["step"] < total:
+                run["seconds"] += time.perf_counter() - start
+                start = time.perf_counter()
+                checkpoint.save_running(name, capture(model, opt, schedule, run))
+    result = {"seconds": run["seconds"], "samples": run["seen"], "records": run["records"]}
+    if checkpoint:
+        checkpoint.save_finished(name, model, result)
+    return result
 
 
 def make_teacher(model: nn.Module, data: Dataset, cfg: TrainConfig, cache_dir, progress=None):
@@ -146,8 +210,20 @@ def gradient_norms(model, tensors, data: Dataset, teacher, cfg: TrainConfig, n_b
     return [g.norm().item() for g in grads]
 
 
-def train(student: nn.Module, data: Dataset, cfg: TrainConfig, teacher: nn.Module | None = None, cache_dir=None, log=None, quiet=False) -> TrainResult:
-    """Train (or only quantize, for ptq) `student` with the method in `cfg`; the student is changed in place."""
+def train(
+    student: nn.Module,
+    data: Dataset,
+    cfg: TrainConfig,
+    teacher: nn.Module | None = None,
+    cache_dir=None,
+    log=None,
+    quiet=False,
+    checkpoint: Checkpoint | None = None,
+) -> TrainResult:
+    """Train (or only quantize, for ptq) `student` with the method in `cfg`; the student is changed in place.
+
+    With a `checkpoint`, the run's state is saved as it goes, and a run over a checkpoint that a killed
+    run left continues where it stopped, ending with the same weights bit for bit."""
     cfg.validate()
     log = log or (lambda record: None)
     device = resolve_device(cfg.device)
@@ -169,7 +245,8 @@ def train(student: nn.Module, data: Dataset, cfg: TrainConfig, teacher: nn.Modul
         if method.trains == "weights":
             params = [p for p in student.parameters() if p.requires_grad]
             with fused_quantization(student):  # off-CPU: one batch of kernels for all tensors, same values
-                out = fit(student, params, data, teacher_fn, cfg, cfg.epochs, cfg.lr, f"{cfg.method} {cfg.bits}b" if method.quantizer else cfg.method, log, progress)
+                name = f"{cfg.method} {cfg.bits}b" if method.quantizer else cfg.method
+                out = fit(student, params, data, teacher_fn, cfg, cfg.epochs, cfg.lr, name, log, progress, checkpoint=checkpoint)
             history += out["records"]
             seconds, samples = seconds + out["seconds"], samples + out["samples"]
         if method.quantizer == "learned" or method.then == "dq":
@@ -188,8 +265,9 @@ def train(student: nn.Module, data: Dataset, cfg: TrainConfig, teacher: nn.Modul
                 qt.quantizer.points.requires_grad_(True)
                 points.append(qt.quantizer.points)
             dq_cfg = cfg.replace(weight_decay=0.0)
-            out = fit(student, points, data, teacher_fn, dq_cfg, cfg.dq_epochs, cfg.points_lr, f"dq {cfg.bits}b points", log, progress, cfg.points_optimizer)
+            out = fit(student, points, data, teacher_fn, dq_cfg, cfg.dq_epochs, cfg.points_lr, f"dq {cfg.bits}b points", log, progress, cfg.points_optimizer, checkpoint)
             history += out["records"]
             seconds, samples = seconds + out["seconds"], samples + out["samples"]
-    acc = history[-1]["test_acc"] if history else evaluate(student, data.test_x, data.test_y)
-    return TrainResult(student, cfg, acc, seconds, samples / seconds if seconds else 0.0, history)
+    val_acc = evaluate(student, data.val_x, data.val_y) if data.val_x is not None else None
+    test_acc = evaluate(student, data.test_x, data.test_y)
+    return TrainResult(student, cfg, test_acc, seconds, samples / seconds if seconds else 0.0, history, val_acc)

@@ -1,0 +1,104 @@
+"""A run's whole state, captured and put back bit for bit: resume after a kill, and the guard's rollback.
+
+The state is the model (shadow weights, quantizer points, BatchNorm statistics), the optimizer and
+schedule, every random generator the step draws from, and the loop's counters. The data order needs
+no saving: an epoch's order is a function of (seed, epoch) alone (`loop.epoch_order`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qdistill.errors import QDistillError
+
+
+def capture(model: nn.Module, opt, schedule, loop: dict) -> dict:
+    """A deep copy of everything a step reads or changes."""
+    return {
+        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "optimizer": copy.deepcopy(opt.state_dict()),
+        "schedule": schedule.state_dict(),
+        **rng_state(),
+        "loop": copy.deepcopy(loop),
+    }
+
+
+def restore(state: dict, model: nn.Module, opt, schedule) -> dict:
+    """Put `capture`'s result back; returns the loop's counters."""
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(copy.deepcopy(state["optimizer"]))
+    schedule.load_state_dict(state["schedule"])
+    set_rng_state(state)
+    return copy.deepcopy(state["loop"])
+
+
+def rng_state() -> dict:
+    return {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+class Checkpoint:
+    """Saves a run's state to one file, atomically, every `every_steps` steps or `every_minutes`, and at
+    the end of each phase; built over an existing file, it hands that state back so the run resumes.
+
+    A phase that finished keeps its final model, so a run killed in a later phase redoes nothing.
+    `log_path` (the run's metrics.jsonl) is cut back to its length at the last save, so a resumed
+    run logs each step once.
+    """
+
+    def __init__(self, path: str | Path, every_steps: int | None = None, every_minutes: float | None = None, log_path: Path | None = None):
+        if every_steps is not None and every_steps <= 0 or every_minutes is not None and every_minutes <= 0:
+            raise QDistillError("checkpoint intervals must be positive")
+        self.path, self.log_path = Path(path), Path(log_path) if log_path is not None else None
+        self.every_steps, self.every_seconds = every_steps, every_minutes * 60 if every_minutes else None
+        self.saved = {"done": {}, "current": None, "log_bytes": 0}
+        if self.path.exists():
+            try:
+                self.saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            except Exception:
+                raise QDistillError(f"{self.path} is damaged: this run cannot be resumed (start a new one)") from None
+        if self.log_path is not None and self.log_path.exists():  # what a killed run logged after its last save is logged again
+            os.truncate(self.log_path, min(self.saved["log_bytes"], self.log_path.stat().st_size))
+        self.last_save = time.monotonic()
+
+    def finished(self, phase: str) -> dict | None:
+        return self.saved["done"].get(phase)
+
+    def running(self, phase: str) -> dict | None:
+        current = self.saved["current"]
+        return current if current is not None and current["phase"] == phase else None
+
+    def due(self, step: int) -> bool:
+        return (self.every_steps is not None and step % self.every_steps == 0) or (
+            self.every_seconds is not None and time.monotonic() - self.last_save >= self.every_seconds
+        )
+
+    def save_running(self, phase: str, state: dict) -> None:
+        self.saved["current"] = {"phase": phase, **state}
+        self._write()
+
+    def save_finished(self, phase: str, model: nn.Module, result: dict) -> None:
+        self.saved["done"][phase] = {"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, **rng_state(), "result": result}
+        self.saved["current"] = None
+        self._write()
+
+    def _write(self) -> None:
+        self.saved["log_bytes"] = self.log_path.stat().st_size if self.log_path is not None and self.log_path.exists() else 0
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(self.saved, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self.last_save = time.monotonic()
