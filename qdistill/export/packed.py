@@ -78,16 +78,21 @@ def save_packed(model: nn.Module, spec: dict, path: str | Path, info: dict | Non
         tensors = {"indices": torch.cat(indices), "scales": torch.cat(scales)}
         if points:
             tensors["points"] = torch.cat(points)
-        kept, by_dtype = [], {}
-        for name, t in model.state_dict().items():
+        aliases = {use[0]: qt.name for qt in quantized for use in qt.tied}  # tied uses of a quantized tensor
+        kept, by_dtype, first_name = [], {}, {}
+        for name, t in model.state_dict(keep_vars=True).items():
             if "parametrizations" in name.split("."):  # the shadows and quantizer state: stored above
                 continue
+            if id(t) in first_name:  # a tensor shared by two modules is stored once
+                aliases[name] = first_name[id(t)]
+                continue
+            first_name[id(t)] = name
             key = f"fp.{str(t.dtype).removeprefix('torch.')}"
             chunks = by_dtype.setdefault(key, [])
             kept.append({"name": name, "blob": key, "shape": list(t.shape), "offset": sum(c.numel() for c in chunks)})
             chunks.append(t.detach().cpu().reshape(-1))
         tensors.update({key: torch.cat(chunks) for key, chunks in by_dtype.items()})
-    meta = {"format": FORMAT, "version": VERSION, "spec": spec, "quantized": layout, "kept": kept, "info": info or {}}
+    meta = {"format": FORMAT, "version": VERSION, "spec": spec, "quantized": layout, "kept": kept, "aliases": aliases, "info": info or {}}
     meta["sha256"] = _digest(meta, tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -200,6 +205,9 @@ def check_layout(meta: dict, tensors: dict[str, torch.Tensor], path) -> None:
             raise bad(f"{e['name']}: shape {shape!r} at {offset!r}")
         if offset + math.prod(shape) > size:
             raise bad(f"{e['name']}: {math.prod(shape)} values at {offset} overrun its blob of {size}")
+    aliases = meta.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(a, str) and a not in names and isinstance(target, str) and target in names for a, target in aliases.items()):
+        raise bad("'aliases' must map new names to stored tensors")
     extra = set(tensors) - {"indices", "scales", "points"} - {e["blob"] for e in meta["kept"]}
     if extra:
         raise bad(f"unexplained tensors {sorted(extra)}")
@@ -236,6 +244,8 @@ def load_packed(path: str | Path, model: nn.Module | None = None, trust_code: bo
         blob = tensors[e["blob"]]
         n = math.prod(e["shape"])
         state[e["name"]] = blob[e["offset"] : e["offset"] + n].reshape(e["shape"]).clone()
+    for alias, name in meta.get("aliases", {}).items():  # tied tensors: loaded twice into one Parameter, same values
+        state[alias] = state[name]
     if model is None:
         model = build_model(meta.get("spec"), trust_code=trust_code, source=str(path))
     return load_state(model, state, path, f"the model {type(model).__name__}").eval(), meta

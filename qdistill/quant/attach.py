@@ -168,6 +168,7 @@ def detach(model: nn.Module, keep_quantized: bool = True) -> nn.Module:
     Each shadow Parameter stays in place (only its data becomes Q(w)), so tied modules stay tied.
     """
     for qt in quantized_tensors(model):
+        qt.quantizer.eval()  # bake the shipped rounding (to nearest), never a stochastic draw of training mode
         for _, module, param in qt.tied:  # to the shadow first: leaving these quantized would quantize Q(w) a second time
             _remove(module, param, leave_parametrized=False)
         _remove(qt.module, qt.param, keep_quantized)

@@ -105,3 +105,34 @@ def test_round_trip_on_gpu(tmp_path, quantizer):
     x = torch.randn(32, 1, 28, 28, device="cuda")
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+class TiedLM(torch.nn.Module):
+    """An embedding shared with the output head, as language models tie them."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.mix = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 50, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mix(self.emb(x))))
+
+
+@pytest.mark.parametrize("exclude", [None, ["emb.weight"]])  # the tied tensor quantized, or kept in full precision
+def test_tied_weights_are_stored_once_and_load_tied(tmp_path, exclude):
+    torch.manual_seed(0)
+    model = TiedLM()
+    attach(model, UniformQuantizer(2, 32), exclude=exclude)
+    path = save_packed(model, {"factory": "tests:TiedLM", "kwargs": {}}, tmp_path / "m.safetensors")
+    loaded, meta = load_packed(path, model=TiedLM())
+    assert loaded.head.weight is loaded.emb.weight
+    x = torch.randint(0, 50, (4, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    stored = [e["name"] for e in meta["quantized"] + meta["kept"]]
+    assert "emb.weight" in stored and "head.weight" not in stored and meta["aliases"] == {"head.weight": "emb.weight"}
+    info = inspect_packed(path)
+    assert info["quantized_weights"] + info["kept_values"] == sum(p.numel() for p in TiedLM().parameters())

@@ -207,3 +207,15 @@ def test_selecting_a_tied_tensor():
     assert [qt.name for qt in attach(model, UniformQuantizer(4), types=(nn.Linear,))] == ["emb.weight"]
     assert torch.equal(model.emb.weight, model.head.weight)  # the embedding reads Q(w) too: it is the same tensor
     assert names(keep_first_last=True) == ["rnn.weight_ih_l0", "rnn.weight_hh_l0"]
+
+
+def test_detach_in_training_mode_bakes_round_to_nearest_not_a_stochastic_draw():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32))
+    attach(model, UniformQuantizer(2, 16, stochastic=True))
+    model.train()  # as qd+dq leaves it after its first phase
+    expected = model.eval()[0].weight.detach().clone()
+    model.train()
+    assert not torch.equal(model[0].weight, expected)  # a stochastic draw in training mode
+    detach(model, keep_quantized=True)
+    assert torch.equal(model[0].weight, expected)
