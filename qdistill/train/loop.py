@@ -147,7 +147,7 @@ def fit(model, params, data: Dataset, teacher, cfg: TrainConfig, epochs: int, lr
                 run = restore(good, model, opt, schedule)
                 run["rollbacks"], run["grad_clip"] = rollbacks, cfg.grad_clip or ROLLBACK_CLIP
                 guard.load(run["guard"])
-                log({"phase": name, "rollback_to": run["step"], "diverged_at": e.step, "loss": e.loss, "grad_clip": run["grad_clip"]})
+                log({"phase": name, "rollback_to": run["step"], "diverged_at": e.step, "diverged_loss": e.loss if math.isfinite(e.loss) else str(e.loss), "grad_clip": run["grad_clip"]})
                 progress.update(task, completed=run["step"])
                 continue
             first = run["step"] - len(losses)

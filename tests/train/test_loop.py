@@ -3,9 +3,11 @@ import copy
 import pytest
 import torch
 
-from qdistill import METHODS, QDistillError, TrainConfig, quantized_tensors, train
+from qdistill import METHODS, QDistillError, TrainConfig, detach, quantized_tensors, train
+from qdistill.errors import Diverged
 from qdistill.quant import LearnedPointsQuantizer, UniformQuantizer
 from qdistill.train import evaluate
+from qdistill.train.loop import make_optimizer, make_schedule
 from tests.conftest import toy_dataset, toy_net
 
 
@@ -28,7 +30,10 @@ def test_every_trained_method_learns_and_reports_the_quantized_model(method, dat
     cfg = TrainConfig(method=method, bits=2, epochs=3, batch_size=64)
     result = train(toy_net(), data, cfg, teacher=copy.deepcopy(teacher), quiet=True)
     assert result.test_acc > 80  # chance is 25
-    assert result.test_acc == evaluate(result.model, data.test_x, data.test_y)
+    shipped = detach(copy.deepcopy(result.model), keep_quantized=True).eval()  # plain weights, no parametrization
+    with torch.no_grad():
+        hits = (shipped(data.test_x).argmax(-1) == data.test_y).sum().item()
+    assert result.test_acc == 100 * hits / len(data.test_y)  # the accuracy reported is the quantized model's
     quantized = quantized_tensors(result.model)
     if METHODS[method].quantizer is None:
         assert not quantized
@@ -100,3 +105,87 @@ def test_distilling_methods_need_a_teacher(data):
 def test_mismatched_teacher(data):
     with pytest.raises(QDistillError, match="teacher and student do not match"):
         train(toy_net(), data, TrainConfig(method="kd"), teacher=toy_net(classes=7), quiet=True)
+
+
+def test_momentum_zero_trains_without_momentum():
+    """OneCycleLR cycles momentum unless told not to, overriding the configured value every step."""
+    model = toy_net()
+    model(torch.randn(2, 1, 8, 8)).sum().backward()
+    opt = make_optimizer("sgd", model.parameters(), 0.1, TrainConfig(momentum=0.0))
+    schedule = make_schedule(opt, "onecycle", 10)
+    for _ in range(3):
+        opt.step(), schedule.step()
+        assert opt.param_groups[0]["momentum"] == 0.0 and not opt.state_dict()["state"]  # no momentum buffers
+
+
+def test_validation_split_is_the_last_training_examples_and_is_what_epochs_report(data):
+    held = data.holdout(100)
+    assert torch.equal(held.val_x, data.train_x[-100:]) and len(held.train_x) == len(data.train_x) - 100
+    assert torch.equal(held.holdout(0).train_x, held.train_x)
+    with pytest.raises(QDistillError, match="already has a validation split"):
+        held.holdout(10)
+    records = []
+    result = train(toy_net(), held, TrainConfig(method="fp", epochs=2, batch_size=64), quiet=True, log=records.append)
+    epochs = [r for r in records if "val_acc" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2] and epochs[-1]["val_acc"] == result.val_acc
+    assert not any("test_acc" in r for r in records)  # the test split is for the final result only
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, 2 * 7 + 1))  # a loss per step: 412 examples in batches of 64 -> 7 steps an epoch
+
+
+class Exploding(torch.nn.Module):
+    """A model whose output blows up after `after` training forwards: a stand-in for a run that diverges."""
+
+    def __init__(self, after):
+        super().__init__()
+        self.net, self.after, self.calls = toy_net(), after, 0
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.training:
+            self.calls += 1
+            if self.calls > self.after:
+                out = out * float("inf")
+        return out
+
+
+def test_guard_stops_at_the_step_the_loss_became_nan(data):
+    with pytest.raises(Diverged, match="step 21 .*not finite") as e:
+        train(Exploding(after=20), data, TrainConfig(method="qat", bits=2, epochs=5, batch_size=64), quiet=True)
+    assert (e.value.phase, e.value.step) == ("qat 2b", 21)
+
+
+def test_guard_ratio_test_and_off(data):
+    class Spike(Exploding):
+        def forward(self, x):
+            out = self.net(x)
+            if self.training:
+                self.calls += 1
+                if self.calls == self.after:
+                    out = out * -100  # confidently wrong: a large but finite spike
+            return out
+
+    with pytest.raises(Diverged, match="step 30 .*running median"):
+        train(Spike(after=30), data, TrainConfig(method="fp", epochs=5, batch_size=64), quiet=True)
+    train(Spike(after=30), data, TrainConfig(method="fp", epochs=5, batch_size=64, guard_factor=None), quiet=True)  # no ratio test
+    train(Exploding(after=20), data, TrainConfig(method="fp", epochs=1, batch_size=64, guard="off"), quiet=True)
+
+
+def test_guard_rollback_returns_to_the_last_good_state_and_clips(data):
+    class Once(Exploding):
+        def forward(self, x):
+            out = self.net(x)
+            if self.training:
+                self.calls += 1
+                if self.calls == self.after:
+                    out = out * float("nan")
+            return out
+
+    records = []
+    torch.manual_seed(0)
+    result = train(Once(after=40), data, TrainConfig(method="qd", bits=2, epochs=8, batch_size=64, guard="rollback"), teacher=toy_net(), quiet=True, log=records.append)
+    rollback = [r for r in records if "rollback_to" in r]
+    assert len(rollback) == 1 and rollback[0]["diverged_at"] == 40 and rollback[0]["rollback_to"] == 32 and rollback[0]["grad_clip"] == 1.0
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, 8 * 8 + 1))  # steps 33 to 40 are redone after the rollback, and logged once
+    assert result.test_acc > 80
