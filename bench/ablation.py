@@ -70,7 +70,7 @@ def run_one(label: str, changes: dict, seed: int, base: dict, paths: dict, data_
     mark = {"variant": label, "seed": seed, "bits": cfg.bits if cfg.spec.quantizer is not None else 32, "test_acc": None}
     if init_label and (init_label, seed) not in paths:
         return {**mark, "not_run": f"{init_label} diverged"}
-    data = load_dataset(data_args["dataset"], data_args["data_dir"]).subset(data_args["train_subset"], data_args["test_subset"])
+    data = load_dataset(data_args["dataset"], data_args["data_dir"], data_args["val_size"]).subset(data_args["train_subset"], data_args["test_subset"])
     teacher = load_checkpoint(paths["teacher"])[0]
     init = load_checkpoint(paths[(init_label, seed)])[0] if init_label else None
     spec = model_spec(data_args["student"], data.train_x.shape[1], data.num_classes)
@@ -89,16 +89,16 @@ def finish(path: str, *job) -> None:
     write_json(Path(path), run_one(*job))
 
 
-def summarize(rows: list[dict], labels: list[str]) -> list[dict]:
-    """Per variant: mean, min and max over the seeds that trained, how many did not, and the gains in mean
-    accuracy over kd and over the baseline (the first variant, labels[1])."""
+def summarize(rows: list[dict], labels: list[str], metric: str = "val_acc") -> list[dict]:
+    """Per variant: mean, min and max of `metric` over the seeds that trained, how many did not, and the
+    gains in mean accuracy over kd and over the baseline (the first variant, labels[1])."""
     by_label = {label: [r for r in rows if r["variant"] == label] for label in labels}
-    trained = {label: [r for r in rs if r["test_acc"] is not None] for label, rs in by_label.items()}
-    means = {label: statistics.mean(r["test_acc"] for r in rs) if rs else None for label, rs in trained.items()}
+    trained = {label: [r for r in rs if r.get(metric) is not None] for label, rs in by_label.items()}
+    means = {label: statistics.mean(r[metric] for r in rs) if rs else None for label, rs in trained.items()}
     kd_mean, base_mean = means["kd"], means[labels[1]]
     out = []
     for label in labels:
-        accs, mean = [r["test_acc"] for r in trained[label]], means[label]
+        accs, mean = [r[metric] for r in trained[label]], means[label]
         out.append(
             {
                 "variant": label,
@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-dir")
     p.add_argument("--train-subset", type=int)
     p.add_argument("--test-subset", type=int)
+    p.add_argument("--val-size", type=int, help="validation examples held out of training (default: the dataset's, 5000 for fashion-mnist); "
+                   "the table compares validation accuracy, or test accuracy with --val-size 0")
     p.add_argument("--tag", required=True, help="results file: ablation-<tag>")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--work-dir", type=Path, help="finished runs and the weights others start from, kept to resume after a kill (default: <out>/work-ablation-<tag>)")
@@ -157,16 +159,17 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     card = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-    data = load_dataset(args.dataset, args.data_dir).subset(args.train_subset, args.test_subset)
+    data = load_dataset(args.dataset, args.data_dir, args.val_size).subset(args.train_subset, args.test_subset)
+    metric, metric_name = ("val_acc", "val. acc.") if data.val_x is not None else ("test_acc", "test acc.")
     teacher_path = work / "teacher.safetensors"
     if teacher_path.exists():  # the teacher of the rows already there
         teacher = load_checkpoint(teacher_path)[0]
     else:
         teacher = get_teacher(data, args.teacher, base.replace(method="fp", epochs=args.teacher_epochs), quiet=True)
         save_checkpoint(teacher, model_spec(args.teacher, data.train_x.shape[1], data.num_classes), teacher_path)
-    teacher_acc = evaluate(teacher, data.test_x, data.test_y)
+    teacher_acc = evaluate(teacher, *((data.val_x, data.val_y) if metric == "val_acc" else (data.test_x, data.test_y)))
     CachedTeacher.build(teacher.to(device), data.train_x, cache_dir() / "logits", device=device)  # once, not once per worker
-    data_args = {"dataset": args.dataset, "data_dir": args.data_dir, "train_subset": args.train_subset, "test_subset": args.test_subset, "student": args.student}
+    data_args = {"dataset": args.dataset, "data_dir": args.data_dir, "val_size": args.val_size, "train_subset": args.train_subset, "test_subset": args.test_subset, "student": args.student}
     threads = max(1, torch.get_num_threads() // args.workers)
     paths = {"teacher": str(teacher_path)}
     paths |= {(label, s): str(work / f"init-{labels.index(label)}-{s}.safetensors") for label in sources for s in args.seeds}
@@ -186,15 +189,16 @@ def main(argv: list[str] | None = None) -> None:
         rest = [(label, changes, s) for label, changes in variants if label not in sources for s in args.seeds]
         rows += run_all(rest, rest_paths, "variants (variant, seed)")
     seconds = time.perf_counter() - start
-    summary = summarize(rows, labels)
+    summary = summarize(rows, labels, metric)
     setup = (
-        f"{card}; student {args.student}; teacher {args.teacher} ({args.teacher_epochs} epochs) {teacher_acc:.2f}%; "
+        f"{card}; student {args.student}; teacher {args.teacher} ({args.teacher_epochs} epochs) {teacher_acc:.2f}% ({metric_name}); "
         f"{args.bits} bits; {args.epochs} epochs unless a variant says otherwise; seeds {args.seeds}; "
-        f"train examples {len(data.train_x)}, test {len(data.test_x)}; wall time {seconds:.0f} s"
+        f"train examples {len(data.train_x)}, validation {0 if data.val_x is None else len(data.val_x)}, test {len(data.test_x)}; "
+        f"compared on {metric_name}; wall time {seconds:.0f} s"
         + (f", resumed with {resumed} of {len(labels) * len(args.seeds)} runs done before" if resumed else "")
     )
     columns = [
-        ("variant", "variant", ""), ("bits", "bits", ""), ("accuracy", "test acc. (%): mean (min–max)", ""),
+        ("variant", "variant", ""), ("bits", "bits", ""), ("accuracy", f"{metric_name} (%): mean (min–max)", ""),
         ("vs_kd", "vs kd", "+.2f"), ("vs_baseline", "vs baseline", "+.2f"), ("size_bytes", "size (bytes)", ","), ("train_s", "train s", ".0f"),
     ]
     spelled = "\n".join(f"- `{v}`" for v in args.variant)

@@ -286,7 +286,7 @@ def test_ablation_summary_gains():
     rows += [variant_row("mse", 0, 86.0), variant_row("mse", 1, None, **DIVERGED), variant_row("mse", 2, 88.0)]
     rows += [variant_row("bad", s, None, **DIVERGED) for s in range(3)]
     rows += [variant_row("from bad", s, None, not_run="bad diverged") for s in range(3)]
-    summary = {r["variant"]: r for r in ablation.summarize(rows, ["kd", "qd", "mse", "bad", "from bad"])}
+    summary = {r["variant"]: r for r in ablation.summarize(rows, ["kd", "qd", "mse", "bad", "from bad"], metric="test_acc")}
     kd, qd, mse, bad = summary["kd"], summary["qd"], summary["mse"], summary["bad"]
     assert (kd["mean"], kd["vs_kd"], kd["vs_baseline"]) == (91.0, 0.0, None)
     assert (qd["mean"], qd["vs_kd"], qd["vs_baseline"]) == (83.0, -8.0, 0.0)
@@ -309,7 +309,7 @@ def test_ablation_marks_diverged_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(ablation, "run_method", fake_run_method)
     save_checkpoint(build_model(model_spec("resnet-small", 1, 4)), model_spec("resnet-small", 1, 4), tmp_path / "t.safetensors")
     paths = {"teacher": str(tmp_path / "t.safetensors"), ("kd", 0): str(tmp_path / "kd0.safetensors")}
-    data_args = {"dataset": "tests.conftest:toy_dataset", "data_dir": None, "train_subset": 64, "test_subset": 32, "student": "tiny"}
+    data_args = {"dataset": "tests.conftest:toy_dataset", "data_dir": None, "val_size": None, "train_subset": 64, "test_subset": 32, "student": "tiny"}
     base = ablation.TrainConfig(epochs=1, bits=2).to_dict()
     kd = ablation.run_one("kd", {"method": "kd"}, 0, base, paths, data_args, threads=2)
     assert kd["test_acc"] is None and kd["bits"] == 32 and kd["diverged"]["phase"] == "kd 2b" and kd["diverged"]["step"] == 3
@@ -323,7 +323,7 @@ def test_ablation_smoke(tmp_path, fashion_mnist):
     from qdistill.train import TrainConfig
 
     ablation = load("ablation")
-    data_args = {"dataset": "fashion-mnist", "data_dir": str(fashion_mnist), "train_subset": 256, "test_subset": 128, "student": "tiny"}
+    data_args = {"dataset": "fashion-mnist", "data_dir": str(fashion_mnist), "val_size": None, "train_subset": 256, "test_subset": 128, "student": "tiny"}
     paths = {"teacher": str(tmp_path / "t.safetensors"), ("kd", 0): str(tmp_path / "kd0.safetensors")}
     save_checkpoint(build_model(model_spec("resnet-small")), model_spec("resnet-small"), paths["teacher"])
     base = TrainConfig(epochs=1, bits=2).to_dict()
@@ -331,8 +331,10 @@ def test_ablation_smoke(tmp_path, fashion_mnist):
     assert Path(paths[("kd", 0)]).exists()  # left for the variants that start from kd
     for label, changes in (("qd", {}), ("mse from kd", {"init": "kd", "scale": "mse"})):
         rows.append(ablation.run_one(label, changes, 0, base, paths, data_args, threads=2))
+    assert all(r["val_acc"] is not None for r in rows)  # compared on the validation split
     summary = ablation.summarize(rows, ["kd", "qd", "mse from kd"])
     assert [(r["variant"], r["bits"], r["seeds"], r["diverged"]) for r in summary] == [("kd", 32, 1, 0), ("qd", 2, 1, 0), ("mse from kd", 2, 1, 0)]
+    assert [r["mean"] for r in summary] == [r["val_acc"] for r in rows]
     assert all(0 <= r["mean"] <= 100 and r["size_bytes"] > 0 for r in summary)
 
 
