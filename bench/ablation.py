@@ -37,12 +37,12 @@ from qdistill.data import load_dataset
 from qdistill.distill import CachedTeacher
 from qdistill.errors import Diverged
 from qdistill.models import load_checkpoint, model_spec, save_checkpoint
-from qdistill.pipeline import cache_dir, get_teacher, run_method
+from qdistill.pipeline import cache_dir, diverged_record, get_teacher, run_method
 from qdistill.report import markdown_table
 from qdistill.train import TrainConfig, evaluate
 from qdistill.ui import map_with_progress
 
-from accuracy import accuracy_cell, diverged, open_work_dir, write_json  # bench/accuracy.py, next to this script
+from accuracy import accuracy_cell, open_work_dir, write_json  # bench/accuracy.py, next to this script
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -78,7 +78,7 @@ def run_one(label: str, changes: dict, seed: int, base: dict, paths: dict, data_
         try:
             row, model = run_method(label, spec, data, cfg, Path(tmp), teacher=teacher, init=init, quiet=True)
         except Diverged as e:
-            return {**mark, "diverged": diverged(e)}
+            return {**mark, "diverged": diverged_record(e)}
     if (label, seed) in paths:
         save_checkpoint(model, spec, paths[(label, seed)])
     return {**row, "variant": label, "seed": seed}

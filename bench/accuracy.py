@@ -42,9 +42,8 @@ import torch  # noqa: E402
 
 from qdistill.data import load_dataset  # noqa: E402
 from qdistill.distill import CachedTeacher  # noqa: E402
-from qdistill.errors import Diverged  # noqa: E402
 from qdistill.models import count_parameters, load_checkpoint, model_spec, save_checkpoint  # noqa: E402
-from qdistill.pipeline import LOW_BIT_METHODS, cache_dir, get_teacher, improved_recipe, run_method  # noqa: E402
+from qdistill.pipeline import LOW_BIT_METHODS, cache_dir, get_teacher, low_bit_steps, reference_steps, run_steps  # noqa: E402
 from qdistill.report import markdown_table  # noqa: E402
 from qdistill.train import TrainConfig, evaluate  # noqa: E402
 from qdistill.ui import map_with_progress  # noqa: E402
@@ -53,65 +52,26 @@ RESULTS = Path(__file__).parent / "results"
 ORDER = ["fp", "kd", "ptq (global)", "ptq", "qat", "qd", "qat (from fp, mse)", "qd (from kd, mse, T 1)", "dq", "qd+dq"]
 
 
-def low_bit_steps(cfg: TrainConfig, methods: tuple[str, ...], improved: tuple[str, ...]) -> list[tuple[str, TrainConfig, str | None]]:
-    """What `pipeline.compare_at_bits` runs, as (label, config, the run it starts from), so that one
-    method's divergence does not lose the others' rows."""
-    steps = []
-    if "ptq" in methods:
-        steps += [("ptq", cfg.replace(method="ptq"), "fp"), ("ptq (global)", cfg.replace(method="ptq", bucket=None), "fp")]
-    if "qat" in methods:
-        steps.append(("qat", cfg.replace(method="qat"), None))
-    if "qd" in methods:
-        steps.append(("qd", cfg.replace(method="qd"), None))
-    if "qat" in improved:
-        steps.append(("qat (from fp, mse)", improved_recipe(cfg.replace(method="qat")), "fp"))
-    if "qd" in improved:
-        steps.append(("qd (from kd, mse, T 1)", improved_recipe(cfg.replace(method="qd")), "kd"))
-    if "dq" in methods:
-        steps.append(("dq", cfg.replace(method="dq"), "kd"))
-    if "qd+dq" in methods:
-        steps.append(("qd+dq", cfg.replace(method="dq", points_init="uniform"), "qd"))
-    return steps
-
-
-def diverged(error: Diverged) -> dict:
-    return {"phase": error.phase, "step": error.step, "loss": error.loss}
-
-
 def run_job(student: str, seed: int, bits: int | None, base: dict, paths: dict, data_args: dict, threads: int, methods: dict) -> list[dict]:
     """One process's share: fp and kd of (student, seed) when `bits` is None (the weights of those that
     trained saved to `paths`), else every low-bit method at `bits`, starting from the fp and kd weights
-    in `paths` where a method does. A method that diverges gives a row marked so, and the methods that
-    start from it, or from fp or kd missing from `paths`, are marked not run."""
+    in `paths` where a method does (`pipeline.run_steps` marks diverged and not-run rows)."""
     torch.set_num_threads(threads)
     data = load_dataset(data_args["dataset"], data_args["data_dir"]).subset(data_args["train_subset"], data_args["test_subset"])
     teacher = load_checkpoint(paths["teacher"])[0]
     cfg = TrainConfig.from_dict(base).replace(seed=seed)
     spec = model_spec(student, data.train_x.shape[1], data.num_classes)
-    if bits is None:
-        steps = [("fp", cfg.replace(method="fp"), None), ("kd", cfg.replace(method="kd"), None)]
-        models = {}
-    else:
-        steps = low_bit_steps(cfg.replace(bits=bits), **methods)
-        models = {m: load_checkpoint(paths[(m, student, seed)])[0] if (m, student, seed) in paths else None for m in ("fp", "kd")}
-    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, method_cfg, source in steps:
-            models[label] = None
-            mark = {"method": label, "bits": bits or 32, "test_acc": None}
-            if source and models[source] is None:
-                rows[label] = {**mark, "not_run": f"{source} diverged"}
-                continue
-            try:
-                rows[label], models[label] = run_method(label, spec, data, method_cfg, Path(tmp), teacher=teacher, init=models.get(source), quiet=True)
-            except Diverged as e:
-                rows[label] = {**mark, "diverged": diverged(e)}
-                continue
-            if bits is None:
-                save_checkpoint(models[label], spec, paths[(label, student, seed)])
-            if label == "qd+dq":
-                rows[label]["train_s"] += rows["qd"]["train_s"]
-    return [{**row, "student": student, "seed": seed} for row in rows.values()]
+        if bits is None:
+            models: dict = {}
+            rows = run_steps(reference_steps(cfg), spec, data, Path(tmp), teacher, models, quiet=True)
+            for m in ("fp", "kd"):
+                if models[m] is not None:
+                    save_checkpoint(models[m], spec, paths[(m, student, seed)])
+        else:
+            models = {m: load_checkpoint(paths[(m, student, seed)])[0] for m in ("fp", "kd") if (m, student, seed) in paths}
+            rows = run_steps(low_bit_steps(cfg, bits, **methods), spec, data, Path(tmp), teacher, models, quiet=True)
+    return [{**row, "student": student, "seed": seed} for row in rows]
 
 
 def summarize(rows: list[dict]) -> list[dict]:

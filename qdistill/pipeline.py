@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -15,7 +16,7 @@ from torch import nn
 
 from qdistill.data import Dataset
 from qdistill.distill.teacher import tensor_digest
-from qdistill.errors import QDistillError
+from qdistill.errors import Diverged, QDistillError
 from qdistill.export import inspect_packed, load_packed, save_packed
 from qdistill.models import build_model, load_checkpoint, model_spec, save_checkpoint
 from qdistill.report import MetricsLog
@@ -36,21 +37,35 @@ def new_run_dir(path: str | Path | None, prefix: str) -> Path:
     return path
 
 
-def get_teacher(data: Dataset, preset: str, cfg: TrainConfig, quiet: bool = False) -> nn.Module:
-    """A teacher trained once per (preset, data, settings) and kept in the cache.
+# Teachers shipped with qdistill, named as in the cache: found when a run asks for the very same teacher.
+SHIPPED_TEACHERS = Path(__file__).parent / "assets" / "teachers"
 
-    Only the settings that full-precision training reads count: a change of bits or dq epochs reuses the teacher."""
+
+def teacher_file_name(data: Dataset, preset: str, cfg: TrainConfig) -> str:
+    """`preset-key.safetensors`, the key a hash of the model, the data and the settings fp training reads.
+
+    Only those settings count: a change of bits or dq epochs reuses the teacher. An option left off
+    (None) is keyed as if it did not exist, so adding an option keeps the cached teachers."""
     spec = model_spec(preset, data.train_x.shape[1], data.num_classes)
-    cfg = cfg.fp_only()
-    # An option left off (None) is keyed as if it did not exist, so adding an option keeps the cached teachers.
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in SPEED_ONLY and v is not None}
+    settings = {k: v for k, v in cfg.fp_only().to_dict().items() if k not in SPEED_ONLY and v is not None}
     key = hashlib.sha256((json.dumps([spec, settings], sort_keys=True) + tensor_digest(data.train_x, data.train_y)).encode()).hexdigest()[:16]
-    cached = cache_dir() / "teachers" / f"{preset}-{key}.safetensors"
-    if cached.exists():
-        try:
-            return load_checkpoint(cached)[0]
-        except QDistillError as e:
-            print(f"warning: retraining the teacher, the cached one is unreadable: {e}")
+    return f"{preset}-{key}.safetensors"
+
+
+def get_teacher(data: Dataset, preset: str, cfg: TrainConfig, quiet: bool = False) -> nn.Module:
+    """A teacher trained once per (preset, data, settings) and kept in the cache; the one shipped with
+    qdistill when it is that teacher (`make demo` then trains none). Trained as `qdistill train-teacher` trains it."""
+    spec = model_spec(preset, data.train_x.shape[1], data.num_classes)
+    name = teacher_file_name(data, preset, cfg)
+    cached = cache_dir() / "teachers" / name
+    for path in (SHIPPED_TEACHERS / name, cached):
+        if path.exists():
+            try:
+                return load_checkpoint(path)[0]
+            except QDistillError as e:
+                print(f"warning: retraining the teacher, the cached one is unreadable: {e}")
+    cfg = cfg.fp_only()
+    torch.manual_seed(cfg.seed)
     teacher = build_model(spec)
     result = train(teacher, data, cfg, quiet=quiet)
     save_checkpoint(teacher, spec, cached, extra={"test_acc": result.test_acc})
@@ -128,59 +143,64 @@ def improved_recipe(cfg: TrainConfig) -> TrainConfig:
     return cfg.replace(scale="mse", temperature=1.0 if cfg.spec.distill else cfg.temperature)
 
 
-def train_references(spec: dict, data: Dataset, base: TrainConfig, run_dir: Path, teacher: nn.Module, quiet: bool = False):
+LOW_BIT_METHODS = ("ptq", "qat", "qd", "dq", "qd+dq")  # what `low_bit_steps` runs by default
+
+
+def reference_steps(base: TrainConfig) -> list[tuple[str, TrainConfig, str | None]]:
     """fp and kd: the full-precision students the low-bit rows are measured against (and start from)."""
-    fp_row, fp = run_method("fp", spec, data, base.replace(method="fp"), run_dir, quiet=quiet)
-    kd_row, kd = run_method("kd", spec, data, base.replace(method="kd"), run_dir, teacher=teacher, quiet=quiet)
-    return [fp_row, kd_row], fp, kd
+    return [("fp", base.replace(method="fp"), None), ("kd", base.replace(method="kd"), None)]
 
 
-LOW_BIT_METHODS = ("ptq", "qat", "qd", "dq", "qd+dq")  # what `compare_at_bits` runs by default
-
-
-def compare_at_bits(
-    spec: dict,
-    data: Dataset,
-    base: TrainConfig,
-    run_dir: Path,
-    teacher: nn.Module,
-    bits: int,
-    fp: nn.Module,
-    kd: nn.Module,
-    improved: tuple[str, ...] = (),
-    quiet: bool = False,
-    methods: tuple[str, ...] = LOW_BIT_METHODS,
-) -> list[dict]:
-    """The low-bit `methods` at one bit width: ptq with buckets and global (from the fp weights), qat, qd,
-    the `improved` ones ("qat", "qd") again with the improved recipe (from fp and from kd), dq (points
-    learned on the kd weights) and qd+dq (the qd run's points fine-tuned, starting from its own levels)."""
+def low_bit_steps(base: TrainConfig, bits: int, methods: tuple[str, ...] = LOW_BIT_METHODS, improved: tuple[str, ...] = ()) -> list[tuple[str, TrainConfig, str | None]]:
+    """The low-bit `methods` at one bit width, as (label, config, the run whose weights it starts from):
+    ptq with buckets and global (from fp), qat, qd, the `improved` ones ("qat", "qd") again with the
+    improved recipe (from fp and from kd), dq (points learned on the kd weights) and qd+dq (the qd run's
+    points fine-tuned, starting from its own levels)."""
     if "qd+dq" in methods and "qd" not in methods:
         raise QDistillError("qd+dq fine-tunes the points of the qd run: ask for qd too")
-    rows = []
-
-    def run(label, cfg, init=None):
-        row, model = run_method(label, spec, data, cfg.replace(bits=bits), run_dir, teacher=teacher, init=init, quiet=quiet)
-        rows.append(row)
-        return model
-
+    cfg = base.replace(bits=bits)
+    steps = []
     if "ptq" in methods:
-        run("ptq", base.replace(method="ptq"), init=fp)
-        run("ptq (global)", base.replace(method="ptq", bucket=None), init=fp)
+        steps += [("ptq", cfg.replace(method="ptq"), "fp"), ("ptq (global)", cfg.replace(method="ptq", bucket=None), "fp")]
     if "qat" in methods:
-        run("qat", base.replace(method="qat"))
+        steps.append(("qat", cfg.replace(method="qat"), None))
     if "qd" in methods:
-        qd = run("qd", base.replace(method="qd"))
-        qd_seconds = rows[-1]["train_s"]
+        steps.append(("qd", cfg.replace(method="qd"), None))
     if "qat" in improved:
-        run("qat (from fp, mse)", improved_recipe(base.replace(method="qat")), init=fp)
+        steps.append(("qat (from fp, mse)", improved_recipe(cfg.replace(method="qat")), "fp"))
     if "qd" in improved:
-        run("qd (from kd, mse, T 1)", improved_recipe(base.replace(method="qd")), init=kd)
+        steps.append(("qd (from kd, mse, T 1)", improved_recipe(cfg.replace(method="qd")), "kd"))
     if "dq" in methods:
-        run("dq", base.replace(method="dq"), init=kd)
+        steps.append(("dq", cfg.replace(method="dq"), "kd"))
     if "qd+dq" in methods:
-        run("qd+dq", base.replace(method="dq", points_init="uniform"), init=qd)
-        rows[-1]["train_s"] += qd_seconds
-    return rows
+        steps.append(("qd+dq", cfg.replace(method="dq", points_init="uniform"), "qd"))
+    return steps
+
+
+def diverged_record(e: Diverged) -> dict:
+    """Where and how a run diverged, for a results row (JSON has no NaN: a non-finite loss is written as text)."""
+    return {"phase": e.phase, "step": e.step, "loss": e.loss if math.isfinite(e.loss) else str(e.loss)}
+
+
+def run_steps(steps, spec: dict, data: Dataset, run_dir: Path, teacher: nn.Module, models: dict, quiet: bool = False) -> list[dict]:
+    """Run (label, config, source) steps in order, each from `models[source]`, adding each trained model to
+    `models`. A run that diverges gives a row marked diverged, and the runs that start from it (or from a
+    source missing from `models`) rows marked not run: one bad run never loses the others' rows."""
+    rows = {}
+    for label, cfg, source in steps:
+        models[label] = None
+        mark = {"method": label, "bits": cfg.bits if cfg.spec.quantizer else 32, "test_acc": None}
+        if source and models.get(source) is None:
+            rows[label] = {**mark, "not_run": f"{source} diverged"}
+            continue
+        try:
+            rows[label], models[label] = run_method(label, spec, data, cfg, run_dir, teacher=teacher, init=models.get(source), quiet=quiet)
+        except Diverged as e:
+            rows[label] = {**mark, "diverged": diverged_record(e)}
+            continue
+        if source == "qd" and label == "qd+dq":  # its training time includes the qd run it continues
+            rows[label]["train_s"] += rows["qd"]["train_s"]
+    return list(rows.values())
 
 
 def compare_methods(
@@ -190,11 +210,13 @@ def compare_methods(
     run_dir: Path,
     teacher: nn.Module,
     bits: tuple[int, ...] | list[int],
+    methods: tuple[str, ...] = LOW_BIT_METHODS,
     improved: tuple[str, ...] = (),
     quiet: bool = False,
 ) -> list[dict]:
     """Every method on one student with the same data and schedule; one row each."""
-    rows, fp, kd = train_references(spec, data, base, run_dir, teacher, quiet)
+    models: dict = {}
+    rows = run_steps(reference_steps(base), spec, data, run_dir, teacher, models, quiet)
     for b in bits:
-        rows += compare_at_bits(spec, data, base, run_dir, teacher, b, fp, kd, improved, quiet)
+        rows += run_steps(low_bit_steps(base, b, methods, improved), spec, data, run_dir, teacher, dict(models), quiet)
     return rows

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qdistill import pipeline
 from qdistill.errors import Diverged
 
 BENCH = Path(__file__).parent.parent / "bench"
@@ -126,7 +127,7 @@ def test_accuracy_job_marks_a_diverged_method_and_what_starts_from_it(tmp_path, 
         bits = cfg.bits if cfg.spec.quantizer is not None else 32
         return {"method": label, "bits": bits, "test_acc": 50.0, "params": 10, "size_bytes": 5, "train_s": 1.0}, build_model(spec)
 
-    monkeypatch.setattr(accuracy, "run_method", fake_run_method)
+    monkeypatch.setattr(pipeline, "run_method", fake_run_method)
     save_checkpoint(build_model(model_spec("resnet-small", 1, 4)), model_spec("resnet-small", 1, 4), tmp_path / "t.safetensors")
     paths = {"teacher": str(tmp_path / "t.safetensors"), **{(m, "tiny", 0): str(tmp_path / f"{m}.safetensors") for m in ("fp", "kd")}}
     data_args = {"dataset": "tests.conftest:toy_dataset", "data_dir": None, "train_subset": 64, "test_subset": 32}
@@ -134,7 +135,7 @@ def test_accuracy_job_marks_a_diverged_method_and_what_starts_from_it(tmp_path, 
     every = {"methods": accuracy.LOW_BIT_METHODS, "improved": ("qat", "qd")}
     refs = accuracy.run_job("tiny", 0, None, base, paths, data_args, 2, every)
     assert [(r["method"], r["test_acc"]) for r in refs] == [("fp", 50.0), ("kd", None)]
-    assert refs[1]["diverged"] == {"phase": "kd 4b", "step": 12, "loss": float("inf")} and refs[1]["bits"] == 32
+    assert refs[1]["diverged"] == {"phase": "kd 4b", "step": 12, "loss": "inf"} and refs[1]["bits"] == 32
     assert Path(paths[("fp", "tiny", 0)]).exists() and not Path(paths[("kd", "tiny", 0)]).exists()
     calls.clear()
     low = accuracy.run_job("tiny", 0, 2, base, {k: v for k, v in paths.items() if k != ("kd", "tiny", 0)}, data_args, 2, every)

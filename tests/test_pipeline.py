@@ -1,12 +1,12 @@
 import pytest
 
 from qdistill import QDistillError, TrainConfig
-from qdistill.pipeline import compare_at_bits
+from qdistill.pipeline import low_bit_steps
 
 
-def test_qd_dq_without_qd_is_refused_before_any_training(tmp_path):
+def test_qd_dq_without_qd_is_refused_before_any_training():
     with pytest.raises(QDistillError, match="ask for qd too"):
-        compare_at_bits({}, None, TrainConfig(), tmp_path, None, 2, None, None, methods=("qat", "qd+dq"))
+        low_bit_steps(TrainConfig(), 2, methods=("qat", "qd+dq"))
 
 
 def test_teacher_cache_ignores_settings_that_do_not_change_the_teacher(monkeypatch):
