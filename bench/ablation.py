@@ -38,11 +38,11 @@ from qdistill.distill import CachedTeacher
 from qdistill.errors import Diverged
 from qdistill.models import load_checkpoint, model_spec, save_checkpoint
 from qdistill.pipeline import cache_dir, diverged_record, get_teacher, run_method
-from qdistill.report import markdown_table
+from qdistill.report import accuracy_cell, markdown_table
 from qdistill.train import TrainConfig, evaluate
 from qdistill.ui import map_with_progress
 
-from accuracy import accuracy_cell, open_work_dir, write_json  # bench/accuracy.py, next to this script
+from accuracy import open_work_dir, write_json  # bench/accuracy.py, next to this script
 
 RESULTS = Path(__file__).parent / "results"
 

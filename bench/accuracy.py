@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -44,12 +43,11 @@ from qdistill.data import load_dataset  # noqa: E402
 from qdistill.distill import CachedTeacher  # noqa: E402
 from qdistill.models import count_parameters, load_checkpoint, model_spec, save_checkpoint  # noqa: E402
 from qdistill.pipeline import LOW_BIT_METHODS, cache_dir, get_teacher, low_bit_steps, reference_steps, run_steps  # noqa: E402
-from qdistill.report import markdown_table  # noqa: E402
+from qdistill.report import ORDER, accuracy_cell, markdown_table, summarize  # noqa: E402
 from qdistill.train import TrainConfig, evaluate  # noqa: E402
 from qdistill.ui import map_with_progress  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-ORDER = ["fp", "kd", "ptq (global)", "ptq", "qat", "qd", "qat (from fp, mse)", "qd (from kd, mse, T 1)", "dq", "qd+dq"]
 
 
 def run_job(student: str, seed: int, bits: int | None, base: dict, paths: dict, data_args: dict, threads: int, methods: dict) -> list[dict]:
@@ -72,52 +70,6 @@ def run_job(student: str, seed: int, bits: int | None, base: dict, paths: dict, 
             models = {m: load_checkpoint(paths[(m, student, seed)])[0] for m in ("fp", "kd") if (m, student, seed) in paths}
             rows = run_steps(low_bit_steps(cfg, bits, **methods), spec, data, Path(tmp), teacher, models, quiet=True)
     return [{**row, "student": student, "seed": seed} for row in rows]
-
-
-def summarize(rows: list[dict]) -> list[dict]:
-    """Mean, min and max over the seeds that trained, per (student, method, bits), and how many diverged
-    or were not run; sizes relative to the student's fp32 size."""
-    students = list(dict.fromkeys(r["student"] for r in rows))
-    params = {r["student"]: r["params"] for r in rows if r["test_acc"] is not None}
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["student"], r["method"], r["bits"]), []).append(r)
-    out = []
-    for (student, method, bits), rs in groups.items():
-        trained = [r for r in rs if r["test_acc"] is not None]
-        accs = [r["test_acc"] for r in trained]
-        n, size = params.get(student), trained[0]["size_bytes"] if trained else None
-        out.append(
-            {
-                "student": student,
-                "params": n,
-                "method": method,
-                "bits": bits,
-                "seeds": len(rs),
-                "diverged": sum("diverged" in r for r in rs),
-                "not_run": sum("not_run" in r for r in rs),
-                "why_not_run": ", ".join(sorted({r["not_run"] for r in rs if "not_run" in r})) or None,
-                "mean": statistics.mean(accs) if accs else None,
-                "min": min(accs, default=None),
-                "max": max(accs, default=None),
-                "size_bytes": size,
-                "ratio": 4 * n / size if n and size else None,
-            }
-        )
-    rank = {m: i for i, m in enumerate(ORDER)}
-    return sorted(out, key=lambda r: (students.index(r["student"]), -r["bits"] if r["bits"] != 32 else -99, rank.get(r["method"], 99)))
-
-
-def accuracy_cell(s: dict) -> str:
-    """"92.20 (91.97–92.56), 1/3 diverged": mean (min–max) over the seeds that trained, then those that
-    did not; never an accuracy where no seed trained."""
-    n = s["seeds"]
-    notes = [f"{s['diverged']}/{n} diverged"] if s["diverged"] else []
-    if s["not_run"]:
-        notes.append(f"{s['not_run']}/{n} not run ({s['why_not_run']})")
-    if s["mean"] is None:
-        return f"diverged ({n}/{n})" if s["diverged"] == n else ", ".join(notes)
-    return ", ".join([f"{s['mean']:.2f} ({s['min']:.2f}–{s['max']:.2f})", *notes])
 
 
 def write_json(path: Path, value) -> None:

@@ -191,12 +191,12 @@ def run_steps(steps, spec: dict, data: Dataset, run_dir: Path, teacher: nn.Modul
         models[label] = None
         mark = {"method": label, "bits": cfg.bits if cfg.spec.quantizer else 32, "test_acc": None}
         if source and models.get(source) is None:
-            rows[label] = {**mark, "not_run": f"{source} diverged"}
+            rows[label] = {**mark, "not_run": f"{source} diverged", "note": f"not run: {source} diverged"}
             continue
         try:
             rows[label], models[label] = run_method(label, spec, data, cfg, run_dir, teacher=teacher, init=models.get(source), quiet=quiet)
         except Diverged as e:
-            rows[label] = {**mark, "diverged": diverged_record(e)}
+            rows[label] = {**mark, "diverged": diverged_record(e), "note": f"diverged at step {e.step}"}
             continue
         if source == "qd" and label == "qd+dq":  # its training time includes the qd run it continues
             rows[label]["train_s"] += rows["qd"]["train_s"]

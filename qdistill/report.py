@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -43,7 +44,58 @@ RESULT_COLUMNS = [
     ("size_bytes", "size (bytes)", ","),
     ("ratio", "vs fp32", ".1f"),
     ("train_s", "train time (s)", ".1f"),
+    ("note", "note", ""),
 ]
+
+
+# The order of the methods in every table: the references, then the low-bit methods.
+ORDER = ["fp", "kd", "ptq (global)", "ptq", "qat", "qd", "qat (from fp, mse)", "qd (from kd, mse, T 1)", "dq", "qd+dq"]
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean, min and max over the seeds that trained, per (student, method, bits), and how many diverged
+    or were not run; sizes relative to the student's fp32 size."""
+    students = list(dict.fromkeys(r["student"] for r in rows))
+    params = {r["student"]: r["params"] for r in rows if r["test_acc"] is not None}
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["student"], r["method"], r["bits"]), []).append(r)
+    out = []
+    for (student, method, bits), rs in groups.items():
+        trained = [r for r in rs if r["test_acc"] is not None]
+        accs = [r["test_acc"] for r in trained]
+        n, size = params.get(student), trained[0]["size_bytes"] if trained else None
+        out.append(
+            {
+                "student": student,
+                "params": n,
+                "method": method,
+                "bits": bits,
+                "seeds": len(rs),
+                "diverged": sum("diverged" in r for r in rs),
+                "not_run": sum("not_run" in r for r in rs),
+                "why_not_run": ", ".join(sorted({r["not_run"] for r in rs if "not_run" in r})) or None,
+                "mean": statistics.mean(accs) if accs else None,
+                "min": min(accs, default=None),
+                "max": max(accs, default=None),
+                "size_bytes": size,
+                "ratio": 4 * n / size if n and size else None,
+            }
+        )
+    rank = {m: i for i, m in enumerate(ORDER)}
+    return sorted(out, key=lambda r: (students.index(r["student"]), -r["bits"] if r["bits"] != 32 else -99, rank.get(r["method"], 99)))
+
+
+def accuracy_cell(s: dict) -> str:
+    """"92.20 (91.97–92.56), 1/3 diverged": mean (min–max) over the seeds that trained, then those that
+    did not; never an accuracy where no seed trained."""
+    n = s["seeds"]
+    notes = [f"{s['diverged']}/{n} diverged"] if s["diverged"] else []
+    if s["not_run"]:
+        notes.append(f"{s['not_run']}/{n} not run ({s['why_not_run']})")
+    if s["mean"] is None:
+        return f"diverged ({n}/{n})" if s["diverged"] == n else ", ".join(notes)
+    return ", ".join([f"{s['mean']:.2f} ({s['min']:.2f}–{s['max']:.2f})", *notes])
 
 
 def plot_history(metrics: Path, path: Path, title: str) -> Path | None:
@@ -77,6 +129,7 @@ def plot_history(metrics: Path, path: Path, title: str) -> Path | None:
 
 def plot_results(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
     """Accuracy against bits and against size on disk, one line per method; fp32 models as dashed lines."""
+    rows = [r for r in rows if r.get("test_acc") is not None]  # a diverged run has no point
     methods = list(dict.fromkeys(r["method"] for r in rows if r["bits"] != 32))
     reference = [r for r in rows if r["bits"] == 32]
     styles = ["--", ":", "-."]

@@ -144,7 +144,7 @@ def test_accuracy_job_marks_a_diverged_method_and_what_starts_from_it(tmp_path, 
     by = {r["method"]: r for r in low}
     assert all(by[m]["test_acc"] == 50.0 and by[m]["bits"] == 2 for m in ("ptq", "ptq (global)", "qat", "qat (from fp, mse)"))
     assert by["qd"]["test_acc"] is None and by["qd"]["diverged"]["phase"] == "qd 2b"
-    assert by["qd+dq"] == {"method": "qd+dq", "bits": 2, "test_acc": None, "not_run": "qd diverged", "student": "tiny", "seed": 0}
+    assert by["qd+dq"] == {"method": "qd+dq", "bits": 2, "test_acc": None, "not_run": "qd diverged", "note": "not run: qd diverged", "student": "tiny", "seed": 0}
     assert by["dq"]["not_run"] == by["qd (from kd, mse, T 1)"]["not_run"] == "kd diverged"
 
 

@@ -47,7 +47,7 @@ def test_demo_writes_table_plots_and_models(tmp_path):
     args = ["demo", "--run-dir", str(run), "--epochs", "2", "--teacher-epochs", "1", "--bit-widths", "4", *SUBSET]
     assert main(args) == 0
     rows = json.loads((run / "results.json").read_text())["rows"]
-    assert {r["method"] for r in rows} >= {"fp", "kd", "ptq", "ptq (global)", "qat", "qd", "qd (from kd, mse, T 1)", "dq", "qd+dq"}
+    assert [r["method"] for r in rows] == ["fp", "kd", "ptq", "ptq (global)", "qat", "qd", "qd (from kd, mse, T 1)"]
     for name in ("report.md", "accuracy_vs_bits.png", "accuracy_vs_size.png", "metrics.jsonl"):
         assert (run / name).exists()
     qd = next(r for r in rows if r["method"] == "qd")
@@ -61,26 +61,29 @@ def test_demo_writes_table_plots_and_models(tmp_path):
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, fashion_mnist):
-    """Every method at 4 and 2 bits through `qdistill demo`; each saved model, loaded back, scores the
-    accuracy its row reports."""
+    """`qdistill demo --full` at 2 bits: every method for three seeds; each saved model, loaded back,
+    scores the accuracy its row reports, and the table summarizes the seeds."""
     from qdistill.data import load_dataset
     from qdistill.models import load_checkpoint
     from qdistill.train import evaluate
 
     run = tmp_path / "demo"
     subset = ["--train-subset", "2000", "--test-subset", "500", "--data-dir", str(fashion_mnist), "--quiet"]
-    assert main(["demo", "--run-dir", str(run), "--teacher-epochs", "1", "--epochs", "1", "--bit-widths", "4", "2", *subset]) == 0
-    rows = json.loads((run / "results.json").read_text())["rows"]
-    methods = ["ptq", "ptq (global)", "qat", "qd", "qd (from kd, mse, T 1)", "dq", "qd+dq"]
-    expected = ["teacher (resnet-small)", "fp", "kd"] + [m for _ in (4, 2) for m in methods]
-    assert [r["method"] for r in rows] == expected
-    assert [r["bits"] for r in rows] == [32] * 3 + [4] * len(methods) + [2] * len(methods)
+    assert main(["demo", "--full", "--run-dir", str(run), "--teacher-epochs", "1", "--epochs", "1", "--bit-widths", "2", *subset]) == 0
+    results = json.loads((run / "results.json").read_text())
+    methods = ["fp", "kd", "ptq", "ptq (global)", "qat", "qd", "qat (from fp, mse)", "qd (from kd, mse, T 1)", "dq", "qd+dq"]
+    rows = results["rows"]
+    assert [(r["method"], r["seed"]) for r in rows] == [(m, s) for s in (0, 1, 2) for m in methods]
     data = load_dataset("fashion-mnist", fashion_mnist).subset(2000, 500)
-    for r in rows[1:]:
-        path = run / r["file"]
+    for r in rows:
+        path = run / f"seed-{r['seed']}" / r["file"]
         model = load_packed(path)[0] if r["bits"] < 32 else load_checkpoint(path)[0]
         assert evaluate(model, data.test_x, data.test_y) == r["test_acc"], r["method"]
-        assert r["bits"] == 32 or r["size_bytes"] == path.stat().st_size < rows[1]["size_bytes"]  # packed: smaller than fp32
+        assert r["bits"] == 32 or r["size_bytes"] == path.stat().st_size < rows[0]["size_bytes"]  # packed: smaller than fp32
+    table = {r["method"]: r for r in results["table"]}
+    qd = [r["test_acc"] for r in rows if r["method"] == "qd"]
+    assert table["qd"]["mean"] == pytest.approx(sum(qd) / 3) and (table["qd"]["min"], table["qd"]["max"]) == (min(qd), max(qd))
+    assert list(table) == ["teacher (resnet-small)", *methods]
     assert (run / "report.md").exists() and (run / "teacher.safetensors").exists()
 
 
