@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from qdistill import QDistillError, TrainConfig
 from qdistill.pipeline import low_bit_steps
@@ -25,3 +26,22 @@ def test_teacher_cache_ignores_settings_that_do_not_change_the_teacher(monkeypat
     assert len(calls) == 2
     pipeline.get_teacher(data, "tiny", TrainConfig(method="fp", epochs=2, grad_clip=1.0), quiet=True)
     assert len(calls) == 3
+
+
+def test_a_shipped_teacher_is_used_when_it_is_the_teacher_asked_for(monkeypatch, tmp_path):
+    from qdistill import pipeline
+    from qdistill.models import model_spec, save_checkpoint
+    from tests.conftest import toy_dataset
+
+    data = toy_dataset(n_train=64, n_test=32)
+    cfg = TrainConfig(method="fp", epochs=1)
+    shipped = tmp_path / "shipped"
+    monkeypatch.setattr(pipeline, "SHIPPED_TEACHERS", shipped)
+    monkeypatch.setattr(pipeline, "train", lambda *a, **k: pytest.fail("trained a teacher that was shipped"))
+    marker = pipeline.build_model(model_spec("tiny", 1, 4))
+    torch.nn.init.constant_(marker.classifier[2].bias, 7.0)
+    save_checkpoint(marker, model_spec("tiny", 1, 4), shipped / pipeline.teacher_file_name(data, "tiny", cfg))
+    teacher = pipeline.get_teacher(data, "tiny", cfg.replace(bits=2, method="qd"), quiet=True)  # same fp settings
+    assert torch.equal(teacher.classifier[2].bias, torch.full((4,), 7.0))
+    with pytest.raises(pytest.fail.Exception):  # other settings: not the shipped teacher, so it trains
+        pipeline.get_teacher(data, "tiny", cfg.replace(epochs=2), quiet=True)
