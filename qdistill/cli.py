@@ -215,7 +215,7 @@ def cmd_demo(args) -> None:
     cfg = config_from(args, method="qd")
     data = data_from(args)
     run_dir = new_run_dir(args.run_dir, "demo")
-    rows = run_demo(data, run_dir, args.student, args.teacher, args.teacher_epochs, args.bit_widths, cfg, args.quiet, args.full)
+    rows = run_demo(data, run_dir, args.student, args.teacher, args.teacher_epochs, args.bit_widths, cfg, args.quiet, args.full, args.workers)
     show_rows(rows, f"qdistill demo ({time.perf_counter() - start:.0f} s)")
     out.print(f"report, plots and packed models in {run_dir}/")
 
@@ -262,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="fp, kd, ptq, qat, qd and the improved qd at 4 and 2 bits on Fashion-MNIST (--full: everything)")
     p.add_argument("--full", action="store_true", help="every method (dq, qd+dq, improved qat too), 8/4/3/2 bits, 3 seeds")
+    p.add_argument("--workers", type=int, default=2, help="methods trained side by side, each on its share of the CPU threads (default 2)")
     p.add_argument("--student", default="tiny")
     p.add_argument("--teacher", default="resnet-small")
     p.add_argument("--teacher-epochs", type=int, default=3)

@@ -30,6 +30,7 @@ def run_demo(
     base: TrainConfig | None = None,
     quiet: bool = False,
     full: bool = False,
+    workers: int = 2,
 ) -> list[dict]:
     """The methods on the same student, data and schedule; writes results.json, report.md and plots to run_dir.
 
@@ -54,7 +55,7 @@ def run_demo(
     for seed in plan["seeds"]:
         seed_dir = run_dir / f"seed-{seed}" if len(plan["seeds"]) > 1 else run_dir
         seed_dir.mkdir(exist_ok=True)
-        for row in compare_methods(spec, data, base.replace(seed=seed), seed_dir, teacher_model, bits, plan["methods"], plan["improved"], quiet):
+        for row in compare_methods(spec, data, base.replace(seed=seed), seed_dir, teacher_model, bits, plan["methods"], plan["improved"], quiet, workers):
             rows.append({**row, "student": student, "seed": seed})
     table = [teacher_row] + (rows if len(plan["seeds"]) == 1 else [{**s, "test_acc": s["mean"], "accuracy": accuracy_cell(s)} for s in summarize(rows)])
     seconds = time.perf_counter() - start

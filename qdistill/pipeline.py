@@ -9,19 +9,21 @@ import math
 import os
 import re
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from qdistill.data import Dataset
-from qdistill.distill.teacher import tensor_digest
+from qdistill.distill.teacher import CachedTeacher, tensor_digest
 from qdistill.errors import Diverged, QDistillError
 from qdistill.export import inspect_packed, load_packed, save_packed
 from qdistill.models import build_model, load_checkpoint, model_spec, save_checkpoint
 from qdistill.report import MetricsLog
 from qdistill.train import TrainConfig, evaluate, train
 from qdistill.train.config import SPEED_ONLY
+from qdistill.ui import map_with_progress
 
 
 def cache_dir() -> Path:
@@ -203,6 +205,15 @@ def run_steps(steps, spec: dict, data: Dataset, run_dir: Path, teacher: nn.Modul
     return list(rows.values())
 
 
+def steps_job(steps, spec: dict, data: Dataset, run_dir: Path, teacher: nn.Module, models: dict, threads: int) -> tuple[list[dict], dict]:
+    """`run_steps` in a worker process with `threads` threads; returns the rows and the full-precision
+    models trained (what low-bit steps start from; quantized ones cannot cross processes)."""
+    torch.set_num_threads(threads)
+    models = dict(models)
+    rows = run_steps(steps, spec, data, run_dir, teacher, models, quiet=True)
+    return rows, {label: models[label] for label, cfg, _ in steps if cfg.spec.quantizer is None}
+
+
 def compare_methods(
     spec: dict,
     data: Dataset,
@@ -213,10 +224,25 @@ def compare_methods(
     methods: tuple[str, ...] = LOW_BIT_METHODS,
     improved: tuple[str, ...] = (),
     quiet: bool = False,
+    workers: int = 1,
 ) -> list[dict]:
-    """Every method on one student with the same data and schedule; one row each."""
-    models: dict = {}
-    rows = run_steps(reference_steps(base), spec, data, run_dir, teacher, models, quiet)
-    for b in bits:
-        rows += run_steps(low_bit_steps(base, b, methods, improved), spec, data, run_dir, teacher, dict(models), quiet)
+    """Every method on one student with the same data and schedule; one row each.
+
+    With `workers` > 1, fp and kd train side by side, then one bit width per worker: on a CPU two
+    small models trained at once on one thread each finish sooner than one after the other on two."""
+    if workers == 1:
+        models: dict = {}
+        rows = run_steps(reference_steps(base), spec, data, run_dir, teacher, models, quiet)
+        for b in bits:
+            rows += run_steps(low_bit_steps(base, b, methods, improved), spec, data, run_dir, teacher, dict(models), quiet)
+        return rows
+    if teacher is not None and base.teacher_logits == "cached" and not base.augment:  # computed once, read by every worker
+        CachedTeacher.build(teacher, data.train_x, cache_dir() / "logits", device=next(teacher.parameters()).device)
+    threads = max(1, torch.get_num_threads() // workers)
+    with ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
+        jobs = [([step], spec, data, run_dir, teacher, {}, threads) for step in reference_steps(base)]
+        done = map_with_progress(pool, steps_job, jobs, "fp and kd", quiet)
+        rows, models = [r for rs, _ in done for r in rs], {k: v for _, ms in done for k, v in ms.items()}
+        jobs = [(low_bit_steps(base, b, methods, improved), spec, data, run_dir, teacher, models, threads) for b in bits]
+        rows += [r for rs, _ in map_with_progress(pool, steps_job, jobs, "low-bit methods, one bit width per job", quiet) for r in rs]
     return rows
