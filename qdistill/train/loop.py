@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -18,15 +17,12 @@ from torch.nn.utils import parametrize
 
 from qdistill.data import Dataset, batches, random_shift_flip
 from qdistill.distill import CachedTeacher, LiveTeacher, check_compatible, distillation_loss
-from qdistill.errors import Diverged, QDistillError
+from qdistill.errors import QDistillError
 from qdistill.quant import attach, detach, fused_quantization, quantized_tensors, redistribute_points
 from qdistill.train.config import TrainConfig
-from qdistill.train.guard import DivergenceGuard
-from qdistill.train.state import Checkpoint, capture, restore, set_rng_state
+from qdistill.train.state import Checkpoint, set_rng_state
+from qdistill.train.tracker import PhaseTracker
 from qdistill.ui import make_progress
-
-MAX_ROLLBACKS = 3
-ROLLBACK_CLIP = 1.0  # the gradient norm a rollback clips to when the run set none (bench/results/ablation-cpu-medium-2bit-clip.md)
 
 
 @dataclass
@@ -108,73 +104,26 @@ def fit(model, params, data: Dataset, teacher, cfg: TrainConfig, epochs: int, lr
     steps_per_epoch = math.ceil(len(data.train_x) / cfg.batch_size)
     total = epochs * steps_per_epoch
     schedule = make_schedule(opt, cfg.schedule, total)
-    guard = DivergenceGuard(name, cfg.guard_factor, enabled=cfg.guard != "off")
-    run = {"step": 0, "seconds": 0.0, "seen": 0, "loss_sum": 0.0, "records": [], "grad_clip": cfg.grad_clip, "rollbacks": 0, "guard": guard.state()}
-    resumed = checkpoint.running(name) if checkpoint else None
-    if resumed is not None:
-        run = restore(resumed, model, opt, schedule)
-        guard.load(run["guard"])
-    good = capture(model, opt, schedule, run) if cfg.guard == "rollback" else None  # the guard's rollback point
-    task = progress.add_task(name, total=total, completed=run["step"], status="")
-    start = time.perf_counter()
-    while run["step"] < total:
+    tracker = PhaseTracker(name, model, opt, schedule, cfg, data, steps_per_epoch, log, evaluate, checkpoint)
+    task = progress.add_task(name, total=total, completed=tracker.step, status="")
+    while tracker.step < total:
         model.train()
-        epoch, position = divmod(run["step"], steps_per_epoch)
-        x, y, idx = training_batch(data, cfg, epoch, position, steps_per_epoch)
+        x, y, idx = training_batch(data, cfg, *divmod(tracker.step, steps_per_epoch), steps_per_epoch)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = model(x)  # 1. quantize: the parametrized weights read as Q(w)
         target = teacher(x, idx.to(device)) if teacher is not None else None
         loss = distillation_loss(out, y, target, cfg.temperature, cfg.alpha)  # 2. distill
         opt.zero_grad(set_to_none=True)
         loss.backward()  # straight-through: dL/dQ(w) reaches w
-        if run["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(params, run["grad_clip"])
+        if tracker.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, tracker.grad_clip)
         opt.step()  # 3. SGD step on the full-precision weights (or the points)
         schedule.step()
         for q in quantizers:
             q.after_step()
-        run["step"] += 1
-        run["seen"] += len(y)
-        progress.advance(task)
-        end_of_epoch = run["step"] % steps_per_epoch == 0
-        if guard.add(loss) or end_of_epoch or (checkpoint and checkpoint.due(run["step"])):
-            try:
-                losses = guard.check(run["step"])
-            except Diverged as e:
-                if good is None or run["rollbacks"] == MAX_ROLLBACKS:
-                    raise
-                rollbacks = run["rollbacks"] + 1
-                run = restore(good, model, opt, schedule)
-                run["rollbacks"], run["grad_clip"] = rollbacks, cfg.grad_clip or ROLLBACK_CLIP
-                guard.load(run["guard"])
-                log({"phase": name, "rollback_to": run["step"], "diverged_at": e.step, "diverged_loss": e.loss if math.isfinite(e.loss) else str(e.loss), "grad_clip": run["grad_clip"]})
-                progress.update(task, completed=run["step"])
-                continue
-            first = run["step"] - len(losses)
-            for i, value in enumerate(losses, start=first + 1):  # the training curve, one point per step
-                log({"phase": name, "step": i, "epoch": i / steps_per_epoch, "loss": value})
-            run["loss_sum"] += sum(losses)
-            run["guard"] = guard.state()
-            if end_of_epoch:
-                run["seconds"] += time.perf_counter() - start
-                start = time.perf_counter()
-                record = {"phase": name, "epoch": epoch + 1, "step": run["step"], "train_loss": run["loss_sum"] / steps_per_epoch, "samples_per_s": run["seen"] / run["seconds"]}
-                if data.val_x is not None:
-                    record["val_acc"] = evaluate(model, data.val_x, data.val_y)
-                run["records"].append(record)
-                run["loss_sum"] = 0.0
-                log(record)
-                progress.update(task, status=f"loss {record['train_loss']:.3f}" + (f" val {record['val_acc']:.2f}%" if "val_acc" in record else ""))
-            if good is not None:
-                good = capture(model, opt, schedule, run)
-            if checkpoint and checkpoint.due(run["step"]) and run["step"] < total:
-                run["seconds"] += time.perf_counter() - start
-                start = time.perf_counter()
-                checkpoint.save_running(name, capture(model, opt, schedule, run))
-    result = {"seconds": run["seconds"], "samples": run["seen"], "records": run["records"]}
-    if checkpoint:
-        checkpoint.save_finished(name, model, result)
-    return result
+        tracker.after_step(loss, len(y), total)  # the guard (which may roll back), the log, the checkpoint
+        progress.update(task, completed=tracker.step, status=tracker.status)
+    return tracker.finish()
 
 
 def make_teacher(model: nn.Module, data: Dataset, cfg: TrainConfig, cache_dir, progress=None):

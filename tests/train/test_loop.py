@@ -6,7 +6,6 @@ import torch
 from qdistill import METHODS, QDistillError, TrainConfig, detach, quantized_tensors, train
 from qdistill.errors import Diverged
 from qdistill.quant import LearnedPointsQuantizer, UniformQuantizer
-from qdistill.train import evaluate
 from qdistill.train.loop import make_optimizer, make_schedule
 from tests.conftest import toy_dataset, toy_net
 

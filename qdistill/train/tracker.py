@@ -1,0 +1,104 @@
+"""What the loop keeps track of around each step, so that `loop.fit` shows only the step itself.
+
+Per phase: the step count and timing, the loss per step and the epoch records (validation accuracy),
+the divergence guard with its rollback point, and the checkpoint of a run that must survive a kill.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from torch import nn
+
+from qdistill.data import Dataset
+from qdistill.errors import Diverged
+from qdistill.train.config import TrainConfig
+from qdistill.train.guard import DivergenceGuard
+from qdistill.train.state import Checkpoint, capture, restore
+
+MAX_ROLLBACKS = 3
+ROLLBACK_CLIP = 1.0  # the gradient norm a rollback clips to when the run set none (bench/results/ablation-cpu-medium-2bit-clip.md)
+
+
+class PhaseTracker:
+    def __init__(self, name: str, model: nn.Module, opt, schedule, cfg: TrainConfig, data: Dataset, steps_per_epoch: int, log, evaluate, checkpoint: Checkpoint | None):
+        self.name, self.model, self.opt, self.schedule = name, model, opt, schedule
+        self.data, self.steps_per_epoch, self.log, self.evaluate, self.checkpoint = data, steps_per_epoch, log, evaluate, checkpoint
+        self.cfg = cfg
+        self.guard = DivergenceGuard(name, cfg.guard_factor, enabled=cfg.guard != "off")
+        self.run = {"step": 0, "seconds": 0.0, "seen": 0, "loss_sum": 0.0, "records": [], "grad_clip": cfg.grad_clip, "rollbacks": 0, "guard": self.guard.state()}
+        resumed = checkpoint.running(name) if checkpoint else None
+        if resumed is not None:  # a killed run's state: continue from there
+            self.run = restore(resumed, model, opt, schedule)
+            self.guard.load(self.run["guard"])
+        self.good = capture(model, opt, schedule, self.run) if cfg.guard == "rollback" else None  # the rollback point
+        self.status = ""
+        self.start = time.perf_counter()
+
+    @property
+    def step(self) -> int:
+        return self.run["step"]
+
+    @property
+    def grad_clip(self) -> float | None:
+        return self.run["grad_clip"]
+
+    def after_step(self, loss, batch_size: int, total: int) -> None:
+        """Count the step; every few steps read the losses back, check them, log them, and at an epoch's
+        end evaluate; roll back or raise Diverged when the guard says so; save the checkpoint when due."""
+        self.run["step"] += 1
+        self.run["seen"] += batch_size
+        step = self.run["step"]
+        end_of_epoch = step % self.steps_per_epoch == 0
+        due = self.checkpoint is not None and self.checkpoint.due(step) and step < total
+        if not (self.guard.add(loss) or end_of_epoch or due):
+            return
+        try:
+            losses = self.guard.check(step)
+        except Diverged as e:
+            self.roll_back(e)
+            return
+        for i, value in enumerate(losses, start=step - len(losses) + 1):  # the training curve, one point per step
+            self.log({"phase": self.name, "step": i, "epoch": i / self.steps_per_epoch, "loss": value})
+        self.run["loss_sum"] += sum(losses)
+        self.run["guard"] = self.guard.state()
+        if end_of_epoch:
+            self.end_epoch(step // self.steps_per_epoch)
+        if self.good is not None:
+            self.good = capture(self.model, self.opt, self.schedule, self.run)
+        if due:
+            self.take_time()
+            self.checkpoint.save_running(self.name, capture(self.model, self.opt, self.schedule, self.run))
+
+    def roll_back(self, e: Diverged) -> None:
+        if self.good is None or self.run["rollbacks"] == MAX_ROLLBACKS:
+            raise e
+        rollbacks = self.run["rollbacks"] + 1
+        self.run = restore(self.good, self.model, self.opt, self.schedule)
+        self.run["rollbacks"], self.run["grad_clip"] = rollbacks, self.cfg.grad_clip or ROLLBACK_CLIP
+        self.guard.load(self.run["guard"])
+        loss = e.loss if math.isfinite(e.loss) else str(e.loss)
+        self.log({"phase": self.name, "rollback_to": self.step, "diverged_at": e.step, "diverged_loss": loss, "grad_clip": self.grad_clip})
+
+    def end_epoch(self, epoch: int) -> None:
+        self.take_time()
+        run = self.run
+        record = {"phase": self.name, "epoch": epoch, "step": run["step"], "train_loss": run["loss_sum"] / self.steps_per_epoch, "samples_per_s": run["seen"] / run["seconds"]}
+        if self.data.val_x is not None:
+            record["val_acc"] = self.evaluate(self.model, self.data.val_x, self.data.val_y)
+        run["records"].append(record)
+        run["loss_sum"] = 0.0
+        self.log(record)
+        self.status = f"loss {record['train_loss']:.3f}" + (f" val {record['val_acc']:.2f}%" if "val_acc" in record else "")
+
+    def take_time(self) -> None:
+        now = time.perf_counter()
+        self.run["seconds"] += now - self.start
+        self.start = now
+
+    def finish(self) -> dict:
+        result = {"seconds": self.run["seconds"], "samples": self.run["seen"], "records": self.run["records"]}
+        if self.checkpoint:
+            self.checkpoint.save_finished(self.name, self.model, result)
+        return result
