@@ -37,12 +37,12 @@ from qdistill.data import load_dataset
 from qdistill.distill import CachedTeacher
 from qdistill.errors import Diverged
 from qdistill.models import load_checkpoint, model_spec, save_checkpoint
-from qdistill.pipeline import cache_dir, diverged_record, get_teacher, run_method
+from qdistill.pipeline import cache_dir, diverged_record, run_method
 from qdistill.report import accuracy_cell, markdown_table
 from qdistill.train import TrainConfig, evaluate
 from qdistill.ui import map_with_progress
 
-from accuracy import open_work_dir, write_json  # bench/accuracy.py, next to this script
+from accuracy import open_work_dir, work_teacher, write_json  # bench/accuracy.py, next to this script
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -161,12 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     card = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     data = load_dataset(args.dataset, args.data_dir, args.val_size).subset(args.train_subset, args.test_subset)
     metric, metric_name = ("val_acc", "val. acc.") if data.val_x is not None else ("test_acc", "test acc.")
-    teacher_path = work / "teacher.safetensors"
-    if teacher_path.exists():  # the teacher of the rows already there
-        teacher = load_checkpoint(teacher_path)[0]
-    else:
-        teacher = get_teacher(data, args.teacher, base.replace(method="fp", epochs=args.teacher_epochs), quiet=True)
-        save_checkpoint(teacher, model_spec(args.teacher, data.train_x.shape[1], data.num_classes), teacher_path)
+    teacher_path, teacher = work_teacher(work, data, args.teacher, base.replace(method="fp", epochs=args.teacher_epochs))
     teacher_acc = evaluate(teacher, *((data.val_x, data.val_y) if metric == "val_acc" else (data.test_x, data.test_y)))
     CachedTeacher.build(teacher.to(device), data.train_x, cache_dir() / "logits", device=device)  # once, not once per worker
     data_args = {"dataset": args.dataset, "data_dir": args.data_dir, "val_size": args.val_size, "train_subset": args.train_subset, "test_subset": args.test_subset, "student": args.student}

@@ -97,6 +97,16 @@ def open_work_dir(work: Path, arguments: dict) -> int:
     return len(list((work / "jobs").glob("*.json")))
 
 
+def work_teacher(work: Path, data, preset: str, cfg: TrainConfig):
+    """The teacher of the rows already in `work` (its file), else the cached or newly trained one, kept there."""
+    path = work / "teacher.safetensors"
+    if path.exists():
+        return path, load_checkpoint(path)[0]
+    teacher = get_teacher(data, preset, cfg, quiet=True)
+    save_checkpoint(teacher, model_spec(preset, data.train_x.shape[1], data.num_classes), path)
+    return path, teacher
+
+
 def finish(path: str, *job) -> None:
     """Run one job in a worker and keep its rows at once, so that a killed run loses only the jobs under way."""
     write_json(Path(path), run_job(*job))
@@ -166,12 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     card = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     data = load_dataset(args.dataset, args.data_dir).subset(args.train_subset, args.test_subset)
     base = TrainConfig(epochs=args.epochs, dq_epochs=args.dq_epochs, augment=args.augment)
-    teacher_path = work / "teacher.safetensors"
-    if teacher_path.exists():  # the teacher of the rows already there
-        teacher = load_checkpoint(teacher_path)[0]
-    else:
-        teacher = get_teacher(data, args.teacher, base.replace(method="fp", epochs=args.teacher_epochs), quiet=True)
-        save_checkpoint(teacher, model_spec(args.teacher, data.train_x.shape[1], data.num_classes), teacher_path)
+    teacher_path, teacher = work_teacher(work, data, args.teacher, base.replace(method="fp", epochs=args.teacher_epochs))
     teacher_acc = evaluate(teacher, data.test_x, data.test_y)
     if not args.augment:  # the logit cache is filled once, before the workers look it up
         CachedTeacher.build(teacher.to(device), data.train_x, cache_dir() / "logits", device=device)
