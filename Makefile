@@ -2,7 +2,7 @@
 PYTHON ?= python3
 DATA := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data demo test bench
+.PHONY: install install-test data demo test bench
 
 data:
 	@if [ ! -f $(DATA)/train-images-idx3-ubyte.gz ]; then \
@@ -11,12 +11,15 @@ data:
 	fi
 
 install: data
+	$(PYTHON) -m pip install -q -e .
+
+install-test: data
 	$(PYTHON) -m pip install -q -e '.[test]'
 
 demo: install
 	qdistill demo
 
-test: install
+test: install-test
 	$(PYTHON) -m pytest -q
 
 # The whole benchmark (speed ratios, accuracy table, README section); sized for one CUDA GPU.
