@@ -21,7 +21,7 @@ from qdistill.models import build_model, load_checkpoint, model_spec
 from qdistill.pipeline import new_run_dir, run_method
 from qdistill.report import RESULT_COLUMNS, markdown_table, plot_history
 from qdistill.train import METHODS, TrainConfig, evaluate, read_yaml
-from qdistill.train.state import Checkpoint
+from qdistill.train.state import Checkpoint, check_intervals
 from qdistill.train.config import CHOICES
 
 out = Console()
@@ -135,13 +135,15 @@ def resumed_args(run_dir: Path) -> tuple[argparse.Namespace, TrainConfig]:
         raise QDistillError(f"{run_dir} holds a finished run (results.json): nothing to resume; start a new run with another --run-dir")
     try:
         saved = json.loads((run_dir / RUN_ARGS).read_text())
-        assert saved.pop("command") == "distill"
+        if saved.pop("command") != "distill":
+            raise ValueError
         return argparse.Namespace(**saved, resume=str(run_dir)), TrainConfig.from_dict(read_yaml(run_dir / "config.yaml"))
-    except (ValueError, AssertionError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise QDistillError(f"{run_dir / RUN_ARGS} is damaged or not written by qdistill distill: cannot resume") from None
 
 
 def cmd_distill(args) -> None:
+    check_intervals(args.checkpoint_steps, args.checkpoint_minutes)  # before any work
     if args.resume:
         run_dir = Path(args.resume)
         args, cfg = resumed_args(run_dir)
@@ -171,8 +173,8 @@ def cmd_distill(args) -> None:
     state = run_dir / "state.pt"
     checkpoint = Checkpoint(state, args.checkpoint_steps, args.checkpoint_minutes, log_path=run_dir / "metrics.jsonl")
     row, _ = run_method(cfg.method, spec, data, cfg, run_dir, teacher=teacher, init=init, quiet=args.quiet, checkpoint=checkpoint)
-    state.unlink(missing_ok=True)
     (run_dir / "results.json").write_text(json.dumps({"rows": [row], "config": cfg.to_dict()}, indent=1))
+    state.unlink(missing_ok=True)  # finished: the results and the model are what is kept
     plot = plot_history(run_dir / "metrics.jsonl", run_dir / "training.png", f"{cfg.method} on {spec['kwargs'].get('size', spec['factory'])}")
     report = f"# qdistill distill --method {cfg.method}\n\n" + markdown_table([row], RESULT_COLUMNS) + "\n"
     if plot:

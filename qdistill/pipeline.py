@@ -230,6 +230,8 @@ def compare_methods(
 
     With `workers` > 1, fp and kd train side by side, then one bit width per worker: on a CPU two
     small models trained at once on one thread each finish sooner than one after the other on two."""
+    if not isinstance(workers, int) or workers < 1:
+        raise QDistillError(f"workers must be a positive integer, got {workers!r}")
     if workers == 1:
         models: dict = {}
         rows = run_steps(reference_steps(base), spec, data, run_dir, teacher, models, quiet)

@@ -100,6 +100,9 @@ def write(path: Path, text: str) -> Path:
         (["distill", "--method", "qd", "--data-dir", "/nonexistent"], "does not hold the four Fashion-MNIST IDX files"),
         (["inspect", "/nonexistent.safetensors"], "does not exist"),
         (["distill", "--student", "huge"], "unknown model 'huge'"),
+        (["distill", "--checkpoint-steps", "0"], "checkpoint intervals must be positive"),
+        (["distill", "--resume", "/nonexistent"], "not the directory of a `qdistill distill` run"),
+        (["demo", "--workers", "0"], "workers must be a positive integer"),
     ],
 )
 def test_bad_input_gives_one_clear_message(argv, message, capsys):

@@ -48,6 +48,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
+def check_intervals(every_steps: int | None, every_minutes: float | None) -> None:
+    if every_steps is not None and every_steps <= 0 or every_minutes is not None and every_minutes <= 0:
+        raise QDistillError(f"checkpoint intervals must be positive, got {every_steps} steps and {every_minutes} minutes")
+
+
 class Checkpoint:
     """Saves a run's state to one file, atomically, every `every_steps` steps or `every_minutes`, and at
     the end of each phase; built over an existing file, it hands that state back so the run resumes.
@@ -58,8 +63,7 @@ class Checkpoint:
     """
 
     def __init__(self, path: str | Path, every_steps: int | None = None, every_minutes: float | None = None, log_path: Path | None = None):
-        if every_steps is not None and every_steps <= 0 or every_minutes is not None and every_minutes <= 0:
-            raise QDistillError("checkpoint intervals must be positive")
+        check_intervals(every_steps, every_minutes)
         self.path, self.log_path = Path(path), Path(log_path) if log_path is not None else None
         self.every_steps, self.every_seconds = every_steps, every_minutes * 60 if every_minutes else None
         self.saved = {"done": {}, "current": None, "log_bytes": 0}
