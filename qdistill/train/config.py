@@ -105,6 +105,8 @@ class TrainConfig:
     memory_format: str = "auto"
 
     def __post_init__(self):
+        if self.guard is False:  # YAML 1.1 reads `guard: off` as false
+            self.guard = "off"
         self.validate()
 
     def validate(self) -> None:

@@ -36,6 +36,8 @@ def test_yaml_round_trip_and_unknown_keys(tmp_path):
     assert (cfg.method, cfg.bits, cfg.bucket) == ("qat", 3, None)
     with pytest.raises(QDistillError, match="unknown config keys: colour"):
         TrainConfig.from_dict({"colour": 1})
+    path.write_text("guard: off\n")
+    assert TrainConfig.from_dict(read_yaml(path)).guard == "off"  # YAML reads off as false
     path.write_text("bits: [1, 2")
     with pytest.raises(QDistillError, match="not valid YAML"):
         read_yaml(path)
