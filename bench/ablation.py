@@ -37,7 +37,7 @@ from qdistill.data import load_dataset
 from qdistill.distill import CachedTeacher
 from qdistill.errors import Diverged
 from qdistill.models import load_checkpoint, model_spec, save_checkpoint
-from qdistill.pipeline import cache_dir, diverged_record, run_method
+from qdistill.pipeline import cache_dir, run_method
 from qdistill.report import accuracy_cell, markdown_table
 from qdistill.train import TrainConfig, evaluate
 from qdistill.ui import map_with_progress
@@ -78,7 +78,7 @@ def run_one(label: str, changes: dict, seed: int, base: dict, paths: dict, data_
         try:
             row, model = run_method(label, spec, data, cfg, Path(tmp), teacher=teacher, init=init, quiet=True)
         except Diverged as e:
-            return {**mark, "diverged": diverged_record(e)}
+            return {**mark, "diverged": e.record()}
     if (label, seed) in paths:
         save_checkpoint(model, spec, paths[(label, seed)])
     return {**row, "variant": label, "seed": seed}

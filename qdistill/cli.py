@@ -137,7 +137,8 @@ def resumed_args(run_dir: Path) -> tuple[argparse.Namespace, TrainConfig]:
         saved = json.loads((run_dir / RUN_ARGS).read_text())
         if saved.pop("command") != "distill":
             raise ValueError
-        return argparse.Namespace(**saved, resume=str(run_dir)), TrainConfig.from_dict(read_yaml(run_dir / "config.yaml"))
+        defaults = vars(build_parser().parse_args(["distill"]))  # an option added since keeps its default
+        return argparse.Namespace(**{**defaults, **saved, "resume": str(run_dir)}), TrainConfig.from_dict(read_yaml(run_dir / "config.yaml"))
     except (ValueError, KeyError, TypeError, AttributeError):
         raise QDistillError(f"{run_dir / RUN_ARGS} is damaged or not written by qdistill distill: cannot resume") from None
 
@@ -175,12 +176,12 @@ def cmd_distill(args) -> None:
     row, _ = run_method(cfg.method, spec, data, cfg, run_dir, teacher=teacher, init=init, quiet=args.quiet, checkpoint=checkpoint)
     (run_dir / "results.json").write_text(json.dumps({"rows": [row], "config": cfg.to_dict()}, indent=1))
     state.unlink(missing_ok=True)  # finished: the results and the model are what is kept
-    plot = plot_history(run_dir / "metrics.jsonl", run_dir / "training.png", f"{cfg.method} on {spec['kwargs'].get('size', spec['factory'])}")
+    plot = plot_history(run_dir / "metrics.jsonl", run_dir / "training.png", f"{cfg.method} on {spec.get('kwargs', {}).get('size', spec['factory'])}")
     report = f"# qdistill distill --method {cfg.method}\n\n" + markdown_table([row], RESULT_COLUMNS) + "\n"
     if plot:
         report += "\n![training](training.png)\n"
     (run_dir / "report.md").write_text(report)
-    show_rows([row], f"{cfg.method} on {spec['kwargs'].get('size', spec['factory'])}")
+    show_rows([row], f"{cfg.method} on {spec.get('kwargs', {}).get('size', spec['factory'])}")
     out.print(f"model saved to {run_dir / row['file']}")
 
 

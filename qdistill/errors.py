@@ -17,3 +17,7 @@ class Diverged(QDistillError):
             f"{phase}: training diverged at step {step} ({reason}, loss {loss:.4g}); "
             "rerun with --guard rollback (roll back and clip the gradient) or --grad-clip 1"
         )
+
+    def record(self) -> dict:
+        """Where and how the run diverged, as JSON (which has no NaN: a non-finite loss is written as text)."""
+        return {"phase": self.phase, "step": self.step, "loss": self.loss if abs(self.loss) < float("inf") else str(self.loss)}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import re
 import time
@@ -83,7 +82,8 @@ def result_row(label: str, result, spec: dict, run_dir: Path, name: str, data: D
     params = sum(p.numel() for n, p in result.model.named_parameters() if "parametrizations" not in n.split(".") or n.endswith(".original"))
     quantized = cfg.spec.quantizer is not None
     if quantized:
-        path = save_packed(result.model, spec, run_dir / f"{name}.safetensors", info={"method": label, "test_acc": result.test_acc, "config": cfg.to_dict()})
+        # overwrite: the run directory is the run's own (new_run_dir), and a resumed run writes its model again
+        path = save_packed(result.model, spec, run_dir / f"{name}.safetensors", info={"method": label, "test_acc": result.test_acc, "config": cfg.to_dict()}, overwrite=True)
         shipped = load_packed(path, model=build_model(spec))[0].to(next(result.model.parameters()).device)
         shipped_acc = evaluate(shipped, data.test_x, data.test_y)
         if shipped_acc != result.test_acc:
@@ -179,11 +179,6 @@ def low_bit_steps(base: TrainConfig, bits: int, methods: tuple[str, ...] = LOW_B
     return steps
 
 
-def diverged_record(e: Diverged) -> dict:
-    """Where and how a run diverged, for a results row (JSON has no NaN: a non-finite loss is written as text)."""
-    return {"phase": e.phase, "step": e.step, "loss": e.loss if math.isfinite(e.loss) else str(e.loss)}
-
-
 def run_steps(steps, spec: dict, data: Dataset, run_dir: Path, teacher: nn.Module, models: dict, quiet: bool = False) -> list[dict]:
     """Run (label, config, source) steps in order, each from `models[source]`, adding each trained model to
     `models`. A run that diverges gives a row marked diverged, and the runs that start from it (or from a
@@ -198,7 +193,7 @@ def run_steps(steps, spec: dict, data: Dataset, run_dir: Path, teacher: nn.Modul
         try:
             rows[label], models[label] = run_method(label, spec, data, cfg, run_dir, teacher=teacher, init=models.get(source), quiet=quiet)
         except Diverged as e:
-            rows[label] = {**mark, "diverged": diverged_record(e), "note": f"diverged at step {e.step}"}
+            rows[label] = {**mark, "diverged": e.record(), "note": f"diverged at step {e.step}"}
             continue
         if source == "qd" and label == "qd+dq":  # its training time includes the qd run it continues
             rows[label]["train_s"] += rows["qd"]["train_s"]

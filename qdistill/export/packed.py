@@ -30,6 +30,7 @@ from qdistill.quant.base import Encoded
 
 FORMAT = "qdistill-packed"
 VERSION = 1
+MAX_METADATA = 16 << 20  # bytes of JSON; a model of thousands of tensors needs well under 1 MB
 
 
 def _digest(meta: dict, tensors: dict[str, torch.Tensor]) -> str:
@@ -124,17 +125,19 @@ def read_packed(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
             raw = (f.metadata() or {}).get("qdistill")
             if raw is None:
                 raise QDistillError(f"{path} is a safetensors file but not a qdistill packed model")
+            if len(raw) > MAX_METADATA:
+                raise QDistillError(f"{path}: {len(raw):,} bytes of metadata, more than a packed model has (crafted file?)")
             meta = json.loads(raw)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+                found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else type(meta).__name__
+                raise QDistillError(f"{path}: not a {FORMAT} file of version {VERSION} (found {found})")
+            intact = meta.get("sha256") == _digest({k: v for k, v in meta.items() if k != "sha256"}, tensors)
     except QDistillError:
         raise
-    except Exception as e:
+    except Exception as e:  # RecursionError from deeply nested JSON included
         raise QDistillError(f"{path} is corrupt or truncated (cannot be read as a packed model: {type(e).__name__})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else type(meta).__name__
-        raise QDistillError(f"{path}: not a {FORMAT} file of version {VERSION} (found {found})")
-    body = {k: v for k, v in meta.items() if k != "sha256"}
-    if meta.get("sha256") != _digest(body, tensors):
+    if not intact:
         raise QDistillError(f"{path} failed its checksum: the file was altered or damaged")
     check_layout(meta, tensors, path)
     return meta, tensors
@@ -154,8 +157,8 @@ def check_layout(meta: dict, tensors: dict[str, torch.Tensor], path) -> None:
     def bad(what: str):
         return QDistillError(f"{path}: damaged or crafted metadata ({what}); the file cannot be loaded safely")
 
-    if not isinstance(meta.get("quantized"), list) or not isinstance(meta.get("kept"), list) or not isinstance(meta.get("info", {}), dict):
-        raise bad("'quantized' and 'kept' must be lists")
+    if not isinstance(meta.get("quantized"), list) or not meta["quantized"] or not isinstance(meta.get("kept"), list) or not isinstance(meta.get("info", {}), dict):
+        raise bad("'quantized' must be a non-empty list, 'kept' a list")
     for key, dtype in (("indices", torch.uint8), ("scales", torch.float32), ("points", torch.float32)):
         if key in tensors and (tensors[key].dtype != dtype or tensors[key].dim() != 1):
             raise bad(f"tensor {key!r} must be 1-d {dtype}")
@@ -177,34 +180,38 @@ def check_layout(meta: dict, tensors: dict[str, torch.Tensor], path) -> None:
         if not (bucket is None or _int(bucket, 1, limit)):
             raise bad(f"{e['name']}: bucket {bucket!r}")
         n_buckets = 1 if bucket is None else math.ceil(count / bucket)
-        if e.get("kind") not in ("uniform", "learned") or e.get("n_buckets") != n_buckets or count == 0:
+        if e.get("kind") not in ("uniform", "learned") or not _int(e.get("n_buckets"), n_buckets, n_buckets) or count == 0:
             raise bad(f"{e['name']}: kind {e.get('kind')!r}, {e.get('n_buckets')!r} buckets for {count} weights")
         learned = e["kind"] == "learned"
         n_points = e.get("n_points")
-        if not (_int(n_points, 2, 2**bits) if learned else n_points == 2**bits):
+        if not _int(n_points, 2 if learned else 2**bits, 2**bits):
             raise bad(f"{e['name']}: {n_points!r} points for {bits}-bit indices")
         spans = {"indices": packed_bytes(count, bits), "scales": 2 * n_buckets, "points": n_points if learned else 0}
-        for key, span in spans.items():
-            expected = offsets[key] if span or key != "points" else None
-            if e.get(key) != expected:
-                raise bad(f"{e['name']}: {key} offset {e.get(key)!r}, expected {expected}")
+        for key, span in spans.items():  # each tensor's data follow the previous one's (uniform: no points)
+            fits = _int(e.get(key), offsets[key], offsets[key]) if span or key != "points" else e.get(key) is None
+            if not fits:
+                raise bad(f"{e['name']}: {key} offset {e.get(key)!r}, expected {offsets[key]}")
             offsets[key] += span
     for key, used in offsets.items():
         size = tensors[key].numel() if key in tensors else 0
         if used != size:
             raise bad(f"the layout uses {used} values of {key!r}, the file holds {size}")
-    for e in meta["kept"]:
+    used: dict[str, int] = {}
+    for e in meta["kept"]:  # each blob holds its tensors one after the other, nothing left over
         if not isinstance(e, dict) or not isinstance(e.get("name"), str) or e["name"] in names:
             raise bad("a kept entry without a unique name")
         names.add(e["name"])
         blob, shape, offset = e.get("blob"), e.get("shape"), e.get("offset")
         if not isinstance(blob, str) or not blob.startswith("fp.") or blob not in tensors or tensors[blob].dim() != 1:
             raise bad(f"{e['name']}: blob {blob!r}")
-        size = tensors[blob].numel()
-        if not isinstance(shape, list) or len(shape) > 8 or not all(_int(d, 0, size) for d in shape) or not _int(offset, 0, size):
-            raise bad(f"{e['name']}: shape {shape!r} at {offset!r}")
-        if offset + math.prod(shape) > size:
+        size, start = tensors[blob].numel(), used.get(blob, 0)
+        if not isinstance(shape, list) or len(shape) > 8 or not all(_int(d, 0, size) for d in shape) or not _int(offset, start, start):
+            raise bad(f"{e['name']}: shape {shape!r} at {offset!r}, expected at {start}")
+        used[blob] = start + math.prod(shape)
+        if used[blob] > size:
             raise bad(f"{e['name']}: {math.prod(shape)} values at {offset} overrun its blob of {size}")
+    if any(used.get(k, 0) != t.numel() for k, t in tensors.items() if k.startswith("fp.")):
+        raise bad("a full-precision blob holds values no tensor uses")
     aliases = meta.get("aliases", {})
     if not isinstance(aliases, dict) or not all(isinstance(a, str) and a not in names and isinstance(target, str) and target in names for a, target in aliases.items()):
         raise bad("'aliases' must map new names to stored tensors")
@@ -230,7 +237,8 @@ def decode_entry(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         points = tensors["points"][entry["points"] : entry["points"] + entry["n_points"]]
     else:
         points = torch.arange(entry["n_points"], dtype=torch.float32) / (entry["n_points"] - 1)
-    return Encoded(idx, scales[:nb], scales[nb:], points, entry["index_bits"]).decode(entry["shape"], entry["bucket"])
+    bucket = entry["bucket"] if entry["bucket"] is not None and entry["bucket"] < count else None  # one bucket: no padding
+    return Encoded(idx, scales[:nb], scales[nb:], points, entry["index_bits"]).decode(entry["shape"], bucket)
 
 
 def load_packed(path: str | Path, model: nn.Module | None = None, trust_code: bool = False) -> tuple[nn.Module, dict]:
@@ -239,15 +247,17 @@ def load_packed(path: str | Path, model: nn.Module | None = None, trust_code: bo
     The architecture is `model` when given (the caller's own), else the file's spec: a qdistill
     preset, rebuilt from data alone, or, only with `trust_code`, a factory the file names."""
     meta, tensors = read_packed(path)
-    state = {e["name"]: decode_entry(e, tensors) for e in meta["quantized"]}
-    for e in meta["kept"]:
-        blob = tensors[e["blob"]]
-        n = math.prod(e["shape"])
-        state[e["name"]] = blob[e["offset"] : e["offset"] + n].reshape(e["shape"]).clone()
-    for alias, name in meta.get("aliases", {}).items():  # tied tensors: loaded twice into one Parameter, same values
-        state[alias] = state[name]
     if model is None:
         model = build_model(meta.get("spec"), trust_code=trust_code, source=str(path))
+    expected = model.state_dict()
+    for e in meta["quantized"] + meta["kept"]:  # before decoding: the file's shapes must be the model's
+        if e["name"] in expected and list(expected[e["name"]].shape) != e["shape"]:
+            raise QDistillError(f"weights in {path} do not fit the model {type(model).__name__}: {e['name']} is {e['shape']}, the model's {list(expected[e['name']].shape)}")
+    state = {e["name"]: decode_entry(e, tensors) for e in meta["quantized"]}
+    for e in meta["kept"]:
+        state[e["name"]] = tensors[e["blob"]][e["offset"] : e["offset"] + math.prod(e["shape"])].view(e["shape"])
+    for alias, name in meta.get("aliases", {}).items():  # tied tensors: loaded twice into one Parameter, same values
+        state[alias] = state[name]
     return load_state(model, state, path, f"the model {type(model).__name__}").eval(), meta
 
 

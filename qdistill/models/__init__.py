@@ -39,9 +39,10 @@ def _preset_kwargs(presets: dict):
         unknown = set(kwargs) - {"size", "in_channels", "num_classes"}
         if unknown:
             raise QDistillError(f"unknown preset arguments {sorted(unknown)}")
-        if kwargs.get("size", next(iter(presets))) not in presets:
+        size = kwargs.get("size", next(iter(presets)))
+        if not isinstance(size, str) or size not in presets:
             raise QDistillError(f"unknown preset size {kwargs.get('size')!r}: one of {', '.join(presets)}")
-        for key, top in (("in_channels", 4096), ("num_classes", 1 << 20)):
+        for key, top in (("in_channels", 1024), ("num_classes", 1 << 16)):
             v = kwargs.get(key, 1)
             if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= top:
                 raise QDistillError(f"preset argument {key} must be an integer from 1 to {top}, got {v!r}")
@@ -134,7 +135,7 @@ def load_checkpoint(path: str | Path, spec: dict | None = None, model: nn.Module
         if spec is None and "spec" in meta:
             try:
                 spec = json.loads(meta["spec"])
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise QDistillError(f"{path} has a damaged model spec in its metadata") from None
             model = build_model(spec, trust_code=trust_code, source=str(path))
         elif spec is None:

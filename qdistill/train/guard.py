@@ -14,6 +14,7 @@ from qdistill.errors import Diverged
 
 WINDOW = 200  # steps in the running median
 WARMUP = 20  # steps seen before the ratio test applies (the first losses fall fast)
+MEDIAN_FLOOR = 1e-3  # a loss that fell to about 0 (a memorized subset) makes no small loss a spike
 
 
 class DivergenceGuard:
@@ -43,7 +44,7 @@ class DivergenceGuard:
                 raise Diverged(self.phase, step, value, "the loss is not finite")
             if self.factor is not None and len(self.recent) >= WARMUP:
                 median = statistics.median(self.recent)
-                if value > self.factor * median:
+                if value > self.factor * max(median, MEDIAN_FLOOR):
                     raise Diverged(self.phase, step, value, f"over {self.factor:g}x the running median {median:.4g}")
             self.recent = self.recent[-(WINDOW - 1) :] + [value]
         return values

@@ -94,9 +94,13 @@ def fit(model, params, data: Dataset, teacher, cfg: TrainConfig, epochs: int, lr
 
     With a `checkpoint`, the phase starts where a killed run left it (or is skipped if it finished)."""
     done = checkpoint.finished(name) if checkpoint else None
-    if done is not None:
-        model.load_state_dict(done["model"])
+    if done is not None:  # as the finished phase left the model: its weights, random state and mode
+        try:
+            model.load_state_dict(done["model"])
+        except RuntimeError as e:
+            raise QDistillError(f"the saved run state does not fit this run ({str(e).splitlines()[0][:200]}); start a new run") from None
         set_rng_state(done)
+        model.train()
         return done["result"]
     device = next(model.parameters()).device
     quantizers = [qt.quantizer for qt in quantized_tensors(model)]

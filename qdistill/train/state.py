@@ -30,12 +30,16 @@ def capture(model: nn.Module, opt, schedule, loop: dict) -> dict:
 
 
 def restore(state: dict, model: nn.Module, opt, schedule) -> dict:
-    """Put `capture`'s result back; returns the loop's counters."""
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(copy.deepcopy(state["optimizer"]))
-    schedule.load_state_dict(state["schedule"])
-    set_rng_state(state)
-    return copy.deepcopy(state["loop"])
+    """Put `capture`'s result back; returns the loop's counters. A state that does not fit (a run
+    resumed with other settings or code) is one QDistillError."""
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(copy.deepcopy(state["optimizer"]))
+        schedule.load_state_dict(state["schedule"])
+        set_rng_state(state)
+        return copy.deepcopy(state["loop"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise QDistillError(f"the saved run state does not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:200]}); start a new run") from None
 
 
 def rng_state() -> dict:
@@ -46,6 +50,10 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def check_intervals(every_steps: int | None, every_minutes: float | None) -> None:
@@ -70,6 +78,8 @@ class Checkpoint:
         if self.path.exists():
             try:
                 self.saved = torch.load(self.path, map_location="cpu", weights_only=True)
+                if not (isinstance(self.saved, dict) and isinstance(self.saved.get("done"), dict) and _int(self.saved.get("log_bytes"))):
+                    raise ValueError
             except Exception:
                 raise QDistillError(f"{self.path} is damaged: this run cannot be resumed (start a new one)") from None
         if self.log_path is not None and self.log_path.exists():  # what a killed run logged after its last save is logged again
@@ -83,10 +93,11 @@ class Checkpoint:
         current = self.saved["current"]
         return current if current is not None and current["phase"] == phase else None
 
-    def due(self, step: int) -> bool:
-        return (self.every_steps is not None and step % self.every_steps == 0) or (
-            self.every_seconds is not None and time.monotonic() - self.last_save >= self.every_seconds
-        )
+    def step_due(self, step: int) -> bool:
+        return self.every_steps is not None and step % self.every_steps == 0
+
+    def time_due(self) -> bool:
+        return self.every_seconds is not None and time.monotonic() - self.last_save >= self.every_seconds
 
     def save_running(self, phase: str, state: dict) -> None:
         self.saved["current"] = {"phase": phase, **state}

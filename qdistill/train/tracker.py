@@ -6,7 +6,6 @@ the divergence guard with its rollback point, and the checkpoint of a run that m
 
 from __future__ import annotations
 
-import math
 import time
 
 from torch import nn
@@ -18,7 +17,7 @@ from qdistill.train.guard import DivergenceGuard
 from qdistill.train.state import Checkpoint, capture, restore
 
 MAX_ROLLBACKS = 3
-ROLLBACK_CLIP = 1.0  # the gradient norm a rollback clips to when the run set none (bench/results/ablation-cpu-medium-2bit-clip.md)
+ROLLBACK_CLIP = 1.0  # the gradient norm a first rollback clips to when the run set none (bench/results/ablation-cpu-medium-2bit-clip.md)
 
 
 class PhaseTracker:
@@ -46,13 +45,16 @@ class PhaseTracker:
 
     def after_step(self, loss, batch_size: int, total: int) -> None:
         """Count the step; every few steps read the losses back, check them, log them, and at an epoch's
-        end evaluate; roll back or raise Diverged when the guard says so; save the checkpoint when due."""
+        end evaluate; roll back or raise Diverged when the guard says so; save the checkpoint when due.
+
+        Checks fall on steps alone (a full group, an epoch's end, a save every N steps), never on the
+        clock, so the rollback point, and so the result, does not depend on how fast the run went."""
         self.run["step"] += 1
         self.run["seen"] += batch_size
         step = self.run["step"]
         end_of_epoch = step % self.steps_per_epoch == 0
-        due = self.checkpoint is not None and self.checkpoint.due(step) and step < total
-        if not (self.guard.add(loss) or end_of_epoch or due):
+        save = self.checkpoint is not None and self.checkpoint.step_due(step)
+        if not (self.guard.add(loss) or end_of_epoch or save):
             return
         try:
             losses = self.guard.check(step)
@@ -65,21 +67,25 @@ class PhaseTracker:
         self.run["guard"] = self.guard.state()
         if end_of_epoch:
             self.end_epoch(step // self.steps_per_epoch)
-        if self.good is not None:
-            self.good = capture(self.model, self.opt, self.schedule, self.run)
-        if due:
+        save = self.checkpoint is not None and step < total and (save or self.checkpoint.time_due())
+        if save:
             self.take_time()
-            self.checkpoint.save_running(self.name, capture(self.model, self.opt, self.schedule, self.run))
+        if self.good is not None or save:
+            state = capture(self.model, self.opt, self.schedule, self.run)
+            self.good = state if self.good is not None else None
+            if save:
+                self.checkpoint.save_running(self.name, state)
 
     def roll_back(self, e: Diverged) -> None:
+        """Back to the last state that passed the guard, with the gradient clipped: to 1.0 (or the run's
+        own clip halved), and halved again at each further rollback, so a replay is never the same run."""
         if self.good is None or self.run["rollbacks"] == MAX_ROLLBACKS:
             raise e
-        rollbacks = self.run["rollbacks"] + 1
+        rollbacks, clip = self.run["rollbacks"] + 1, self.run["grad_clip"]
         self.run = restore(self.good, self.model, self.opt, self.schedule)
-        self.run["rollbacks"], self.run["grad_clip"] = rollbacks, self.cfg.grad_clip or ROLLBACK_CLIP
+        self.run["rollbacks"], self.run["grad_clip"] = rollbacks, ROLLBACK_CLIP if clip is None else clip / 2
         self.guard.load(self.run["guard"])
-        loss = e.loss if math.isfinite(e.loss) else str(e.loss)
-        self.log({"phase": self.name, "rollback_to": self.step, "diverged_at": e.step, "diverged_loss": loss, "grad_clip": self.grad_clip})
+        self.log({"phase": self.name, "rollback_to": self.step, "diverged_at": e.step, "diverged_loss": e.record()["loss"], "grad_clip": self.grad_clip})
 
     def end_epoch(self, epoch: int) -> None:
         self.take_time()

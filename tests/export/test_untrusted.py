@@ -113,13 +113,41 @@ LAYOUT_EDITS = [
     ("duplicate name", lambda m: m["kept"][0].update(name=m["quantized"][0]["name"])),
     ("entry not a dict", lambda m: m["quantized"].append(7)),
     ("bucket a string", lambda m: m["quantized"][0].update(bucket="256")),
+    ("offset a float", lambda m: m["quantized"][1].update(indices=float(m["quantized"][1]["indices"]))),
+    ("n_buckets a float", lambda m: m["quantized"][0].update(n_buckets=1.0)),
+    ("kept entries overlap", lambda m: m["kept"][1].update(offset=m["kept"][0]["offset"])),
+    ("no quantized tensor", lambda m: m.update(quantized=[])),
+    ("preset size unhashable", lambda m: m["spec"]["kwargs"].update(size=[])),
+    ("preset with a billion classes", lambda m: m["spec"]["kwargs"].update(num_classes=10**9)),
 ]
 
 
 @pytest.mark.parametrize("edit", [e for _, e in LAYOUT_EDITS], ids=[n for n, _ in LAYOUT_EDITS])
 def test_edited_layout_with_recomputed_checksum_is_refused(packed, tmp_path, edit):
-    with pytest.raises(QDistillError, match="damaged or crafted"):
+    with pytest.raises(QDistillError):
         load_packed(rewrite(packed, tmp_path / "x.safetensors", edit))
+
+
+def test_a_bucket_larger_than_its_tensor_allocates_nothing_for_padding(packed, tmp_path):
+    """A crafted bucket size makes no padding: decoding a one-bucket tensor is as big as the tensor."""
+    from qdistill.export.packed import decode_entry, read_packed
+
+    with safe_open(str(packed), "pt") as f:
+        bits_in_file = 8 * f.get_tensor("indices").numel()
+    path = rewrite(packed, tmp_path / "x.safetensors", lambda m: m["quantized"][0].update(bucket=bits_in_file))  # the largest allowed
+    meta, tensors = read_packed(path)
+    out = decode_entry(meta["quantized"][0], tensors)
+    assert out.untyped_storage().nbytes() == out.numel() * 4
+
+
+def test_deeply_nested_metadata_is_refused(packed, tmp_path):
+    with safe_open(str(packed), "pt") as f:
+        raw = f.metadata()["qdistill"]
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    deep = raw.replace('"info":{', '"info":{"a":' + "[" * 5000 + "]" * 5000 + ",", 1)  # no json.dumps could write it
+    save_file(tensors, str(tmp_path / "x.safetensors"), metadata={"qdistill": deep})
+    with pytest.raises(QDistillError, match="corrupt"):
+        load_packed(tmp_path / "x.safetensors")
 
 
 def test_padding_overrun_is_refused(packed, tmp_path):

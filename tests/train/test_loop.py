@@ -188,3 +188,20 @@ def test_guard_rollback_returns_to_the_last_good_state_and_clips(data):
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == list(range(1, 8 * 8 + 1))  # steps 33 to 40 are redone after the rollback, and logged once
     assert result.test_acc > 80
+
+
+def test_each_rollback_halves_the_clip_and_the_last_raises(data):
+    """A replay with the same clip would diverge the same way: each rollback changes it."""
+    records = []
+    with pytest.raises(Diverged):
+        train(Exploding(after=20), data, TrainConfig(method="qat", bits=2, epochs=8, batch_size=64, guard="rollback"), quiet=True, log=records.append)
+    assert [r["grad_clip"] for r in records if "rollback_to" in r] == [1.0, 0.5, 0.25]
+
+
+def test_guard_ratio_test_ignores_a_median_of_zero():
+    from qdistill.train.guard import DivergenceGuard
+
+    guard = DivergenceGuard("p", factor=10.0)
+    for step in range(1, 41):
+        guard.add(torch.tensor(0.0 if step < 40 else 1e-3))  # a memorized subset, then a tiny loss
+    assert len(guard.check(40)) == 40
