@@ -223,8 +223,9 @@ def compare_methods(
 ) -> list[dict]:
     """Every method on one student with the same data and schedule; one row each.
 
-    With `workers` > 1, fp and kd train side by side, then one bit width per worker: on a CPU two
-    small models trained at once on one thread each finish sooner than one after the other on two."""
+    With `workers` > 1, fp and kd train side by side, then one bit width per worker, each on its share
+    of the threads: for machines with cores to spare. On 2 CPU cores it was slower (the demo's tiny
+    student: 70 s a method, two at a time on one thread each, against about 26 s one at a time on two).
     if not isinstance(workers, int) or workers < 1:
         raise QDistillError(f"workers must be a positive integer, got {workers!r}")
     if workers == 1:
