@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="fp, kd, ptq, qat, qd and the improved qd at 4 and 2 bits on Fashion-MNIST (--full: everything)")
     p.add_argument("--full", action="store_true", help="every method (dq, qd+dq, improved qat too), 8/4/3/2 bits, 3 seeds")
-    p.add_argument("--workers", type=int, default=1, help="methods trained side by side, each on its share of the CPU threads (default 1: on 2 CPU cores two at once were slower)")
+    p.add_argument("--workers", type=int, default=2, help="methods trained side by side, each on its share of the CPU threads (default 2)")
     p.add_argument("--student", default="tiny")
     p.add_argument("--teacher", default="resnet-small")
     p.add_argument("--teacher-epochs", type=int, default=3)

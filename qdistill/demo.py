@@ -30,7 +30,7 @@ def run_demo(
     base: TrainConfig | None = None,
     quiet: bool = False,
     full: bool = False,
-    workers: int = 1,
+    workers: int = 2,
 ) -> list[dict]:
     """The methods on the same student, data and schedule; writes results.json, report.md and plots to run_dir.
 
