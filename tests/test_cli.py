@@ -65,6 +65,7 @@ def test_demo_end_to_end(tmp_path, fashion_mnist):
     scores the accuracy its row reports, and the table summarizes the seeds."""
     from qdistill.data import load_dataset
     from qdistill.models import load_checkpoint
+    from qdistill.report import ORDER
     from qdistill.train import evaluate
 
     run = tmp_path / "demo"
@@ -83,7 +84,7 @@ def test_demo_end_to_end(tmp_path, fashion_mnist):
     table = {r["method"]: r for r in results["table"]}
     qd = [r["test_acc"] for r in rows if r["method"] == "qd"]
     assert table["qd"]["mean"] == pytest.approx(sum(qd) / 3) and (table["qd"]["min"], table["qd"]["max"]) == (min(qd), max(qd))
-    assert list(table) == ["teacher (resnet-small)", *methods]
+    assert list(table) == ["teacher (resnet-small)", *ORDER] and sorted(ORDER) == sorted(methods)  # the tables' order
     assert (run / "report.md").exists() and (run / "teacher.safetensors").exists()
 
 
