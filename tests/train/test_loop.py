@@ -133,18 +133,19 @@ def test_validation_split_is_the_last_training_examples_and_is_what_epochs_repor
 
 
 class Exploding(torch.nn.Module):
-    """A model whose output blows up after `after` training forwards: a stand-in for a run that diverges."""
+    """A model whose output is multiplied by `scale` in every training forward after the `after`-th (or,
+    with `once`, in the `after`-th only): a stand-in for a run that diverges."""
 
-    def __init__(self, after):
+    def __init__(self, after, scale=float("inf"), once=False):
         super().__init__()
-        self.net, self.after, self.calls = toy_net(), after, 0
+        self.net, self.after, self.scale, self.once, self.calls = toy_net(), after, scale, once, 0
 
     def forward(self, x):
         out = self.net(x)
         if self.training:
             self.calls += 1
-            if self.calls > self.after:
-                out = out * float("inf")
+            if (self.calls == self.after) if self.once else (self.calls > self.after):
+                out = out * self.scale
         return out
 
 
@@ -155,34 +156,19 @@ def test_guard_stops_at_the_step_the_loss_became_nan(data):
 
 
 def test_guard_ratio_test_and_off(data):
-    class Spike(Exploding):
-        def forward(self, x):
-            out = self.net(x)
-            if self.training:
-                self.calls += 1
-                if self.calls == self.after:
-                    out = out * -100  # confidently wrong: a large but finite spike
-            return out
+    def spike():
+        return Exploding(after=30, scale=-100.0, once=True)  # confidently wrong once: a large but finite spike
 
     with pytest.raises(Diverged, match="step 30 .*running median"):
-        train(Spike(after=30), data, TrainConfig(method="fp", epochs=5, batch_size=64), quiet=True)
-    train(Spike(after=30), data, TrainConfig(method="fp", epochs=5, batch_size=64, guard_factor=None), quiet=True)  # no ratio test
+        train(spike(), data, TrainConfig(method="fp", epochs=5, batch_size=64), quiet=True)
+    train(spike(), data, TrainConfig(method="fp", epochs=5, batch_size=64, guard_factor=None), quiet=True)  # no ratio test
     train(Exploding(after=20), data, TrainConfig(method="fp", epochs=1, batch_size=64, guard="off"), quiet=True)
 
 
 def test_guard_rollback_returns_to_the_last_good_state_and_clips(data):
-    class Once(Exploding):
-        def forward(self, x):
-            out = self.net(x)
-            if self.training:
-                self.calls += 1
-                if self.calls == self.after:
-                    out = out * float("nan")
-            return out
-
     records = []
     torch.manual_seed(0)
-    result = train(Once(after=40), data, TrainConfig(method="qd", bits=2, epochs=8, batch_size=64, guard="rollback"), teacher=toy_net(), quiet=True, log=records.append)
+    result = train(Exploding(after=40, scale=float("nan"), once=True), data, TrainConfig(method="qd", bits=2, epochs=8, batch_size=64, guard="rollback"), teacher=toy_net(), quiet=True, log=records.append)
     rollback = [r for r in records if "rollback_to" in r]
     assert len(rollback) == 1 and rollback[0]["diverged_at"] == 40 and rollback[0]["rollback_to"] == 32 and rollback[0]["grad_clip"] == 1.0
     steps = [r["step"] for r in records if "loss" in r]
