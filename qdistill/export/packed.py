@@ -223,12 +223,17 @@ def check_layout(meta: dict, tensors: dict[str, torch.Tensor], path) -> None:
             raise bad(f"non-finite values in {key!r}")
 
 
+def entry_indices(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tensor's level indices, flat; entries come from a layout `check_layout` accepted."""
+    count, start = math.prod(entry["shape"]), entry["indices"]
+    raw = tensors["indices"][start : start + packed_bytes(count, entry["index_bits"])].numpy()
+    return unpack_bits(raw, entry["index_bits"], count)
+
+
 def decode_entry(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """The tensor's quantized values; entries come from a layout `check_layout` accepted."""
     count = math.prod(entry["shape"])
-    start = entry["indices"]
-    raw = tensors["indices"][start : start + packed_bytes(count, entry["index_bits"])].numpy()
-    idx = unpack_bits(raw, entry["index_bits"], count).view(entry["shape"])
+    idx = entry_indices(entry, tensors).view(entry["shape"])
     if int(idx.max()) >= entry["n_points"]:
         raise QDistillError(f"{entry['name']}: a level index exceeds its {entry['n_points']} points (damaged or crafted file)")
     nb, s = entry["n_buckets"], entry["scales"]
@@ -280,9 +285,7 @@ def inspect_packed(path: str | Path) -> dict:
     side_bytes = 4 * (tensors["scales"].numel() + (tensors["points"].numel() if "points" in tensors else 0))
     counts = np.zeros(256, dtype=np.int64)
     for e in meta["quantized"]:
-        count = math.prod(e["shape"])
-        raw = tensors["indices"][e["indices"] : e["indices"] + packed_bytes(count, e["index_bits"])].numpy()
-        counts += np.bincount(unpack_bits(raw, e["index_bits"], count).numpy(), minlength=256)[:256]
+        counts += np.bincount(entry_indices(e, tensors).numpy(), minlength=256)[:256]
     huffman_bits = mean_code_length(counts)
     fp32 = 4 * (q_numel + kept_numel)
     theoretical = index_bytes + side_bytes + kept_bytes + meta_bytes
