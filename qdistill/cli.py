@@ -56,8 +56,10 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, type=float if default is None else type(default), default=None, help="(default off)" if default is None else f"(default {default})")
 
 
-def config_from(args, **fixed) -> TrainConfig:
-    values = read_yaml(args.config) if getattr(args, "config", None) else {}
+def config_from(args, defaults: dict | None = None, **fixed) -> TrainConfig:
+    """The options of a command: `defaults` (the command's own), then the YAML file, then the flags, then `fixed`."""
+    values = dict(defaults or {})
+    values.update(read_yaml(args.config) if getattr(args, "config", None) else {})
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name, None)
         if v is not None or (f.name == "bucket" and hasattr(args, "bucket")):
@@ -212,10 +214,10 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from qdistill.demo import run_demo
+    from qdistill.demo import FULL, QUICK, run_demo
 
     start = time.perf_counter()
-    cfg = config_from(args, method="qd")
+    cfg = config_from(args, defaults={"epochs": (FULL if args.full else QUICK)["epochs"]}, method="qd")
     data = data_from(args)
     run_dir = new_run_dir(args.run_dir, "demo")
     rows = run_demo(data, run_dir, args.student, args.teacher, args.teacher_epochs, args.bit_widths, cfg, args.quiet, args.full, args.workers)

@@ -59,6 +59,25 @@ def test_demo_writes_table_plots_and_models(tmp_path):
     assert {p: p.read_bytes() for p in run.iterdir()} == before
 
 
+@pytest.mark.parametrize(
+    "extra, epochs",
+    [([], 1), (["--full"], 2), (["--epochs", "3"], 3), (["--full", "--config", "{config}"], 5)],
+)
+def test_demo_epochs_follow_the_plan_unless_given(tmp_path, monkeypatch, extra, epochs):
+    """The quick demo trains each method 1 epoch (its 5-minute budget), --full 2; a flag or a config file wins."""
+    import qdistill.cli
+    import qdistill.demo
+
+    (tmp_path / "c.yaml").write_text("epochs: 5\n")
+    seen = {}
+    monkeypatch.setattr(qdistill.cli, "data_from", lambda args: None)
+    monkeypatch.setattr(qdistill.demo, "run_demo", lambda data, run_dir, *a: seen.setdefault("cfg", a[4]) and [])
+    monkeypatch.setattr(qdistill.cli, "show_rows", lambda *a: None)
+    args = [a.replace("{config}", str(tmp_path / "c.yaml")) for a in extra]
+    assert main(["demo", "--run-dir", str(tmp_path / "run"), *args]) == 0
+    assert seen["cfg"].epochs == epochs
+
+
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, fashion_mnist):
     """`qdistill demo --full` at 2 bits: every method for three seeds; each saved model, loaded back,
