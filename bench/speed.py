@@ -46,14 +46,14 @@ class Stepper:
         self.fused.enter_context(fused_quantization(model))
         self.opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, nesterov=True)
         self.quantizers = [qt.quantizer for qt in quantized_tensors(model)]
-        self.idx = torch.arange(len(x), device=x.device)
+        self.batch = {"x": x, "y": y, "index": torch.arange(len(x), device=x.device)}
         self.times: list[float] = []
 
     def step(self, record: bool = True) -> None:
         sync(self.x.device)
         start = time.perf_counter()
         out = self.model(self.x)
-        loss = distillation_loss(out, self.y, self.teacher(self.x, self.idx) if self.teacher else None)
+        loss = distillation_loss(out, self.y, self.teacher(self.batch) if self.teacher else None)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -82,7 +82,7 @@ def student_ratios(preset: str, device, batch: int, steps: int) -> dict:
     x = torch.randn(batch, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     teacher_model = build_model(model_spec("resnet-small")).to(device)
-    cached = CachedTeacher(LiveTeacher(teacher_model)(x, None))
+    cached = CachedTeacher(LiveTeacher(teacher_model)({"x": x}))
     base = build_model(model_spec(preset)).to(device, memory_format=TrainConfig().torch_memory_format(device))  # as the loop has it
 
     def stepper(quantizer, teacher, frozen=False):

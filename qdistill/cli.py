@@ -215,8 +215,10 @@ def cmd_inspect(args) -> None:
 
 def cmd_demo(args) -> None:
     from qdistill.demo import FULL, QUICK, run_demo
+    from qdistill.pipeline import check_workers
 
     start = time.perf_counter()
+    check_workers(args.workers)  # before the data are read
     cfg = config_from(args, defaults={"epochs": (FULL if args.full else QUICK)["epochs"]}, method="qd")
     data = data_from(args)
     run_dir = new_run_dir(args.run_dir, "demo")

@@ -20,6 +20,7 @@ from qdistill.errors import Diverged, QDistillError
 from qdistill.export import inspect_packed, load_packed, save_packed
 from qdistill.models import build_model, load_checkpoint, model_spec, save_checkpoint
 from qdistill.report import MetricsLog
+from qdistill.tasks import as_task
 from qdistill.train import TrainConfig, evaluate, train
 from qdistill.train.config import SPEED_ONLY
 from qdistill.ui import map_with_progress
@@ -38,6 +39,9 @@ def new_run_dir(path: str | Path | None, prefix: str) -> Path:
     return path
 
 
+# Options added after teachers were cached and shipped, at the values that train exactly as before.
+KEY_NEUTRAL = {"optimizer": "sgd", "warmup": 0.0, "topk": 32}
+
 # Teachers shipped with qdistill, named as in the cache: found when a run asks for the very same teacher.
 SHIPPED_TEACHERS = Path(__file__).parent / "assets" / "teachers"
 
@@ -46,9 +50,10 @@ def teacher_file_name(data: Dataset, preset: str, cfg: TrainConfig) -> str:
     """`preset-key.safetensors`, the key a hash of the model, the data and the settings fp training reads.
 
     Only those settings count: a change of bits or dq epochs reuses the teacher. An option left off
-    (None) is keyed as if it did not exist, so adding an option keeps the cached teachers."""
+    (None), or at the value that trains as before the option existed (KEY_NEUTRAL), is keyed as if it
+    did not exist, so adding an option keeps the cached and shipped teachers."""
     spec = model_spec(preset, data.train_x.shape[1], data.num_classes)
-    settings = {k: v for k, v in cfg.fp_only().to_dict().items() if k not in SPEED_ONLY and v is not None}
+    settings = {k: v for k, v in cfg.fp_only().to_dict().items() if k not in SPEED_ONLY and v is not None and KEY_NEUTRAL.get(k, ...) != v}
     key = hashlib.sha256((json.dumps([spec, settings], sort_keys=True) + tensor_digest(data.train_x, data.train_y)).encode()).hexdigest()[:16]
     return f"{preset}-{key}.safetensors"
 
@@ -73,33 +78,33 @@ def get_teacher(data: Dataset, preset: str, cfg: TrainConfig, quiet: bool = Fals
     return teacher
 
 
-def result_row(label: str, result, spec: dict, run_dir: Path, name: str, data: Dataset) -> dict:
+def result_row(label: str, result, spec: dict, run_dir: Path, name: str, data) -> dict:
     """Save the trained model (packed when quantized) and describe it as one table row.
 
-    A packed model is loaded back and evaluated: the row's accuracy is the shipped file's.
-    """
+    A packed model is loaded back and evaluated: the row's metrics are the shipped file's."""
+    task = as_task(data)
     cfg = result.config
     params = sum(p.numel() for n, p in result.model.named_parameters() if "parametrizations" not in n.split(".") or n.endswith(".original"))
     quantized = cfg.spec.quantizer is not None
     if quantized:
         # overwrite: the run directory is the run's own (new_run_dir), and a resumed run writes its model again
-        path = save_packed(result.model, spec, run_dir / f"{name}.safetensors", info={"method": label, "test_acc": result.test_acc, "config": cfg.to_dict()}, overwrite=True)
+        path = save_packed(result.model, spec, run_dir / f"{name}.safetensors", info={"method": label, "test": result.test, "config": cfg.to_dict()}, overwrite=True)
         shipped = load_packed(path, model=build_model(spec))[0].to(next(result.model.parameters()).device)
-        shipped_acc = evaluate(shipped, data.test_x, data.test_y)
-        if shipped_acc != result.test_acc:
-            raise RuntimeError(f"{path}: the loaded model scores {shipped_acc}%, the trained quantized model {result.test_acc}%")
+        shipped_test = task.evaluate(shipped, "test")
+        if shipped_test != result.test:
+            raise RuntimeError(f"{path}: the loaded model scores {shipped_test}, the trained quantized model {result.test}")
         sizes = inspect_packed(path)
         size, huffman = sizes["disk_bytes"], sizes["huffman_bytes"]
     else:
         path = run_dir / f"{name}.safetensors"
-        save_checkpoint(result.model, spec, path, extra={"test_acc": result.test_acc, "config": cfg.to_dict()})
+        save_checkpoint(result.model, spec, path, extra={"test": result.test, "config": cfg.to_dict()})
         size, huffman = path.stat().st_size, None
     return {
         "method": label,
         "bits": cfg.bits if quantized else 32,
         "bucket": (cfg.bucket or "global") if quantized else None,
-        "val_acc": result.val_acc,
-        "test_acc": result.test_acc,
+        **{f"val_{k}": v for k, v in (result.val or {"acc": None}).items()},
+        **{f"test_{k}": v for k, v in result.test.items()},
         "size_bytes": size,
         "huffman_bytes": huffman,
         "ratio": 4 * params / size,
@@ -209,6 +214,11 @@ def steps_job(steps, spec: dict, data: Dataset, run_dir: Path, teacher: nn.Modul
     return rows, {label: models[label] for label, cfg, _ in steps if cfg.spec.quantizer is None}
 
 
+def check_workers(workers) -> None:
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise QDistillError(f"workers must be a positive integer, got {workers!r}")
+
+
 def compare_methods(
     spec: dict,
     data: Dataset,
@@ -226,8 +236,7 @@ def compare_methods(
     With `workers` > 1, fp and kd train side by side, then one bit width per worker, each on its share
     of the threads. On the demo's 2 CPU cores it pays: a fresh-clone `make demo` took 388 s with two
     workers and 454 s with one."""
-    if not isinstance(workers, int) or workers < 1:
-        raise QDistillError(f"workers must be a positive integer, got {workers!r}")
+    check_workers(workers)
     if workers == 1:
         models: dict = {}
         rows = run_steps(reference_steps(base), spec, data, run_dir, teacher, models, quiet)

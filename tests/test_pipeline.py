@@ -45,3 +45,13 @@ def test_a_shipped_teacher_is_used_when_it_is_the_teacher_asked_for(monkeypatch,
     assert torch.equal(teacher.classifier[2].bias, torch.full((4,), 7.0))
     with pytest.raises(pytest.fail.Exception):  # other settings: not the shipped teacher, so it trains
         pipeline.get_teacher(data, "tiny", cfg.replace(epochs=2), quiet=True)
+
+
+@pytest.mark.usefixtures("fashion_mnist")
+def test_the_demo_finds_the_shipped_teacher():
+    """Adding an option must not change the demo teacher's key, or `make demo` trains its teacher again."""
+    from qdistill.data import load_dataset
+    from qdistill.pipeline import SHIPPED_TEACHERS, teacher_file_name
+
+    name = teacher_file_name(load_dataset("fashion-mnist"), "resnet-small", TrainConfig(method="fp", epochs=3))
+    assert (SHIPPED_TEACHERS / name).exists(), name

@@ -1,20 +1,29 @@
-"""The teacher side: a live frozen model, or its logits computed once and cached on disk.
+"""The teacher side: a live frozen model, or its targets computed once and cached on disk.
 
 On a CPU the teacher's forward costs as much as the student's whole step, so when the inputs do not
-change between epochs (no augmentation) the logits are computed once, keyed by a hash of the
-teacher's weights and of the data, and reused by every run.
+change between epochs (no augmentation) the targets are computed once, keyed by a hash of the
+teacher's weights and of the data, and reused by every run: all logits of a classifier (one row
+per image, in memory), the top-k log-probabilities per token of a language model (memory-mapped:
+full logits for every token of a corpus would not fit).
+
+A teacher is called with a batch (a dict of tensors, see `qdistill.tasks`) and returns the target.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from qdistill.distill.loss import TopKTarget
 from qdistill.errors import QDistillError
 
 
@@ -48,14 +57,16 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512, device: st
 
 
 class LiveTeacher:
-    """Runs the frozen teacher on every batch (needed with data augmentation)."""
+    """Runs the frozen teacher on every batch (needed with data augmentation); `forward(model, batch)`
+    is the task's way of running a model, by default `model(batch["x"])`."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, forward=None):
         self.model = model.eval().requires_grad_(False)
+        self.forward = forward or (lambda model, batch: model(batch["x"]))
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    def __call__(self, batch: dict) -> torch.Tensor:
+        return self.forward(self.model, batch)
 
 
 class CachedTeacher:
@@ -68,8 +79,8 @@ class CachedTeacher:
         self.logits = self.logits.to(device)
         return self
 
-    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return self.logits[index]
+    def __call__(self, batch: dict) -> torch.Tensor:
+        return self.logits[batch["index"]]
 
     @classmethod
     def build(cls, model: nn.Module, x: torch.Tensor, cache_dir: str | Path | None = None, device="cpu", progress=None) -> "CachedTeacher":
@@ -95,15 +106,85 @@ class CachedTeacher:
         return cls(logits)
 
 
-def check_compatible(teacher: nn.Module, student: nn.Module, sample: torch.Tensor) -> None:
-    """Teacher and student must produce logits of the same shape on the same input."""
+class TopKTeacher:
+    """Looks up the teacher's top-k log-probabilities for the positions of training window `index`.
+
+    The arrays are memory-mapped [windows, positions, k]: at k = 32 a 3 M-token corpus takes
+    3 M x 32 x 4 bytes = 384 MB on disk, where its full logits (8k vocabulary) would take 100 GB."""
+
+    def __init__(self, logprobs: np.ndarray, indices: np.ndarray, temperature: float, device="cpu"):
+        self.logprobs, self.indices, self.temperature, self.device = logprobs, indices, temperature, torch.device(device)
+
+    def __call__(self, batch: dict) -> TopKTarget:
+        rows = np.sort(batch["index"].cpu().numpy())  # memory-mapped rows read in file order ...
+        order = torch.from_numpy(np.argsort(np.argsort(batch["index"].cpu().numpy())))  # ... and put back in the batch's
+        logprobs = torch.from_numpy(self.logprobs[rows].astype(np.float32))[order]
+        indices = torch.from_numpy(self.indices[rows].astype(np.int64))[order]
+        return TopKTarget(logprobs.to(self.device), indices.to(self.device), self.temperature)
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model: nn.Module, forward, batches, shape: tuple[int, int], vocab_size: int, k: int, temperature: float, data_key: str, cache_dir, device="cpu", progress=None) -> "TopKTeacher":
+        """Run the teacher (`forward(model, batch)`) over `batches`, which cover windows 0..shape[0]-1 (each
+        batch's "index"), keep the top `k` log-probabilities at `temperature` per position, and store them in
+        `cache_dir`; or load them when this teacher, data, k and temperature were seen before."""
+        n, length = shape
+        key = hashlib.sha256(json.dumps([model_digest(model), data_key, n, length, k, temperature]).encode()).hexdigest()[:24]
+        folder = Path(cache_dir) / f"teacher-topk-{key}"
+        dtypes = (np.float16, np.uint16 if vocab_size <= 1 << 16 else np.int32)
+        cached = _load_topk(folder, (n, length, k), dtypes)
+        if cached is not None:
+            return cls(*cached, temperature, device)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.tmp"))
+        lp = np.lib.format.open_memmap(tmp / "logprobs.npy", mode="w+", dtype=dtypes[0], shape=(n, length, k))
+        ix = np.lib.format.open_memmap(tmp / "indices.npy", mode="w+", dtype=dtypes[1], shape=(n, length, k))
+        was_training = model.training
+        model.eval()
+        task = progress.add_task("teacher top-k targets", total=n, status="") if progress is not None else None
+        for batch in batches:
+            top = torch.log_softmax(forward(model, {name: v.to(device) for name, v in batch.items()}).float() / temperature, dim=-1).topk(k, dim=-1)
+            rows = batch["index"].numpy()
+            lp[rows] = top.values.cpu().numpy()
+            ix[rows] = top.indices.cpu().numpy()
+            if task is not None:
+                progress.advance(task, len(rows))
+        model.train(was_training)
+        lp.flush(), ix.flush()
+        del lp, ix
+        shutil.rmtree(folder, ignore_errors=True)  # an unreadable earlier cache
+        try:
+            tmp.replace(folder)
+        except OSError:  # another process stored the same targets first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return cls(*_load_topk(folder, (n, length, k), dtypes), temperature, device)
+
+
+def _load_topk(folder: Path, shape: tuple, dtypes: tuple) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached (log-probabilities, indices), or None when absent or not what was asked for (then rebuilt)."""
+    if not folder.exists():
+        return None
+    try:
+        arrays = [np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in ("logprobs", "indices")]
+    except (OSError, ValueError) as e:
+        print(f"warning: recomputing the teacher's top-k targets, the cache {folder} is unreadable: {e}")
+        return None
+    if all(a.shape == shape and a.dtype == d for a, d in zip(arrays, dtypes)):
+        return arrays[0], arrays[1]
+    print(f"warning: recomputing the teacher's top-k targets, the cache {folder} does not fit")
+    return None
+
+
+def check_compatible(teacher: nn.Module, student: nn.Module, sample: dict, forward=None) -> None:
+    """Teacher and student must produce outputs of the same shape on the same batch (`forward(model, batch)`)."""
+    forward = forward or (lambda model, batch: model(batch["x"]))
     with torch.no_grad():
         was = (teacher.training, student.training)
         teacher.eval(), student.eval()
         try:
-            t, s = teacher(sample), student(sample)
+            t, s = forward(teacher, sample), forward(student, sample)
         except Exception as e:
-            raise QDistillError(f"teacher or student cannot run on the data (input shape {tuple(sample.shape)}): {e}") from e
+            raise QDistillError(f"teacher or student cannot run on the data (input shape {tuple(sample['x'].shape)}): {e}") from e
         finally:
             teacher.train(was[0]), student.train(was[1])
     if t.shape != s.shape:

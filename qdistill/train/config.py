@@ -39,6 +39,7 @@ METHODS = {
 # The allowed values of the string options.
 CHOICES = {
     "scale": SCALES,
+    "optimizer": ("sgd", "adamw"),
     "schedule": ("onecycle", "cosine", "constant"),
     "teacher_logits": ("cached", "live"),
     "points_init": ("quantile", "uniform"),
@@ -53,7 +54,7 @@ CHOICES = {
 # finished run learns: left out of cache keys.
 SPEED_ONLY = ("memory_format", "guard", "guard_factor")
 # What training a full-precision model (method fp, as a teacher is trained) reads from a config.
-FP_SETTINGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "grad_clip", "augment", "seed", "device", "memory_format", "guard", "guard_factor")
+FP_SETTINGS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup", "grad_clip", "augment", "seed", "device", "memory_format", "guard", "guard_factor")
 
 
 @dataclass
@@ -67,13 +68,15 @@ class TrainConfig:
     keep_first_last: bool = False
     include: list[str] = field(default_factory=list)  # glob patterns on tensor names; empty = all default layer types
     exclude: list[str] = field(default_factory=list)
-    # optimization (the paper: SGD with Nesterov momentum 0.9)
+    # optimization (the paper, for CNNs: SGD with Nesterov momentum 0.9; language models: tasks.TASKS["lm"])
     epochs: int = 2
     batch_size: int = 128
+    optimizer: str = "sgd"  # sgd (Nesterov when momentum > 0) or adamw
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "onecycle"  # onecycle, cosine or constant
+    warmup: float = 0.0  # the fraction of steps the learning rate rises over linearly (onecycle: its rising part, else 0.3)
     # None (the paper) or the largest global gradient norm let through to a step. At 2 bits with min-max
     # buckets one loss spike can grow a bucket's extreme weight, widen its levels and feed back
     # (bench/results/ablation-cpu-medium-2bit-clip.md)
@@ -88,6 +91,7 @@ class TrainConfig:
     temperature: float = 2.0
     alpha: float = 0.7
     teacher_logits: str = "cached"  # cached or live (live is forced by augment)
+    topk: int = 32  # language models: the teacher's k most likely tokens per position kept in the cache
     # differentiable quantization
     dq_epochs: int = 1
     points_lr: float = 1e-3
@@ -127,6 +131,10 @@ class TrainConfig:
             raise QDistillError(f"grad_clip must be positive or null (no clipping), got {self.grad_clip!r}")
         if self.guard_factor is not None and not (isinstance(self.guard_factor, (int, float)) and not isinstance(self.guard_factor, bool) and self.guard_factor > 1):
             raise QDistillError(f"guard_factor must be a number above 1 or null (no ratio test), got {self.guard_factor!r}")
+        if not (isinstance(self.warmup, (int, float)) and not isinstance(self.warmup, bool) and 0 <= self.warmup < 1):
+            raise QDistillError(f"warmup must be a fraction of the steps in [0, 1), got {self.warmup!r}")
+        if not isinstance(self.topk, int) or isinstance(self.topk, bool) or not 1 <= self.topk <= 1024:
+            raise QDistillError(f"topk must be an integer from 1 to 1024, got {self.topk!r}")
         if not 0 <= self.momentum < 1:
             raise QDistillError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:

@@ -2,25 +2,26 @@
 
 Every method (fp, kd, ptq, qat, qd, dq, qd+dq) runs through `fit`; they differ only in the quantizer
 attached, whether a teacher is used, and which tensors the optimizer steps (see `config.METHODS`).
+Every task (image classification, language modelling, ...) too: the loop is given a task, which
+makes the batches, runs the model, computes the loss and the metrics (see `qdistill.tasks`).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from qdistill.data import Dataset, batches, random_shift_flip
-from qdistill.distill import CachedTeacher, LiveTeacher, check_compatible, distillation_loss
+from qdistill.data import Dataset
+from qdistill.distill import check_compatible
 from qdistill.errors import QDistillError
 from qdistill.quant import attach, detach, fused_quantization, quantized_tensors, redistribute_points
 from qdistill.train.config import TrainConfig
 from qdistill.train.state import Checkpoint, set_rng_state
+from qdistill.tasks import Task, accuracy, as_task, to_device
 from qdistill.train.tracker import PhaseTracker
 from qdistill.ui import make_progress
 
@@ -29,11 +30,19 @@ from qdistill.ui import make_progress
 class TrainResult:
     model: nn.Module  # with its quantizers attached: reading a weight gives the shipped value
     config: TrainConfig
-    test_acc: float  # of the quantized model, never of the shadow weights
+    test: dict  # the task's metrics on the test split, of the quantized model, never of the shadow weights
     train_seconds: float = 0.0
     samples_per_s: float = 0.0
     history: list[dict] = field(default_factory=list)
-    val_acc: float | None = None  # on the validation split, where the data have one: what options are chosen on
+    val: dict | None = None  # on the validation split, where the data have one: what options are chosen on
+
+    @property
+    def test_acc(self) -> float | None:
+        return self.test.get("acc")
+
+    @property
+    def val_acc(self) -> float | None:
+        return self.val.get("acc") if self.val else None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,51 +54,32 @@ def resolve_device(name: str) -> torch.device:
         raise QDistillError(f"unknown device {name!r}: {e}") from None
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy in percent, with the quantized weights computed once (parametrize.cached)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    correct = 0
-    with parametrize.cached():
-        for xb, yb, _ in batches(x, y, batch_size):
-            correct += (model(xb.to(device)).argmax(-1).cpu() == yb).sum().item()
-    model.train(was_training)
-    return 100.0 * correct / len(x)
+evaluate = accuracy  # top-1 accuracy in percent over tensors (x, y): image classification's metric
 
 
-def make_schedule(opt, kind: str, total_steps: int):
+def make_schedule(opt, kind: str, total_steps: int, warmup: float = 0.0):
+    """The learning-rate schedule, with a linear rise over the first `warmup` fraction of the steps."""
     if kind == "onecycle" and total_steps > 0:
         # cycle_momentum=False: the configured momentum (or Adam's beta1) stays what the user set
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total_steps, cycle_momentum=False)
-    if kind == "cosine" and total_steps > 0:
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total_steps, cycle_momentum=False, pct_start=warmup or 0.3
+        )
+    rise = round(warmup * total_steps)
+    if kind == "cosine" and total_steps > 0 and not rise:
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    decay = (lambda t: 0.5 * (1 + math.cos(math.pi * t / max(1, total_steps - rise)))) if kind == "cosine" else (lambda t: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: (step + 1) / rise if step < rise else decay(step - rise))
 
 
 def make_optimizer(kind: str, params, lr: float, cfg: TrainConfig):
     if kind == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
 
 
-@functools.lru_cache(maxsize=2)
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffled order of one epoch, a function of (seed, epoch) alone: a resumed run needs no saved order."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-def training_batch(data: Dataset, cfg: TrainConfig, epoch: int, position: int, steps_per_epoch: int):
-    """Inputs, labels and example indices of step `position` of `epoch`; augmentation is seeded by the step too."""
-    idx = epoch_order(len(data.train_x), cfg.seed, epoch)[position * cfg.batch_size : (position + 1) * cfg.batch_size]
-    x = data.train_x[idx]
-    if cfg.augment:
-        x = random_shift_flip(x, pad=2, flip=True, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * steps_per_epoch + position))
-    return x, data.train_y[idx], idx
-
-
-def fit(model, params, data: Dataset, teacher, cfg: TrainConfig, epochs: int, lr: float, name: str, log, progress, optimizer: str = "sgd", checkpoint: Checkpoint | None = None) -> dict:
+def fit(model, params, task: Task, teacher, cfg: TrainConfig, epochs: int, lr: float, name: str, log, progress, optimizer: str = "sgd", checkpoint: Checkpoint | None = None) -> dict:
     """Run `epochs` of the loop, stepping only `params`; returns timing and the per-epoch records.
 
     With a `checkpoint`, the phase starts where a killed run left it (or is skipped if it finished)."""
@@ -105,18 +95,17 @@ def fit(model, params, data: Dataset, teacher, cfg: TrainConfig, epochs: int, lr
     device = next(model.parameters()).device
     quantizers = [qt.quantizer for qt in quantized_tensors(model)]
     opt = make_optimizer(optimizer, params, lr, cfg)
-    steps_per_epoch = math.ceil(len(data.train_x) / cfg.batch_size)
+    steps_per_epoch = math.ceil(task.train_size() / cfg.batch_size)
     total = epochs * steps_per_epoch
-    schedule = make_schedule(opt, cfg.schedule, total)
-    tracker = PhaseTracker(name, model, opt, schedule, cfg, data, steps_per_epoch, log, evaluate, checkpoint)
-    task = progress.add_task(name, total=total, completed=tracker.step, status="")
+    schedule = make_schedule(opt, cfg.schedule, total, cfg.warmup)
+    tracker = PhaseTracker(name, model, opt, schedule, cfg, task, steps_per_epoch, log, checkpoint)
+    bar = progress.add_task(name, total=total, completed=tracker.step, status="")
     while tracker.step < total:
         model.train()
-        x, y, idx = training_batch(data, cfg, *divmod(tracker.step, steps_per_epoch), steps_per_epoch)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = model(x)  # 1. quantize: the parametrized weights read as Q(w)
-        target = teacher(x, idx.to(device)) if teacher is not None else None
-        loss = distillation_loss(out, y, target, cfg.temperature, cfg.alpha)  # 2. distill
+        batch = to_device(task.train_batch(*divmod(tracker.step, steps_per_epoch), cfg), device)
+        out = task.forward(model, batch)  # 1. quantize: the parametrized weights read as Q(w)
+        target = teacher(batch) if teacher is not None else None
+        loss = task.loss(out, target, batch, cfg)  # 2. distill
         opt.zero_grad(set_to_none=True)
         loss.backward()  # straight-through: dL/dQ(w) reaches w
         if tracker.grad_clip:
@@ -125,47 +114,40 @@ def fit(model, params, data: Dataset, teacher, cfg: TrainConfig, epochs: int, lr
         schedule.step()
         for q in quantizers:
             q.after_step()
-        tracker.after_step(loss, len(y), total)  # the guard (which may roll back), the log, the checkpoint
-        progress.update(task, completed=tracker.step, status=tracker.status)
+        tracker.after_step(loss, len(batch["x"]), total)  # the guard (which may roll back), the log, the checkpoint
+        progress.update(bar, completed=tracker.step, status=tracker.status)
     return tracker.finish()
 
 
-def make_teacher(model: nn.Module, data: Dataset, cfg: TrainConfig, cache_dir, progress=None):
-    """Cached logits when the inputs are the same every epoch, else the live model."""
-    if cfg.augment or cfg.teacher_logits == "live":
-        return LiveTeacher(model)
-    device = next(model.parameters()).device
-    return CachedTeacher.build(model, data.train_x, cache_dir, device=device, progress=progress).to(device)
-
-
-def attach_learned(model: nn.Module, data: Dataset, teacher, cfg: TrainConfig, init: str) -> None:
+def attach_learned(model: nn.Module, task: Task, teacher, cfg: TrainConfig, init: str) -> None:
     """Attach learned-points quantizers, optionally sharing the points among tensors by gradient norm."""
     attach(model, cfg.make_quantizer("learned", init), **cfg.select_kwargs())
     if not cfg.redistribute:
         return
     tensors = quantized_tensors(model)
-    norms = gradient_norms(model, [qt.shadow for qt in tensors], data, teacher, cfg)
+    norms = gradient_norms(model, [qt.shadow for qt in tensors], task, teacher, cfg)
     counts = redistribute_points(norms, total=len(tensors) * 2**cfg.bits)
     for qt, n in zip(tensors, counts):
         qt.quantizer.init_points(qt.shadow, n)
 
 
-def gradient_norms(model, tensors, data: Dataset, teacher, cfg: TrainConfig, n_batches: int = 4) -> list[float]:
+def gradient_norms(model, tensors, task: Task, teacher, cfg: TrainConfig, n_batches: int = 4) -> list[float]:
+    """Each tensor's gradient norm, summed over the first `n_batches` batches of the training data."""
     device = next(model.parameters()).device
     grads = [torch.zeros_like(t) for t in tensors]
-    for i, (x, y, idx) in enumerate(batches(data.train_x, data.train_y, cfg.batch_size)):
+    for i, batch in enumerate(task.ordered_batches("train", cfg.batch_size)):
         if i == n_batches:
             break
-        x, y = x.to(device), y.to(device)
-        target = teacher(x, idx.to(device)) if teacher is not None else None
-        for g, gi in zip(grads, torch.autograd.grad(distillation_loss(model(x), y, target, cfg.temperature, cfg.alpha), tensors)):
+        batch = to_device(batch, device)
+        target = teacher(batch) if teacher is not None else None
+        for g, gi in zip(grads, torch.autograd.grad(task.loss(task.forward(model, batch), target, batch, cfg), tensors)):
             g += gi
     return [g.norm().item() for g in grads]
 
 
 def train(
     student: nn.Module,
-    data: Dataset,
+    data: Dataset | Task,
     cfg: TrainConfig,
     teacher: nn.Module | None = None,
     cache_dir=None,
@@ -173,11 +155,13 @@ def train(
     quiet=False,
     checkpoint: Checkpoint | None = None,
 ) -> TrainResult:
-    """Train (or only quantize, for ptq) `student` with the method in `cfg`; the student is changed in place.
+    """Train (or only quantize, for ptq) `student` with the method in `cfg` on a task (a `Dataset` is
+    image classification); the student is changed in place.
 
     With a `checkpoint`, the run's state is saved as it goes, and a run over a checkpoint that a killed
     run left continues where it stopped, ending with the same weights bit for bit."""
     cfg.validate()
+    task = as_task(data)
     log = log or (lambda record: None)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -189,38 +173,37 @@ def train(
     use_teacher = teacher is not None and method.distill
     if use_teacher:
         teacher.to(device, memory_format=layout)
-        check_compatible(teacher, student, data.train_x[:2].to(device))
+        check_compatible(teacher, student, to_device(task.sample(), device), task.forward)
     history, seconds, samples = [], 0.0, 0
     with make_progress(quiet) as progress:
-        teacher_fn = make_teacher(teacher, data, cfg, cache_dir, progress) if use_teacher else None
+        teacher_fn = task.teacher(teacher, cfg, cache_dir, progress) if use_teacher else None
         if method.quantizer == "uniform":
             attach(student, cfg.make_quantizer("uniform"), **cfg.select_kwargs())
         if method.trains == "weights":
             params = [p for p in student.parameters() if p.requires_grad]
             with fused_quantization(student):  # off-CPU: one batch of kernels for all tensors, same values
                 name = f"{cfg.method} {cfg.bits}b" if method.quantizer else cfg.method
-                out = fit(student, params, data, teacher_fn, cfg, cfg.epochs, cfg.lr, name, log, progress, checkpoint=checkpoint)
+                out = fit(student, params, task, teacher_fn, cfg, cfg.epochs, cfg.lr, name, log, progress, cfg.optimizer, checkpoint)
             history += out["records"]
             seconds, samples = seconds + out["seconds"], samples + out["samples"]
         if method.quantizer == "learned" or method.then == "dq":
             if cfg.dq_teacher == "self":  # the full-precision version of this very model
-                teacher_fn = make_teacher(detach(copy.deepcopy(student), keep_quantized=False), data, cfg, cache_dir, progress)
+                teacher_fn = task.teacher(detach(copy.deepcopy(student), keep_quantized=False), cfg, cache_dir, progress)
             # Points are learned for the model as it stands: a quantized model is baked to its levels first,
             # so each weight keeps its level and the points move the levels. (Learning them over the shadow
             # weights of qd instead reassigns the many weights that training left near a decision boundary:
             # 2-bit accuracy fell by 5 points where baking gained 0.7.)
             detach(student, keep_quantized=True)
             init = "uniform" if method.then == "dq" else cfg.points_init  # qd+dq starts exactly at the qd levels
-            attach_learned(student, data, teacher_fn, cfg, init)
+            attach_learned(student, task, teacher_fn, cfg, init)
             student.requires_grad_(False)
             points = []
             for qt in quantized_tensors(student):
                 qt.quantizer.points.requires_grad_(True)
                 points.append(qt.quantizer.points)
             dq_cfg = cfg.replace(weight_decay=0.0)
-            out = fit(student, points, data, teacher_fn, dq_cfg, cfg.dq_epochs, cfg.points_lr, f"dq {cfg.bits}b points", log, progress, cfg.points_optimizer, checkpoint)
+            out = fit(student, points, task, teacher_fn, dq_cfg, cfg.dq_epochs, cfg.points_lr, f"dq {cfg.bits}b points", log, progress, cfg.points_optimizer, checkpoint)
             history += out["records"]
             seconds, samples = seconds + out["seconds"], samples + out["samples"]
-    val_acc = evaluate(student, data.val_x, data.val_y) if data.val_x is not None else None
-    test_acc = evaluate(student, data.test_x, data.test_y)
-    return TrainResult(student, cfg, test_acc, seconds, samples / seconds if seconds else 0.0, history, val_acc)
+    val = task.evaluate(student, "val") if task.has_split("val") else None
+    return TrainResult(student, cfg, task.evaluate(student, "test"), seconds, samples / seconds if seconds else 0.0, history, val)

@@ -2,7 +2,7 @@
 
 The state is the model (shadow weights, quantizer points, BatchNorm statistics), the optimizer and
 schedule, every random generator the step draws from, and the loop's counters. The data order needs
-no saving: an epoch's order is a function of (seed, epoch) alone (`loop.epoch_order`).
+no saving: an epoch's order is a function of (seed, epoch) alone (`tasks.classification.epoch_order`).
 """
 
 from __future__ import annotations

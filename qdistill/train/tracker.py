@@ -10,7 +10,6 @@ import time
 
 from torch import nn
 
-from qdistill.data import Dataset
 from qdistill.errors import Diverged
 from qdistill.train.config import TrainConfig
 from qdistill.train.guard import DivergenceGuard
@@ -21,9 +20,9 @@ ROLLBACK_CLIP = 1.0  # the gradient norm a first rollback clips to when the run 
 
 
 class PhaseTracker:
-    def __init__(self, name: str, model: nn.Module, opt, schedule, cfg: TrainConfig, data: Dataset, steps_per_epoch: int, log, evaluate, checkpoint: Checkpoint | None):
+    def __init__(self, name: str, model: nn.Module, opt, schedule, cfg: TrainConfig, task, steps_per_epoch: int, log, checkpoint: Checkpoint | None):
         self.name, self.model, self.opt, self.schedule = name, model, opt, schedule
-        self.data, self.steps_per_epoch, self.log, self.evaluate, self.checkpoint = data, steps_per_epoch, log, evaluate, checkpoint
+        self.task, self.steps_per_epoch, self.log, self.checkpoint = task, steps_per_epoch, log, checkpoint
         self.cfg = cfg
         self.guard = DivergenceGuard(name, cfg.guard_factor, enabled=cfg.guard != "off")
         self.run = {"step": 0, "seconds": 0.0, "seen": 0, "loss_sum": 0.0, "records": [], "grad_clip": cfg.grad_clip, "rollbacks": 0, "guard": self.guard.state()}
@@ -91,12 +90,13 @@ class PhaseTracker:
         self.take_time()
         run = self.run
         record = {"phase": self.name, "epoch": epoch, "step": run["step"], "train_loss": run["loss_sum"] / self.steps_per_epoch, "samples_per_s": run["seen"] / run["seconds"]}
-        if self.data.val_x is not None:
-            record["val_acc"] = self.evaluate(self.model, self.data.val_x, self.data.val_y)
+        if self.task.has_split("val"):
+            record.update({f"val_{k}": v for k, v in self.task.evaluate(self.model, "val").items()})
         run["records"].append(record)
         run["loss_sum"] = 0.0
         self.log(record)
-        self.status = f"loss {record['train_loss']:.3f}" + (f" val {record['val_acc']:.2f}%" if "val_acc" in record else "")
+        metric = f"val_{self.task.metric}"
+        self.status = f"loss {record['train_loss']:.3f}" + (f" val {self.task.metric} {record[metric]:.2f}" if metric in record else "")
 
     def take_time(self) -> None:
         now = time.perf_counter()

@@ -12,7 +12,7 @@ def test_cache_is_reused_and_keyed_by_weights(tmp_path):
     a = CachedTeacher.build(model, x, tmp_path)
     files = list(tmp_path.iterdir())
     assert len(files) == 1
-    assert torch.allclose(a(x[:4], torch.arange(4)), model(x[:4]))
+    assert torch.allclose(a({"index": torch.arange(4)}), model(x[:4]))
     b = CachedTeacher.build(model, x, tmp_path)
     assert torch.equal(a.logits, b.logits) and len(list(tmp_path.iterdir())) == 1
     with torch.no_grad():
@@ -36,9 +36,9 @@ def test_live_teacher_is_frozen_eval():
     live = LiveTeacher(model)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     x = torch.randn(3, 4)
-    assert torch.equal(live(x, None), live(x, None))
+    assert torch.equal(live({"x": x}), live({"x": x}))
 
 
 def test_mismatched_teacher_and_student():
     with pytest.raises(QDistillError, match=r"teacher outputs \(2, 10\), student outputs \(2, 5\)"):
-        check_compatible(nn.Linear(3, 10), nn.Linear(3, 5), torch.randn(2, 3))
+        check_compatible(nn.Linear(3, 10), nn.Linear(3, 5), {"x": torch.randn(2, 3)})
