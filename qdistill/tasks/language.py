@@ -1,0 +1,143 @@
+"""Next-token language modelling on a token stream that need not fit in memory.
+
+The stream (a memory-mapped array of token ids, `data.text.TokenCorpus`) is cut into fixed windows of
+`seq_len` tokens, each predicting its next `seq_len` tokens; the last window is padded, its padding
+labelled -100 and left out of the loss and the metrics. An epoch visits every training window once,
+in an order that is a function of (seed, epoch) alone, as for images.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from qdistill.distill import LiveTeacher, distillation_loss
+from qdistill.distill.teacher import TopKTeacher
+from qdistill.errors import QDistillError
+from qdistill.tasks.classification import epoch_order
+
+IGNORE = -100
+
+
+def logits_of(output) -> torch.Tensor:
+    """A model's logits: the tensor it returns, or the `.logits` of a Hugging Face output."""
+    return getattr(output, "logits", output)
+
+
+class LanguageModelling:
+    name = "lm"
+    metric = "ppl"
+    higher_is_better = False
+
+    def __init__(self, corpus, seq_len: int = 128, eval_batch_size: int = 32):
+        if not isinstance(seq_len, int) or isinstance(seq_len, bool) or not 2 <= seq_len <= 1 << 16:
+            raise QDistillError(f"seq_len must be an integer from 2 to 65536, got {seq_len!r}")
+        self.corpus, self.seq_len, self.eval_batch_size = corpus, seq_len, eval_batch_size
+        for split in ("train", "val", "test"):
+            if len(corpus.split(split)) < 2:
+                raise QDistillError(f"corpus {corpus.name!r}: the {split} split has fewer than 2 tokens")
+
+    def windows(self, split: str) -> int:
+        return math.ceil((len(self.corpus.split(split)) - 1) / self.seq_len)
+
+    def train_size(self) -> int:
+        return self.windows("train")
+
+    def spec_args(self) -> dict:
+        return {"num_classes": self.corpus.vocab_size}
+
+    def batch(self, split: str, rows) -> dict:
+        """Windows `rows` of a split: inputs, next-token labels (-100 on padding) and the window indices."""
+        tokens, length = self.corpus.split(split), self.seq_len
+        x = np.zeros((len(rows), length), dtype=np.int64)
+        y = np.full((len(rows), length), IGNORE, dtype=np.int64)
+        for j, i in enumerate(rows):
+            chunk = np.asarray(tokens[i * length : (i + 1) * length + 1], dtype=np.int64)
+            x[j, : len(chunk) - 1], y[j, : len(chunk) - 1] = chunk[:-1], chunk[1:]
+        return {"x": torch.from_numpy(x), "y": torch.from_numpy(y), "index": torch.as_tensor(rows, dtype=torch.int64)}
+
+    def ordered_batches(self, split: str, batch_size: int):
+        n = self.windows(split)
+        for start in range(0, n, batch_size):
+            yield self.batch(split, list(range(start, min(start + batch_size, n))))
+
+    def train_batch(self, epoch: int, position: int, cfg) -> dict:
+        rows = epoch_order(self.train_size(), cfg.seed, epoch)[position * cfg.batch_size : (position + 1) * cfg.batch_size]
+        return self.batch("train", rows.tolist())
+
+    def forward(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return logits_of(model(batch["x"]))
+
+    def loss(self, out: torch.Tensor, target, batch: dict, cfg) -> torch.Tensor:
+        """Cross-entropy on the next token plus T^2 KL(teacher || student) per token, padding out, mean over real tokens."""
+        return distillation_loss(out, batch["y"], target, cfg.temperature, cfg.alpha, ignore_index=IGNORE)
+
+    def has_split(self, split: str) -> bool:
+        return split in ("train", "val", "test")
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        """Perplexity, mean loss in nats per token, and bits per byte of the split's text.
+
+        Bits per byte does not depend on the tokenizer: the summed loss over the split divided by its
+        UTF-8 bytes (the document separators count as tokens, not bytes)."""
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        with parametrize.cached():
+            for batch in self.ordered_batches(split, self.eval_batch_size):
+                logits = self.forward(model, {"x": batch["x"].to(device)}).float()
+                y = batch["y"].to(device)
+                total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE, reduction="sum").item()
+                count += int((y != IGNORE).sum())
+        model.train(was_training)
+        nll = total / count
+        metrics = {"ppl": math.exp(min(nll, 700.0)), "nll": nll, "tokens": count}
+        size = (self.corpus.split_bytes or {}).get(split)
+        if size:
+            metrics["bpb"] = total / math.log(2) / size
+        return metrics
+
+    def sample(self) -> dict:
+        return self.batch("train", [0, min(1, self.train_size() - 1)])
+
+    def teacher(self, model: nn.Module, cfg, cache_dir, progress=None):
+        """The live model, or its top-k log-probabilities per token computed once (`cfg.topk`, at `cfg.temperature`)."""
+        device = next(model.parameters()).device
+        if cfg.teacher_logits == "live" or cache_dir is None:
+            return LiveTeacher(model, self.forward)
+        return TopKTeacher.build(
+            model, self.forward, self.ordered_batches("train", self.eval_batch_size), (self.train_size(), self.seq_len),
+            self.corpus.vocab_size, min(cfg.topk, self.corpus.vocab_size), cfg.temperature, f"{self.corpus.key}-{self.seq_len}", cache_dir, device, progress,
+        )
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompt: list[int], new_tokens: int, temperature: float = 0.8, top_k: int | None = 50, seed: int = 0, context: int = 256) -> list[int]:
+    """Sample `new_tokens` token ids after `prompt` (at least one id), seeing the last `context` tokens each step.
+
+    With temperature 0 the most likely token is taken (greedy)."""
+    if not prompt:
+        raise QDistillError("the prompt must hold at least one token")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    ids = list(prompt)
+    with parametrize.cached():
+        for _ in range(new_tokens):
+            logits = logits_of(model(torch.tensor([ids[-context:]], device=device)))[0, -1].float()
+            if temperature <= 0:
+                ids.append(int(logits.argmax()))
+                continue
+            if top_k:
+                logits[logits < logits.topk(min(top_k, len(logits))).values[-1]] = -math.inf
+            ids.append(int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)))
+    model.train(was_training)
+    return ids

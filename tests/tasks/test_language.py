@@ -1,0 +1,150 @@
+"""The language-modelling task: windows over a token stream, the token-level loss, perplexity, top-k targets."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from qdistill.data.text import TokenCorpus
+from qdistill.distill.loss import TopKTarget, distillation_loss, topk_kl
+from qdistill.distill.teacher import TopKTeacher
+from qdistill.tasks import TASKS, LanguageModelling, generate
+from qdistill.train import TrainConfig, train
+
+VOCAB = 11
+
+
+def corpus(n_train=203, n_val=41, n_test=37, seed=0) -> TokenCorpus:
+    """A stream where each token mostly follows from the one before: learnable, far from uniform."""
+    rng = np.random.default_rng(seed)
+
+    def stream(n):
+        out = [0]
+        for _ in range(n - 1):
+            out.append((out[-1] * 3 + 1) % VOCAB if rng.random() < 0.9 else int(rng.integers(VOCAB)))
+        return np.array(out, dtype=np.uint16)
+
+    return TokenCorpus("toy", VOCAB, stream(n_train), stream(n_val), stream(n_test), {"train": 400, "val": 80, "test": 70}, None, "toy0")
+
+
+class TinyLM(nn.Module):
+    def __init__(self, hidden=16):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, hidden)
+        self.rnn = nn.LSTM(hidden, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, VOCAB)
+
+    def forward(self, x):
+        return self.head(self.rnn(self.emb(x))[0])
+
+
+def test_windows_cover_the_stream_once_and_pad_the_last():
+    task = LanguageModelling(corpus(), seq_len=16)
+    tokens = task.corpus.train
+    assert task.train_size() == math.ceil((len(tokens) - 1) / 16)
+    batch = task.batch("train", list(range(task.train_size())))
+    x, y = batch["x"].reshape(-1), batch["y"].reshape(-1)
+    real = y != -100
+    assert int(real.sum()) == len(tokens) - 1  # every token but the first is a label exactly once
+    assert torch.equal(y[real], torch.from_numpy(tokens[1:].astype(np.int64)))
+    assert torch.equal(x[real], torch.from_numpy(tokens[:-1].astype(np.int64)))
+    assert not bool(real[-1])  # 202 labels in 13 windows of 16: the last is padded
+
+
+def test_epoch_order_visits_every_window_once():
+    task = LanguageModelling(corpus(), seq_len=16)
+    cfg = TrainConfig(batch_size=5, seed=3)
+    steps = math.ceil(task.train_size() / 5)
+    seen = torch.cat([task.train_batch(1, p, cfg)["index"] for p in range(steps)])
+    assert sorted(seen.tolist()) == list(range(task.train_size()))
+    assert seen.tolist() != list(range(task.train_size()))  # shuffled
+    assert torch.equal(task.train_batch(1, 2, cfg)["x"], task.train_batch(1, 2, cfg)["x"])  # a function of the step alone
+
+
+class Uniform(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return torch.zeros(*x.shape, VOCAB) + 0 * self.w
+
+
+def test_a_uniform_model_has_the_vocabulary_as_perplexity():
+    task = LanguageModelling(corpus(), seq_len=8)
+    m = task.evaluate(Uniform(), "test")
+    assert m["ppl"] == pytest.approx(VOCAB) and m["tokens"] == 36
+    assert m["bpb"] == pytest.approx(36 * math.log2(VOCAB) / 70)
+
+
+def test_padding_does_not_change_the_loss():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, VOCAB), torch.randn(2, 5, VOCAB)
+    y = torch.randint(0, VOCAB, (2, 5))
+    padded_y = y.clone()
+    padded_y[1, 3:] = -100
+    base = distillation_loss(s[:, :3], y[:, :3], t[:, :3]) * 6 + distillation_loss(s[0:1, 3:], y[0:1, 3:], t[0:1, 3:]) * 2
+    changed = s.clone()
+    changed[1, 3:] += 100  # garbage on padding
+    assert distillation_loss(changed, padded_y, t) * 8 == pytest.approx(base.item(), rel=1e-5)
+
+
+def test_topk_kl_is_the_kl_of_the_top_k_and_the_rest():
+    torch.manual_seed(0)
+    s, t = torch.randn(30, VOCAB, dtype=torch.float64), torch.randn(30, VOCAB, dtype=torch.float64) * 2
+    p, q = torch.softmax(t / 2, -1), torch.softmax(s / 2, -1)
+    for k in (VOCAB, 3):
+        idx = p.topk(k).indices
+        pk, qk = p.gather(-1, idx), q.gather(-1, idx)
+        p_rest, q_rest = 1 - pk.sum(-1), 1 - qk.sum(-1)
+        want = (pk * (pk / qk).log()).sum(-1) + torch.xlogy(p_rest, p_rest) - p_rest * q_rest.clamp(min=1e-12).log()
+        got = topk_kl(s, TopKTarget(p.log().gather(-1, idx), idx, 2.0), 2.0)
+        assert got.item() == pytest.approx(want.mean().item(), rel=1e-6)
+        assert k < VOCAB or got.item() == pytest.approx((p * (p / q).log()).sum(-1).mean().item(), rel=1e-6)  # all k: the full KL
+    with pytest.raises(Exception, match="temperature"):
+        topk_kl(s, TopKTarget(p.log().gather(-1, idx), idx, 1.0), 2.0)
+
+
+def test_topk_teacher_cache_is_reused_and_looks_up_the_batch_windows(tmp_path):
+    torch.manual_seed(0)
+    task, model = LanguageModelling(corpus(), seq_len=8), TinyLM()
+    cfg = TrainConfig(topk=4, temperature=2.0)
+    teacher = task.teacher(model, cfg, tmp_path)
+    assert isinstance(teacher, TopKTeacher) and len(list(tmp_path.iterdir())) == 1
+    batch = task.batch("train", [5, 1, 17])  # any order
+    target = teacher(batch)
+    with torch.no_grad():
+        want = torch.log_softmax(model(batch["x"]) / 2, -1).topk(4)
+    assert torch.equal(target.indices, want.indices)
+    assert torch.allclose(target.logprobs, want.values, atol=1e-2)  # stored as float16
+    again = task.teacher(model, cfg, tmp_path)  # reused, not recomputed
+    assert np.shares_memory(again.logprobs, again.logprobs) and len(list(tmp_path.iterdir())) == 1
+    task.teacher(model, cfg.replace(temperature=1.0), tmp_path)  # another temperature: other targets
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+@pytest.mark.parametrize("logits", ["cached", "live"])
+def test_qd_on_a_language_model_learns_and_reports_perplexity(tmp_path, logits):
+    torch.manual_seed(0)
+    task = LanguageModelling(corpus(n_train=2000), seq_len=16)
+    teacher = TinyLM(32)
+    lm = {**TASKS["lm"], "lr": 1e-2, "batch_size": 8, "device": "cpu"}
+    train(teacher, task, TrainConfig(method="fp", epochs=6, **lm), quiet=True)
+    cfg = TrainConfig(method="qd", bits=4, bucket=32, epochs=6, teacher_logits=logits, **lm)
+    torch.manual_seed(1)
+    result = train(TinyLM(), task, cfg, teacher=teacher, cache_dir=tmp_path, quiet=True)
+    assert result.test["ppl"] < 2.5  # the stream is 90 % predictable (best 1.7); uniform is 11
+    assert result.val["ppl"] == task.evaluate(result.model, "val")["ppl"]
+    assert [r["epoch"] for r in result.history] == list(range(1, 7)) and "val_ppl" in result.history[-1]
+
+
+def test_generate_is_seeded_and_greedy_follows_the_model():
+    torch.manual_seed(0)
+    model = TinyLM()
+    a, b = generate(model, [1, 2], 10, seed=5), generate(model, [1, 2], 10, seed=5)
+    assert a == b and len(a) == 12 and a[:2] == [1, 2]
+    greedy = generate(model, [1], 3, temperature=0)
+    with torch.no_grad():
+        assert greedy[1] == int(model(torch.tensor([[1]]))[0, -1].argmax())
