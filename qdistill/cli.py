@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
 from rich.console import Console
 from rich.table import Table
@@ -17,10 +16,12 @@ from rich.table import Table
 from qdistill.data import load_dataset
 from qdistill.errors import QDistillError
 from qdistill.export import inspect_packed, is_packed, load_packed
-from qdistill.models import build_model, load_checkpoint, model_spec
-from qdistill.pipeline import new_run_dir, run_method
-from qdistill.report import RESULT_COLUMNS, markdown_table, plot_history
-from qdistill.train import METHODS, TrainConfig, evaluate, read_yaml
+from qdistill.models import LM_PRESETS, build_model, load_checkpoint, model_spec
+from qdistill.pipeline import cache_dir, new_run_dir, run_method
+from qdistill.report import markdown_table, plot_history, result_columns
+from qdistill.tasks import TASKS, ImageClassification, LanguageModelling, generate
+from qdistill.train import METHODS, TrainConfig, read_yaml
+from qdistill.train.loop import resolve_device
 from qdistill.train.state import Checkpoint, check_intervals
 from qdistill.train.config import CHOICES
 
@@ -77,11 +78,18 @@ def add_trust_flag(p: argparse.ArgumentParser) -> None:
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", choices=list(TASKS), help="classification or lm (default: lm for a language-model preset, else classification)")
     p.add_argument("--dataset", default="fashion-mnist", help="'fashion-mnist' or a hook 'package.module:function' returning a qdistill.data.Dataset")
     p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (else $QDISTILL_DATA, then Debian's folder)")
-    p.add_argument("--train-subset", type=int, help="use only the first N training examples")
-    p.add_argument("--test-subset", type=int, help="use only the first N test (and validation) examples")
+    p.add_argument("--train-subset", type=int, help="use only the first N training examples (lm: tokens)")
+    p.add_argument("--test-subset", type=int, help="use only the first N test (and validation) examples (lm: tokens)")
     p.add_argument("--val-size", type=int, help="the last N training examples are the validation split (default 5000 for fashion-mnist, 0 for a hook's data)")
+    g = p.add_argument_group("language modelling (--task lm)")
+    g.add_argument("--text-dir", help="a folder of text files, split by file (default: the Python 3.11 docs of Debian's python3.11-doc)")
+    g.add_argument("--token-files", nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="your own token ids (.npy, or .bin of uint16) instead of text")
+    g.add_argument("--tokenizer", help="with --token-files: their tokenizer.json (for generate)")
+    g.add_argument("--vocab-size", type=int, default=8192, help="byte-level BPE vocabulary trained on the text's train split (default 8192)")
+    g.add_argument("--seq-len", type=int, default=128, help="tokens per training window (default 128)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -90,6 +98,35 @@ def data_from(args):
     if args.train_subset or args.test_subset:
         data = data.subset(args.train_subset, args.test_subset)
     return data
+
+
+LM_FACTORIES = ("qdistill.models:lstm_lm", "qdistill.models:transformer_lm")
+
+
+def task_name(args, *models) -> str:
+    """--task, else lm when a model named (a preset, or a file's spec) is a language model, else classification."""
+    if args.task:
+        return args.task
+    specs = [m for m in models if m]
+    lm = any((m in LM_PRESETS) if isinstance(m, str) else m.get("factory") in LM_FACTORIES for m in specs)
+    return "lm" if lm else "classification"
+
+
+def task_from(args, name: str):
+    """The task a command runs: Fashion-MNIST (or a dataset hook), or a token corpus cut into windows."""
+    if name == "classification":
+        return ImageClassification(data_from(args))
+    from qdistill.data.text import load_python_docs, load_text_folder, load_token_files
+
+    if args.token_files:
+        corpus = load_token_files(*args.token_files, vocab_size=args.vocab_size, tokenizer=args.tokenizer)
+    elif args.text_dir:
+        corpus = load_text_folder(args.text_dir, cache_dir(), args.vocab_size, quiet=args.quiet)
+    else:
+        corpus = load_python_docs(cache_dir(), args.vocab_size, quiet=args.quiet)
+    if args.train_subset or args.test_subset:
+        corpus = corpus.subset(args.train_subset, args.test_subset)
+    return LanguageModelling(corpus, args.seq_len)
 
 
 def load_any(path: str, spec: dict | None = None, trust_code: bool = False):
@@ -104,24 +141,26 @@ def load_any(path: str, spec: dict | None = None, trust_code: bool = False):
     return load_checkpoint(path, spec=spec, model=model, trust_code=trust_code)
 
 
-def show_rows(rows: list[dict], title: str) -> None:
+def show_rows(rows: list[dict], title: str, metric: str = "acc") -> None:
     table = Table(title=title)
-    for _, header, _ in RESULT_COLUMNS:
+    columns = result_columns(metric)
+    for _, header, _ in columns:
         table.add_column(header)
     for row in rows:
-        table.add_row(*["" if row.get(k) is None else format(row[k], fmt) for k, _, fmt in RESULT_COLUMNS])
+        table.add_row(*["" if row.get(k) is None else format(row[k], fmt) for k, _, fmt in columns])
     out.print(table)
 
 
 def cmd_train_teacher(args) -> None:
-    cfg = config_from(args, method="fp")
-    data = data_from(args)
+    name = task_name(args, args.model)
+    cfg = config_from(args, defaults=TASKS[name], method="fp")
+    task = task_from(args, name)
     run_dir = new_run_dir(args.run_dir, "teacher")
-    spec = model_spec(args.model, data.train_x.shape[1], data.num_classes)
-    row, _ = run_method("teacher", spec, data, cfg, run_dir, quiet=args.quiet)
+    spec = model_spec(args.model, **task.spec_args())
+    row, _ = run_method("teacher", spec, task, cfg, run_dir, quiet=args.quiet)
     (run_dir / "results.json").write_text(json.dumps({"rows": [row], "config": cfg.to_dict()}, indent=1))
-    plot_history(run_dir / "metrics.jsonl", run_dir / "training.png", f"teacher {args.model}")
-    show_rows([row], f"teacher {args.model}")
+    plot_history(run_dir / "metrics.jsonl", run_dir / "training.png", f"teacher {args.model}", task.metric)
+    show_rows([row], f"teacher {args.model}", task.metric)
     out.print(f"teacher saved to {run_dir / row['file']}")
 
 
@@ -150,22 +189,23 @@ def cmd_distill(args) -> None:
     if args.resume:
         run_dir = Path(args.resume)
         args, cfg = resumed_args(run_dir)
-    else:
-        cfg = config_from(args, method=args.method)
-    data = data_from(args)
+    name = task_name(args, args.student, args.teacher_model)
+    if not args.resume:
+        cfg = config_from(args, defaults=TASKS[name], method=args.method)
+    task = task_from(args, name)
     method = cfg.spec
-    spec = model_spec(args.student, data.train_x.shape[1], data.num_classes) if args.student else None
+    spec = model_spec(args.student, **task.spec_args()) if args.student else None
     init = None
     if args.init:
         init, spec = load_any(args.init, spec, args.trust_code)
-    spec = spec or model_spec("tiny", data.train_x.shape[1], data.num_classes)
+    spec = spec or model_spec("tiny", **task.spec_args())
     if method.trains != "weights" and init is None:
         raise QDistillError(f"method {cfg.method} does not train the weights: give trained ones with --init")
     teacher = None
     if cfg.needs_teacher:
         if not args.teacher:
             raise QDistillError(f"method {cfg.method} distills from a teacher: give --teacher FILE (from `qdistill train-teacher`)")
-        teacher_spec = model_spec(args.teacher_model, data.train_x.shape[1], data.num_classes) if args.teacher_model else None
+        teacher_spec = model_spec(args.teacher_model, **task.spec_args()) if args.teacher_model else None
         teacher = load_any(args.teacher, teacher_spec, args.trust_code)[0]
     if not args.resume:
         run_dir = new_run_dir(args.run_dir, f"distill-{cfg.method}")
@@ -175,25 +215,49 @@ def cmd_distill(args) -> None:
         (run_dir / RUN_ARGS).write_text(json.dumps({"command": "distill", **saved}, indent=1))
     state = run_dir / "state.pt"
     checkpoint = Checkpoint(state, args.checkpoint_steps, args.checkpoint_minutes, log_path=run_dir / "metrics.jsonl")
-    row, _ = run_method(cfg.method, spec, data, cfg, run_dir, teacher=teacher, init=init, quiet=args.quiet, checkpoint=checkpoint)
+    row, _ = run_method(cfg.method, spec, task, cfg, run_dir, teacher=teacher, init=init, quiet=args.quiet, checkpoint=checkpoint)
     (run_dir / "results.json").write_text(json.dumps({"rows": [row], "config": cfg.to_dict()}, indent=1))
     state.unlink(missing_ok=True)  # finished: the results and the model are what is kept
-    plot = plot_history(run_dir / "metrics.jsonl", run_dir / "training.png", f"{cfg.method} on {spec.get('kwargs', {}).get('size', spec['factory'])}")
-    report = f"# qdistill distill --method {cfg.method}\n\n" + markdown_table([row], RESULT_COLUMNS) + "\n"
+    title = f"{cfg.method} on {spec.get('kwargs', {}).get('size', spec['factory'])}"
+    plot = plot_history(run_dir / "metrics.jsonl", run_dir / "training.png", title, task.metric)
+    report = f"# qdistill distill --method {cfg.method}\n\n" + markdown_table([row], result_columns(task.metric)) + "\n"
     if plot:
         report += "\n![training](training.png)\n"
     (run_dir / "report.md").write_text(report)
-    show_rows([row], f"{cfg.method} on {spec.get('kwargs', {}).get('size', spec['factory'])}")
+    show_rows([row], title, task.metric)
     out.print(f"model saved to {run_dir / row['file']}")
 
 
+def model_and_task(args):
+    """The model in args.file and the task it is evaluated on (lm when the file holds a language-model preset)."""
+    name = task_name(args, args.model)
+    spec = None
+    if args.model:
+        spec = model_spec(args.model, **task_from(args, name).spec_args())
+    model, spec = load_any(args.file, spec, args.trust_code)
+    return model.to(resolve_device("auto")), task_from(args, task_name(args, args.model, spec))
+
+
 def cmd_eval(args) -> None:
-    data = data_from(args)
-    spec = model_spec(args.model, data.train_x.shape[1], data.num_classes) if args.model else None
-    model = load_any(args.file, spec, args.trust_code)[0]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    acc = evaluate(model.to(device), data.test_x, data.test_y)
-    print(json.dumps({"file": args.file, "test_acc": acc, "test_examples": len(data.test_x)}))
+    model, task = model_and_task(args)
+    metrics = task.evaluate(model, "test")
+    print(json.dumps({"file": args.file, **{f"test_{k}": v for k, v in metrics.items()}}))
+
+
+def cmd_generate(args) -> None:
+    for name, low, high in (("tokens", 1, 100_000), ("samples", 1, 1000), ("top_k", 0, 1 << 20)):
+        if not low <= getattr(args, name) <= high:
+            raise QDistillError(f"--{name.replace('_', '-')} must be from {low} to {high}, got {getattr(args, name)}")
+    model, task = model_and_task(args)
+    if not isinstance(task, LanguageModelling):
+        raise QDistillError(f"{args.file} is not a language model: generate samples text from one (or pass --task lm)")
+    tokenizer = task.corpus.tokenizer()
+    prompt = tokenizer.encode(args.prompt).ids
+    if not prompt:
+        raise QDistillError("the prompt is empty: give some text with --prompt")
+    for i in range(args.samples):
+        ids = generate(model, prompt, args.tokens, args.temperature, args.top_k, seed=args.seed + i, context=args.seq_len)
+        out.print(f"[bold]{args.prompt}[/bold]" + tokenizer.decode(ids[len(prompt) :]), highlight=False, markup=True)
 
 
 def cmd_inspect(args) -> None:
@@ -255,12 +319,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("eval", help="test accuracy of a packed model or a checkpoint")
+    p = sub.add_parser("eval", help="test accuracy (lm: perplexity, bits per byte) of a packed model or a checkpoint")
     p.add_argument("file")
     p.add_argument("--model", help="the file's architecture, a preset or package.module:factory (for a plain state dict or a model of your own)")
     add_trust_flag(p)
     add_data_flags(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a packed (or full-precision) language model")
+    p.add_argument("file")
+    p.add_argument("--prompt", default="The ", help="text to continue")
+    p.add_argument("--tokens", type=int, default=60, help="tokens to sample (default 60)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 takes the most likely token (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)")
+    p.add_argument("--samples", type=int, default=1, help="how many continuations (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", help="the file's architecture, a preset or package.module:factory (for a plain state dict or a model of your own)")
+    add_trust_flag(p)
+    add_data_flags(p)
+    p.set_defaults(func=cmd_generate, task="lm")
 
     p = sub.add_parser("inspect", help="sizes of a packed model: fp32, on disk, nominal, Huffman estimate")
     p.add_argument("file")

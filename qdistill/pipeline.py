@@ -21,7 +21,7 @@ from qdistill.export import inspect_packed, load_packed, save_packed
 from qdistill.models import build_model, load_checkpoint, model_spec, save_checkpoint
 from qdistill.report import MetricsLog
 from qdistill.tasks import as_task
-from qdistill.train import TrainConfig, evaluate, train
+from qdistill.train import TrainConfig, train
 from qdistill.train.config import SPEED_ONLY
 from qdistill.ui import map_with_progress
 

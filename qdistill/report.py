@@ -48,6 +48,27 @@ RESULT_COLUMNS = [
 ]
 
 
+# Language models: perplexity (lower is better) and bits per byte of the text, which no tokenizer changes.
+LM_COLUMNS = [
+    ("method", "method", ""),
+    ("bits", "bits", ""),
+    ("bucket", "bucket", ""),
+    ("val_ppl", "val. ppl", ".2f"),
+    ("test_ppl", "test ppl", ".2f"),
+    ("test_bpb", "test bits/byte", ".3f"),
+    ("size_bytes", "size (bytes)", ","),
+    ("ratio", "vs fp32", ".1f"),
+    ("train_s", "train time (s)", ".1f"),
+    ("note", "note", ""),
+]
+
+METRIC_LABELS = {"acc": "accuracy (%)", "ppl": "perplexity"}
+
+
+def result_columns(metric: str) -> list[tuple[str, str, str]]:
+    return LM_COLUMNS if metric == "ppl" else RESULT_COLUMNS
+
+
 # The order of the methods in every table: the references, then the low-bit methods.
 ORDER = ["fp", "kd", "ptq (global)", "ptq", "qat", "qd", "qat (from fp, mse)", "qd (from kd, mse, T 1)", "dq", "qd+dq"]
 
@@ -98,12 +119,13 @@ def accuracy_cell(s: dict) -> str:
     return ", ".join([f"{s['mean']:.2f} ({s['min']:.2f}–{s['max']:.2f})", *notes])
 
 
-def plot_history(metrics: Path, path: Path, title: str) -> Path | None:
-    """Training loss per step and validation accuracy per epoch, one line per phase, from a run's metrics.jsonl
+def plot_history(metrics: Path, path: Path, title: str, metric: str = "acc") -> Path | None:
+    """Training loss per step and the validation metric per epoch, one line per phase, from a run's metrics.jsonl
     (None: nothing was trained)."""
+    key = f"val_{metric}"
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     steps = [r for r in records if "loss" in r and "step" in r]
-    epochs = [r for r in records if "val_acc" in r]
+    epochs = [r for r in records if key in r]
     if not steps:
         return None
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -112,8 +134,8 @@ def plot_history(metrics: Path, path: Path, title: str) -> Path | None:
         loss_ax.plot([r["epoch"] for r in rs], [r["loss"] for r in rs], linewidth=0.8, label=phase)
         rs = [r for r in epochs if r["phase"] == phase]
         if rs:
-            acc_ax.plot([r["epoch"] for r in rs], [r["val_acc"] for r in rs], marker="o", label=phase)
-    for ax, label in ((loss_ax, "training loss (per step)"), (acc_ax, "validation accuracy (%)")):
+            acc_ax.plot([r["epoch"] for r in rs], [r[key] for r in rs], marker="o", label=phase)
+    for ax, label in ((loss_ax, "training loss (per step)"), (acc_ax, f"validation {METRIC_LABELS.get(metric, metric)}")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -127,29 +149,31 @@ def plot_history(metrics: Path, path: Path, title: str) -> Path | None:
     return path
 
 
-def plot_results(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
-    """Accuracy against bits and against size on disk, one line per method; fp32 models as dashed lines."""
-    rows = [r for r in rows if r.get("test_acc") is not None]  # a diverged run has no point
+def plot_results(rows: list[dict], out_dir: Path, title: str, metric: str = "acc") -> list[Path]:
+    """The test metric against bits and against size on disk, one line per method; fp32 models as dashed lines."""
+    key, label = f"test_{metric}", METRIC_LABELS.get(metric, metric)
+    rows = [r for r in rows if r.get(key) is not None]  # a diverged run has no point
     methods = list(dict.fromkeys(r["method"] for r in rows if r["bits"] != 32))
     reference = [r for r in rows if r["bits"] == 32]
     styles = ["--", ":", "-."]
     paths = []
-    for x_key, x_label, name in (("bits", "bits per weight", "accuracy_vs_bits.png"), ("size_bytes", "size on disk (bytes)", "accuracy_vs_size.png")):
+    stem = "accuracy" if metric == "acc" else metric
+    for x_key, x_label, name in (("bits", "bits per weight", f"{stem}_vs_bits.png"), ("size_bytes", "size on disk (bytes)", f"{stem}_vs_size.png")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for m in methods:
-            pts = sorted((r[x_key], r["test_acc"]) for r in rows if r["method"] == m)
+            pts = sorted((r[x_key], r[key]) for r in rows if r["method"] == m)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
         for i, r in enumerate(reference):
-            ax.axhline(r["test_acc"], linestyle=styles[i % 3], linewidth=1, color="gray", label=f"{r['method']}, fp32 ({r['test_acc']:.2f}%)")
+            ax.axhline(r[key], linestyle=styles[i % 3], linewidth=1, color="gray", label=f"{r['method']}, fp32 ({r[key]:.2f}{'%' if metric == 'acc' else ''})")
         if x_key == "size_bytes":
             ax.set_xscale("log")
         else:
             ax.set_xticks(sorted({r["bits"] for r in rows if r["bits"] != 32}))
         ax.set_xlabel(x_label)
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(f"test {label}")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="lower right" if metric == "acc" else "upper right")
         fig.tight_layout()
         path = out_dir / name
         fig.savefig(path, dpi=120)

@@ -152,3 +152,35 @@ def test_mismatched_teacher_from_cli(tmp_path, capsys):
     save_checkpoint(build_model(spec), spec, wrong)
     assert main(["distill", "--teacher", str(wrong), "--run-dir", str(tmp_path / "r"), *SUBSET]) == 2
     assert "teacher" in capsys.readouterr().err
+
+
+def text_folder(path: Path) -> Path:
+    """Eight small documents of English-like text: enough for a 300-token BPE and a few training windows."""
+    words = "the quick brown fox jumps over a lazy dog while python reads every line of this small text file".split()
+    path.mkdir()
+    for i in range(8):
+        lines = [" ".join(words[(i + j) % len(words) :] + words[: (i + j) % len(words)]) for j in range(40)]
+        (path / f"doc{i}.txt").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_language_model_train_distill_eval_generate(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QDISTILL_CACHE", str(tmp_path / "cache"))
+    common = ["--text-dir", str(text_folder(tmp_path / "texts")), "--vocab-size", "300", "--seq-len", "32", "--quiet"]
+    assert main(["train-teacher", "--model", "lstm-tiny", "--epochs", "3", "--lr", "0.01", "--run-dir", str(tmp_path / "t"), *common]) == 0
+    teacher = tmp_path / "t" / "teacher.safetensors"
+    args = ["distill", "--method", "qd", "--bits", "4", "--student", "lstm-tiny", "--teacher", str(teacher), "--epochs", "2", "--lr", "0.01"]
+    assert main([*args, "--run-dir", str(tmp_path / "s"), *common]) == 0
+    results = json.loads((tmp_path / "s" / "results.json").read_text())
+    row, cfg = results["rows"][0], results["config"]
+    assert cfg["optimizer"] == "adamw" and cfg["schedule"] == "cosine"  # the task's defaults, the flags on top
+    assert row["test_ppl"] < 30 < 300 and row["test_bpb"] > 0 and row["bits"] == 4  # uniform would be ~300
+    assert (tmp_path / "s" / "training.png").exists()
+    packed = tmp_path / "s" / row["file"]
+    capsys.readouterr()
+    assert main(["eval", str(packed), *common]) == 0  # the file says it is a language model
+    assert json.loads(capsys.readouterr().out)["test_ppl"] == row["test_ppl"]
+    assert main(["generate", str(packed), "--prompt", "the quick", "--tokens", "8", *common]) == 0
+    assert capsys.readouterr().out.startswith("the quick")
+    assert main(["generate", str(packed), "--tokens", "0", *common]) == 2
+    assert "--tokens must be from 1" in capsys.readouterr().err

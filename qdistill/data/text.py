@@ -57,6 +57,19 @@ class TokenCorpus:
         tok.encode_special_tokens = True
         return tok
 
+    def subset(self, train: int | None = None, test: int | None = None) -> "TokenCorpus":
+        """The first `train` training tokens and the first `test` validation and test tokens (quick runs).
+
+        A cut split's bytes are unknown (it ends mid-document), so it reports no bits per byte."""
+        for n, what in ((train, "train"), (test, "test")):
+            if n is not None and (not isinstance(n, int) or n < 2):
+                raise QDistillError(f"{what} subset size must be an integer of at least 2 tokens, got {n!r}")
+        cut = {"train": train, "val": test, "test": test}
+        streams = {s: self.split(s)[: cut[s]] for s in SPLITS}
+        sizes = {s: self.split_bytes.get(s) if len(streams[s]) == len(self.split(s)) else None for s in SPLITS}
+        key = hashlib.sha256(f"{self.key}-{train}-{test}".encode()).hexdigest()[:16]
+        return TokenCorpus(self.name, self.vocab_size, streams["train"], streams["val"], streams["test"], sizes, self.tokenizer_path, key)
+
     def summary(self) -> dict:
         return {
             "vocab_size": self.vocab_size,
