@@ -15,12 +15,11 @@ import torch
 from torch import nn
 
 from qdistill.data import Dataset
-from qdistill.distill.teacher import CachedTeacher, tensor_digest
 from qdistill.errors import Diverged, QDistillError
 from qdistill.export import inspect_packed, load_packed, save_packed
 from qdistill.models import build_model, load_checkpoint, model_spec, save_checkpoint
 from qdistill.report import MetricsLog
-from qdistill.tasks import as_task
+from qdistill.tasks import Task, as_task
 from qdistill.train import TrainConfig, train
 from qdistill.train.config import SPEED_ONLY
 from qdistill.ui import map_with_progress
@@ -46,22 +45,23 @@ KEY_NEUTRAL = {"optimizer": "sgd", "warmup": 0.0, "topk": 32}
 SHIPPED_TEACHERS = Path(__file__).parent / "assets" / "teachers"
 
 
-def teacher_file_name(data: Dataset, preset: str, cfg: TrainConfig) -> str:
+def teacher_file_name(data: Dataset | Task, preset: str, cfg: TrainConfig) -> str:
     """`preset-key.safetensors`, the key a hash of the model, the data and the settings fp training reads.
 
     Only those settings count: a change of bits or dq epochs reuses the teacher. An option left off
     (None), or at the value that trains as before the option existed (KEY_NEUTRAL), is keyed as if it
     did not exist, so adding an option keeps the cached and shipped teachers."""
-    spec = model_spec(preset, data.train_x.shape[1], data.num_classes)
+    task = as_task(data)
+    spec = model_spec(preset, **task.spec_args())
     settings = {k: v for k, v in cfg.fp_only().to_dict().items() if k not in SPEED_ONLY and v is not None and KEY_NEUTRAL.get(k, ...) != v}
-    key = hashlib.sha256((json.dumps([spec, settings], sort_keys=True) + tensor_digest(data.train_x, data.train_y)).encode()).hexdigest()[:16]
+    key = hashlib.sha256((json.dumps([spec, settings], sort_keys=True) + task.data_key()).encode()).hexdigest()[:16]
     return f"{preset}-{key}.safetensors"
 
 
-def get_teacher(data: Dataset, preset: str, cfg: TrainConfig, quiet: bool = False) -> nn.Module:
+def get_teacher(data: Dataset | Task, preset: str, cfg: TrainConfig, quiet: bool = False) -> nn.Module:
     """A teacher trained once per (preset, data, settings) and kept in the cache; the one shipped with
     qdistill when it is that teacher (`make demo` then trains none). Trained as `qdistill train-teacher` trains it."""
-    spec = model_spec(preset, data.train_x.shape[1], data.num_classes)
+    spec = model_spec(preset, **as_task(data).spec_args())
     name = teacher_file_name(data, preset, cfg)
     cached = cache_dir() / "teachers" / name
     for path in (SHIPPED_TEACHERS / name, cached):
@@ -118,7 +118,7 @@ def result_row(label: str, result, spec: dict, run_dir: Path, name: str, data) -
 def run_method(
     label: str,
     spec: dict,
-    data: Dataset,
+    data: Dataset | Task,
     cfg: TrainConfig,
     run_dir: Path,
     teacher: nn.Module | None = None,
@@ -184,7 +184,7 @@ def low_bit_steps(base: TrainConfig, bits: int, methods: tuple[str, ...] = LOW_B
     return steps
 
 
-def run_steps(steps, spec: dict, data: Dataset, run_dir: Path, teacher: nn.Module, models: dict, quiet: bool = False) -> list[dict]:
+def run_steps(steps, spec: dict, data: Dataset | Task, run_dir: Path, teacher: nn.Module, models: dict, quiet: bool = False) -> list[dict]:
     """Run (label, config, source) steps in order, each from `models[source]`, adding each trained model to
     `models`. A run that diverges gives a row marked diverged, and the runs that start from it (or from a
     source missing from `models`) rows marked not run: one bad run never loses the others' rows."""
@@ -205,7 +205,7 @@ def run_steps(steps, spec: dict, data: Dataset, run_dir: Path, teacher: nn.Modul
     return list(rows.values())
 
 
-def steps_job(steps, spec: dict, data: Dataset, run_dir: Path, teacher: nn.Module, models: dict, threads: int) -> tuple[list[dict], dict]:
+def steps_job(steps, spec: dict, data: Dataset | Task, run_dir: Path, teacher: nn.Module, models: dict, threads: int) -> tuple[list[dict], dict]:
     """`run_steps` in a worker process with `threads` threads; returns the rows and the full-precision
     models trained (what low-bit steps start from; quantized ones cannot cross processes)."""
     torch.set_num_threads(threads)
@@ -221,7 +221,7 @@ def check_workers(workers) -> None:
 
 def compare_methods(
     spec: dict,
-    data: Dataset,
+    data: Dataset | Task,
     base: TrainConfig,
     run_dir: Path,
     teacher: nn.Module,
@@ -244,7 +244,9 @@ def compare_methods(
             rows += run_steps(low_bit_steps(base, b, methods, improved), spec, data, run_dir, teacher, dict(models), quiet)
         return rows
     if teacher is not None and base.teacher_logits == "cached" and not base.augment:  # computed once, read by every worker
-        CachedTeacher.build(teacher, data.train_x, cache_dir() / "logits", device=next(teacher.parameters()).device)
+        temperatures = {base.temperature} | ({improved_recipe(base.replace(method="qd")).temperature} if "qd" in improved else set())
+        for t in sorted(temperatures):  # top-k targets (language models) are kept per temperature
+            as_task(data).teacher(teacher, base.replace(temperature=t), cache_dir() / "logits")
     threads = max(1, torch.get_num_threads() // workers)
     with ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
         jobs = [([step], spec, data, run_dir, teacher, {}, threads) for step in reference_steps(base)]

@@ -10,6 +10,7 @@ from torch.nn.utils import parametrize
 
 from qdistill.data import Dataset, batches, random_shift_flip
 from qdistill.distill import CachedTeacher, LiveTeacher, distillation_loss
+from qdistill.distill.teacher import tensor_digest
 from qdistill.errors import QDistillError
 
 
@@ -43,6 +44,9 @@ class ImageClassification:
 
     def train_size(self) -> int:
         return len(self.data.train_x)
+
+    def data_key(self) -> str:
+        return tensor_digest(self.data.train_x, self.data.train_y)
 
     def spec_args(self) -> dict:
         return {"in_channels": self.data.train_x.shape[1], "num_classes": self.data.num_classes}

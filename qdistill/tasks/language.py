@@ -48,6 +48,9 @@ class LanguageModelling:
     def train_size(self) -> int:
         return self.windows("train")
 
+    def data_key(self) -> str:
+        return f"{self.corpus.key}-{self.seq_len}"
+
     def spec_args(self) -> dict:
         return {"num_classes": self.corpus.vocab_size}
 
@@ -114,7 +117,7 @@ class LanguageModelling:
             return LiveTeacher(model, self.forward)
         return TopKTeacher.build(
             model, self.forward, self.ordered_batches("train", self.eval_batch_size), (self.train_size(), self.seq_len),
-            self.corpus.vocab_size, min(cfg.topk, self.corpus.vocab_size), cfg.temperature, f"{self.corpus.key}-{self.seq_len}", cache_dir, device, progress,
+            self.corpus.vocab_size, min(cfg.topk, self.corpus.vocab_size), cfg.temperature, self.data_key(), cache_dir, device, progress,
         )
 
 
