@@ -1,7 +1,8 @@
 """Model presets and user models, described by a small JSON-able spec so a saved file can rebuild its model.
 
 A spec is {"factory": "package.module:function", "kwargs": {...}}; presets are names
-("tiny", "small", "medium", "large" students; "resnet-small", "resnet" teachers).
+("tiny", "small", "medium", "large" students; "resnet-small", "resnet" teachers; the language
+models of LM_PRESETS, "lstm-*" and "gpt-*").
 """
 
 from __future__ import annotations
@@ -17,18 +18,26 @@ from torch import nn
 from qdistill.data.dataset import load_object
 from qdistill.errors import QDistillError
 from qdistill.models.convnet import STUDENT_PRESETS, ConvStudent, conv_student
+from qdistill.models.lm import LSTM_PRESETS, TRANSFORMER_PRESETS, LSTMLanguageModel, lstm_lm, transformer_lm
 from qdistill.models.resnet import TEACHER_PRESETS, PreActResNet, resnet_teacher
+
+LM_PRESETS = (*LSTM_PRESETS, *TRANSFORMER_PRESETS)  # language models: their num_classes is the vocabulary size
 
 
 def model_spec(name: str, in_channels: int = 1, num_classes: int = 10, **kwargs) -> dict:
-    """Turn a preset name or 'package.module:factory' into a spec."""
+    """Turn a preset name or 'package.module:factory' into a spec; a language model takes num_classes
+    as its vocabulary size and has no use for in_channels."""
     if name in STUDENT_PRESETS:
         return {"factory": "qdistill.models:conv_student", "kwargs": {"size": name, "in_channels": in_channels, "num_classes": num_classes}}
     if name in TEACHER_PRESETS:
         return {"factory": "qdistill.models:resnet_teacher", "kwargs": {"size": name, "in_channels": in_channels, "num_classes": num_classes}}
+    if name in LSTM_PRESETS:
+        return {"factory": "qdistill.models:lstm_lm", "kwargs": {"size": name, "vocab_size": num_classes}}
+    if name in TRANSFORMER_PRESETS:
+        return {"factory": "qdistill.models:transformer_lm", "kwargs": {"size": name, "vocab_size": num_classes}}
     if ":" in name:
         return {"factory": name, "kwargs": kwargs}
-    presets = ", ".join([*STUDENT_PRESETS, *TEACHER_PRESETS])
+    presets = ", ".join([*STUDENT_PRESETS, *TEACHER_PRESETS, *LM_PRESETS])
     raise QDistillError(f"unknown model {name!r}: use a preset ({presets}) or 'package.module:factory'")
 
 
@@ -51,10 +60,29 @@ def _preset_kwargs(presets: dict):
     return check
 
 
+def _lm_kwargs(presets: dict):
+    """Checks a language-model preset's keyword arguments, which come from files: a known size, a bounded vocabulary."""
+
+    def check(kwargs: dict) -> dict:
+        unknown = set(kwargs) - {"size", "vocab_size"}
+        if unknown:
+            raise QDistillError(f"unknown preset arguments {sorted(unknown)}")
+        if "size" in kwargs and (not isinstance(kwargs["size"], str) or kwargs["size"] not in presets):
+            raise QDistillError(f"unknown preset size {kwargs['size']!r}: one of {', '.join(presets)}")
+        v = kwargs.get("vocab_size")
+        if "vocab_size" in kwargs and (not isinstance(v, int) or not 2 <= v <= 1 << 20):  # True and False fall below 2
+            raise QDistillError(f"preset argument vocab_size must be an integer from 2 to {1 << 20}, got {v!r}")
+        return kwargs
+
+    return check
+
+
 # The factories a spec read from a file may name: called by lookup, never imported by name.
 PRESET_FACTORIES = {
     "qdistill.models:conv_student": (conv_student, _preset_kwargs(STUDENT_PRESETS)),
     "qdistill.models:resnet_teacher": (resnet_teacher, _preset_kwargs(TEACHER_PRESETS)),
+    "qdistill.models:lstm_lm": (lstm_lm, _lm_kwargs(LSTM_PRESETS)),
+    "qdistill.models:transformer_lm": (transformer_lm, _lm_kwargs(TRANSFORMER_PRESETS)),
 }
 
 
@@ -87,13 +115,26 @@ def build_model(spec: dict, trust_code: bool = True, source: str = "the spec") -
 
 
 def save_checkpoint(model: nn.Module, spec: dict, path: str | Path, extra: dict | None = None) -> None:
-    """A full-precision model as safetensors, with its spec in the metadata (written atomically)."""
+    """A full-precision model as safetensors, with its spec in the metadata (written atomically).
+
+    A tensor shared by several modules (tied embeddings) is stored once, under its first name:
+    safetensors refuses shared tensors, and `load_state` gives the model's other names the same values."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"qdistill": "checkpoint", "spec": json.dumps(spec), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp, metadata=meta)
+    save_file({k: v.detach().contiguous().cpu() for k, v in _first_names(model).items()}, tmp, metadata=meta)
     tmp.replace(path)
+
+
+def _first_names(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tensor once, under its first name (a tied tensor has several)."""
+    seen, first = set(), {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            first[name] = t
+    return first
 
 
 def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -114,7 +155,18 @@ def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], path, what: str) -> nn.Module:
-    """`model.load_state_dict(state)`, as one QDistillError when the tensors do not fit."""
+    """`model.load_state_dict(state)`, as one QDistillError when the tensors do not fit.
+
+    A tensor the model shares between modules may come under any one of its names (as
+    `save_checkpoint` stores it): the model's other names for it get the same values."""
+    names: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(t), []).append(name)
+    state = dict(state)
+    for tied in names.values():
+        given = next((state[n] for n in tied if n in state), None)
+        if given is not None:
+            state.update({n: given for n in tied if n not in state})
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -151,15 +203,21 @@ def count_parameters(model: nn.Module) -> int:
 
 __all__ = [
     "ConvStudent",
+    "LM_PRESETS",
+    "LSTMLanguageModel",
+    "LSTM_PRESETS",
     "PreActResNet",
     "STUDENT_PRESETS",
     "TEACHER_PRESETS",
+    "TRANSFORMER_PRESETS",
     "build_model",
     "conv_student",
     "count_parameters",
     "load_checkpoint",
+    "lstm_lm",
     "model_spec",
     "read_state",
     "resnet_teacher",
     "save_checkpoint",
+    "transformer_lm",
 ]
