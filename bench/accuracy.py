@@ -1,4 +1,5 @@
 """Paper-style accuracy table on Fashion-MNIST: teacher, students, every method, several bit widths and seeds.
+With --task lm, the same table in perplexity for language models of the Python documentation.
 
 For each (student, seed): fp and kd, then per bit width ptq (bucket 256 and global, from fp), qat, qd,
 the improved recipe for both (`pipeline.improved_recipe`: qat from fp, qd from kd, clipped ranges, T = 1),
@@ -20,6 +21,7 @@ refused: delete the directory (or give another --work-dir) to start over.
     python bench/accuracy.py                                  # full table (meant for a GPU)
     python bench/accuracy.py --students tiny --bits 4 2 --seeds 0 --epochs 1 --train-subset 5000   # CPU-sized
     python bench/accuracy.py --students medium --bits 4 2 --methods ptq qat qd --improved qd      # fewer rows
+    python bench/accuracy.py --task lm --students lstm-tiny gpt-tiny --teacher lstm-small --epochs 1 --teacher-epochs 2
 """
 
 from __future__ import annotations
@@ -40,14 +42,29 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from qdistill.data import load_dataset  # noqa: E402
-from qdistill.distill import CachedTeacher  # noqa: E402
 from qdistill.models import count_parameters, load_checkpoint, model_spec, save_checkpoint  # noqa: E402
-from qdistill.pipeline import LOW_BIT_METHODS, cache_dir, get_teacher, low_bit_steps, reference_steps, run_steps  # noqa: E402
-from qdistill.report import ORDER, accuracy_cell, markdown_table, summarize  # noqa: E402
-from qdistill.train import TrainConfig, evaluate  # noqa: E402
+from qdistill.pipeline import LOW_BIT_METHODS, cache_dir, get_teacher, improved_recipe, low_bit_steps, reference_steps, run_steps  # noqa: E402
+from qdistill.report import METRIC_LABELS, ORDER, accuracy_cell, markdown_table, summarize  # noqa: E402
+from qdistill.tasks import TASKS, ImageClassification, LanguageModelling, as_task  # noqa: E402
+from qdistill.train import TrainConfig  # noqa: E402
 from qdistill.ui import map_with_progress  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def make_task(data_args: dict):
+    """Fashion-MNIST (or a dataset hook) in memory, or a token corpus (--task lm), cut to the subsets asked for."""
+    if data_args.get("task", "classification") == "classification":
+        return ImageClassification(load_dataset(data_args["dataset"], data_args["data_dir"]).subset(data_args["train_subset"], data_args["test_subset"]))
+    from qdistill.data.text import load_python_docs, load_text_folder
+
+    if data_args["text_dir"]:
+        corpus = load_text_folder(data_args["text_dir"], cache_dir(), data_args["vocab_size"])
+    else:
+        corpus = load_python_docs(cache_dir(), data_args["vocab_size"])
+    if data_args["train_subset"] or data_args["test_subset"]:
+        corpus = corpus.subset(data_args["train_subset"], data_args["test_subset"])
+    return LanguageModelling(corpus, data_args["seq_len"])
 
 
 def run_job(student: str, seed: int, bits: int | None, base: dict, paths: dict, data_args: dict, threads: int, methods: dict) -> list[dict]:
@@ -55,10 +72,10 @@ def run_job(student: str, seed: int, bits: int | None, base: dict, paths: dict, 
     trained saved to `paths`), else every low-bit method at `bits`, starting from the fp and kd weights
     in `paths` where a method does (`pipeline.run_steps` marks diverged and not-run rows)."""
     torch.set_num_threads(threads)
-    data = load_dataset(data_args["dataset"], data_args["data_dir"]).subset(data_args["train_subset"], data_args["test_subset"])
+    data = make_task(data_args)
     teacher = load_checkpoint(paths["teacher"])[0]
     cfg = TrainConfig.from_dict(base).replace(seed=seed)
-    spec = model_spec(student, data.train_x.shape[1], data.num_classes)
+    spec = model_spec(student, **data.spec_args())
     with tempfile.TemporaryDirectory() as tmp:
         if bits is None:
             models: dict = {}
@@ -103,7 +120,7 @@ def work_teacher(work: Path, data, preset: str, cfg: TrainConfig):
     if path.exists():
         return path, load_checkpoint(path)[0]
     teacher = get_teacher(data, preset, cfg, quiet=True)
-    save_checkpoint(teacher, model_spec(preset, data.train_x.shape[1], data.num_classes), path)
+    save_checkpoint(teacher, model_spec(preset, **as_task(data).spec_args()), path)
     return path, teacher
 
 
@@ -112,7 +129,7 @@ def finish(path: str, *job) -> None:
     write_json(Path(path), run_job(*job))
 
 
-def plot(summary: list[dict], path: Path, title: str) -> None:
+def plot(summary: list[dict], path: Path, title: str, metric: str = "acc") -> None:
     students = sorted({r["student"] for r in summary}, key=lambda s: next(r["params"] or 0 for r in summary if r["student"] == s))
     fig, axes = plt.subplots(1, len(students), figsize=(6 * len(students), 4), squeeze=False)
     for ax, student in zip(axes[0], students):
@@ -127,10 +144,12 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
         params = next(r["params"] for r in summary if r["student"] == student)
         ax.set_title(f"{student} ({params:,} params)" if params else student)
         ax.set_xlabel("bits per weight")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(f"test {METRIC_LABELS[metric]}")
         trained = [r["mean"] for r in rows if r["bits"] != 32 and r["method"] not in ("ptq", "ptq (global)")]
-        if trained:
+        if trained and metric == "acc":
             ax.set_ylim(bottom=max(0, min(trained) - 5))
+        elif trained:  # perplexity: ptq's can be orders of magnitude above the trained methods'
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
@@ -141,12 +160,13 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--students", nargs="+", default=["tiny", "medium"])
+    p.add_argument("--task", choices=list(TASKS), default="classification")
+    p.add_argument("--students", nargs="+", help="(default tiny medium; --task lm: lstm-tiny gpt-tiny)")
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--dq-epochs", type=int, default=2)
-    p.add_argument("--teacher", default="resnet")
+    p.add_argument("--teacher", help="(default resnet; --task lm: lstm-small)")
     p.add_argument("--teacher-epochs", type=int, default=10)
     p.add_argument("--methods", nargs="+", choices=LOW_BIT_METHODS, default=list(LOW_BIT_METHODS), help="low-bit methods (fp and kd always run)")
     p.add_argument("--improved", nargs="*", choices=("qat", "qd"), default=["qat", "qd"], help="methods run again with the improved recipe")
@@ -154,34 +174,42 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, help="parallel processes (default: 12 on a GPU, one per CPU core otherwise)")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir")
-    p.add_argument("--train-subset", type=int)
-    p.add_argument("--test-subset", type=int)
+    p.add_argument("--train-subset", type=int, help="the first N training examples (lm: tokens)")
+    p.add_argument("--test-subset", type=int, help="the first N test and validation examples (lm: tokens)")
+    p.add_argument("--text-dir", help="lm: a folder of text files (default: the Python 3.11 docs)")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--tag", help="results file suffix (default: gpu or cpu)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--work-dir", type=Path, help="finished jobs and fp/kd weights, kept to resume after a kill (default: <out>/work-accuracy-<tag>)")
     p.add_argument("--rerender", type=Path, nargs="+", metavar="JSON", help="only rewrite the table and plot of saved runs (several: merged under --tag)")
     args = p.parse_args(argv)
+    lm = args.task == "lm"
+    args.students = args.students or (["lstm-tiny", "gpt-tiny"] if lm else ["tiny", "medium"])
+    args.teacher = args.teacher or ("lstm-small" if lm else "resnet")
     if "qd+dq" in args.methods and "qd" not in args.methods:
         p.error("qd+dq fine-tunes the points of the qd run: ask for qd too")
     if args.rerender:
         return rerender(args.rerender, args.tag, args.out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tag = args.tag or ("gpu" if device == "cuda" else "cpu")
-    work = args.work_dir or args.out / f"work-accuracy-{tag}"
+    name = "lm" if lm else "accuracy"
+    work = args.work_dir or args.out / f"work-{name}-{tag}"
     arguments = {k: v for k, v in vars(args).items() if k not in ("work_dir", "rerender")}
     resumed = open_work_dir(work, json.loads(json.dumps(arguments, default=str)))
     if resumed:
         print(f"resuming {work}: {resumed} jobs done before")
     start = time.perf_counter()
     card = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-    data = load_dataset(args.dataset, args.data_dir).subset(args.train_subset, args.test_subset)
-    base = TrainConfig(epochs=args.epochs, dq_epochs=args.dq_epochs, augment=args.augment)
+    data_args = {k: getattr(args, k) for k in ("task", "dataset", "data_dir", "train_subset", "test_subset", "text_dir", "vocab_size", "seq_len")}
+    data = make_task(data_args)
+    base = TrainConfig(**TASKS[args.task], epochs=args.epochs, dq_epochs=args.dq_epochs, augment=args.augment)
     teacher_path, teacher = work_teacher(work, data, args.teacher, base.replace(method="fp", epochs=args.teacher_epochs))
-    teacher_acc = evaluate(teacher, data.test_x, data.test_y)
-    if not args.augment:  # the logit cache is filled once, before the workers look it up
-        CachedTeacher.build(teacher.to(device), data.train_x, cache_dir() / "logits", device=device)
+    teacher_metric = data.evaluate(teacher, "test")[data.metric]
+    if not args.augment:  # the teacher's targets are computed once, before the workers look them up
+        for t in sorted({base.temperature, improved_recipe(base.replace(method="qd")).temperature}):
+            data.teacher(teacher.to(device), base.replace(temperature=t), cache_dir() / "logits")
     workers = args.workers or (min(12, os.cpu_count() or 1) if device == "cuda" else os.cpu_count() or 1)
-    data_args = {"dataset": args.dataset, "data_dir": args.data_dir, "train_subset": args.train_subset, "test_subset": args.test_subset}
     threads = max(1, torch.get_num_threads() // workers)
     paths = {"teacher": str(teacher_path)}
     paths |= {(m, s, seed): str(work / f"{m}-{s}-{seed}.safetensors") for m in ("fp", "kd") for s in args.students for seed in args.seeds}
@@ -196,32 +224,40 @@ def main(argv: list[str] | None = None) -> None:
             return [row for f in files for row in json.loads(f.read_text())]
 
         rows = run_all([(s, seed, None) for s in args.students for seed in args.seeds], paths, "fp and kd (student, seed)")
-        trained = {(r["method"], r["student"], r["seed"]) for r in rows if r["test_acc"] is not None}
+        trained = {(r["method"], r["student"], r["seed"]) for r in rows if r.get(f"test_{data.metric}") is not None}
         low_bit_paths = {k: v for k, v in paths.items() if k == "teacher" or k in trained}  # a diverged fp or kd has no weights
         rows += run_all([(s, seed, b) for s in args.students for seed in args.seeds for b in args.bits], low_bit_paths, "low-bit methods (student, seed, bits)")
     seconds = time.perf_counter() - start
     jobs = len(args.students) * len(args.seeds) * (1 + len(args.bits))
     setup = (
-        f"{card}; teacher {args.teacher} ({count_parameters(teacher):,} params, {args.teacher_epochs} epochs) {teacher_acc:.2f}%; "
-        f"{args.epochs} epochs per method, dq {args.dq_epochs} more; seeds {args.seeds}; "
-        f"train examples {len(data.train_x)}, test {len(data.test_x)}; wall time {seconds:.0f} s"
+        f"{card}; teacher {args.teacher} ({count_parameters(teacher):,} params, {args.teacher_epochs} epochs) test {data.metric} {teacher_metric:.2f}; "
+        f"{args.epochs} epochs per method, dq {args.dq_epochs} more; seeds {args.seeds}; " + data_summary(data) + f"; wall time {seconds:.0f} s"
         + (f", resumed with {resumed} of {jobs} jobs done before" if resumed else "")
     )
-    write_outputs(rows, setup, card, tag, args.out)
+    write_outputs(rows, setup, card, tag, args.out, data.metric)
 
 
-def write_outputs(rows: list[dict], setup: str, card: str, tag: str, out: Path) -> None:
-    summary = summarize(rows)
+def data_summary(task) -> str:
+    if isinstance(task, LanguageModelling):
+        tokens = {s: len(task.corpus.split(s)) for s in ("train", "val", "test")}
+        return f"corpus {task.corpus.name} (vocabulary {task.corpus.vocab_size}), tokens train {tokens['train']:,}, val {tokens['val']:,}, test {tokens['test']:,}, windows of {task.seq_len}"
+    return f"train examples {len(task.data.train_x)}, test {len(task.data.test_x)}"
+
+
+def write_outputs(rows: list[dict], setup: str, card: str, tag: str, out: Path, metric: str = "acc") -> None:
+    summary = summarize(rows, f"test_{metric}")
+    name, title = ("accuracy", "Accuracy on Fashion-MNIST") if metric == "acc" else ("lm", "Perplexity of language models")
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"accuracy-{tag}.json").write_text(json.dumps({"setup": setup, "card": card, "summary": summary, "rows": rows}, indent=1))
+    (out / f"{name}-{tag}.json").write_text(json.dumps({"setup": setup, "card": card, "metric": metric, "summary": summary, "rows": rows}, indent=1))
+    label = "test acc. (%)" if metric == "acc" else "test perplexity"
     columns = [
-        ("student", "student", ""), ("method", "method", ""), ("bits", "bits", ""), ("accuracy", "test acc. (%): mean (min–max)", ""),
+        ("student", "student", ""), ("method", "method", ""), ("bits", "bits", ""), ("accuracy", f"{label}: mean (min–max)", ""),
         ("seeds", "seeds", ""), ("size_bytes", "size (bytes)", ","), ("ratio", "vs fp32", ".1f"),
     ]
     cells = [{**s, "accuracy": accuracy_cell(s)} for s in summary]
-    md = f"# Accuracy on Fashion-MNIST ({tag})\n\n{setup}.\n\n" + markdown_table(cells, columns) + f"\n\n![accuracy](accuracy-{tag}.png)\n"
-    (out / f"accuracy-{tag}.md").write_text(md)
-    plot(summary, out / f"accuracy-{tag}.png", f"Fashion-MNIST, {card}")
+    md = f"# {title} ({tag})\n\n{setup}.\n\n" + markdown_table(cells, columns) + f"\n\n![{name}]({name}-{tag}.png)\n"
+    (out / f"{name}-{tag}.md").write_text(md)
+    plot(summary, out / f"{name}-{tag}.png", f"{title}, {card}", metric)
     print(md)
 
 
@@ -248,8 +284,9 @@ def rerender(paths: list[Path], tag: str | None = None, out: Path = RESULTS) -> 
     rows: dict[tuple, dict] = {}  # fp and kd are in every run; same seeds and threads train the same, so they must agree
     for row in (row for s in saved for row in s["rows"]):
         key = (row["student"], row["method"], row["bits"], row["seed"])
-        if key in rows and rows[key]["test_acc"] != row["test_acc"]:
-            raise SystemExit(f"cannot merge: the runs disagree on {key}: {rows[key]['test_acc']} vs {row['test_acc']}")
+        metric = f"test_{saved[0].get('metric', 'acc')}"
+        if key in rows and rows[key].get(metric) != row.get(metric):
+            raise SystemExit(f"cannot merge: the runs disagree on {key}: {rows[key].get(metric)} vs {row.get(metric)}")
         rows.setdefault(key, row)
     setup = saved[0]["setup"]
     if len(saved) > 1:  # "...; wall time 7483 s (bits 2 4) + 5210 s (bits 3 8)": merged again, it stays one setup
@@ -260,7 +297,8 @@ def rerender(paths: list[Path], tag: str | None = None, out: Path = RESULTS) -> 
             walls.append(wall if "(bits" in wall else f"{wall} (bits {bits})")
         setup = f"{setups.pop()}; wall time {' + '.join(walls)}"
     card = saved[0].get("card") or setup.split(";")[0]
-    write_outputs(list(rows.values()), setup, card, tag or paths[0].stem.removeprefix("accuracy-"), out)
+    metric = saved[0].get("metric", "acc")
+    write_outputs(list(rows.values()), setup, card, tag or paths[0].stem.removeprefix("accuracy-").removeprefix("lm-"), out, metric)
 
 
 if __name__ == "__main__":

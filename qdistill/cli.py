@@ -278,16 +278,20 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from qdistill.demo import FULL, QUICK, run_demo
+    from qdistill.demo import DEMOS, FULL, QUICK, run_demo
     from qdistill.pipeline import check_workers
 
     start = time.perf_counter()
     check_workers(args.workers)  # before the data are read
-    cfg = config_from(args, defaults={"epochs": (FULL if args.full else QUICK)["epochs"]}, method="qd")
-    data = data_from(args)
+    name = args.task or "classification"
+    for key, value in DEMOS[name].items():  # the task's demo settings, where no flag says otherwise
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    cfg = config_from(args, defaults={**TASKS[name], "epochs": (FULL if args.full else QUICK)["epochs"]}, method="qd")
+    task = task_from(args, name)
     run_dir = new_run_dir(args.run_dir, "demo")
-    rows = run_demo(data, run_dir, args.student, args.teacher, args.teacher_epochs, args.bit_widths, cfg, args.quiet, args.full, args.workers)
-    show_rows(rows, f"qdistill demo ({time.perf_counter() - start:.0f} s)")
+    rows = run_demo(task, run_dir, args.student, args.teacher, args.teacher_epochs, args.bit_widths, cfg, args.quiet, args.full, args.workers)
+    show_rows(rows, f"qdistill demo ({time.perf_counter() - start:.0f} s)", task.metric)
     out.print(f"report, plots and packed models in {run_dir}/")
 
 
@@ -344,12 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("demo", help="fp, kd, ptq, qat, qd and the improved qd at 4 and 2 bits on Fashion-MNIST (--full: everything)")
+    p = sub.add_parser("demo", help="fp, kd, ptq, qat, qd and the improved qd at 4 and 2 bits on Fashion-MNIST (--full: everything; --task lm: a language model)")
     p.add_argument("--full", action="store_true", help="every method (dq, qd+dq, improved qat too), 8/4/3/2 bits, 3 seeds")
     p.add_argument("--workers", type=int, default=2, help="methods trained side by side, each on its share of the CPU threads (default 2)")
-    p.add_argument("--student", default="tiny")
-    p.add_argument("--teacher", default="resnet-small")
-    p.add_argument("--teacher-epochs", type=int, default=3)
+    p.add_argument("--student", help="(default tiny; --task lm: lstm-tiny)")
+    p.add_argument("--teacher", help="(default resnet-small, the shipped one; --task lm: lstm-small)")
+    p.add_argument("--teacher-epochs", type=int, help="(default 3; --task lm: 1)")
     p.add_argument("--bit-widths", type=int, nargs="+", help="bit widths to compare (default 4 2; with --full 8 4 3 2)")
     p.add_argument("--run-dir")
     p.add_argument("--config", help="YAML file of training options")

@@ -1,7 +1,8 @@
 """`qdistill demo`: a teacher, then the methods at 4 and 2 bits on one small student, compared in one table.
 
 `--full` is the whole comparison: every method (dq and qd+dq too, the improved qat), 8, 4, 3 and 2
-bits, three seeds, summarized as mean (min–max) over the seeds.
+bits, three seeds, summarized as mean (min–max) over the seeds. `--task lm` runs the same on a
+language model of the Python documentation, with a sampled continuation per method.
 """
 
 from __future__ import annotations
@@ -10,20 +11,29 @@ import json
 import time
 from pathlib import Path
 
-from qdistill.data import Dataset
-from qdistill.models import count_parameters, model_spec, save_checkpoint
+from qdistill.export import is_packed, load_packed
+from qdistill.models import count_parameters, load_checkpoint, model_spec, save_checkpoint
 from qdistill.pipeline import LOW_BIT_METHODS, compare_methods, get_teacher
-from qdistill.report import RESULT_COLUMNS, accuracy_cell, markdown_table, plot_results, summarize
-from qdistill.train import TrainConfig, evaluate
+from qdistill.report import accuracy_cell, markdown_table, plot_results, result_columns, summarize
+from qdistill.tasks import LanguageModelling, as_task, generate
+from qdistill.train import TrainConfig
 
 # One epoch per method in the quick demo keeps a fresh-clone `make demo` under 5 minutes on 2 CPU cores
 # and the table's message (ptq collapses at 2 bits, qd ahead of qat, the improved qd near kd).
 QUICK = {"methods": ("ptq", "qat", "qd"), "improved": ("qd",), "bits": (4, 2), "seeds": (0,), "epochs": 1}
 FULL = {"methods": LOW_BIT_METHODS, "improved": ("qat", "qd"), "bits": (8, 4, 3, 2), "seeds": (0, 1, 2), "epochs": 2}
+# Per task: the student, the teacher and the data the demo uses unless told otherwise. The language-model
+# demo trains on the first 200k tokens of the Python docs and evaluates on 40k of validation and test:
+# on 2 CPU cores the whole corpus would take minutes per method.
+DEMOS = {
+    "classification": {"student": "tiny", "teacher": "resnet-small", "teacher_epochs": 3},
+    "lm": {"student": "lstm-tiny", "teacher": "lstm-small", "teacher_epochs": 1, "train_subset": 200_000, "test_subset": 40_000},
+}
+SAMPLE_PROMPT = "The list type"  # language models: each method continues it, so 2 bits can be read
 
 
 def run_demo(
-    data: Dataset,
+    data,
     run_dir: Path,
     student: str = "tiny",
     teacher: str = "resnet-small",
@@ -34,52 +44,72 @@ def run_demo(
     full: bool = False,
     workers: int = 2,
 ) -> list[dict]:
-    """The methods on the same student, data and schedule; writes results.json, report.md and plots to run_dir.
+    """The methods on the same student, data (a Dataset or a task) and schedule; writes results.json,
+    report.md and plots to run_dir.
 
     Returns the table's rows: one per method for one seed, else one per method summarized over the seeds."""
     start = time.perf_counter()
+    task = as_task(data)
     plan = FULL if full else QUICK
     bits = tuple(bits or plan["bits"])
     base = base or TrainConfig(epochs=plan["epochs"])
-    spec = model_spec(student, data.train_x.shape[1], data.num_classes)
-    teacher_model = get_teacher(data, teacher, base.replace(method="fp", epochs=teacher_epochs), quiet=quiet)
-    save_checkpoint(teacher_model, model_spec(teacher, data.train_x.shape[1], data.num_classes), run_dir / "teacher.safetensors")
-    teacher_row = {
-        "method": f"teacher ({teacher})",
-        "bits": 32,
-        "val_acc": evaluate(teacher_model, data.val_x, data.val_y) if data.val_x is not None else None,
-        "test_acc": evaluate(teacher_model, data.test_x, data.test_y),
-        "size_bytes": (run_dir / "teacher.safetensors").stat().st_size,
-        "params": count_parameters(teacher_model),
-    }
+    spec = model_spec(student, **task.spec_args())
+    teacher_model = get_teacher(task, teacher, base.replace(method="fp", epochs=teacher_epochs), quiet=quiet)
+    save_checkpoint(teacher_model, model_spec(teacher, **task.spec_args()), run_dir / "teacher.safetensors")
+    teacher_row = {"method": f"teacher ({teacher})", "bits": 32, "size_bytes": (run_dir / "teacher.safetensors").stat().st_size, "params": count_parameters(teacher_model)}
+    for split in ("val", "test"):
+        if task.has_split(split):
+            teacher_row.update({f"{split}_{k}": v for k, v in task.evaluate(teacher_model, split).items()})
     teacher_row["ratio"] = 4 * teacher_row["params"] / teacher_row["size_bytes"]
     rows = []
     for seed in plan["seeds"]:
         seed_dir = run_dir / f"seed-{seed}" if len(plan["seeds"]) > 1 else run_dir
         seed_dir.mkdir(exist_ok=True)
-        for row in compare_methods(spec, data, base.replace(seed=seed), seed_dir, teacher_model, bits, plan["methods"], plan["improved"], quiet, workers):
+        for row in compare_methods(spec, task, base.replace(seed=seed), seed_dir, teacher_model, bits, plan["methods"], plan["improved"], quiet, workers):
             rows.append({**row, "student": student, "seed": seed})
-    table = [teacher_row] + (rows if len(plan["seeds"]) == 1 else [{**s, "test_acc": s["mean"], "accuracy": accuracy_cell(s)} for s in summarize(rows)])
+    key = f"test_{task.metric}"
+    table = [teacher_row] + (rows if len(plan["seeds"]) == 1 else [{**s, key: s["mean"], "accuracy": accuracy_cell(s)} for s in summarize(rows, key)])
+    samples = write_samples(task, run_dir, rows, teacher_model) if isinstance(task, LanguageModelling) and task.corpus.tokenizer_path else []
     seconds = time.perf_counter() - start
     params = next(r["params"] for r in rows if r.get("params"))
-    write_report(table, rows, run_dir, f"qdistill demo: student {student} ({params:,} params), teacher {teacher}", base, seconds, plan["seeds"])
+    write_report(table, rows, run_dir, f"qdistill demo: student {student} ({params:,} params), teacher {teacher}", base, seconds, plan["seeds"], task.metric, samples)
     return table
 
 
-def write_report(table: list[dict], rows: list[dict], run_dir: Path, title: str, cfg: TrainConfig, seconds: float, seeds) -> Path:
+def write_samples(task: LanguageModelling, run_dir: Path, rows: list[dict], teacher) -> list[tuple[str, str]]:
+    """A continuation of SAMPLE_PROMPT by the teacher and by each saved model (as loaded from its file),
+    with the same seed, into samples.md; returns (method, text) pairs."""
+    tokenizer = task.corpus.tokenizer()
+    prompt = tokenizer.encode(SAMPLE_PROMPT).ids
+    models = [("teacher", teacher)]
+    for r in rows:
+        if r.get("file"):
+            path = run_dir / (f"seed-{r['seed']}" if (run_dir / f"seed-{r['seed']}").is_dir() else "") / r["file"]
+            models.append((f"{r['method']} ({r['bits']} bits)", load_packed(path)[0] if is_packed(path) else load_checkpoint(path)[0]))
+    samples = [(name, tokenizer.decode(generate(model, prompt, 40, seed=0, context=task.seq_len)[len(prompt) :])) for name, model in models]
+    lines = ["# Samples", "", f"Each model continues {SAMPLE_PROMPT!r} (40 tokens, temperature 0.8, top-k 50, seed 0).", ""]
+    for name, text in samples:
+        lines += [f"## {name}", "", "```", SAMPLE_PROMPT + text, "```", ""]
+    (run_dir / "samples.md").write_text("\n".join(lines))
+    return samples
+
+
+def write_report(table: list[dict], rows: list[dict], run_dir: Path, title: str, cfg: TrainConfig, seconds: float, seeds, metric: str = "acc", samples=()) -> Path:
     (run_dir / "results.json").write_text(json.dumps({"table": table, "rows": rows, "config": cfg.to_dict(), "wall_s": seconds}, indent=1))
-    plots = plot_results(table, run_dir, title)
+    plots = plot_results(table, run_dir, title, metric)
     if len(seeds) == 1:
-        body = markdown_table(table, RESULT_COLUMNS)
+        body = markdown_table(table, result_columns(metric))
     else:
-        columns = [("method", "method", ""), ("bits", "bits", ""), ("accuracy", f"test acc. (%), mean (min–max) over seeds {list(seeds)}", ""), ("size_bytes", "size (bytes)", ","), ("ratio", "vs fp32", ".1f")]
-        body = markdown_table([{**r, "accuracy": r.get("accuracy") or f"{r['test_acc']:.2f}"} for r in table], columns)
+        label = "test acc. (%)" if metric == "acc" else f"test {metric}"
+        columns = [("method", "method", ""), ("bits", "bits", ""), ("accuracy", f"{label}, mean (min–max) over seeds {list(seeds)}", ""), ("size_bytes", "size (bytes)", ","), ("ratio", "vs fp32", ".1f")]
+        body = markdown_table([{**r, "accuracy": r.get("accuracy") or f"{r[f'test_{metric}']:.2f}"} for r in table], columns)
+    optimizer = "SGD Nesterov" if cfg.optimizer == "sgd" else cfg.optimizer
     lines = [
         f"# {title}",
         "",
-        "Accuracy is that of the shipped model: the quantized weights, as loaded from the packed file.",
+        "Metrics are those of the shipped model: the quantized weights, as loaded from the packed file.",
         f"Sizes are the files on disk. Same student, data and schedule for every method ({cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, "
-        f"SGD Nesterov, {cfg.schedule}, lr {cfg.lr}, batch {cfg.batch_size}; T = {cfg.temperature}, alpha = {cfg.alpha}).",
+        f"{optimizer}, {cfg.schedule}, lr {cfg.lr}, batch {cfg.batch_size}; T = {cfg.temperature}, alpha = {cfg.alpha}).",
         "",
         body,
         "",
@@ -91,6 +121,9 @@ def write_report(table: list[dict], rows: list[dict], run_dir: Path, title: str,
         *[f"![{p.stem}]({p.name})" for p in plots],
         "",
     ]
+    if samples:
+        lines += ["## Samples", "", f"Each model continues {SAMPLE_PROMPT!r} (40 tokens, temperature 0.8, seed 0):", ""]
+        lines += [f"- **{name}**: {SAMPLE_PROMPT}{text!r}" for name, text in samples] + [""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -73,18 +73,18 @@ def result_columns(metric: str) -> list[tuple[str, str, str]]:
 ORDER = ["fp", "kd", "ptq (global)", "ptq", "qat", "qd", "qat (from fp, mse)", "qd (from kd, mse, T 1)", "dq", "qd+dq"]
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Mean, min and max over the seeds that trained, per (student, method, bits), and how many diverged
-    or were not run; sizes relative to the student's fp32 size."""
+def summarize(rows: list[dict], key: str = "test_acc") -> list[dict]:
+    """Mean, min and max of `key` over the seeds that trained, per (student, method, bits), and how many
+    diverged or were not run; sizes relative to the student's fp32 size."""
     students = list(dict.fromkeys(r["student"] for r in rows))
-    params = {r["student"]: r["params"] for r in rows if r["test_acc"] is not None}
+    params = {r["student"]: r["params"] for r in rows if r.get(key) is not None}
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["student"], r["method"], r["bits"]), []).append(r)
     out = []
     for (student, method, bits), rs in groups.items():
-        trained = [r for r in rs if r["test_acc"] is not None]
-        accs = [r["test_acc"] for r in trained]
+        trained = [r for r in rs if r.get(key) is not None]
+        accs = [r[key] for r in trained]
         n, size = params.get(student), trained[0]["size_bytes"] if trained else None
         out.append(
             {

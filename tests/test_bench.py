@@ -365,3 +365,20 @@ def test_ablation_resumes_after_a_kill(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"other arguments \(seeds differ\)"):
         ablation.main([*args, "--seeds", "0"])
     assert calls == [("mse", 1)]
+
+
+def test_language_model_table_end_to_end(tmp_path, monkeypatch):
+    """bench/accuracy.py --task lm: the same table in perplexity, from a folder of text."""
+    from tests.test_cli import text_folder
+
+    monkeypatch.setenv("QDISTILL_CACHE", str(tmp_path / "cache"))
+    accuracy = load("accuracy")
+    monkeypatch.setattr(accuracy, "ProcessPoolExecutor", lambda workers, mp_context: ThreadPoolExecutor(1))  # in-process: faster here
+    args = ["--task", "lm", "--text-dir", str(text_folder(tmp_path / "texts")), "--vocab-size", "300", "--seq-len", "32",
+            "--students", "lstm-tiny", "--teacher", "lstm-tiny", "--bits", "2", "--seeds", "0", "--epochs", "1", "--teacher-epochs", "1",
+            "--methods", "ptq", "qd", "--improved", "qd", "--workers", "1", "--out", str(tmp_path / "out"), "--tag", "t"]
+    accuracy.main(args)
+    saved = json.loads((tmp_path / "out" / "lm-t.json").read_text())
+    assert saved["metric"] == "ppl" and [s["method"] for s in saved["summary"]] == ["fp", "kd", "ptq (global)", "ptq", "qd", "qd (from kd, mse, T 1)"]
+    assert all(r["test_ppl"] > 1 for r in saved["rows"])
+    assert "test perplexity" in (tmp_path / "out" / "lm-t.md").read_text() and (tmp_path / "out" / "lm-t.png").exists()

@@ -184,3 +184,19 @@ def test_language_model_train_distill_eval_generate(tmp_path, monkeypatch, capsy
     assert capsys.readouterr().out.startswith("the quick")
     assert main(["generate", str(packed), "--tokens", "0", *common]) == 2
     assert "--tokens must be from 1" in capsys.readouterr().err
+
+
+def test_language_model_demo_writes_table_plots_and_samples(tmp_path, monkeypatch):
+    monkeypatch.setenv("QDISTILL_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "demo"
+    args = ["demo", "--task", "lm", "--text-dir", str(text_folder(tmp_path / "texts")), "--vocab-size", "300", "--seq-len", "32",
+            "--student", "gpt-tiny", "--teacher", "lstm-tiny", "--bit-widths", "2", "--epochs", "1", "--workers", "1", "--run-dir", str(run), "--quiet"]
+    assert main(args) == 0
+    results = json.loads((run / "results.json").read_text())
+    methods = [r["method"] for r in results["rows"]]
+    assert methods == ["fp", "kd", "ptq", "ptq (global)", "qat", "qd", "qd (from kd, mse, T 1)"]
+    assert all(r["test_ppl"] > 1 for r in results["table"]) and results["table"][0]["method"] == "teacher (lstm-tiny)"
+    for name in ("report.md", "samples.md", "ppl_vs_bits.png", "ppl_vs_size.png"):
+        assert (run / name).exists(), name
+    samples = (run / "samples.md").read_text()
+    assert samples.count("```") == 2 * (1 + len(methods))  # the teacher and every method continue the prompt
