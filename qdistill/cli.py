@@ -12,10 +12,12 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 from rich.table import Table
+from safetensors import safe_open
 
 from qdistill.data import load_dataset
 from qdistill.errors import QDistillError
 from qdistill.export import inspect_packed, is_packed, load_packed
+from qdistill.export.packed import read_packed
 from qdistill.models import LM_PRESETS, build_model, load_checkpoint, model_spec
 from qdistill.pipeline import cache_dir, new_run_dir, run_method
 from qdistill.report import markdown_table, plot_history, result_columns
@@ -88,8 +90,8 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-dir", help="a folder of text files, split by file (default: the Python 3.11 docs of Debian's python3.11-doc)")
     g.add_argument("--token-files", nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="your own token ids (.npy, or .bin of uint16) instead of text")
     g.add_argument("--tokenizer", help="with --token-files: their tokenizer.json (for generate)")
-    g.add_argument("--vocab-size", type=int, default=8192, help="byte-level BPE vocabulary trained on the text's train split (default 8192)")
-    g.add_argument("--seq-len", type=int, default=128, help="tokens per training window (default 128)")
+    g.add_argument("--vocab-size", type=int, help="byte-level BPE vocabulary trained on the text's train split (default 8192)")
+    g.add_argument("--seq-len", type=int, help="tokens per training window (default 128)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -118,15 +120,18 @@ def task_from(args, name: str):
         return ImageClassification(data_from(args))
     from qdistill.data.text import load_python_docs, load_text_folder, load_token_files
 
+    vocab_size = args.vocab_size or 8192
     if args.token_files:
-        corpus = load_token_files(*args.token_files, vocab_size=args.vocab_size, tokenizer=args.tokenizer)
+        if not args.vocab_size:
+            raise QDistillError("with --token-files, give the vocabulary size (--vocab-size N): token ids must be below it")
+        corpus = load_token_files(*args.token_files, vocab_size=vocab_size, tokenizer=args.tokenizer)
     elif args.text_dir:
-        corpus = load_text_folder(args.text_dir, cache_dir(), args.vocab_size, quiet=args.quiet)
+        corpus = load_text_folder(args.text_dir, cache_dir(), vocab_size, quiet=args.quiet)
     else:
-        corpus = load_python_docs(cache_dir(), args.vocab_size, quiet=args.quiet)
+        corpus = load_python_docs(cache_dir(), vocab_size, quiet=args.quiet)
     if args.train_subset or args.test_subset:
         corpus = corpus.subset(args.train_subset, args.test_subset)
-    return LanguageModelling(corpus, args.seq_len)
+    return LanguageModelling(corpus, args.seq_len or 128)
 
 
 def load_any(path: str, spec: dict | None = None, trust_code: bool = False):
@@ -228,13 +233,34 @@ def cmd_distill(args) -> None:
     out.print(f"model saved to {run_dir / row['file']}")
 
 
+def saved_task(path: str) -> dict:
+    """The task a model file says it was trained on (`Task.describe()`), or {} when it does not say."""
+    try:
+        if is_packed(path):
+            info = read_packed(path)[0].get("info", {})
+        else:
+            with safe_open(path, "pt") as f:
+                info = {"task": json.loads((f.metadata() or {}).get("task", "{}"))}
+    except Exception:  # an unreadable file is reported by the loader, with its own message
+        return {}
+    task = info.get("task")
+    return task if isinstance(task, dict) else {}
+
+
 def model_and_task(args):
-    """The model in args.file and the task it is evaluated on (lm when the file holds a language-model preset)."""
+    """The model in args.file and the task it is evaluated on: lm when the file holds a language model,
+    with its vocabulary and window length unless flags say otherwise."""
+    saved = saved_task(args.file)
+    if saved.get("task") == "lm":
+        args.vocab_size = args.vocab_size or saved.get("vocab_size")
+        args.seq_len = args.seq_len or saved.get("seq_len")
     name = task_name(args, args.model)
     spec = None
     if args.model:
         spec = model_spec(args.model, **task_from(args, name).spec_args())
     model, spec = load_any(args.file, spec, args.trust_code)
+    if not args.vocab_size and spec.get("factory") in LM_FACTORIES:
+        args.vocab_size = spec.get("kwargs", {}).get("vocab_size")
     return model.to(resolve_device("auto")), task_from(args, task_name(args, args.model, spec))
 
 
@@ -256,7 +282,7 @@ def cmd_generate(args) -> None:
     if not prompt:
         raise QDistillError("the prompt is empty: give some text with --prompt")
     for i in range(args.samples):
-        ids = generate(model, prompt, args.tokens, args.temperature, args.top_k, seed=args.seed + i, context=args.seq_len)
+        ids = generate(model, prompt, args.tokens, args.temperature, args.top_k, seed=args.seed + i, context=task.seq_len)
         out.print(f"[bold]{args.prompt}[/bold]" + tokenizer.decode(ids[len(prompt) :]), highlight=False, markup=True)
 
 
@@ -278,7 +304,7 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from qdistill.demo import DEMOS, FULL, QUICK, run_demo
+    from qdistill.demo import DEMO_CONFIG, DEMOS, FULL, QUICK, run_demo
     from qdistill.pipeline import check_workers
 
     start = time.perf_counter()
@@ -287,7 +313,7 @@ def cmd_demo(args) -> None:
     for key, value in DEMOS[name].items():  # the task's demo settings, where no flag says otherwise
         if getattr(args, key) is None:
             setattr(args, key, value)
-    cfg = config_from(args, defaults={**TASKS[name], "epochs": (FULL if args.full else QUICK)["epochs"]}, method="qd")
+    cfg = config_from(args, defaults={**TASKS[name], **DEMO_CONFIG[name], "epochs": (FULL if args.full else QUICK)["epochs"]}, method="qd")
     task = task_from(args, name)
     run_dir = new_run_dir(args.run_dir, "demo")
     rows = run_demo(task, run_dir, args.student, args.teacher, args.teacher_epochs, args.bit_widths, cfg, args.quiet, args.full, args.workers)

@@ -88,7 +88,7 @@ def result_row(label: str, result, spec: dict, run_dir: Path, name: str, data) -
     quantized = cfg.spec.quantizer is not None
     if quantized:
         # overwrite: the run directory is the run's own (new_run_dir), and a resumed run writes its model again
-        path = save_packed(result.model, spec, run_dir / f"{name}.safetensors", info={"method": label, "test": result.test, "config": cfg.to_dict()}, overwrite=True)
+        path = save_packed(result.model, spec, run_dir / f"{name}.safetensors", info={"method": label, "test": result.test, "config": cfg.to_dict(), "task": task.describe()}, overwrite=True)
         shipped = load_packed(path, model=build_model(spec))[0].to(next(result.model.parameters()).device)
         shipped_test = task.evaluate(shipped, "test")
         if shipped_test != result.test:
@@ -97,7 +97,7 @@ def result_row(label: str, result, spec: dict, run_dir: Path, name: str, data) -
         size, huffman = sizes["disk_bytes"], sizes["huffman_bytes"]
     else:
         path = run_dir / f"{name}.safetensors"
-        save_checkpoint(result.model, spec, path, extra={"test": result.test, "config": cfg.to_dict()})
+        save_checkpoint(result.model, spec, path, extra={"test": result.test, "config": cfg.to_dict(), "task": task.describe()})
         size, huffman = path.stat().st_size, None
     return {
         "method": label,

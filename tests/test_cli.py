@@ -166,7 +166,8 @@ def text_folder(path: Path) -> Path:
 
 def test_language_model_train_distill_eval_generate(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("QDISTILL_CACHE", str(tmp_path / "cache"))
-    common = ["--text-dir", str(text_folder(tmp_path / "texts")), "--vocab-size", "300", "--seq-len", "32", "--quiet"]
+    texts = ["--text-dir", str(text_folder(tmp_path / "texts")), "--quiet"]
+    common = [*texts, "--vocab-size", "300", "--seq-len", "32"]
     assert main(["train-teacher", "--model", "lstm-tiny", "--epochs", "3", "--lr", "0.01", "--run-dir", str(tmp_path / "t"), *common]) == 0
     teacher = tmp_path / "t" / "teacher.safetensors"
     args = ["distill", "--method", "qd", "--bits", "4", "--student", "lstm-tiny", "--teacher", str(teacher), "--epochs", "2", "--lr", "0.01"]
@@ -178,9 +179,9 @@ def test_language_model_train_distill_eval_generate(tmp_path, monkeypatch, capsy
     assert (tmp_path / "s" / "training.png").exists()
     packed = tmp_path / "s" / row["file"]
     capsys.readouterr()
-    assert main(["eval", str(packed), *common]) == 0  # the file says it is a language model
+    assert main(["eval", str(packed), *texts]) == 0  # the file says: a language model, its vocabulary, its windows
     assert json.loads(capsys.readouterr().out)["test_ppl"] == row["test_ppl"]
-    assert main(["generate", str(packed), "--prompt", "the quick", "--tokens", "8", *common]) == 0
+    assert main(["generate", str(packed), "--prompt", "the quick", "--tokens", "8", *texts]) == 0
     assert capsys.readouterr().out.startswith("the quick")
     assert main(["generate", str(packed), "--tokens", "0", *common]) == 2
     assert "--tokens must be from 1" in capsys.readouterr().err

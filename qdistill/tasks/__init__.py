@@ -43,6 +43,8 @@ class Task(Protocol):
 
     def has_split(self, split: str) -> bool: ...
 
+    def describe(self) -> dict: ...  # kept in a saved model's file: how to evaluate it as it was trained
+
     def data_key(self) -> str: ...  # identifies the training data, for the keys of cached teachers
 
     def spec_args(self) -> dict: ...  # what a model preset needs to fit the data: model_spec(name, **task.spec_args())

@@ -45,6 +45,9 @@ class ImageClassification:
     def train_size(self) -> int:
         return len(self.data.train_x)
 
+    def describe(self) -> dict:
+        return {"task": self.name, "num_classes": self.data.num_classes}
+
     def data_key(self) -> str:
         return tensor_digest(self.data.train_x, self.data.train_y)
 

@@ -48,6 +48,10 @@ class LanguageModelling:
     def train_size(self) -> int:
         return self.windows("train")
 
+    def describe(self) -> dict:
+        """What a saved model needs to be evaluated as trained: kept in its file."""
+        return {"task": self.name, "seq_len": self.seq_len, "vocab_size": self.corpus.vocab_size, "corpus": self.corpus.name}
+
     def data_key(self) -> str:
         return f"{self.corpus.key}-{self.seq_len}"
 

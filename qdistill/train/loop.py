@@ -145,6 +145,13 @@ def gradient_norms(model, tensors, task: Task, teacher, cfg: TrainConfig, n_batc
     return [g.norm().item() for g in grads]
 
 
+def memory_format(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.memory_format:
+    """The configured layout for a model with 4-d weights (convolutions); contiguous for any other, since
+    converting an LSTM's weights made its training step slower."""
+    has_4d = any(p.dim() == 4 for p in model.parameters())
+    return cfg.torch_memory_format(device) if has_4d else torch.contiguous_format
+
+
 def train(
     student: nn.Module,
     data: Dataset | Task,
@@ -166,13 +173,12 @@ def train(
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     method = cfg.spec
-    layout = cfg.torch_memory_format(device)  # applies to 4-d weights (convolutions) only
-    student.to(device, memory_format=layout)
+    student.to(device, memory_format=memory_format(student, cfg, device))
     if cfg.needs_teacher and teacher is None:
         raise QDistillError(f"method {cfg.method} needs a teacher")
     use_teacher = teacher is not None and method.distill
     if use_teacher:
-        teacher.to(device, memory_format=layout)
+        teacher.to(device, memory_format=memory_format(teacher, cfg, device))
         check_compatible(teacher, student, to_device(task.sample(), device), task.forward)
     history, seconds, samples = [], 0.0, 0
     with make_progress(quiet) as progress:
