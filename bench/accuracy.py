@@ -21,7 +21,8 @@ refused: delete the directory (or give another --work-dir) to start over.
     python bench/accuracy.py                                  # full table (meant for a GPU)
     python bench/accuracy.py --students tiny --bits 4 2 --seeds 0 --epochs 1 --train-subset 5000   # CPU-sized
     python bench/accuracy.py --students medium --bits 4 2 --methods ptq qat qd --improved qd      # fewer rows
-    python bench/accuracy.py --task lm --students lstm-tiny gpt-tiny --teacher lstm-small --epochs 1 --teacher-epochs 2
+    python bench/accuracy.py --task lm --vocab-size 2048 --seq-len 64 --train-subset 600000 --lr 0.01 \
+        --epochs 1 --dq-epochs 1 --teacher-epochs 2 --bits 4 2 --seeds 0 --tag cpu-demo-scale   # the LM demo's scale
 """
 
 from __future__ import annotations
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--dq-epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, help="learning rate of every method and the teacher (default: the task's)")
     p.add_argument("--teacher", help="(default resnet; --task lm: lstm-small)")
     p.add_argument("--teacher-epochs", type=int, default=10)
     p.add_argument("--methods", nargs="+", choices=LOW_BIT_METHODS, default=list(LOW_BIT_METHODS), help="low-bit methods (fp and kd always run)")
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     card = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     data_args = {k: getattr(args, k) for k in ("task", "dataset", "data_dir", "train_subset", "test_subset", "text_dir", "vocab_size", "seq_len")}
     data = make_task(data_args)
-    base = TrainConfig(**TASKS[args.task], epochs=args.epochs, dq_epochs=args.dq_epochs, augment=args.augment)
+    base = TrainConfig(**{**TASKS[args.task], **({"lr": args.lr} if args.lr else {})}, epochs=args.epochs, dq_epochs=args.dq_epochs, augment=args.augment)
     teacher_path, teacher = work_teacher(work, data, args.teacher, base.replace(method="fp", epochs=args.teacher_epochs))
     teacher_metric = data.evaluate(teacher, "test")[data.metric]
     if not args.augment:  # the teacher's targets are computed once, before the workers look them up
