@@ -13,7 +13,7 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 def section() -> str:
     parts = []
-    kinds = ["accuracy", "ablation", "speed"]  # the table first, then what each option buys, then the ratios
+    kinds = ["accuracy", "lm", "ablation", "speed"]  # the tables first, then what each option buys, then the ratios
     files = sorted((BENCH / "results").glob("*.md"), key=lambda p: (kinds.index(p.stem.split("-")[0]) if p.stem.split("-")[0] in kinds else 9, p.name))
     for md in files:
         body = re.sub(r"^# ", "### ", md.read_text().strip(), count=1)  # nest under the file's "Results" heading

@@ -106,12 +106,16 @@ LM_FACTORIES = ("qdistill.models:lstm_lm", "qdistill.models:transformer_lm")
 
 
 def task_name(args, *models) -> str:
-    """--task, else lm when a model named (a preset, or a file's spec) is a language model, else classification."""
+    """--task, else lm when a model named (a preset, a file's spec, or the task a file was trained on)
+    is a language model, else classification."""
     if args.task:
         return args.task
     specs = [m for m in models if m]
-    lm = any((m in LM_PRESETS) if isinstance(m, str) else m.get("factory") in LM_FACTORIES for m in specs)
+    lm = any((m in LM_PRESETS) if isinstance(m, str) else m.get("factory") in LM_FACTORIES or m.get("task") == "lm" for m in specs)
     return "lm" if lm else "classification"
+
+
+DEFAULT_MODELS = {"classification": ("tiny", "resnet-small"), "lm": ("lstm-tiny", "lstm-small")}  # (student, teacher)
 
 
 def task_from(args, name: str):
@@ -120,9 +124,11 @@ def task_from(args, name: str):
         return ImageClassification(data_from(args))
     from qdistill.data.text import load_python_docs, load_text_folder, load_token_files
 
-    vocab_size = args.vocab_size or 8192
+    if args.tokenizer and not args.token_files:
+        raise QDistillError("--tokenizer goes with --token-files (a text corpus brings its own tokenizer)")
+    vocab_size = 8192 if args.vocab_size is None else args.vocab_size
     if args.token_files:
-        if not args.vocab_size:
+        if args.vocab_size is None:
             raise QDistillError("with --token-files, give the vocabulary size (--vocab-size N): token ids must be below it")
         corpus = load_token_files(*args.token_files, vocab_size=vocab_size, tokenizer=args.tokenizer)
     elif args.text_dir:
@@ -131,7 +137,7 @@ def task_from(args, name: str):
         corpus = load_python_docs(cache_dir(), vocab_size, quiet=args.quiet)
     if args.train_subset or args.test_subset:
         corpus = corpus.subset(args.train_subset, args.test_subset)
-    return LanguageModelling(corpus, args.seq_len or 128)
+    return LanguageModelling(corpus, 128 if args.seq_len is None else args.seq_len)
 
 
 def load_any(path: str, spec: dict | None = None, trust_code: bool = False):
@@ -158,6 +164,7 @@ def show_rows(rows: list[dict], title: str, metric: str = "acc") -> None:
 
 def cmd_train_teacher(args) -> None:
     name = task_name(args, args.model)
+    args.model = args.model or DEFAULT_MODELS[name][1]
     cfg = config_from(args, defaults=TASKS[name], method="fp")
     task = task_from(args, name)
     run_dir = new_run_dir(args.run_dir, "teacher")
@@ -170,7 +177,7 @@ def cmd_train_teacher(args) -> None:
 
 
 RUN_ARGS = "run.json"  # what a distill run was asked to do, so that --resume can do it again
-FILE_ARGS = ("teacher", "init", "config", "data_dir")
+FILE_ARGS = ("teacher", "init", "config", "data_dir", "text_dir", "tokenizer", "token_files")
 
 
 def resumed_args(run_dir: Path) -> tuple[argparse.Namespace, TrainConfig]:
@@ -189,12 +196,17 @@ def resumed_args(run_dir: Path) -> tuple[argparse.Namespace, TrainConfig]:
         raise QDistillError(f"{run_dir / RUN_ARGS} is damaged or not written by qdistill distill: cannot resume") from None
 
 
+def resolved(path):
+    """Absolute path(s), so that --resume from another directory reads the same files."""
+    return [str(Path(p).resolve()) for p in path] if isinstance(path, list) else str(Path(path).resolve())
+
+
 def cmd_distill(args) -> None:
     check_intervals(args.checkpoint_steps, args.checkpoint_minutes)  # before any work
     if args.resume:
         run_dir = Path(args.resume)
         args, cfg = resumed_args(run_dir)
-    name = task_name(args, args.student, args.teacher_model)
+    name = task_name(args, args.student, args.teacher_model, *(saved_task(f) for f in (args.init, args.teacher) if f))
     if not args.resume:
         cfg = config_from(args, defaults=TASKS[name], method=args.method)
     task = task_from(args, name)
@@ -203,7 +215,7 @@ def cmd_distill(args) -> None:
     init = None
     if args.init:
         init, spec = load_any(args.init, spec, args.trust_code)
-    spec = spec or model_spec("tiny", **task.spec_args())
+    spec = spec or model_spec(DEFAULT_MODELS[name][0], **task.spec_args())
     if method.trains != "weights" and init is None:
         raise QDistillError(f"method {cfg.method} does not train the weights: give trained ones with --init")
     teacher = None
@@ -216,7 +228,7 @@ def cmd_distill(args) -> None:
         run_dir = new_run_dir(args.run_dir, f"distill-{cfg.method}")
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         saved = {k: v for k, v in vars(args).items() if k not in ("func", "resume")}
-        saved.update({k: str(Path(saved[k]).resolve()) for k in FILE_ARGS if saved.get(k)})
+        saved.update({k: resolved(saved[k]) for k in FILE_ARGS if saved.get(k)})
         (run_dir / RUN_ARGS).write_text(json.dumps({"command": "distill", **saved}, indent=1))
     state = run_dir / "state.pt"
     checkpoint = Checkpoint(state, args.checkpoint_steps, args.checkpoint_minutes, log_path=run_dir / "metrics.jsonl")
@@ -247,21 +259,24 @@ def saved_task(path: str) -> dict:
     return task if isinstance(task, dict) else {}
 
 
-def model_and_task(args):
+def model_and_task(args, require_lm: bool = False):
     """The model in args.file and the task it is evaluated on: lm when the file holds a language model,
     with its vocabulary and window length unless flags say otherwise."""
     saved = saved_task(args.file)
     if saved.get("task") == "lm":
-        args.vocab_size = args.vocab_size or saved.get("vocab_size")
-        args.seq_len = args.seq_len or saved.get("seq_len")
-    name = task_name(args, args.model)
-    spec = None
-    if args.model:
-        spec = model_spec(args.model, **task_from(args, name).spec_args())
+        args.vocab_size = args.vocab_size if args.vocab_size is not None else saved.get("vocab_size")
+        args.seq_len = args.seq_len if args.seq_len is not None else saved.get("seq_len")
+        corpus = saved.get("corpus")
+        if corpus not in (None, "python-docs") and not (args.text_dir or args.token_files):
+            raise QDistillError(f"{args.file} was trained on the corpus {corpus!r}, not the Python docs: give its data again (--text-dir or --token-files)")
+    spec = model_spec(args.model, **task_from(args, task_name(args, args.model)).spec_args()) if args.model else None
     model, spec = load_any(args.file, spec, args.trust_code)
-    if not args.vocab_size and spec.get("factory") in LM_FACTORIES:
+    name = task_name(args, args.model, spec, saved)
+    if require_lm and name != "lm":
+        raise QDistillError(f"{args.file} is not a language model: generate samples text from one (or pass --task lm)")
+    if args.vocab_size is None and spec.get("factory") in LM_FACTORIES:
         args.vocab_size = spec.get("kwargs", {}).get("vocab_size")
-    return model.to(resolve_device("auto")), task_from(args, task_name(args, args.model, spec))
+    return model.to(resolve_device("auto")), task_from(args, name)
 
 
 def cmd_eval(args) -> None:
@@ -274,9 +289,7 @@ def cmd_generate(args) -> None:
     for name, low, high in (("tokens", 1, 100_000), ("samples", 1, 1000), ("top_k", 0, 1 << 20)):
         if not low <= getattr(args, name) <= high:
             raise QDistillError(f"--{name.replace('_', '-')} must be from {low} to {high}, got {getattr(args, name)}")
-    model, task = model_and_task(args)
-    if not isinstance(task, LanguageModelling):
-        raise QDistillError(f"{args.file} is not a language model: generate samples text from one (or pass --task lm)")
+    model, task = model_and_task(args, require_lm=True)
     tokenizer = task.corpus.tokenizer()
     prompt = tokenizer.encode(args.prompt).ids
     if not prompt:
@@ -309,7 +322,7 @@ def cmd_demo(args) -> None:
 
     start = time.perf_counter()
     check_workers(args.workers)  # before the data are read
-    name = args.task or "classification"
+    name = task_name(args, args.student, args.teacher)
     for key, value in DEMOS[name].items():  # the task's demo settings, where no flag says otherwise
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -326,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train-teacher", help="train a full-precision teacher")
-    p.add_argument("--model", default="resnet-small", help="preset or package.module:factory")
+    p.add_argument("--model", help="preset or package.module:factory (default resnet-small; --task lm: lstm-small)")
     p.add_argument("--run-dir")
     p.add_argument("--config", help="YAML file of training options")
     add_data_flags(p)
@@ -367,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="the file's architecture, a preset or package.module:factory (for a plain state dict or a model of your own)")
     add_trust_flag(p)
     add_data_flags(p)
-    p.set_defaults(func=cmd_generate, task="lm")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("inspect", help="sizes of a packed model: fp32, on disk, nominal, Huffman estimate")
     p.add_argument("file")

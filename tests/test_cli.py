@@ -26,6 +26,8 @@ def test_train_distill_eval_inspect(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(packed), "--test-subset", "1000"]) == 0
     assert json.loads(capsys.readouterr().out)["test_acc"] == row["test_acc"]  # the shipped file, same accuracy
+    assert main(["generate", str(packed)]) == 2  # an image classifier: nothing to generate
+    assert "is not a language model" in capsys.readouterr().err
     assert main(["inspect", str(packed), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["index_bits"] == [4] and info["disk_bytes"] == packed.stat().st_size
@@ -185,6 +187,8 @@ def test_language_model_train_distill_eval_generate(tmp_path, monkeypatch, capsy
     assert capsys.readouterr().out.startswith("the quick")
     assert main(["generate", str(packed), "--tokens", "0", *common]) == 2
     assert "--tokens must be from 1" in capsys.readouterr().err
+    assert main(["eval", str(packed), "--quiet"]) == 2  # trained on a folder of text: not scored on another corpus
+    assert "give its data again (--text-dir" in capsys.readouterr().err
 
 
 def test_language_model_demo_writes_table_plots_and_samples(tmp_path, monkeypatch):

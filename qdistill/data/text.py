@@ -92,7 +92,7 @@ def python_docs_dir() -> Path:
     if not folder.is_dir():
         raise QDistillError(
             f"text folder {folder} not found: install Debian's python3.11-doc (apt-get install python3.11-doc, "
-            "or `make data`) or pass --data-dir with a folder of text files"
+            "or `make data`) or pass --text-dir with a folder of text files"
         )
     return folder
 
@@ -250,10 +250,10 @@ def load_text_folder(folder, cache_dir, vocab_size: int = 8192, name: str | None
     vocab_size = _check_vocab(vocab_size, MIN_VOCAB, MAX_VOCAB)
     folder = Path(folder)
     if not folder.is_dir():
-        raise QDistillError(f"text folder {folder} not found; pass --data-dir with a folder of .txt, .rst or .md files")
+        raise QDistillError(f"text folder {folder} not found; pass --text-dir with a folder of .txt, .rst or .md files")
     rels = list_text_files(folder)
     if not rels:
-        raise QDistillError(f"{folder} holds no .txt, .rst or .md files; pass --data-dir with a folder of text files")
+        raise QDistillError(f"{folder} holds no .txt, .rst or .md files; pass --text-dir with a folder of text files")
     splits = split_files(rels)
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", name or folder.resolve().name or "text")
     key = _folder_key(folder, rels, vocab_size)
@@ -306,6 +306,8 @@ def _token_file(path: Path) -> np.ndarray:
         a = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise QDistillError(f"{path} cannot be read as token ids ({e}); {fix}") from e
+    if not isinstance(a, np.ndarray):  # a zip archive (.npz) named .npy
+        raise QDistillError(f"{path} is an archive of arrays, not one array of token ids; {fix}")
     if a.ndim != 1:
         raise QDistillError(f"{path} holds an array of shape {a.shape}, token ids must be 1-D; {fix}")
     if not np.issubdtype(a.dtype, np.integer):

@@ -43,8 +43,11 @@ def topk_kl(student: torch.Tensor, target: TopKTarget, temperature: float) -> to
     t_top = target.logprobs.float()
     # the mass outside the top k, of the teacher and of the student; clamped where the top k hold it all
     t_rest = (1 - t_top.exp().sum(-1)).clamp(min=0)
-    s_rest = (1 - s_top.exp().sum(-1)).clamp(min=1e-12)
-    kl = (t_top.exp() * (t_top - s_top)).sum(-1) + torch.xlogy(t_rest, t_rest) - t_rest * s_rest.log()
+    # the student's rest as a logsumexp over the classes outside the top k (1 - sum(p_top) cancels in
+    # float32); the top k are filled with the lowest finite value, not -inf, and the result held above
+    # -100 nats, so that k = V (no rest) stays finite, gradients included
+    s_rest_log = s.scatter(-1, target.indices.long(), torch.finfo(s.dtype).min).logsumexp(-1).clamp(min=-100.0)
+    kl = (t_top.exp() * (t_top - s_top)).sum(-1) + torch.xlogy(t_rest, t_rest) - t_rest * s_rest_log
     return kl.sum() / max(len(student), 1)
 
 

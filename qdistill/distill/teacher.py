@@ -135,29 +135,35 @@ class TopKTeacher:
         cached = _load_topk(folder, (n, length, k), dtypes)
         if cached is not None:
             return cls(*cached, temperature, device)
+        shutil.rmtree(folder, ignore_errors=True)  # an unreadable or mismatched earlier cache
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.tmp"))
-        lp = np.lib.format.open_memmap(tmp / "logprobs.npy", mode="w+", dtype=dtypes[0], shape=(n, length, k))
-        ix = np.lib.format.open_memmap(tmp / "indices.npy", mode="w+", dtype=dtypes[1], shape=(n, length, k))
-        was_training = model.training
-        model.eval()
-        task = progress.add_task("teacher top-k targets", total=n, status="") if progress is not None else None
-        for batch in batches:
-            top = torch.log_softmax(forward(model, {name: v.to(device) for name, v in batch.items()}).float() / temperature, dim=-1).topk(k, dim=-1)
-            rows = batch["index"].numpy()
-            lp[rows] = top.values.cpu().numpy()
-            ix[rows] = top.indices.cpu().numpy()
-            if task is not None:
-                progress.advance(task, len(rows))
-        model.train(was_training)
-        lp.flush(), ix.flush()
-        del lp, ix
-        shutil.rmtree(folder, ignore_errors=True)  # an unreadable earlier cache
         try:
-            tmp.replace(folder)
-        except OSError:  # another process stored the same targets first
+            lp = np.lib.format.open_memmap(tmp / "logprobs.npy", mode="w+", dtype=dtypes[0], shape=(n, length, k))
+            ix = np.lib.format.open_memmap(tmp / "indices.npy", mode="w+", dtype=dtypes[1], shape=(n, length, k))
+            was_training = model.training
+            model.eval()
+            task = progress.add_task("teacher top-k targets", total=n, status="") if progress is not None else None
+            for batch in batches:
+                top = torch.log_softmax(forward(model, {name: v.to(device) for name, v in batch.items()}).float() / temperature, dim=-1).topk(k, dim=-1)
+                rows = batch["index"].numpy()
+                lp[rows] = top.values.cpu().numpy()
+                ix[rows] = top.indices.cpu().numpy()
+                if task is not None:
+                    progress.advance(task, len(rows))
+            model.train(was_training)
+            lp.flush(), ix.flush()
+            del lp, ix
+            try:
+                tmp.replace(folder)
+            except OSError:  # another process stored the same targets first: theirs are used
+                pass
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        return cls(*_load_topk(folder, (n, length, k), dtypes), temperature, device)
+        cached = _load_topk(folder, (n, length, k), dtypes)
+        if cached is None:
+            raise QDistillError(f"the teacher's top-k targets in {folder} could not be read back after writing them; check the disk")
+        return cls(*cached, temperature, device)
 
 
 def _load_topk(folder: Path, shape: tuple, dtypes: tuple) -> tuple[np.ndarray, np.ndarray] | None:
@@ -166,7 +172,7 @@ def _load_topk(folder: Path, shape: tuple, dtypes: tuple) -> tuple[np.ndarray, n
         return None
     try:
         arrays = [np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in ("logprobs", "indices")]
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:
         print(f"warning: recomputing the teacher's top-k targets, the cache {folder} is unreadable: {e}")
         return None
     if all(a.shape == shape and a.dtype == d for a, d in zip(arrays, dtypes)):

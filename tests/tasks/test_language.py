@@ -95,14 +95,18 @@ def test_topk_kl_is_the_kl_of_the_top_k_and_the_rest():
     torch.manual_seed(0)
     s, t = torch.randn(30, VOCAB, dtype=torch.float64), torch.randn(30, VOCAB, dtype=torch.float64) * 2
     p, q = torch.softmax(t / 2, -1), torch.softmax(s / 2, -1)
+    s[0, 0] = 40.0  # one row whose top k hold nearly all the mass: its rest must not cancel to garbage
+    p, q = torch.softmax(t / 2, -1), torch.softmax(s / 2, -1)
     for k in (VOCAB, 3):
         idx = p.topk(k).indices
         pk, qk = p.gather(-1, idx), q.gather(-1, idx)
         p_rest, q_rest = 1 - pk.sum(-1), 1 - qk.sum(-1)
         want = (pk * (pk / qk).log()).sum(-1) + torch.xlogy(p_rest, p_rest) - p_rest * q_rest.clamp(min=1e-12).log()
-        got = topk_kl(s, TopKTarget(p.log().gather(-1, idx), idx, 2.0), 2.0)
-        assert got.item() == pytest.approx(want.mean().item(), rel=1e-6)
-        assert k < VOCAB or got.item() == pytest.approx((p * (p / q).log()).sum(-1).mean().item(), rel=1e-6)  # all k: the full KL
+        leaf = s.clone().requires_grad_(True)
+        got = topk_kl(leaf, TopKTarget(p.log().gather(-1, idx), idx, 2.0), 2.0)
+        got.backward()
+        assert got.item() == pytest.approx(want.mean().item(), rel=1e-5) and bool(leaf.grad.isfinite().all())  # float32 inside
+        assert k < VOCAB or got.item() == pytest.approx((p * (p / q).log()).sum(-1).mean().item(), rel=1e-5)  # all k: the full KL
     with pytest.raises(Exception, match="temperature"):
         topk_kl(s, TopKTarget(p.log().gather(-1, idx), idx, 1.0), 2.0)
 
