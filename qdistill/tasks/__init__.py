@@ -27,7 +27,6 @@ Batch = dict[str, torch.Tensor]
 class Task(Protocol):
     name: str  # a key of TASKS
     metric: str  # the headline metric evaluate() returns ("acc", "ppl"): what options are chosen on
-    higher_is_better: bool
 
     def train_size(self) -> int: ...  # training examples (images, token windows) per epoch
 

@@ -37,7 +37,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 class ImageClassification:
     name = "classification"
     metric = "acc"
-    higher_is_better = True
 
     def __init__(self, data: Dataset):
         self.data = data

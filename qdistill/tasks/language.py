@@ -32,7 +32,6 @@ def logits_of(output) -> torch.Tensor:
 class LanguageModelling:
     name = "lm"
     metric = "ppl"
-    higher_is_better = False
 
     def __init__(self, corpus, seq_len: int = 128, eval_batch_size: int = 32):
         if not isinstance(seq_len, int) or isinstance(seq_len, bool) or not 2 <= seq_len <= 1 << 16:
