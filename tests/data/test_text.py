@@ -206,7 +206,7 @@ def test_folder_errors(tmp_path, monkeypatch):
         with pytest.raises(QDistillError, match="vocab_size"):
             load_text_folder(folder, tmp_path / "cache", vocab_size=bad)
     monkeypatch.setenv("QDISTILL_TEXT_DIR", str(tmp_path / "nowhere"))
-    with pytest.raises(QDistillError, match=r"apt-get install python3.11-doc.*--data-dir"):
+    with pytest.raises(QDistillError, match=r"apt-get install python3.11-doc.*--text-dir"):
         python_docs_dir()
     monkeypatch.setenv("QDISTILL_TEXT_DIR", str(folder))
     assert python_docs_dir() == folder
