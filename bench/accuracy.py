@@ -42,11 +42,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from qdistill.data import load_dataset  # noqa: E402
+from qdistill.cli import task_from  # noqa: E402
 from qdistill.models import count_parameters, load_checkpoint, model_spec, save_checkpoint  # noqa: E402
 from qdistill.pipeline import LOW_BIT_METHODS, cache_dir, get_teacher, improved_recipe, low_bit_steps, reference_steps, run_steps  # noqa: E402
 from qdistill.report import METRIC_LABELS, ORDER, accuracy_cell, markdown_table, summarize  # noqa: E402
-from qdistill.tasks import TASKS, ImageClassification, LanguageModelling, as_task  # noqa: E402
+from qdistill.tasks import TASKS, LanguageModelling, as_task  # noqa: E402
 from qdistill.train import TrainConfig  # noqa: E402
 from qdistill.ui import map_with_progress  # noqa: E402
 
@@ -54,18 +54,10 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def make_task(data_args: dict):
-    """Fashion-MNIST (or a dataset hook) in memory, or a token corpus (--task lm), cut to the subsets asked for."""
-    if data_args.get("task", "classification") == "classification":
-        return ImageClassification(load_dataset(data_args["dataset"], data_args["data_dir"]).subset(data_args["train_subset"], data_args["test_subset"]))
-    from qdistill.data.text import load_python_docs, load_text_folder
-
-    if data_args["text_dir"]:
-        corpus = load_text_folder(data_args["text_dir"], cache_dir(), data_args["vocab_size"])
-    else:
-        corpus = load_python_docs(cache_dir(), data_args["vocab_size"])
-    if data_args["train_subset"] or data_args["test_subset"]:
-        corpus = corpus.subset(data_args["train_subset"], data_args["test_subset"])
-    return LanguageModelling(corpus, data_args["seq_len"])
+    """The task as `qdistill distill` builds it from the same flags: Fashion-MNIST (or a dataset hook) in
+    memory, or a token corpus (--task lm), cut to the subsets asked for."""
+    args = argparse.Namespace(**{"val_size": None, "token_files": None, "tokenizer": None, "quiet": True, **data_args})
+    return task_from(args, data_args.get("task", "classification"))
 
 
 def run_job(student: str, seed: int, bits: int | None, base: dict, paths: dict, data_args: dict, threads: int, methods: dict) -> list[dict]:
