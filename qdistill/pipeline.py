@@ -74,7 +74,7 @@ def get_teacher(data: Dataset | Task, preset: str, cfg: TrainConfig, quiet: bool
     torch.manual_seed(cfg.seed)
     teacher = build_model(spec)
     result = train(teacher, data, cfg, quiet=quiet)
-    save_checkpoint(teacher, spec, cached, extra={"test_acc": result.test_acc})
+    save_checkpoint(teacher, spec, cached, extra={"test": result.test, "task": as_task(data).describe()})
     return teacher
 
 
