@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 from qdistill.cli import task_from  # noqa: E402
 from qdistill.models import count_parameters, load_checkpoint, model_spec, save_checkpoint  # noqa: E402
-from qdistill.pipeline import LOW_BIT_METHODS, cache_dir, get_teacher, improved_recipe, low_bit_steps, reference_steps, run_steps  # noqa: E402
+from qdistill.pipeline import LOW_BIT_METHODS, cache_teacher_targets, get_teacher, low_bit_steps, reference_steps, run_steps  # noqa: E402
 from qdistill.report import METRIC_LABELS, ORDER, accuracy_cell, markdown_table, summarize  # noqa: E402
 from qdistill.tasks import TASKS, LanguageModelling, as_task  # noqa: E402
 from qdistill.train import TrainConfig  # noqa: E402
@@ -200,9 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     base = TrainConfig(**{**TASKS[args.task], **({"lr": args.lr} if args.lr else {})}, epochs=args.epochs, dq_epochs=args.dq_epochs, augment=args.augment)
     teacher_path, teacher = work_teacher(work, data, args.teacher, base.replace(method="fp", epochs=args.teacher_epochs))
     teacher_metric = data.evaluate(teacher, "test")[data.metric]
-    if not args.augment:  # the teacher's targets are computed once, before the workers look them up
-        for t in sorted({base.temperature, improved_recipe(base.replace(method="qd")).temperature}):
-            data.teacher(teacher.to(device), base.replace(temperature=t), cache_dir() / "logits")
+    cache_teacher_targets(data, teacher.to(device), base, tuple(args.improved))
     workers = args.workers or (min(12, os.cpu_count() or 1) if device == "cuda" else os.cpu_count() or 1)
     threads = max(1, torch.get_num_threads() // workers)
     paths = {"teacher": str(teacher_path)}

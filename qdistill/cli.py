@@ -269,14 +269,20 @@ def model_and_task(args, require_lm: bool = False):
         corpus = saved.get("corpus")
         if corpus not in (None, "python-docs") and not (args.text_dir or args.token_files):
             raise QDistillError(f"{args.file} was trained on the corpus {corpus!r}, not the Python docs: give its data again (--text-dir or --token-files)")
-    spec = model_spec(args.model, **task_from(args, task_name(args, args.model)).spec_args()) if args.model else None
-    model, spec = load_any(args.file, spec, args.trust_code)
-    name = task_name(args, args.model, spec, saved)
-    if require_lm and name != "lm":
-        raise QDistillError(f"{args.file} is not a language model: generate samples text from one (or pass --task lm)")
-    if args.vocab_size is None and spec.get("factory") in LM_FACTORIES:
-        args.vocab_size = spec.get("kwargs", {}).get("vocab_size")
-    return model.to(resolve_device("auto")), task_from(args, name)
+
+    def task_named(name: str):
+        if require_lm and name != "lm":  # refused before any data are read
+            raise QDistillError(f"{args.file} is not a language model: generate samples text from one (or pass --task lm)")
+        return task_from(args, name)
+
+    # the caller's architecture is sized by the data, so its task comes first; else the file's spec says
+    task = task_named(task_name(args, args.model, saved)) if args.model else None
+    model, spec = load_any(args.file, model_spec(args.model, **task.spec_args()) if task else None, args.trust_code)
+    if task is None:
+        if args.vocab_size is None and spec.get("factory") in LM_FACTORIES:
+            args.vocab_size = spec.get("kwargs", {}).get("vocab_size")
+        task = task_named(task_name(args, spec, saved))
+    return model.to(resolve_device("auto")), task
 
 
 def cmd_eval(args) -> None:

@@ -214,6 +214,16 @@ def steps_job(steps, spec: dict, data: Dataset | Task, run_dir: Path, teacher: n
     return rows, {label: models[label] for label, cfg, _ in steps if cfg.spec.quantizer is None}
 
 
+def cache_teacher_targets(data: Dataset | Task, teacher: nn.Module, base: TrainConfig, improved: tuple[str, ...] = ("qd",)) -> None:
+    """Compute the teacher's cached targets once, before parallel workers look them up: at the base
+    temperature and at the improved qd's (top-k targets of language models are kept per temperature)."""
+    if base.teacher_logits != "cached" or base.augment:
+        return
+    temperatures = {base.temperature} | ({improved_recipe(base.replace(method="qd")).temperature} if "qd" in improved else set())
+    for t in sorted(temperatures):
+        as_task(data).teacher(teacher, base.replace(temperature=t), cache_dir() / "logits")
+
+
 def check_workers(workers) -> None:
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise QDistillError(f"workers must be a positive integer, got {workers!r}")
@@ -243,10 +253,8 @@ def compare_methods(
         for b in bits:
             rows += run_steps(low_bit_steps(base, b, methods, improved), spec, data, run_dir, teacher, dict(models), quiet)
         return rows
-    if teacher is not None and base.teacher_logits == "cached" and not base.augment:  # computed once, read by every worker
-        temperatures = {base.temperature} | ({improved_recipe(base.replace(method="qd")).temperature} if "qd" in improved else set())
-        for t in sorted(temperatures):  # top-k targets (language models) are kept per temperature
-            as_task(data).teacher(teacher, base.replace(temperature=t), cache_dir() / "logits")
+    if teacher is not None:
+        cache_teacher_targets(data, teacher, base, improved)
     threads = max(1, torch.get_num_threads() // workers)
     with ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
         jobs = [([step], spec, data, run_dir, teacher, {}, threads) for step in reference_steps(base)]
