@@ -4,7 +4,9 @@ With --task lm, the same table in perplexity for language models of the Python d
 For each (student, seed): fp and kd, then per bit width ptq (bucket 256 and global, from fp), qat, qd,
 the improved recipe for both (`pipeline.improved_recipe`: qat from fp, qd from kd, clipped ranges, T = 1),
 dq (points learned on the kd weights) and qd+dq (points fine-tuned after qd). Every method of a student
-uses the same epochs and schedule. Jobs, one per (student, seed) for fp and kd, then one per (student,
+uses the same epochs and schedule. With --baselines torchao, the tool users pick instead: torchao's QAT
+(`QATConfig` + `IntxFakeQuantizeConfig`) on a transformer student's Linear and Embedding weights, trained
+with the same distillation loss and schedule as qd (from scratch, and from kd at T = 1 as the improved qd). Jobs, one per (student, seed) for fp and kd, then one per (student,
 seed, bit width), run in parallel processes (--workers): small students leave a big GPU mostly idle.
 Writes bench/results/accuracy-<tag>.{json,md,png}.
 
@@ -28,6 +30,7 @@ refused: delete the directory (or give another --work-dir) to start over.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -43,8 +46,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from qdistill.cli import task_from  # noqa: E402
-from qdistill.models import count_parameters, load_checkpoint, model_spec, save_checkpoint  # noqa: E402
-from qdistill.pipeline import LOW_BIT_METHODS, cache_teacher_targets, get_teacher, low_bit_steps, reference_steps, run_steps  # noqa: E402
+from qdistill.errors import Diverged  # noqa: E402
+from qdistill.models import TRANSFORMER_PRESETS, build_model, count_parameters, load_checkpoint, model_spec, save_checkpoint  # noqa: E402
+from qdistill.pipeline import LOW_BIT_METHODS, cache_teacher_targets, get_teacher, low_bit_steps, reference_steps, run_method, run_steps  # noqa: E402
 from qdistill.report import METRIC_LABELS, ORDER, accuracy_cell, markdown_table, summarize  # noqa: E402
 from qdistill.tasks import TASKS, LanguageModelling, as_task  # noqa: E402
 from qdistill.train import TrainConfig  # noqa: E402
@@ -78,8 +82,41 @@ def run_job(student: str, seed: int, bits: int | None, base: dict, paths: dict, 
                     save_checkpoint(models[m], spec, paths[(m, student, seed)])
         else:
             models = {m: load_checkpoint(paths[(m, student, seed)])[0] for m in ("fp", "kd") if (m, student, seed) in paths}
-            rows = run_steps(low_bit_steps(cfg, bits, **methods), spec, data, Path(tmp), teacher, models, quiet=True)
+            rows = run_steps(low_bit_steps(cfg, bits, methods["methods"], methods["improved"]), spec, data, Path(tmp), teacher, models, quiet=True)
+            if "torchao" in methods.get("baselines", ()) and student in TRANSFORMER_PRESETS:
+                rows += torchao_rows(cfg, bits, spec, data, Path(tmp), teacher, models)
     return [{**row, "student": student, "seed": seed} for row in rows]
+
+
+def torchao_prepare(model: torch.nn.Module, bits: int) -> torch.nn.Module:
+    """torchao 0.18's QAT `prepare` on every Linear and Embedding weight: asymmetric, integer zero point,
+    one scale per row (gpt-tiny's rows hold 128 or 344 weights where qdistill's buckets hold 256)."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    weights = IntxFakeQuantizeConfig(getattr(torch, f"int{bits}"), "per_channel", is_symmetric=False)
+    quantize_(model, QATConfig(weight_config=weights, step="prepare"), filter_fn=lambda module, name: isinstance(module, (torch.nn.Linear, torch.nn.Embedding)))
+    return model
+
+
+def torchao_rows(cfg: TrainConfig, bits: int, spec: dict, data, run_dir: Path, teacher, models: dict) -> list[dict]:
+    """torchao's QAT trained with qdistill's distillation loss and schedule (as kd on the fake-quantized
+    model), from scratch like qd and from kd at T = 1 like the improved qd. The model stays torchao's
+    fake-quantized fp32 (no packed file); its metrics are those of the quantized weights."""
+    rows = []
+    for label, run_cfg, source in [("torchao qat+kd", cfg.replace(method="kd"), None), ("torchao qat+kd (from kd, T 1)", cfg.replace(method="kd", temperature=1.0), "kd")]:
+        if source and models.get(source) is None:
+            rows.append({"method": label, "bits": bits, "test_acc": None, "not_run": f"{source} diverged", "note": f"not run: {source} diverged"})
+            continue
+        torch.manual_seed(run_cfg.seed)  # as run_method: the same initial weights as qd's
+        model = torchao_prepare(copy.deepcopy(models[source]) if source else build_model(spec), bits)
+        try:
+            row, _ = run_method(label, spec, data, run_cfg, run_dir, teacher=teacher, init=model, quiet=True)
+        except Diverged as e:
+            rows.append({"method": label, "bits": bits, "test_acc": None, "diverged": e.record(), "note": f"diverged at step {e.step}"})
+            continue
+        rows.append({**row, "bits": bits, "bucket": "row", "size_bytes": None, "ratio": None, "note": "torchao fake-quantized fp32: no packed file"})
+    return rows
 
 
 def write_json(path: Path, value) -> None:
@@ -127,7 +164,7 @@ def plot(summary: list[dict], path: Path, title: str, metric: str = "acc") -> No
     fig, axes = plt.subplots(1, len(students), figsize=(6 * len(students), 4), squeeze=False)
     for ax, student in zip(axes[0], students):
         rows = [r for r in summary if r["student"] == student and r["mean"] is not None]  # a diverged method has no point
-        for m in ORDER:
+        for m in [*ORDER, *sorted({r["method"] for r in rows} - set(ORDER))]:
             pts = sorted((r["bits"], r["mean"], r["min"], r["max"]) for r in rows if r["method"] == m and r["bits"] != 32)
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]], marker="o", capsize=3, label=m)
@@ -162,8 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, help="learning rate of every method and the teacher (default: the task's)")
     p.add_argument("--teacher", help="(default resnet; --task lm: lstm-small)")
     p.add_argument("--teacher-epochs", type=int, default=10)
-    p.add_argument("--methods", nargs="+", choices=LOW_BIT_METHODS, default=list(LOW_BIT_METHODS), help="low-bit methods (fp and kd always run)")
+    p.add_argument("--methods", nargs="*", choices=LOW_BIT_METHODS, default=list(LOW_BIT_METHODS), help="low-bit methods (fp and kd always run)")
     p.add_argument("--improved", nargs="*", choices=("qat", "qd"), default=["qat", "qd"], help="methods run again with the improved recipe")
+    p.add_argument("--baselines", nargs="*", choices=("torchao",), default=[], help="other tools' QAT on the transformer students (lm)")
     p.add_argument("--augment", action="store_true", help="augment the data (forces a live teacher)")
     p.add_argument("--workers", type=int, help="parallel processes (default: 12 on a GPU, one per CPU core otherwise)")
     p.add_argument("--dataset", default="fashion-mnist")
@@ -205,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     threads = max(1, torch.get_num_threads() // workers)
     paths = {"teacher": str(teacher_path)}
     paths |= {(m, s, seed): str(work / f"{m}-{s}-{seed}.safetensors") for m in ("fp", "kd") for s in args.students for seed in args.seeds}
-    methods = {"methods": tuple(args.methods), "improved": tuple(args.improved)}
+    methods = {"methods": tuple(args.methods), "improved": tuple(args.improved), "baselines": tuple(args.baselines)}
     with ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
 
         def run_all(jobs, paths, description):

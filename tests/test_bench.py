@@ -171,6 +171,34 @@ def test_accuracy_table_smoke(tmp_path, fashion_mnist):
     assert (tmp_path / "a.png").stat().st_size > 0
 
 
+def test_torchao_baseline_fake_quantizes_every_weight_and_trains_with_distillation(tmp_path):
+    """The torchao rows of the LM table: every Linear and Embedding weight on 2^bits levels per row (the tied
+    head too, still tied), trained from scratch and from kd; a diverged kd leaves its row not run."""
+    from qdistill.models import build_model, model_spec
+    from qdistill.tasks import TASKS, LanguageModelling
+    from qdistill.train import TrainConfig
+    from tests.tasks.test_language import corpus
+
+    accuracy = load("accuracy")
+    spec = model_spec("gpt-tiny", num_classes=11)
+    model = accuracy.torchao_prepare(build_model(spec), 2)
+    quantized = [m for m in model.modules() if hasattr(m, "weight_fake_quantizer")]
+    assert len(quantized) == 2 * 7 + 2  # 7 Linear per layer, the embedding and the head
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    for module in quantized:
+        levels = module.weight_fake_quantizer(module.weight.detach())
+        assert max(len(row.unique()) for row in levels) <= 4
+
+    task = LanguageModelling(corpus(n_train=800), seq_len=16)
+    cfg = TrainConfig(**{**TASKS["lm"], "batch_size": 8}, epochs=1)
+    teacher, kd = build_model(spec).eval(), build_model(spec)
+    rows = accuracy.torchao_rows(cfg, 2, spec, task, tmp_path, teacher, {"kd": kd})
+    assert [(r["method"], r["bits"], r["size_bytes"]) for r in rows] == [("torchao qat+kd", 2, None), ("torchao qat+kd (from kd, T 1)", 2, None)]
+    assert all(0 < r["test_ppl"] < 1e4 for r in rows)
+    not_run = accuracy.torchao_rows(cfg, 2, spec, task, tmp_path, teacher, {"kd": None})
+    assert not_run[1]["not_run"] == "kd diverged" and not_run[0]["test_ppl"] > 0
+
+
 def test_accuracy_resumes_after_a_kill(tmp_path, monkeypatch):
     """A run stopped in the middle keeps the jobs it finished; the same command runs only the rest, and
     other arguments into the same work directory are refused."""

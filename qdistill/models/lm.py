@@ -6,6 +6,7 @@ embedding (Press & Wolf 2017): the largest tensor is stored, quantized and disti
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -64,10 +65,20 @@ def lstm_lm(size: str = "lstm-small", vocab_size: int = 8192) -> LSTMLanguageMod
     return LSTMLanguageModel(vocab_size, dim, hidden, num_layers, dropout)
 
 
+def quiet_optional_backends() -> None:
+    """transformers imports torchao where it is installed, which logs a warning per CUDA library it cannot
+    load on a CPU build: noise on every command. Silenced unless the user has set these loggers' levels."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.ERROR)
+
+
 def transformer_lm(size: str = "gpt-small", vocab_size: int = 8192) -> LlamaForCausalLM:
     """A decoder-only LLaMA (RMSNorm, rotary positions, SwiGLU, no biases) with tied embeddings,
     built from a config written here: no download and no Hugging Face cache. `model(input_ids).logits`
     are the logits. LLaMA because its students export to GGUF and Hugging Face LLaMAs load as teachers."""
+    quiet_optional_backends()
     try:  # imported here: image models never pay for it
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:

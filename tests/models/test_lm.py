@@ -2,6 +2,7 @@
 
 import copy
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -90,6 +91,14 @@ def test_transformer_is_built_without_network_or_hugging_face_cache(monkeypatch)
     cache = Path(constants.HF_HOME).resolve()
     assert not [p for p in opened if isinstance(p, (str, Path)) and Path(p).resolve().is_relative_to(cache)]
     assert model.config._attn_implementation in ("sdpa", "eager")
+
+
+def test_building_a_transformer_prints_nothing():
+    """transformers imports torchao where installed; its warnings about CUDA libraries must not reach users."""
+    pytest.importorskip("torchao")
+    code = "from qdistill.models import build_model, model_spec; build_model(model_spec('gpt-tiny', num_classes=11))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "" and done.stdout == ""
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
