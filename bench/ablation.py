@@ -27,7 +27,6 @@ import platform
 import statistics
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -37,7 +36,7 @@ from qdistill.data import load_dataset
 from qdistill.distill import CachedTeacher
 from qdistill.errors import Diverged
 from qdistill.models import load_checkpoint, model_spec, save_checkpoint
-from qdistill.pipeline import cache_dir, run_method
+from qdistill.pipeline import cache_dir, run_method, worker_pool
 from qdistill.report import accuracy_cell, markdown_table
 from qdistill.train import TrainConfig, evaluate
 from qdistill.ui import map_with_progress
@@ -168,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     threads = max(1, torch.get_num_threads() // args.workers)
     paths = {"teacher": str(teacher_path)}
     paths |= {(label, s): str(work / f"init-{labels.index(label)}-{s}.safetensors") for label in sources for s in args.seeds}
-    with ProcessPoolExecutor(args.workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
+    with worker_pool(args.workers) as pool:
 
         def run_all(jobs, paths, description):
             """The jobs' rows: those of finished runs read back from the work directory, the others run."""

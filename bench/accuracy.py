@@ -36,7 +36,6 @@ import os
 import platform
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import matplotlib
@@ -48,7 +47,7 @@ import torch  # noqa: E402
 from qdistill.cli import task_from  # noqa: E402
 from qdistill.errors import Diverged  # noqa: E402
 from qdistill.models import TRANSFORMER_PRESETS, build_model, count_parameters, load_checkpoint, model_spec, save_checkpoint  # noqa: E402
-from qdistill.pipeline import LOW_BIT_METHODS, cache_teacher_targets, get_teacher, low_bit_steps, reference_steps, run_method, run_steps  # noqa: E402
+from qdistill.pipeline import LOW_BIT_METHODS, cache_teacher_targets, get_teacher, low_bit_steps, reference_steps, run_method, run_steps, worker_pool  # noqa: E402
 from qdistill.report import METRIC_LABELS, ORDER, accuracy_cell, markdown_table, summarize  # noqa: E402
 from qdistill.tasks import TASKS, LanguageModelling, as_task  # noqa: E402
 from qdistill.train import TrainConfig  # noqa: E402
@@ -244,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = {"teacher": str(teacher_path)}
     paths |= {(m, s, seed): str(work / f"{m}-{s}-{seed}.safetensors") for m in ("fp", "kd") for s in args.students for seed in args.seeds}
     methods = {"methods": tuple(args.methods), "improved": tuple(args.improved), "baselines": tuple(args.baselines)}
-    with ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
+    with worker_pool(workers) as pool:
 
         def run_all(jobs, paths, description):
             """The jobs' rows: those of finished jobs read back from the work directory, the others run."""

@@ -22,7 +22,6 @@ import platform
 import resource
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -140,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tag", default="cpu")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    from qdistill.pipeline import worker_pool
+
     threads = torch.get_num_threads()
     jobs = [(idle_job, threads)]
     jobs += [(throughput_job, m, method, args.throughput_tokens, args.eval_tokens, threads) for m in args.models for method in ("fp", "qd")]
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         jobs += [(teacher_job, "live", 0, threads)] + [(teacher_job, "cached", k, threads) for k in args.topk]
     rows = []
     for fn, *job in jobs:  # one process each, one at a time: peak RSS and timings are the job's own
-        with ProcessPoolExecutor(1, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
+        with worker_pool(1) as pool:
             rows.append(pool.submit(fn, *job).result())
         print(json.dumps(rows[-1]), flush=True)
     setup = f"CPU ({platform.machine()}, {threads} threads), torch {torch.__version__}; vocabulary {SCALE['vocab_size']}, windows of {SCALE['seq_len']}, batch 32; throughput runs: {args.throughput_tokens:,} training tokens, {args.eval_tokens:,} evaluated"

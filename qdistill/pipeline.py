@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -224,6 +225,24 @@ def cache_teacher_targets(data: Dataset | Task, teacher: nn.Module, base: TrainC
         as_task(data).teacher(teacher, base.replace(temperature=t), cache_dir() / "logits")
 
 
+def _exit_with_parent(parent: int) -> None:
+    """In a worker: end the process as soon as its parent is gone (killed, even with SIGKILL), instead of
+    finishing a job whose result nobody will read while holding the cores of the rerun."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """Spawned worker processes that end with their parent: a killed run leaves none behind."""
+    check_workers(workers)
+    return ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn"), initializer=_exit_with_parent, initargs=(os.getpid(),))
+
+
 def check_workers(workers) -> None:
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise QDistillError(f"workers must be a positive integer, got {workers!r}")
@@ -244,8 +263,7 @@ def compare_methods(
     """Every method on one student with the same data and schedule; one row each.
 
     With `workers` > 1, fp and kd train side by side, then one bit width per worker, each on its share
-    of the threads. On the demo's 2 CPU cores it pays: a fresh-clone `make demo` took 388 s with two
-    workers and 454 s with one."""
+    of the threads (small students leave cores idle otherwise)."""
     check_workers(workers)
     if workers == 1:
         models: dict = {}
@@ -256,7 +274,7 @@ def compare_methods(
     if teacher is not None:
         cache_teacher_targets(data, teacher, base, improved)
     threads = max(1, torch.get_num_threads() // workers)
-    with ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
+    with worker_pool(workers) as pool:
         jobs = [([step], spec, data, run_dir, teacher, {}, threads) for step in reference_steps(base)]
         done = map_with_progress(pool, steps_job, jobs, "fp and kd", quiet)
         rows, models = [r for rs, _ in done for r in rs], {k: v for _, ms in done for k, v in ms.items()}

@@ -203,7 +203,7 @@ def test_accuracy_resumes_after_a_kill(tmp_path, monkeypatch):
     """A run stopped in the middle keeps the jobs it finished; the same command runs only the rest, and
     other arguments into the same work directory are refused."""
     accuracy = load("accuracy")
-    monkeypatch.setattr(accuracy, "ProcessPoolExecutor", lambda workers, mp_context: ThreadPoolExecutor(1))  # the fake job below, in-process
+    monkeypatch.setattr(accuracy, "worker_pool", lambda workers: ThreadPoolExecutor(1))  # the fake job below, in-process
     calls, killed = [], {("tiny", 0, 2)}
 
     def fake_job(student, seed, bits, base, paths, data_args, threads, methods):
@@ -369,7 +369,7 @@ def test_ablation_smoke(tmp_path, fashion_mnist):
 
 def test_ablation_resumes_after_a_kill(tmp_path, monkeypatch):
     ablation = load("ablation")
-    monkeypatch.setattr(ablation, "ProcessPoolExecutor", lambda workers, mp_context: ThreadPoolExecutor(1))
+    monkeypatch.setattr(ablation, "worker_pool", lambda workers: ThreadPoolExecutor(1))
     calls, killed = [], {("mse", 1)}
 
     def fake_run(label, changes, seed, base, paths, data_args, threads):
@@ -401,7 +401,7 @@ def test_language_model_table_end_to_end(tmp_path, monkeypatch):
 
     monkeypatch.setenv("QDISTILL_CACHE", str(tmp_path / "cache"))
     accuracy = load("accuracy")
-    monkeypatch.setattr(accuracy, "ProcessPoolExecutor", lambda workers, mp_context: ThreadPoolExecutor(1))  # in-process: faster here
+    monkeypatch.setattr(accuracy, "worker_pool", lambda workers: ThreadPoolExecutor(1))  # in-process: faster here
     args = ["--task", "lm", "--text-dir", str(text_folder(tmp_path / "texts")), "--vocab-size", "300", "--seq-len", "32",
             "--students", "lstm-tiny", "--teacher", "lstm-tiny", "--bits", "2", "--seeds", "0", "--epochs", "1", "--teacher-epochs", "1",
             "--methods", "ptq", "qd", "--improved", "qd", "--workers", "1", "--out", str(tmp_path / "out"), "--tag", "t"]
