@@ -73,7 +73,7 @@ class TrainConfig:
     batch_size: int = 128
     optimizer: str = "sgd"  # sgd (Nesterov when momentum > 0) or adamw
     lr: float = 0.05
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD's; with adamw, its beta1
     weight_decay: float = 5e-4
     schedule: str = "onecycle"  # onecycle, cosine or constant
     warmup: float = 0.0  # the fraction of steps the learning rate rises over linearly (onecycle: its rising part, else 0.3)

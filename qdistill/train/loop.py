@@ -72,10 +72,11 @@ def make_schedule(opt, kind: str, total_steps: int, warmup: float = 0.0):
 
 
 def make_optimizer(kind: str, params, lr: float, cfg: TrainConfig):
+    """`momentum` is SGD's (Nesterov when above 0) and AdamW's first-moment decay (beta1): one knob, used by both."""
     if kind == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
     if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
 
 

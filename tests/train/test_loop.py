@@ -191,3 +191,11 @@ def test_guard_ratio_test_ignores_a_median_of_zero():
     for step in range(1, 41):
         guard.add(torch.tensor(0.0 if step < 40 else 1e-3))  # a memorized subset, then a tiny loss
     assert len(guard.check(40)) == 40
+
+
+def test_momentum_is_sgds_and_adamws_beta1():
+    """--momentum is never silently ignored: SGD's momentum (Nesterov), AdamW's first-moment decay."""
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    sgd = make_optimizer("sgd", params, 0.1, TrainConfig(momentum=0.5)).param_groups[0]
+    adamw = make_optimizer("adamw", params, 0.1, TrainConfig(optimizer="adamw", momentum=0.5)).param_groups[0]
+    assert (sgd["momentum"], sgd["nesterov"], adamw["betas"]) == (0.5, True, (0.5, 0.999))
