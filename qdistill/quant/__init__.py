@@ -1,6 +1,6 @@
 """Quantizers (one file each) and attaching them to a model."""
 
-from qdistill.quant.attach import DEFAULT_TYPES, QuantizedTensor, attach, detach, quantized_tensors, select
+from qdistill.quant.attach import DEFAULT_TYPES, QuantizedTensor, attach, default_types, detach, quantized_tensors, select
 from qdistill.quant.base import Encoded, Quantizer, pack_bits, packed_bytes, unpack_bits
 from qdistill.quant.fused import fused_quantization
 from qdistill.quant.learned import LearnedPointsQuantizer, redistribute_points
@@ -14,6 +14,7 @@ __all__ = [
     "Quantizer",
     "UniformQuantizer",
     "attach",
+    "default_types",
     "detach",
     "fused_quantization",
     "pack_bits",

@@ -13,6 +13,7 @@ Q(w) and the optimizer sees one shadow. With stochastic rounding each read draws
 from __future__ import annotations
 
 import copy
+import sys
 import weakref
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
@@ -33,6 +34,13 @@ DEFAULT_TYPES: tuple[type[nn.Module], ...] = (
     nn.Embedding,
     nn.RNNBase,  # LSTM, GRU, RNN: every weight_* tensor
 )
+
+
+def default_types() -> tuple[type[nn.Module], ...]:
+    """DEFAULT_TYPES, and GPT-2's Conv1D (a Linear whose weight is stored [in, out]) once transformers has
+    loaded it: a model holding one has. Its buckets run along the flattened weight, as every tensor's do."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return DEFAULT_TYPES + ((conv1d,) if conv1d else ())
 
 
 Use = tuple[str, nn.Module, str]  # a tensor's name, and the module and attribute holding it there
@@ -68,18 +76,19 @@ def _uses(model: nn.Module) -> dict[int, list[Use]]:
 
 def select(
     model: nn.Module,
-    types: tuple[type[nn.Module], ...] = DEFAULT_TYPES,
+    types: tuple[type[nn.Module], ...] | None = None,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     keep_first_last: bool = False,
 ) -> list[Use]:
-    """Tensors to quantize: weights of `types`, filtered by glob patterns on the tensor name
-    ("features.*.weight"); with keep_first_last, the first and last selected *layers* stay full precision.
+    """Tensors to quantize: weights of `types` (default: `default_types()`), filtered by glob patterns on the
+    tensor name ("features.*.weight", "*embed*"); with keep_first_last, the first and last selected *layers* stay full precision.
 
     A tied tensor is one tensor with several names, selected once (under its first name) or not at all:
     it is selected if one of its names is included and none is excluded, and a kept first or last layer
     keeps it in full precision everywhere. Quantizing it in one module only is impossible: they share it.
     """
+    types = types or default_types()
     uses = _uses(model)
 
     def wanted(t: torch.Tensor) -> bool:

@@ -79,6 +79,18 @@ def test_lstm_computes_with_the_current_quantized_weights_after_each_step():
     assert torch.equal(copy.deepcopy(lstm)(x)[0], expected) and torch.equal(lstm(x)[0], expected)
 
 
+def test_gpt2_conv1d_is_a_default_type_and_quantized_in_its_layout():
+    """transformers' Conv1D is a Linear with its weight stored [in, out]: quantized by default, buckets along the flat tensor."""
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    model = nn.Sequential(Conv1D(12, 8), nn.ReLU(), nn.Linear(12, 3))
+    assert [qt.name for qt in attach(model, UniformQuantizer(2, 12))] == ["0.weight", "2.weight"]
+    rows = model[0].weight.reshape(-1, 12)  # a bucket of 12 is one stored row: 4 levels, its min and max kept
+    shadow = model[0].parametrizations.weight.original.reshape(-1, 12)
+    assert all(len(torch.unique(r)) <= 4 for r in rows) and torch.equal(rows.amax(1), shadow.amax(1))
+    x = torch.randn(5, 8)
+    assert torch.equal(model[0](x), torch.addmm(model[0].bias, x, model[0].weight))
+
+
 def test_keep_first_and_last_layer_by_layer():
     names = [qt.name for qt in attach(Mixed(), UniformQuantizer(4), keep_first_last=True)]
     assert names == ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "conv.weight"]
