@@ -77,7 +77,15 @@ class LanguageModelling:
         return self.batch("train", rows.tolist())
 
     def forward(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        return logits_of(model(batch["x"]))
+        """The logits; a model whose vocabulary is not the data's is refused (a Hugging Face model brings its
+        own: a wider one would also overflow the teacher cache's 16-bit token ids)."""
+        logits = logits_of(model(batch["x"]))
+        if logits.shape[-1] != self.corpus.vocab_size:
+            raise QDistillError(
+                f"the model predicts {logits.shape[-1]} tokens, the data have a vocabulary of {self.corpus.vocab_size}: "
+                "give token files made with the model's tokenizer and its size (--token-files ... --vocab-size N)"
+            )
+        return logits
 
     def loss(self, out: torch.Tensor, target, batch: dict, cfg) -> torch.Tensor:
         """Cross-entropy on the next token plus T^2 KL(teacher || student) per token, padding out, mean over real tokens."""

@@ -10,6 +10,7 @@ from torch import nn
 from qdistill.data.text import TokenCorpus
 from qdistill.distill.loss import TopKTarget, distillation_loss, topk_kl
 from qdistill.distill.teacher import TopKTeacher
+from qdistill.errors import QDistillError
 from qdistill.tasks import TASKS, LanguageModelling, generate
 from qdistill.train import TrainConfig, train
 
@@ -77,6 +78,18 @@ def test_a_uniform_model_has_the_vocabulary_as_perplexity():
     m = task.evaluate(Uniform(), "test")
     assert m["ppl"] == pytest.approx(VOCAB) and m["tokens"] == 36
     assert m["bpb"] == pytest.approx(36 * math.log2(VOCAB) / 70)
+
+
+def test_a_model_of_another_vocabulary_is_refused():
+    """A Hugging Face model brings its own vocabulary; it must be the data's (wider: the teacher cache's ids overflow)."""
+
+    class Wider(Uniform):
+        def forward(self, x):
+            return torch.zeros(*x.shape, VOCAB + 1) + 0 * self.w
+
+    task = LanguageModelling(corpus(), seq_len=8)
+    with pytest.raises(QDistillError, match=f"predicts {VOCAB + 1} tokens, the data have a vocabulary of {VOCAB}"):
+        task.evaluate(Wider(), "test")
 
 
 def test_padding_does_not_change_the_loss():
