@@ -18,7 +18,7 @@ from qdistill.data import load_dataset
 from qdistill.errors import QDistillError
 from qdistill.export import inspect_packed, is_packed, load_packed
 from qdistill.export.packed import read_packed
-from qdistill.models import LM_PRESETS, build_model, load_checkpoint, model_spec
+from qdistill.models import HF_FACTORY, LM_PRESETS, build_model, hf_spec, is_language_model, load_checkpoint, load_hf, model_spec, vocab_size_of
 from qdistill.pipeline import cache_dir, new_run_dir, run_method
 from qdistill.report import markdown_table, plot_history, result_columns
 from qdistill.tasks import TASKS, ImageClassification, LanguageModelling, generate
@@ -79,6 +79,10 @@ def add_trust_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_hf_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hf-head", choices=("causal-lm", "encoder"), help="what to build from an hf:DIR model (default: what its config's architectures say)")
+
+
 def add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=list(TASKS), help="classification or lm (default: lm for a language-model preset, else classification)")
     p.add_argument("--dataset", default="fashion-mnist", help="'fashion-mnist' or a hook 'package.module:function' returning a qdistill.data.Dataset")
@@ -102,16 +106,15 @@ def data_from(args):
     return data
 
 
-LM_FACTORIES = ("qdistill.models:lstm_lm", "qdistill.models:transformer_lm")
-
-
 def task_name(args, *models) -> str:
-    """--task, else lm when a model named (a preset, a file's spec, or the task a file was trained on)
-    is a language model, else classification."""
+    """--task, else lm when a model named (a preset, an hf: directory, a file's spec, or the task a file
+    was trained on) is a language model, else classification. A Hugging Face encoder has no task yet."""
+    specs = [hf_spec(m.removeprefix("hf:"), getattr(args, "hf_head", None)) if isinstance(m, str) and m.startswith("hf:") else m for m in models if m]
+    if any(isinstance(m, dict) and m.get("factory") == HF_FACTORY and m["kwargs"]["head"] == "encoder" for m in specs):
+        raise QDistillError("a Hugging Face encoder has no task to train or evaluate on in qdistill yet; the commands take causal language models (--hf-head causal-lm)")
     if args.task:
         return args.task
-    specs = [m for m in models if m]
-    lm = any((m in LM_PRESETS) if isinstance(m, str) else m.get("factory") in LM_FACTORIES or m.get("task") == "lm" for m in specs)
+    lm = any((m in LM_PRESETS) if isinstance(m, str) else is_language_model(m) or m.get("task") == "lm" for m in specs)
     return "lm" if lm else "classification"
 
 
@@ -140,11 +143,17 @@ def task_from(args, name: str):
     return LanguageModelling(corpus, 128 if args.seq_len is None else args.seq_len)
 
 
-def load_any(path: str, spec: dict | None = None, trust_code: bool = False):
-    """A packed model (as its quantized weights) or a full-precision checkpoint, and the spec it was built from.
+def load_any(path: str, spec: dict | None = None, trust_code: bool = False, hf_head: str | None = None):
+    """A packed model (as its quantized weights), a full-precision checkpoint, or hf:DIR (a Hugging Face
+    save_pretrained directory, with its weights), and the spec it was built from.
 
     `spec` is the user's own (from --model/--student: built as given); without it the file's spec is
-    used, which is code-free unless the user passed --trust-code."""
+    used, which is code-free unless the user passed --trust-code. An hf: directory brings its own."""
+    if path.startswith("hf:"):
+        model, own = load_hf(path.removeprefix("hf:"), hf_head)
+        if spec is not None and spec != own:
+            raise QDistillError(f"{path} brings its own architecture: leave out --student/--model (or name the same directory)")
+        return model, own
     model = build_model(spec) if spec is not None else None
     if is_packed(path):
         loaded, meta = load_packed(path, model=model, trust_code=trust_code)
@@ -168,7 +177,7 @@ def cmd_train_teacher(args) -> None:
     cfg = config_from(args, defaults=TASKS[name], method="fp")
     task = task_from(args, name)
     run_dir = new_run_dir(args.run_dir, "teacher")
-    spec = model_spec(args.model, **task.spec_args())
+    spec = model_spec(args.model, **task.spec_args(), hf_head=args.hf_head)
     row, _ = run_method("teacher", spec, task, cfg, run_dir, quiet=args.quiet)
     (run_dir / "results.json").write_text(json.dumps({"rows": [row], "config": cfg.to_dict()}, indent=1))
     plot_history(run_dir / "metrics.jsonl", run_dir / "training.png", f"teacher {args.model}", task.metric)
@@ -178,6 +187,7 @@ def cmd_train_teacher(args) -> None:
 
 RUN_ARGS = "run.json"  # what a distill run was asked to do, so that --resume can do it again
 FILE_ARGS = ("teacher", "init", "config", "data_dir", "text_dir", "tokenizer", "token_files")
+MODEL_ARGS = ("student", "teacher_model")  # presets, or hf: directories (files)
 
 
 def resumed_args(run_dir: Path) -> tuple[argparse.Namespace, TrainConfig]:
@@ -197,8 +207,11 @@ def resumed_args(run_dir: Path) -> tuple[argparse.Namespace, TrainConfig]:
 
 
 def resolved(path):
-    """Absolute path(s), so that --resume from another directory reads the same files."""
-    return [str(Path(p).resolve()) for p in path] if isinstance(path, list) else str(Path(path).resolve())
+    """Absolute path(s), hf: kept in front, so that --resume from another directory reads the same files."""
+    if isinstance(path, list):
+        return [resolved(p) for p in path]
+    prefix = "hf:" if path.startswith("hf:") else ""
+    return prefix + str(Path(path.removeprefix(prefix)).resolve())
 
 
 def cmd_distill(args) -> None:
@@ -206,15 +219,16 @@ def cmd_distill(args) -> None:
     if args.resume:
         run_dir = Path(args.resume)
         args, cfg = resumed_args(run_dir)
-    name = task_name(args, args.student, args.teacher_model, *(saved_task(f) for f in (args.init, args.teacher) if f))
+    files = [f if f.startswith("hf:") else saved_task(f) for f in (args.init, args.teacher) if f]  # an hf: directory's config says
+    name = task_name(args, args.student, args.teacher_model, *files)
     if not args.resume:
         cfg = config_from(args, defaults=TASKS[name], method=args.method)
     task = task_from(args, name)
     method = cfg.spec
-    spec = model_spec(args.student, **task.spec_args()) if args.student else None
+    spec = model_spec(args.student, **task.spec_args(), hf_head=args.hf_head) if args.student else None
     init = None
     if args.init:
-        init, spec = load_any(args.init, spec, args.trust_code)
+        init, spec = load_any(args.init, spec, args.trust_code, args.hf_head)
     spec = spec or model_spec(DEFAULT_MODELS[name][0], **task.spec_args())
     if method.trains != "weights" and init is None:
         raise QDistillError(f"method {cfg.method} does not train the weights: give trained ones with --init")
@@ -222,13 +236,14 @@ def cmd_distill(args) -> None:
     if cfg.needs_teacher:
         if not args.teacher:
             raise QDistillError(f"method {cfg.method} distills from a teacher: give --teacher FILE (from `qdistill train-teacher`)")
-        teacher_spec = model_spec(args.teacher_model, **task.spec_args()) if args.teacher_model else None
-        teacher = load_any(args.teacher, teacher_spec, args.trust_code)[0]
+        teacher_spec = model_spec(args.teacher_model, **task.spec_args(), hf_head=args.hf_head) if args.teacher_model else None
+        teacher = load_any(args.teacher, teacher_spec, args.trust_code, args.hf_head)[0]
     if not args.resume:
         run_dir = new_run_dir(args.run_dir, f"distill-{cfg.method}")
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         saved = {k: v for k, v in vars(args).items() if k not in ("func", "resume")}
         saved.update({k: resolved(saved[k]) for k in FILE_ARGS if saved.get(k)})
+        saved.update({k: resolved(saved[k]) for k in MODEL_ARGS if (saved.get(k) or "").startswith("hf:")})
         (run_dir / RUN_ARGS).write_text(json.dumps({"command": "distill", **saved}, indent=1))
     state = run_dir / "state.pt"
     checkpoint = Checkpoint(state, args.checkpoint_steps, args.checkpoint_minutes, log_path=run_dir / "metrics.jsonl")
@@ -262,6 +277,8 @@ def saved_task(path: str) -> dict:
 def model_and_task(args, require_lm: bool = False):
     """The model in args.file and the task it is evaluated on: lm when the file holds a language model,
     with its vocabulary and window length unless flags say otherwise."""
+    if args.file.startswith("hf:"):
+        task_name(args, args.file)  # its config.json says: an encoder is refused before its weights load
     saved = saved_task(args.file)
     if saved.get("task") == "lm":
         args.vocab_size = args.vocab_size if args.vocab_size is not None else saved.get("vocab_size")
@@ -277,10 +294,10 @@ def model_and_task(args, require_lm: bool = False):
 
     # the caller's architecture is sized by the data, so its task comes first; else the file's spec says
     task = task_named(task_name(args, args.model, saved)) if args.model else None
-    model, spec = load_any(args.file, model_spec(args.model, **task.spec_args()) if task else None, args.trust_code)
+    model, spec = load_any(args.file, model_spec(args.model, **task.spec_args(), hf_head=args.hf_head) if task else None, args.trust_code, args.hf_head)
     if task is None:
-        if args.vocab_size is None and spec.get("factory") in LM_FACTORIES:
-            args.vocab_size = spec.get("kwargs", {}).get("vocab_size")
+        if args.vocab_size is None and is_language_model(spec):
+            args.vocab_size = vocab_size_of(spec)
         task = task_named(task_name(args, spec, saved))
     return model.to(resolve_device("auto")), task
 
@@ -345,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train-teacher", help="train a full-precision teacher")
-    p.add_argument("--model", help="preset or package.module:factory (default resnet-small; --task lm: lstm-small)")
+    p.add_argument("--model", help="preset, hf:DIR (a Hugging Face config.json there; fresh weights) or package.module:factory (default resnet-small; --task lm: lstm-small)")
+    add_hf_flag(p)
     p.add_argument("--run-dir")
     p.add_argument("--config", help="YAML file of training options")
     add_data_flags(p)
@@ -354,10 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="train a student with one method (fp, kd, ptq, qat, qd, dq, qd+dq)")
     p.add_argument("--method", choices=list(METHODS), default=None, help="(default qd)")
-    p.add_argument("--student", help="preset (tiny, small, medium, large) or package.module:factory (default: the --init file's model, else tiny)")
-    p.add_argument("--teacher", help="teacher checkpoint (.safetensors from train-teacher)")
-    p.add_argument("--teacher-model", help="the teacher's architecture (preset or package.module:factory) when its file holds a model of your own")
-    p.add_argument("--init", help="start from these student weights (needed by ptq and dq)")
+    p.add_argument("--student", help="preset (tiny, small, medium, large), hf:DIR (a Hugging Face config.json there; fresh weights) or package.module:factory (default: the --init file's model, else tiny)")
+    p.add_argument("--teacher", help="teacher checkpoint (.safetensors from train-teacher), or hf:DIR (a Hugging Face save_pretrained directory, with its weights)")
+    p.add_argument("--teacher-model", help="the teacher's architecture (preset, hf:DIR or package.module:factory) when its file holds a model of your own")
+    p.add_argument("--init", help="start from these student weights (needed by ptq and dq); a file, or hf:DIR with its weights")
+    add_hf_flag(p)
     add_trust_flag(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the killed run in RUN_DIR with its own options (other flags are ignored)")
     p.add_argument("--checkpoint-steps", type=int, help="save the run's whole state every N steps (for --resume)")
@@ -368,9 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("eval", help="test accuracy (lm: perplexity, bits per byte) of a packed model or a checkpoint")
+    p = sub.add_parser("eval", help="test accuracy (lm: perplexity, bits per byte) of a packed model, a checkpoint or hf:DIR")
     p.add_argument("file")
-    p.add_argument("--model", help="the file's architecture, a preset or package.module:factory (for a plain state dict or a model of your own)")
+    p.add_argument("--model", help="the file's architecture, a preset, hf:DIR or package.module:factory (for a plain state dict or a model of your own)")
+    add_hf_flag(p)
     add_trust_flag(p)
     add_data_flags(p)
     p.set_defaults(func=cmd_eval)
@@ -383,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)")
     p.add_argument("--samples", type=int, default=1, help="how many continuations (default 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", help="the file's architecture, a preset or package.module:factory (for a plain state dict or a model of your own)")
+    p.add_argument("--model", help="the file's architecture, a preset, hf:DIR or package.module:factory (for a plain state dict or a model of your own)")
+    add_hf_flag(p)
     add_trust_flag(p)
     add_data_flags(p)
     p.set_defaults(func=cmd_generate)

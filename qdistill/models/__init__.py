@@ -2,7 +2,7 @@
 
 A spec is {"factory": "package.module:function", "kwargs": {...}}; presets are names
 ("tiny", "small", "medium", "large" students; "resnet-small", "resnet" teachers; the language
-models of LM_PRESETS, "lstm-*" and "gpt-*").
+models of LM_PRESETS, "lstm-*" and "gpt-*"); "hf:DIR" is a Hugging Face model's config (models/hf.py).
 """
 
 from __future__ import annotations
@@ -18,15 +18,20 @@ from torch import nn
 from qdistill.data.dataset import load_object
 from qdistill.errors import QDistillError
 from qdistill.models.convnet import STUDENT_PRESETS, ConvStudent, conv_student
+from qdistill.models.hf import HF_FACTORY, check_hf_kwargs, hf_model, hf_spec, load_hf
 from qdistill.models.lm import LSTM_PRESETS, TRANSFORMER_PRESETS, LSTMLanguageModel, lstm_lm, transformer_lm
 from qdistill.models.resnet import TEACHER_PRESETS, PreActResNet, resnet_teacher
 
 LM_PRESETS = (*LSTM_PRESETS, *TRANSFORMER_PRESETS)  # language models: their num_classes is the vocabulary size
+LM_FACTORIES = ("qdistill.models:lstm_lm", "qdistill.models:transformer_lm")
 
 
-def model_spec(name: str, in_channels: int = 1, num_classes: int = 10, **kwargs) -> dict:
-    """Turn a preset name or 'package.module:factory' into a spec; a language model takes num_classes
-    as its vocabulary size and has no use for in_channels."""
+def model_spec(name: str, in_channels: int = 1, num_classes: int = 10, hf_head: str | None = None, **kwargs) -> dict:
+    """Turn a preset name, 'hf:DIR' (a Hugging Face model's config.json there, as `hf_head`) or
+    'package.module:factory' into a spec; a language-model preset takes num_classes as its vocabulary
+    size and has no use for in_channels (a Hugging Face model's sizes are its config's)."""
+    if name.startswith("hf:"):
+        return hf_spec(name.removeprefix("hf:"), hf_head)
     if name in STUDENT_PRESETS:
         return {"factory": "qdistill.models:conv_student", "kwargs": {"size": name, "in_channels": in_channels, "num_classes": num_classes}}
     if name in TEACHER_PRESETS:
@@ -38,7 +43,18 @@ def model_spec(name: str, in_channels: int = 1, num_classes: int = 10, **kwargs)
     if ":" in name:
         return {"factory": name, "kwargs": kwargs}
     presets = ", ".join([*STUDENT_PRESETS, *TEACHER_PRESETS, *LM_PRESETS])
-    raise QDistillError(f"unknown model {name!r}: use a preset ({presets}) or 'package.module:factory'")
+    raise QDistillError(f"unknown model {name!r}: use a preset ({presets}), hf:DIR (a Hugging Face save_pretrained directory) or 'package.module:factory'")
+
+
+def is_language_model(spec: dict) -> bool:
+    """Whether a spec describes a language model: an LM preset, or a Hugging Face causal LM."""
+    return spec.get("factory") in LM_FACTORIES or (spec.get("factory") == HF_FACTORY and spec.get("kwargs", {}).get("head") == "causal-lm")
+
+
+def vocab_size_of(spec: dict) -> int | None:
+    """A language model's vocabulary size as its spec states it (None: the preset's default)."""
+    kwargs = spec.get("kwargs", {})
+    return kwargs.get("config", {}).get("vocab_size") if spec.get("factory") == HF_FACTORY else kwargs.get("vocab_size")
 
 
 def _preset_kwargs(presets: dict):
@@ -83,6 +99,7 @@ PRESET_FACTORIES = {
     "qdistill.models:resnet_teacher": (resnet_teacher, _preset_kwargs(TEACHER_PRESETS)),
     "qdistill.models:lstm_lm": (lstm_lm, _lm_kwargs(LSTM_PRESETS)),
     "qdistill.models:transformer_lm": (transformer_lm, _lm_kwargs(TRANSFORMER_PRESETS)),
+    HF_FACTORY: (hf_model, check_hf_kwargs),  # transformers' own classes, from the config as data
 }
 
 
@@ -213,11 +230,16 @@ __all__ = [
     "build_model",
     "conv_student",
     "count_parameters",
+    "hf_model",
+    "hf_spec",
+    "is_language_model",
     "load_checkpoint",
+    "load_hf",
     "lstm_lm",
     "model_spec",
     "read_state",
     "resnet_teacher",
     "save_checkpoint",
     "transformer_lm",
+    "vocab_size_of",
 ]
