@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from qdistill.data import load_dataset
 from qdistill.errors import QDistillError
-from qdistill.export import inspect_packed, is_packed, load_packed
+from qdistill.export import export_hf, inspect_packed, is_packed, load_packed
 from qdistill.export.packed import read_packed
 from qdistill.models import HF_FACTORY, LM_PRESETS, build_model, hf_spec, is_language_model, load_checkpoint, load_hf, model_spec, vocab_size_of
 from qdistill.pipeline import cache_dir, new_run_dir, run_method
@@ -339,6 +339,12 @@ def cmd_inspect(args) -> None:
     out.print(table)
 
 
+def cmd_export(args) -> None:
+    out_dir = export_hf(args.file, args.out_dir, overwrite=args.overwrite)
+    written = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
+    out.print(f"Hugging Face model written to {out_dir}/ ({written:,} bytes; the packed file: {Path(args.file).stat().st_size:,} bytes)")
+
+
 def cmd_demo(args) -> None:
     from qdistill.demo import DEMO_CONFIG, DEMOS, FULL, QUICK, run_demo
     from qdistill.pipeline import check_workers
@@ -413,6 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("export", help="write a packed model in another format: hf, a Hugging Face save_pretrained directory (dequantized)")
+    p.add_argument("file", help="a packed model of a Hugging Face architecture (an hf: student, or a gpt-* preset)")
+    p.add_argument("out_dir")
+    p.add_argument("--format", choices=("hf",), default="hf", help="(default hf)")
+    p.add_argument("--overwrite", action="store_true", help="write into OUT_DIR even if it holds files (transformers' own files are replaced, others kept)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="fp, kd, ptq, qat, qd and the improved qd at 4 and 2 bits on Fashion-MNIST (--full: everything; --task lm: a language model)")
     p.add_argument("--full", action="store_true", help="every method (dq, qd+dq, improved qat too), 8/4/3/2 bits, 3 seeds")

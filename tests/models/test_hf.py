@@ -1,5 +1,5 @@
-"""Hugging Face models in: specs as data, quantization defaults, packed files reopened from the file
-alone, crafted specs refused, and the command line. Offline, tiny models."""
+"""Hugging Face models in and out: specs as data, quantization defaults, packed files reopened from the
+file alone, crafted specs refused, export to save_pretrained, and the command line. Offline, tiny models."""
 
 import copy
 import json
@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from qdistill import QDistillError, UniformQuantizer, attach, detach, load_packed, quantized_tensors, save_packed  # noqa: E402
 from qdistill.cli import main  # noqa: E402
+from qdistill.export import export_hf, save_pretrained_dir  # noqa: E402
 from qdistill.models import build_model, hf_spec, load_hf, model_spec  # noqa: E402
 from qdistill.models.hf import MAX_PARAMETERS  # noqa: E402
 from qdistill.train import TrainConfig  # noqa: E402
@@ -213,6 +214,47 @@ def test_crafted_spec_is_refused_without_importing_anything(packed, tmp_path, mo
     assert set(sys.modules) == before and not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_opens_with_transformers_and_computes_the_same(packed, tmp_path, kind):
+    model, path = packed(kind)
+    out = export_hf(path, tmp_path / "out")
+    reopened = auto(kind).from_pretrained(out, local_files_only=True).eval()  # plain transformers, nothing of qdistill
+    assert type(reopened) is type(model)
+    assert torch.equal(outputs(reopened, tokens()), outputs(model, tokens()))
+    assert {f.name for f in out.iterdir()} >= {"config.json", "model.safetensors"}
+
+
+def test_export_refuses_a_directory_with_files_unless_asked(packed, tmp_path):
+    _, path = packed("gpt2")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{}")
+    with pytest.raises(QDistillError, match="not an empty directory.*--overwrite"):
+        export_hf(path, out)
+    assert [f.name for f in out.iterdir()] == ["tokenizer.json"]  # nothing written
+    export_hf(path, out, overwrite=True)
+    assert (out / "config.json").exists() and (out / "tokenizer.json").read_text() == "{}"  # the user's file is kept
+
+
+def test_export_of_a_model_with_quantizers_attached_leaves_them_on(tmp_path):
+    model = build_model(hf_spec(tiny_config("gpt2"), "causal-lm"))
+    attached = attach(model, UniformQuantizer(3, 64))
+    model.eval()
+    save_pretrained_dir(model, tmp_path / "out")
+    assert [qt.quantizer for qt in quantized_tensors(model)] == [qt.quantizer for qt in attached]  # a copy was baked
+    reopened = AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True).eval()
+    assert torch.equal(outputs(reopened, tokens()), outputs(model, tokens()))
+
+
+def test_export_refuses_a_model_that_is_not_a_transformers_model(tmp_path):
+    from tests.export.test_packed import quantized_model
+
+    path = save_packed(quantized_model(quantizer=UniformQuantizer(4, 64)), model_spec("tiny"), tmp_path / "conv.safetensors")
+    with pytest.raises(QDistillError, match="not a transformers model"):
+        export_hf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 _opened: list | None = None  # what is opened while a test watches
 
 
@@ -224,7 +266,7 @@ def _audit(event, args):
 sys.addaudithook(_audit)  # idle unless a test watches; hooks cannot be removed
 
 
-def test_nothing_touches_the_network_or_the_hugging_face_cache(pretrained, monkeypatch):
+def test_nothing_touches_the_network_or_the_hugging_face_cache(pretrained, packed, tmp_path, monkeypatch):
     global _opened
     from huggingface_hub import constants
 
@@ -236,6 +278,7 @@ def test_nothing_touches_the_network_or_the_hugging_face_cache(pretrained, monke
     try:
         load_hf(pretrained("gpt2")[0])
         build_model(hf_spec(tiny_config("llama"), "causal-lm"), trust_code=False)
+        export_hf(packed("gpt2")[1], tmp_path / "out")
     finally:
         opened, _opened = _opened, None
     cache = Path(constants.HF_HOME).resolve()
@@ -249,6 +292,7 @@ def test_nothing_touches_the_network_or_the_hugging_face_cache(pretrained, monke
         (["distill", "--student", "hf:{empty}"], "no config.json"),
         (["distill", "--teacher", "hf:/nonexistent", "--task", "lm"], "no such directory"),
         (["eval", "hf:{bert}"], "encoder has no task"),
+        (["export", "/nonexistent.safetensors", "{empty}/out"], "does not exist"),
     ],
 )
 def test_bad_hf_input_gives_one_clear_message(pretrained, tmp_path, capsys, argv, message):
@@ -259,8 +303,8 @@ def test_bad_hf_input_gives_one_clear_message(pretrained, tmp_path, capsys, argv
     assert err.startswith("qdistill: error:") and message in err and err.count("\n") == 1
 
 
-def test_cli_distills_an_hf_student_from_an_hf_teacher(tmp_path, capsys):
-    """An hf: teacher with its weights, an hf: student from a config alone: qd at 4 bits, then eval."""
+def test_cli_distills_an_hf_student_from_an_hf_teacher_and_exports_it(tmp_path, capsys):
+    """An hf: teacher with its weights, an hf: student from a config alone: qd at 4 bits, then eval and export."""
     vocab = 300  # the text's BPE: the models' vocabulary must be the data's
     teacher = AutoModelForCausalLM.from_config(tiny_config("llama", vocab))
     teacher.save_pretrained(tmp_path / "teacher")
@@ -279,5 +323,11 @@ def test_cli_distills_an_hf_student_from_an_hf_teacher(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(packed), *common]) == 0
     assert json.loads(capsys.readouterr().out)["test_ppl"] == row["test_ppl"]
+    assert main(["export", str(packed), str(tmp_path / "out")]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True).eval()
+    ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(outputs(exported, ids), outputs(model, ids))
+    assert main(["export", str(packed), str(tmp_path / "out")]) == 2  # refused: it holds the first export
+    assert "--overwrite" in capsys.readouterr().err
     assert main(["eval", f"hf:{tmp_path / 'teacher'}", *common]) == 0  # the teacher, scored with its own weights
     assert json.loads(capsys.readouterr().out)["test_ppl"] > 1

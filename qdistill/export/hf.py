@@ -1,0 +1,38 @@
+"""Out to Hugging Face: a quantized transformers model as a plain save_pretrained directory.
+
+The weights are the quantized values, dequantized to float32: any transformers install opens the
+directory unchanged (`AutoModelForCausalLM.from_pretrained(dir)`) and computes what the packed model
+computes. The packed file stays the small one; this is the format other tools read.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from torch import nn
+
+from qdistill.errors import QDistillError
+from qdistill.export.packed import load_packed
+from qdistill.quant import detach, quantized_tensors
+
+
+def save_pretrained_dir(model: nn.Module, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write a transformers model as a save_pretrained directory; quantizers attached to it are baked into
+    a copy first (`save_pretrained` and `tie_weights` fail on parametrized weights). An existing directory
+    that holds files is refused unless `overwrite`, and then only the files transformers writes change."""
+    out = Path(out_dir)
+    if not hasattr(model, "save_pretrained"):
+        raise QDistillError(f"a {type(model).__name__} is not a transformers model: only hf: models and the gpt-* presets export to Hugging Face")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise QDistillError(f"{out} already exists and is not an empty directory; choose another or pass --overwrite (nothing was written)")
+    if quantized_tensors(model):
+        model = detach(copy.deepcopy(model), keep_quantized=True)
+    model.save_pretrained(out)
+    return out
+
+
+def export_hf(packed: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """The model in a packed file, rebuilt from the file alone, as a save_pretrained directory."""
+    model, _ = load_packed(packed)
+    return save_pretrained_dir(model, out_dir, overwrite)
