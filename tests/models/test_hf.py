@@ -304,7 +304,8 @@ def test_bad_hf_input_gives_one_clear_message(pretrained, tmp_path, capsys, argv
 
 
 def test_cli_distills_an_hf_student_from_an_hf_teacher_and_exports_it(tmp_path, capsys):
-    """An hf: teacher with its weights, an hf: student from a config alone: qd at 4 bits, then eval and export."""
+    """An hf: teacher with its weights, an hf: student from a config alone: qd at 4 bits, then eval and export;
+    ptq of the teacher's own weights (--init hf:DIR)."""
     vocab = 300  # the text's BPE: the models' vocabulary must be the data's
     teacher = AutoModelForCausalLM.from_config(tiny_config("llama", vocab))
     teacher.save_pretrained(tmp_path / "teacher")
@@ -330,4 +331,9 @@ def test_cli_distills_an_hf_student_from_an_hf_teacher_and_exports_it(tmp_path, 
     assert main(["export", str(packed), str(tmp_path / "out")]) == 2  # refused: it holds the first export
     assert "--overwrite" in capsys.readouterr().err
     assert main(["eval", f"hf:{tmp_path / 'teacher'}", *common]) == 0  # the teacher, scored with its own weights
-    assert json.loads(capsys.readouterr().out)["test_ppl"] > 1
+    teacher_ppl = json.loads(capsys.readouterr().out)["test_ppl"]
+    ptq = ["distill", "--method", "ptq", "--bits", "8", "--init", f"hf:{tmp_path / 'teacher'}", "--run-dir", str(tmp_path / "ptq")]
+    assert main([*ptq, *common]) == 0  # post-training quantization of the pretrained weights
+    row = json.loads((tmp_path / "ptq" / "results.json").read_text())["rows"][0]
+    assert type(load_packed(tmp_path / "ptq" / row["file"])[0]).__name__ == "LlamaForCausalLM"
+    assert row["test_ppl"] == pytest.approx(teacher_ppl, rel=0.01)  # 8 bits: the teacher's weights, nearly
