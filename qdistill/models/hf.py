@@ -59,12 +59,14 @@ def _mappings(head: str) -> dict:
     return modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if head == "causal-lm" else modeling_auto.MODEL_MAPPING_NAMES
 
 
-def _sub_configs(config: dict):
+def _sub_configs(config: dict, depth: int = 0):
     """The config and every config nested in it (a multimodal model's text_config, ...), as dicts."""
+    if depth > 8:  # real models nest two or three deep
+        raise QDistillError("the config nests sub-configs more than 8 deep: not a model's config")
     yield config
     for value in config.values():
         if isinstance(value, dict) and "model_type" in value:
-            yield from _sub_configs(value)
+            yield from _sub_configs(value, depth + 1)
 
 
 def check_hf_kwargs(kwargs: dict) -> dict:

@@ -178,6 +178,12 @@ def test_packed_file_reloads_bit_exact_from_the_file_alone(packed, kind):
 EVIL = "qdistill_evil_module"
 
 
+def nested(config: dict, depth: int) -> dict:
+    for _ in range(depth):
+        config = {"model_type": "llama", "text_config": config}
+    return config
+
+
 def crafted(marker: Path):
     """(name, edit of a llama spec's kwargs, the refusal's message)."""
     huge = {"hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_hidden_layers": 1, "num_attention_heads": 64, "num_key_value_heads": 64, "head_dim": 1024}
@@ -185,6 +191,7 @@ def crafted(marker: Path):
         ("unknown model type", lambda k: k["config"].update(model_type=EVIL), "not one transformers"),
         ("auto_map", lambda k: k["config"].update(auto_map={"AutoModelForCausalLM": f"{EVIL}.Model", "AutoConfig": f"{EVIL}.Config"}), "custom code"),
         ("auto_map in a sub-config", lambda k: k["config"].update(text_config={**k["config"], "auto_map": {"AutoConfig": f"{EVIL}.Config"}}), "custom code"),
+        ("sub-configs nested a hundred deep", lambda k: k["config"].update(text_config=nested(dict(k["config"]), 100)), "more than 8 deep"),
         ("hub kernel", lambda k: k["config"].update(attn_implementation="kernels-community/flash-attn"), "kernel"),
         ("quantization library", lambda k: k["config"].update(quantization_config={"quant_method": "bitsandbytes"}), "quantization_config"),
         ("huge vocabulary", lambda k: k["config"].update(vocab_size=10**9), "vocab_size"),
