@@ -62,11 +62,27 @@ LM_COLUMNS = [
     ("note", "note", ""),
 ]
 
-METRIC_LABELS = {"acc": "accuracy (%)", "ppl": "perplexity"}
+# Sentence embeddings: agreement with the teacher (cosine, neighbours) and title-to-section retrieval.
+EMBEDDING_COLUMNS = [
+    ("method", "method", ""),
+    ("bits", "bits", ""),
+    ("bucket", "bucket", ""),
+    ("val_cos", "val. cosine", ".4f"),
+    ("test_cos", "test cosine", ".4f"),
+    ("test_nbr10", "neighbours@10", ".3f"),
+    ("test_r1", "retrieval@1", ".3f"),
+    ("test_r10", "retrieval@10", ".3f"),
+    ("size_bytes", "size (bytes)", ","),
+    ("ratio", "vs fp32", ".1f"),
+    ("train_s", "train time (s)", ".1f"),
+    ("note", "note", ""),
+]
+
+METRIC_LABELS = {"acc": "accuracy (%)", "ppl": "perplexity", "cos": "cosine to the teacher"}
 
 
 def result_columns(metric: str) -> list[tuple[str, str, str]]:
-    return LM_COLUMNS if metric == "ppl" else RESULT_COLUMNS
+    return {"ppl": LM_COLUMNS, "cos": EMBEDDING_COLUMNS}.get(metric, RESULT_COLUMNS)
 
 
 # The order of the methods in every table: the references, then the low-bit methods.

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from qdistill.tasks.classification import ImageClassification, accuracy
+from qdistill.tasks.embedding import SentenceEmbedding
 from qdistill.tasks.language import LanguageModelling, generate
 
 Batch = dict[str, torch.Tensor]
@@ -74,4 +75,4 @@ TASKS = {
     "lm": {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.01, "schedule": "cosine", "warmup": 0.05, "batch_size": 32, "grad_clip": 1.0, "temperature": 1.0},
 }
 
-__all__ = ["Batch", "ImageClassification", "LanguageModelling", "TASKS", "Task", "accuracy", "as_task", "generate", "to_device"]
+__all__ = ["Batch", "ImageClassification", "LanguageModelling", "SentenceEmbedding", "TASKS", "Task", "accuracy", "as_task", "generate", "to_device"]

@@ -188,6 +188,8 @@ def train(
             attach(student, cfg.make_quantizer("uniform"), **cfg.select_kwargs())
         if method.trains == "weights":
             params = [p for p in student.parameters() if p.requires_grad]
+            if not params:
+                raise QDistillError("the student has no trainable weights (requires_grad is off for all of them): turn it on for those to train")
             with fused_quantization(student):  # off-CPU: one batch of kernels for all tensors, same values
                 name = f"{cfg.method} {cfg.bits}b" if method.quantizer else cfg.method
                 out = fit(student, params, task, teacher_fn, cfg, cfg.epochs, cfg.lr, name, log, progress, cfg.optimizer, checkpoint)

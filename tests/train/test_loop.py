@@ -199,3 +199,10 @@ def test_momentum_is_sgds_and_adamws_beta1():
     sgd = make_optimizer("sgd", params, 0.1, TrainConfig(momentum=0.5)).param_groups[0]
     adamw = make_optimizer("adamw", params, 0.1, TrainConfig(optimizer="adamw", momentum=0.5)).param_groups[0]
     assert (sgd["momentum"], sgd["nesterov"], adamw["betas"]) == (0.5, True, (0.5, 0.999))
+
+
+def test_a_student_with_no_trainable_weights_gets_one_clear_error():
+    data, student = toy_dataset(), toy_net()
+    student.requires_grad_(False)
+    with pytest.raises(QDistillError, match="no trainable weights"):
+        train(student, data, TrainConfig(method="qat", bits=4, epochs=1), quiet=True)

@@ -1,0 +1,171 @@
+"""Sentence embeddings: a student encoder made to agree with a reference encoder (its teacher) on pooled,
+normalized sentence embeddings, as sentence-transformers' all-MiniLM-L6-v2 pools them (the mean over
+real tokens). Scored by what users of embeddings see: the cosine to the teacher's embedding, whether
+each sentence keeps its nearest neighbours, and retrieval of a section's text from its title.
+
+The metrics are relative to the reference, so the task holds it; the training target is the teacher's
+embedding (cosine loss) and there are no labels: methods that train without a teacher do not apply."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qdistill.distill.teacher import CachedTeacher, LiveTeacher, model_digest
+from qdistill.errors import QDistillError
+from qdistill.tasks.classification import epoch_order
+
+SPLITS = ("train", "val", "test")
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The unit-length mean of each sentence's token states over its real tokens (padding left out)."""
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
+
+
+def neighbour_recall(embeddings: torch.Tensor, reference: torch.Tensor, k: int = 10, chunk: int = 1024) -> float:
+    """The mean share of each item's k nearest neighbours (by cosine, itself left out) under `reference`
+    that are also among its k nearest under `embeddings`."""
+    n, hits = len(embeddings), 0
+    for start in range(0, n, chunk):
+        rows = torch.arange(start, min(start + chunk, n))
+        ours, theirs = embeddings[rows] @ embeddings.T, reference[rows] @ reference.T
+        ours[torch.arange(len(rows)), rows] = theirs[torch.arange(len(rows)), rows] = -float("inf")
+        a, b = ours.topk(k, dim=1).indices, theirs.topk(k, dim=1).indices
+        hits += (a.unsqueeze(2) == b.unsqueeze(1)).any(2).sum().item()
+    return hits / (n * k)
+
+
+def retrieval_recall(queries: torch.Tensor, documents: torch.Tensor, ks=(1, 10)) -> dict[int, float]:
+    """Query i's answer is document i: the share of queries whose answer ranks in the top k, per k."""
+    scores = queries @ documents.T
+    rank = (scores > scores.diagonal().unsqueeze(1)).sum(1)  # documents scored above the answer
+    return {k: (rank < k).float().mean().item() for k in ks}
+
+
+class SentenceEmbedding:
+    name = "embedding"
+    metric = "cos"
+
+    def __init__(self, sentences: dict[str, list[str]], sections: dict[str, list[tuple[str, str]]], tokenizer, reference: nn.Module,
+                 max_len: int = 128, eval_batch_size: int = 64, corpus_name: str = "text"):
+        """`tokenizer` is a `tokenizers.Tokenizer` (the reference's own tokenizer.json); sentences longer than
+        `max_len` tokens are cut. `sections`: (title, text) pairs of the held-out splits."""
+        if not isinstance(max_len, int) or isinstance(max_len, bool) or not 4 <= max_len <= 4096:
+            raise QDistillError(f"max_len must be an integer from 4 to 4096, got {max_len!r}")
+        if not sentences.get("train"):
+            raise QDistillError("the embedding task needs training sentences")
+        self.max_len, self.eval_batch_size, self.corpus_name = max_len, eval_batch_size, corpus_name
+        self.reference = reference.eval()  # its gradients are never needed (embed runs under no_grad); a student copied from it stays trainable
+        self.pad_id = tokenizer.token_to_id("[PAD]") or 0
+        self.tokenizer_digest = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
+        encode = lambda texts: self._encode(tokenizer, texts)  # noqa: E731
+        self.sentences = {s: encode(sentences[s]) for s in SPLITS if sentences.get(s)}
+        self.sections = {s: (encode([t for t, _ in pairs]), encode([d for _, d in pairs])) for s, pairs in sections.items() if pairs}
+        self.texts_digest = hashlib.sha256(json.dumps(sentences["train"]).encode()).hexdigest()[:16]
+        self._reference_embeddings: dict = {}
+
+    def _encode(self, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [N, max_len] (padded) and lengths [N]."""
+        tokenizer.enable_truncation(self.max_len)
+        tokenizer.no_padding()
+        encodings = tokenizer.encode_batch(texts)
+        ids = torch.full((len(texts), self.max_len), self.pad_id, dtype=torch.long)
+        lengths = torch.tensor([len(e.ids) for e in encodings], dtype=torch.long)
+        for i, e in enumerate(encodings):
+            ids[i, : len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
+        return ids, lengths
+
+    def _batch(self, data: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor) -> dict:
+        ids, lengths = data[0][index], data[1][index]
+        width = int(lengths.max())  # only as wide as the longest sentence of the batch
+        return {"x": ids[:, :width], "mask": (torch.arange(width) < lengths.unsqueeze(1)).long(), "index": index}
+
+    def train_size(self) -> int:
+        return len(self.sentences["train"][0])
+
+    def train_batch(self, epoch: int, position: int, cfg) -> dict:
+        order = epoch_order(self.train_size(), cfg.seed, epoch)
+        return self._batch(self.sentences["train"], order[position * cfg.batch_size : (position + 1) * cfg.batch_size])
+
+    def ordered_batches(self, split: str, batch_size: int, data=None):
+        data = data or self.sentences[split]
+        for start in range(0, len(data[0]), batch_size):
+            yield self._batch(data, torch.arange(start, min(start + batch_size, len(data[0]))))
+
+    def forward(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        out = model(input_ids=batch["x"], attention_mask=batch["mask"])
+        return mean_pool(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0], batch["mask"])
+
+    def loss(self, out: torch.Tensor, target, batch: dict, cfg) -> torch.Tensor:
+        if target is None:
+            raise QDistillError("the embedding task learns from its teacher's embeddings: use a distilling method (kd, qd, dq, qd+dq) or ptq")
+        return (1 - (out * target).sum(-1)).mean()
+
+    @torch.no_grad()
+    def embed(self, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        out = [self.forward(model, {k: v.to(device) for k, v in b.items()}).float().cpu() for b in self.ordered_batches("", self.eval_batch_size, data)]
+        model.train(was_training)
+        return torch.cat(out)
+
+    def _reference(self, split: str) -> torch.Tensor:
+        if split not in self._reference_embeddings:  # computed once per split
+            self._reference_embeddings[split] = self.embed(self.reference, self.sentences[split])
+        return self._reference_embeddings[split]
+
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        """cos: mean cosine to the teacher's embedding; nbr10: neighbour recall@10 against the teacher's
+        neighbours over the split's sentences; r1, r10: a section title retrieving its own section's text."""
+        ours, reference = self.embed(model, self.sentences[split]), self._reference(split)
+        out = {"cos": (ours * reference).sum(-1).mean().item(), "nbr10": neighbour_recall(ours, reference, k=min(10, len(ours) - 1))}
+        if split in self.sections:
+            recall = retrieval_recall(*(self.embed(model, d) for d in self.sections[split]))
+            out |= {"r1": recall[1], "r10": recall[10]}
+        return out
+
+    def has_split(self, split: str) -> bool:
+        return split in self.sentences
+
+    def describe(self) -> dict:
+        return {"task": self.name, "max_len": self.max_len, "corpus": self.corpus_name}
+
+    def data_key(self) -> str:
+        return hashlib.sha256(f"{self.texts_digest}-{self.tokenizer_digest}-{self.max_len}".encode()).hexdigest()[:16]
+
+    def spec_args(self) -> dict:
+        return {}
+
+    def sample(self) -> dict:
+        return self._batch(self.sentences["train"], torch.arange(min(2, self.train_size())))
+
+    def teacher(self, model: nn.Module, cfg, cache_dir, progress=None):
+        """The live teacher, or its embedding of every training sentence computed once and kept in `cache_dir`."""
+        if cfg.teacher_logits == "live" or cache_dir is None:
+            return LiveTeacher(model, self.forward)
+        key = hashlib.sha256(f"{model_digest(model)}-{self.data_key()}".encode()).hexdigest()[:24]
+        path = Path(cache_dir) / f"teacher-embeddings-{key}.npy"
+        if path.exists():
+            try:
+                cached = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as e:  # a damaged cache is recomputed, not trusted
+                print(f"warning: ignoring unreadable teacher-embedding cache {path}: {e}")
+            else:
+                if cached.shape[0] == self.train_size():
+                    return CachedTeacher(torch.from_numpy(cached.astype(np.float32)))
+        embeddings = self.embed(model, self.sentences["train"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, embeddings.numpy())
+        tmp.replace(path)
+        return CachedTeacher(embeddings)

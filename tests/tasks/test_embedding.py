@@ -1,0 +1,92 @@
+"""The sentence-embedding task on a tiny BERT: pooling, the metrics on known tensors, the teacher's
+embeddings cached once, and qd against ptq at 2 bits."""
+
+import copy
+
+import pytest
+import torch
+
+from qdistill import QDistillError, TrainConfig, train
+from qdistill.tasks.embedding import SentenceEmbedding, mean_pool, neighbour_recall, retrieval_recall
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+WORDS = "the a list dict of keys values returns new module function file path open read write close string bytes int".split()
+
+
+def tokenizer():
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    return tok
+
+
+def sentences(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (int(torch.randint(3, 12, (1,), generator=g)),), generator=g)) for _ in range(n)]
+
+
+def bert(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=4 + len(WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    return transformers.BertModel(config, add_pooling_layer=False)
+
+
+def task(reference, n_train=256):
+    sections = {s: list(zip(sentences(24, seed), sentences(24, seed + 100))) for s, seed in (("val", 1), ("test", 2))}
+    return SentenceEmbedding({"train": sentences(n_train, 0), "val": sentences(40, 1), "test": sentences(60, 2)}, sections, tokenizer(), reference, max_len=16)
+
+
+def test_mean_pool_leaves_padding_out():
+    hidden = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    padded = hidden.clone()
+    padded[0, 3:] = 1e3  # what padding positions hold must not matter
+    expected = torch.nn.functional.normalize(hidden[0, :3].mean(0), dim=0)
+    assert torch.allclose(mean_pool(padded, mask)[0], expected, atol=1e-6)
+
+
+def test_metrics_on_known_embeddings():
+    e = torch.nn.functional.normalize(torch.randn(50, 8), dim=1)
+    assert neighbour_recall(e, e, k=10) == 1.0
+    assert neighbour_recall(e[torch.randperm(50)], e, k=10) < 0.5  # neighbours scrambled
+    assert retrieval_recall(e, e) == {1: 1.0, 10: 1.0}
+    shifted = retrieval_recall(e, e.roll(1, 0))  # every answer is another's document
+    assert shifted[1] == 0.0
+
+
+def test_teacher_agrees_with_itself_and_a_stranger_does_not():
+    reference = bert()
+    t = task(reference)
+    own = t.evaluate(copy.deepcopy(reference), "test")
+    assert own["cos"] == pytest.approx(1.0, abs=1e-5) and own["nbr10"] == 1.0 and set(own) == {"cos", "nbr10", "r1", "r10"}
+    other = t.evaluate(bert(seed=1), "test")
+    assert other["cos"] < 0.99 and other["nbr10"] < 1.0
+    batch = t.train_batch(0, 0, TrainConfig(batch_size=8))
+    assert batch["x"].shape[1] == int(batch["mask"].sum(1).max())  # as wide as its longest sentence
+
+
+def test_teacher_embeddings_are_cached_once(tmp_path, monkeypatch):
+    reference = bert()
+    t = task(reference)
+    first = t.teacher(reference, TrainConfig(), tmp_path)
+    monkeypatch.setattr(t, "embed", lambda *a: pytest.fail("recomputed the cached embeddings"))
+    again = t.teacher(reference, TrainConfig(), tmp_path)
+    assert torch.equal(first.logits, again.logits) and first.logits.shape == (256, 32)
+
+
+def test_a_method_without_a_teacher_is_refused():
+    reference = bert()
+    with pytest.raises(QDistillError, match="teacher"):
+        train(copy.deepcopy(reference), task(reference), TrainConfig(method="qat", bits=4, epochs=1, batch_size=32), quiet=True)
+
+
+def test_qd_agrees_with_the_teacher_better_than_ptq_at_2_bits(tmp_path):
+    reference = bert()
+    t = task(reference, n_train=512)
+    cfg = TrainConfig(method="qd", bits=2, bucket=32, epochs=3, batch_size=32, optimizer="adamw", lr=3e-3, weight_decay=0.0, schedule="cosine")
+    ptq = train(copy.deepcopy(reference), t, cfg.replace(method="ptq"), quiet=True)
+    qd = train(copy.deepcopy(reference), t, cfg, teacher=reference, cache_dir=tmp_path, quiet=True)
+    assert set(qd.val) == {"cos", "nbr10", "r1", "r10"}
+    assert qd.val["cos"] > ptq.val["cos"] + 0.01
