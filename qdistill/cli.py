@@ -13,6 +13,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 from safetensors import safe_open
+from torch import nn
 
 from qdistill.data import load_dataset
 from qdistill.errors import QDistillError
@@ -21,7 +22,7 @@ from qdistill.export.packed import read_packed
 from qdistill.models import HF_FACTORY, LM_PRESETS, build_model, hf_spec, is_language_model, load_checkpoint, load_hf, model_spec, vocab_size_of
 from qdistill.pipeline import cache_dir, new_run_dir, run_method
 from qdistill.report import markdown_table, plot_history, result_columns
-from qdistill.tasks import TASKS, ImageClassification, LanguageModelling, generate
+from qdistill.tasks import TASKS, ImageClassification, LanguageModelling, SentenceEmbedding, generate
 from qdistill.train import METHODS, TrainConfig, read_yaml
 from qdistill.train.loop import resolve_device
 from qdistill.train.state import Checkpoint, check_intervals
@@ -84,7 +85,7 @@ def add_hf_flag(p: argparse.ArgumentParser) -> None:
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", choices=list(TASKS), help="classification or lm (default: lm for a language-model preset, else classification)")
+    p.add_argument("--task", choices=list(TASKS), help="classification, lm or embedding (default: lm for a language model, embedding for a Hugging Face encoder, else classification)")
     p.add_argument("--dataset", default="fashion-mnist", help="'fashion-mnist' or a hook 'package.module:function' returning a qdistill.data.Dataset")
     p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (else $QDISTILL_DATA, then Debian's folder)")
     p.add_argument("--train-subset", type=int, help="use only the first N training examples (lm: tokens)")
@@ -107,27 +108,58 @@ def data_from(args):
 
 
 def task_name(args, *models) -> str:
-    """--task, else lm when a model named (a preset, an hf: directory, a file's spec, or the task a file
-    was trained on) is a language model, else classification. A Hugging Face encoder has no task yet."""
+    """--task, else embedding for a Hugging Face encoder, lm when a model named (a preset, an hf: directory,
+    a file's spec, or the task a file was trained on) is a language model, else classification."""
     specs = [hf_spec(m.removeprefix("hf:"), getattr(args, "hf_head", None)) if isinstance(m, str) and m.startswith("hf:") else m for m in models if m]
-    if any(isinstance(m, dict) and m.get("factory") == HF_FACTORY and m["kwargs"]["head"] == "encoder" for m in specs):
-        raise QDistillError("a Hugging Face encoder has no task to train or evaluate on in qdistill yet; the commands take causal language models (--hf-head causal-lm)")
     if args.task:
         return args.task
+    if any(isinstance(m, dict) and (m.get("task") == "embedding" or m.get("factory") == HF_FACTORY and m["kwargs"]["head"] == "encoder") for m in specs):
+        return "embedding"
     lm = any((m in LM_PRESETS) if isinstance(m, str) else is_language_model(m) or m.get("task") == "lm" for m in specs)
     return "lm" if lm else "classification"
+
+
+NO_REFERENCE = "the embedding task measures a model against its teacher: give --teacher hf:DIR (the sentence encoder it was distilled from)"
+
+
+def embedding_task(args, reference: nn.Module | None) -> SentenceEmbedding:
+    """The sentences of --text-dir (default: the Python docs) split by file, tokenized with the teacher's
+    tokenizer.json (--tokenizer, else the one in the teacher's hf: directory)."""
+    from tokenizers import Tokenizer
+
+    from qdistill.data.sentences import load_sections, load_sentences
+    from qdistill.data.text import SPLITS, python_docs_dir
+
+    if reference is None:
+        raise QDistillError(NO_REFERENCE)
+    path = args.tokenizer or (Path(args.teacher.removeprefix("hf:")) / "tokenizer.json" if args.teacher.startswith("hf:") else None)
+    if path is None or not Path(path).is_file():
+        raise QDistillError(f"no tokenizer for the embedding task{f' ({path} not found)' if path else ''}: give --tokenizer TOKENIZER.JSON (the teacher's own)")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises its own exception type
+        raise QDistillError(f"{path} is not a tokenizer.json the tokenizers library reads: {str(e).splitlines()[0][:200]}") from None
+    folder = Path(args.text_dir) if args.text_dir else python_docs_dir()
+    sentences = {s: load_sentences(folder, s) for s in SPLITS}
+    sentences["train"] = sentences["train"][: args.train_subset]
+    sentences |= {s: sentences[s][: args.test_subset] for s in ("val", "test")}
+    sections = {s: load_sections(folder, s) for s in ("val", "test")}
+    return SentenceEmbedding(sentences, sections, tokenizer, reference, max_len=128 if args.seq_len is None else args.seq_len, corpus_name=folder.name)
 
 
 DEFAULT_MODELS = {"classification": ("tiny", "resnet-small"), "lm": ("lstm-tiny", "lstm-small")}  # (student, teacher)
 
 
-def task_from(args, name: str):
-    """The task a command runs: Fashion-MNIST (or a dataset hook), or a token corpus cut into windows."""
+def task_from(args, name: str, reference: nn.Module | None = None):
+    """The task a command runs: Fashion-MNIST (or a dataset hook), a token corpus cut into windows, or the
+    sentences of a text folder embedded as the `reference` encoder embeds them."""
     if name == "classification":
         return ImageClassification(data_from(args))
+    if name == "embedding":
+        return embedding_task(args, reference)
     from qdistill.data.text import load_python_docs, load_text_folder, load_token_files
 
-    if args.tokenizer and not args.token_files:
+    if args.tokenizer and not args.token_files:  # (the embedding task reads a tokenizer.json of its own)
         raise QDistillError("--tokenizer goes with --token-files (a text corpus brings its own tokenizer)")
     vocab_size = 8192 if args.vocab_size is None else args.vocab_size
     if args.token_files:
@@ -223,7 +255,11 @@ def cmd_distill(args) -> None:
     name = task_name(args, args.student, args.teacher_model, *files)
     if not args.resume:
         cfg = config_from(args, defaults=TASKS[name], method=args.method)
-    task = task_from(args, name)
+    reference = None
+    if name == "embedding":  # the task scores against the teacher, and the student is its copy unless told
+        reference = load_any(args.teacher, None, args.trust_code, args.hf_head)[0] if args.teacher else None
+        args.init = args.init or (args.teacher if not args.student else None)
+    task = task_from(args, name, reference)
     method = cfg.spec
     spec = model_spec(args.student, **task.spec_args(), hf_head=args.hf_head) if args.student else None
     init = None
@@ -237,7 +273,7 @@ def cmd_distill(args) -> None:
         if not args.teacher:
             raise QDistillError(f"method {cfg.method} distills from a teacher: give --teacher FILE (from `qdistill train-teacher`)")
         teacher_spec = model_spec(args.teacher_model, **task.spec_args(), hf_head=args.hf_head) if args.teacher_model else None
-        teacher = load_any(args.teacher, teacher_spec, args.trust_code, args.hf_head)[0]
+        teacher = reference or load_any(args.teacher, teacher_spec, args.trust_code, args.hf_head)[0]
     if not args.resume:
         run_dir = new_run_dir(args.run_dir, f"distill-{cfg.method}")
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -277,9 +313,10 @@ def saved_task(path: str) -> dict:
 def model_and_task(args, require_lm: bool = False):
     """The model in args.file and the task it is evaluated on: lm when the file holds a language model,
     with its vocabulary and window length unless flags say otherwise."""
-    if args.file.startswith("hf:"):
-        task_name(args, args.file)  # its config.json says: an encoder is refused before its weights load
     saved = saved_task(args.file)
+    said = task_name(args, args.file) if args.file.startswith("hf:") else args.task or saved.get("task")  # before any weights load
+    if said == "embedding" and not getattr(args, "teacher", None):
+        raise QDistillError(NO_REFERENCE)
     if saved.get("task") == "lm":
         args.vocab_size = args.vocab_size if args.vocab_size is not None else saved.get("vocab_size")
         args.seq_len = args.seq_len if args.seq_len is not None else saved.get("seq_len")
@@ -290,7 +327,9 @@ def model_and_task(args, require_lm: bool = False):
     def task_named(name: str):
         if require_lm and name != "lm":  # refused before any data are read
             raise QDistillError(f"{args.file} is not a language model: generate samples text from one (or pass --task lm)")
-        return task_from(args, name)
+        teacher = getattr(args, "teacher", None)  # an embedding model is scored against its teacher
+        reference = load_any(teacher, None, args.trust_code, args.hf_head)[0] if name == "embedding" and teacher else None
+        return task_from(args, name, reference)
 
     # the caller's architecture is sized by the data, so its task comes first; else the file's spec says
     task = task_named(task_name(args, args.model, saved)) if args.model else None
@@ -393,9 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("eval", help="test accuracy (lm: perplexity, bits per byte) of a packed model, a checkpoint or hf:DIR")
+    p = sub.add_parser("eval", help="test accuracy (lm: perplexity, bits per byte; embedding: agreement with the teacher) of a packed model, a checkpoint or hf:DIR")
     p.add_argument("file")
     p.add_argument("--model", help="the file's architecture, a preset, hf:DIR or package.module:factory (for a plain state dict or a model of your own)")
+    p.add_argument("--teacher", help="embedding models: the teacher (hf:DIR) their embeddings are compared with")
     add_hf_flag(p)
     add_trust_flag(p)
     add_data_flags(p)

@@ -73,6 +73,9 @@ def as_task(data) -> Task:
 TASKS = {
     "classification": {},
     "lm": {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.01, "schedule": "cosine", "warmup": 0.05, "batch_size": 32, "grad_clip": 1.0, "temperature": 1.0},
+    # a pretrained encoder distilled into low-bit copies of itself: sentence-transformers' fine-tuning
+    # defaults (AdamW, lr 2e-5, 10 % warm-up) until options are chosen on the validation split
+    "embedding": {"optimizer": "adamw", "lr": 2e-5, "weight_decay": 0.01, "schedule": "cosine", "warmup": 0.1, "batch_size": 32, "grad_clip": 1.0},
 }
 
 __all__ = ["Batch", "ImageClassification", "LanguageModelling", "SentenceEmbedding", "TASKS", "Task", "accuracy", "as_task", "generate", "to_device"]

@@ -298,7 +298,7 @@ def test_nothing_touches_the_network_or_the_hugging_face_cache(pretrained, packe
         (["distill", "--student", "hf:/nonexistent"], "no such directory"),
         (["distill", "--student", "hf:{empty}"], "no config.json"),
         (["distill", "--teacher", "hf:/nonexistent", "--task", "lm"], "no such directory"),
-        (["eval", "hf:{bert}"], "encoder has no task"),
+        (["eval", "hf:{bert}"], "give --teacher hf:DIR"),
         (["export", "/nonexistent.safetensors", "{empty}/out"], "does not exist"),
     ],
 )

@@ -27,10 +27,10 @@ def sentences(n, seed):
     return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (int(torch.randint(3, 12, (1,), generator=g)),), generator=g)) for _ in range(n)]
 
 
-def bert(seed=0):
+def bert(seed=0, pooler=False):
     torch.manual_seed(seed)
     config = transformers.BertConfig(vocab_size=4 + len(WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
-    return transformers.BertModel(config, add_pooling_layer=False)
+    return transformers.BertModel(config, add_pooling_layer=pooler)  # a saved encoder keeps its pooler, as MiniLM's does
 
 
 def task(reference, n_train=256):
@@ -90,3 +90,36 @@ def test_qd_agrees_with_the_teacher_better_than_ptq_at_2_bits(tmp_path):
     qd = train(copy.deepcopy(reference), t, cfg, teacher=reference, cache_dir=tmp_path, quiet=True)
     assert set(qd.val) == {"cos", "nbr10", "r1", "r10"}
     assert qd.val["cos"] > ptq.val["cos"] + 0.01
+
+
+def rest_folder(path, files=12):
+    """reST files of titled sections of WORDS sentences: a sentence corpus for the command line."""
+    path.mkdir()
+    for i in range(files):
+        body = []
+        for j in range(3):
+            title = f"Section {i} {j}"
+            body += [title, "=" * len(title), "", " ".join(s.capitalize() + "." for s in sentences(8, 10 * i + j) if len(s.split()) >= 6), ""]
+        (path / f"doc{i}.rst").write_text("\n".join(body))
+    return path
+
+
+def test_command_line_distills_an_encoder_into_a_low_bit_copy_and_evaluates_it(tmp_path, capsys):
+    import json
+
+    from qdistill.cli import main
+
+    teacher = bert(pooler=True)
+    teacher.config.architectures = ["BertModel"]
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer().save(str(tmp_path / "teacher" / "tokenizer.json"))
+    texts = ["--text-dir", str(rest_folder(tmp_path / "texts")), "--seq-len", "16", "--quiet"]
+    hf = f"hf:{tmp_path / 'teacher'}"
+    assert main(["distill", "--teacher", hf, "--method", "qd", "--bits", "4", "--epochs", "1", "--run-dir", str(tmp_path / "run"), *texts]) == 0
+    row = json.loads((tmp_path / "run" / "results.json").read_text())["rows"][0]
+    assert row["bits"] == 4 and 0.5 < row["test_cos"] <= 1.0 and {"test_nbr10", "test_r1", "test_r10"} <= set(row)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run" / row["file"]), "--teacher", hf, *texts]) == 0
+    assert json.loads(capsys.readouterr().out)["test_cos"] == row["test_cos"]  # the packed file scores as trained
+    assert main(["eval", str(tmp_path / "run" / row["file"]), *texts]) == 2
+    assert "give --teacher hf:DIR" in capsys.readouterr().err
