@@ -410,3 +410,26 @@ def test_language_model_table_end_to_end(tmp_path, monkeypatch):
     assert saved["metric"] == "ppl" and [s["method"] for s in saved["summary"]] == ["fp", "kd", "ptq (global)", "ptq", "qd", "qd (from kd, mse, T 1)"]
     assert all(r["test_ppl"] > 1 for r in saved["rows"])
     assert "test perplexity" in (tmp_path / "out" / "lm-t.md").read_text() and (tmp_path / "out" / "lm-t.png").exists()
+
+
+def test_embedding_table_smoke_and_resume(tmp_path, monkeypatch):
+    """bench/embedding.py on a tiny BERT: the teacher's row agrees with itself, every method and bit width
+    gets a row, and a second run reads the rows back instead of training again."""
+    from tests.tasks.test_embedding import bert, rest_folder, tokenizer
+
+    embedding = load("embedding")
+    teacher = bert(pooler=True)
+    teacher.config.architectures = ["BertModel"]
+    teacher.save_pretrained(tmp_path / "bert")
+    tokenizer().save(str(tmp_path / "bert" / "tokenizer.json"))
+    monkeypatch.setattr(embedding, "worker_pool", lambda workers: ThreadPoolExecutor(1))
+    args = ["--model-dir", str(tmp_path / "bert"), "--text-dir", str(rest_folder(tmp_path / "texts")), "--bits", "4", "--seeds", "0", "--max-len", "16",
+            "--batch-size", "8", "--lr", "1e-3", "--out", str(tmp_path / "out"), "--tag", "t"]
+    embedding.main(args)
+    saved = json.loads((tmp_path / "out" / "embedding-t.json").read_text())
+    rows = {r["method"]: r for r in saved["rows"]}
+    assert set(rows) == {"teacher", "ptq", "ptq (mse)", "qd"}
+    assert rows["teacher"]["test_cos"] == pytest.approx(1.0, abs=1e-5) and rows["teacher"]["test_nbr10"] == 1.0
+    assert all(r["size_bytes"] < rows["teacher"]["size_bytes"] / 3 for m, r in rows.items() if m != "teacher")
+    monkeypatch.setattr(embedding, "run_job", lambda *a: pytest.fail("ran a finished job again"))
+    embedding.main(args)

