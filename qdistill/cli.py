@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -94,7 +96,7 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("language modelling (--task lm)")
     g.add_argument("--text-dir", help="a folder of text files, split by file (default: the Python 3.11 docs of Debian's python3.11-doc)")
     g.add_argument("--token-files", nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="your own token ids (.npy, or .bin of uint16) instead of text")
-    g.add_argument("--tokenizer", help="with --token-files: their tokenizer.json (for generate)")
+    g.add_argument("--tokenizer", help="with --token-files: their tokenizer.json (for generate); embedding: the teacher's (default: its hf: directory's)")
     g.add_argument("--vocab-size", type=int, help="byte-level BPE vocabulary trained on the text's train split (default 8192)")
     g.add_argument("--seq-len", type=int, help="tokens per training window (default 128)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -205,6 +207,8 @@ def show_rows(rows: list[dict], title: str, metric: str = "acc") -> None:
 
 def cmd_train_teacher(args) -> None:
     name = task_name(args, args.model)
+    if name == "embedding":
+        raise QDistillError("an embedding task's teacher is a pretrained sentence encoder: pass it to distill as --teacher hf:DIR")
     args.model = args.model or DEFAULT_MODELS[name][1]
     cfg = config_from(args, defaults=TASKS[name], method="fp")
     task = task_from(args, name)
@@ -255,14 +259,15 @@ def cmd_distill(args) -> None:
     name = task_name(args, args.student, args.teacher_model, *files)
     if not args.resume:
         cfg = config_from(args, defaults=TASKS[name], method=args.method)
-    reference = None
-    if name == "embedding":  # the task scores against the teacher, and the student is its copy unless told
-        reference = load_any(args.teacher, None, args.trust_code, args.hf_head)[0] if args.teacher else None
-        args.init = args.init or (args.teacher if not args.student else None)
+    reference = init = spec = None
+    if name == "embedding" and args.teacher:  # the task scores against the teacher; the student is its copy unless told
+        reference, reference_spec = load_any(args.teacher, None, args.trust_code, args.hf_head)
+        if not (args.student or args.init):
+            init, spec = copy.deepcopy(reference), reference_spec
     task = task_from(args, name, reference)
     method = cfg.spec
-    spec = model_spec(args.student, **task.spec_args(), hf_head=args.hf_head) if args.student else None
-    init = None
+    if args.student:
+        spec = model_spec(args.student, **task.spec_args(), hf_head=args.hf_head)
     if args.init:
         init, spec = load_any(args.init, spec, args.trust_code, args.hf_head)
     spec = spec or model_spec(DEFAULT_MODELS[name][0], **task.spec_args())
@@ -483,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' own bars, beside ours, per file loaded
     args = build_parser().parse_args(argv)
     if getattr(args, "method", "x") is None:
         args.method = "qd"

@@ -123,3 +123,13 @@ def test_command_line_distills_an_encoder_into_a_low_bit_copy_and_evaluates_it(t
     assert json.loads(capsys.readouterr().out)["test_cos"] == row["test_cos"]  # the packed file scores as trained
     assert main(["eval", str(tmp_path / "run" / row["file"]), *texts]) == 2
     assert "give --teacher hf:DIR" in capsys.readouterr().err
+
+
+def test_command_line_embedding_errors_are_one_line(tmp_path, capsys):
+    from qdistill.cli import main
+
+    for argv, message in [(["train-teacher", "--task", "embedding"], "pretrained sentence encoder"),
+                          (["distill", "--task", "embedding", "--method", "qd"], "give --teacher hf:DIR")]:
+        assert main([*argv, "--run-dir", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("qdistill: error:") and message in err and err.count("\n") == 1
