@@ -13,17 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from qdistill.errors import QDistillError
 from qdistill.export.huffman import mean_code_length
+from qdistill.files import write_safetensors
 from qdistill.models import build_model, load_state
 from qdistill.quant import LearnedPointsQuantizer, pack_bits, packed_bytes, quantized_tensors, unpack_bits
 from qdistill.quant.base import Encoded
@@ -96,9 +95,7 @@ def save_packed(model: nn.Module, spec: dict, path: str | Path, info: dict | Non
     meta = {"format": FORMAT, "version": VERSION, "spec": spec, "quantized": layout, "kept": kept, "aliases": aliases, "info": info or {}}
     meta["sha256"] = _digest(meta, tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"qdistill": json.dumps(meta, separators=(",", ":"))})
-    os.replace(tmp, path)
+    write_safetensors({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"qdistill": json.dumps(meta, separators=(",", ":"))})
     return path
 
 

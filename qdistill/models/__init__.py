@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from qdistill.data.dataset import load_object
 from qdistill.errors import QDistillError
+from qdistill.files import write_safetensors
 from qdistill.models.convnet import STUDENT_PRESETS, ConvStudent, conv_student
 from qdistill.models.hf import HF_FACTORY, check_hf_kwargs, hf_model, hf_spec, load_hf
 from qdistill.models.lm import LSTM_PRESETS, TRANSFORMER_PRESETS, LSTMLanguageModel, lstm_lm, transformer_lm
@@ -139,9 +139,7 @@ def save_checkpoint(model: nn.Module, spec: dict, path: str | Path, extra: dict 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"qdistill": "checkpoint", "spec": json.dumps(spec), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in _first_names(model).items()}, tmp, metadata=meta)
-    tmp.replace(path)
+    write_safetensors({k: v.detach().contiguous().cpu() for k, v in _first_names(model).items()}, path, metadata=meta)
 
 
 def _first_names(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -136,3 +136,18 @@ def test_tied_weights_are_stored_once_and_load_tied(tmp_path, exclude):
     assert "emb.weight" in stored and "head.weight" not in stored and meta["aliases"] == {"head.weight": "emb.weight"}
     info = inspect_packed(path)
     assert info["quantized_weights"] + info["kept_values"] == sum(p.numel() for p in TiedLM().parameters())
+
+
+def test_saved_files_have_the_usual_permissions(tmp_path):
+    """safetensors writes 0600; a shipped model must be readable as any file its user creates."""
+    import os
+
+    from qdistill.files import current_umask
+    from qdistill.models import save_checkpoint
+
+    model = quantized_model()
+    packed = save_packed(model, model_spec("tiny"), tmp_path / "m.safetensors")
+    save_checkpoint(build_model(model_spec("tiny")), model_spec("tiny"), tmp_path / "c.safetensors")
+    for path in (packed, tmp_path / "c.safetensors"):
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~current_umask()
+    assert not list(tmp_path.glob("*.tmp"))

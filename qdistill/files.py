@@ -1,0 +1,26 @@
+"""Files users keep (models, checkpoints): written whole or not at all, and with the permissions of any
+file they create. safetensors writes 0600 whatever the umask, so a shipped model would be unreadable
+to the other accounts that serve it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write to a temporary name beside `path`, set the usual permissions, then rename: a kill leaves the
+    old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata=metadata)
+    os.chmod(tmp, 0o666 & ~current_umask())
+    os.replace(tmp, path)
