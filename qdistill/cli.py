@@ -291,7 +291,7 @@ def cmd_distill(args) -> None:
     row, _ = run_method(cfg.method, spec, task, cfg, run_dir, teacher=teacher, init=init, quiet=args.quiet, checkpoint=checkpoint)
     (run_dir / "results.json").write_text(json.dumps({"rows": [row], "config": cfg.to_dict()}, indent=1))
     state.unlink(missing_ok=True)  # finished: the results and the model are what is kept
-    title = f"{cfg.method} on {spec.get('kwargs', {}).get('size', spec['factory'])}"
+    title = f"{cfg.method} on {model_name(spec)}"
     plot = plot_history(run_dir / "metrics.jsonl", run_dir / "training.png", title, task.metric)
     report = f"# qdistill distill --method {cfg.method}\n\n" + markdown_table([row], result_columns(task.metric)) + "\n"
     if plot:
@@ -299,6 +299,14 @@ def cmd_distill(args) -> None:
     (run_dir / "report.md").write_text(report)
     show_rows([row], title, task.metric)
     out.print(f"model saved to {run_dir / row['file']}")
+
+
+def model_name(spec: dict) -> str:
+    """A preset's size, a Hugging Face model's architecture, else the factory."""
+    kwargs = spec.get("kwargs", {})
+    if spec.get("factory") == HF_FACTORY:
+        return (kwargs["config"].get("architectures") or [kwargs["config"].get("model_type", "transformers model")])[0]
+    return kwargs.get("size", spec["factory"])
 
 
 def saved_task(path: str) -> dict:
