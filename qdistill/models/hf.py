@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from qdistill.errors import QDistillError
@@ -59,14 +60,26 @@ def _mappings(head: str) -> dict:
     return modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if head == "causal-lm" else modeling_auto.MODEL_MAPPING_NAMES
 
 
+# The same sizes under the names other configs give them: a nested config without a model_type (its
+# parent's class fills the type in) is checked under every name, since its class is not known yet.
+OTHER_SIZE_NAMES = {
+    **dict.fromkeys(("n_layer", "n_layers", "num_layers", "encoder_layers", "decoder_layers"), 1024),
+    **dict.fromkeys(("n_head", "num_heads", "encoder_attention_heads", "decoder_attention_heads"), 1024),
+    **dict.fromkeys(("n_embd", "d_model", "hidden_dim"), 1 << 16),
+    **dict.fromkeys(("d_ff", "ffn_dim", "n_inner", "encoder_ffn_dim", "decoder_ffn_dim"), 1 << 18),
+    **dict.fromkeys(("n_positions", "n_ctx"), 1 << 24),
+}
+
+
 def _sub_configs(config: dict, depth: int = 0):
-    """The config and every config nested in it (a multimodal model's text_config, ...), as dicts."""
+    """The config and every dict nested in it (a multimodal model's text_config, typed or not, ...)."""
     if depth > 8:  # real models nest two or three deep
         raise QDistillError("the config nests sub-configs more than 8 deep: not a model's config")
     yield config
     for value in config.values():
-        if isinstance(value, dict) and "model_type" in value:
-            yield from _sub_configs(value, depth + 1)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict):
+                yield from _sub_configs(item, depth + 1)
 
 
 def check_hf_kwargs(kwargs: dict) -> dict:
@@ -84,8 +97,8 @@ def check_hf_kwargs(kwargs: dict) -> dict:
 
     subs = list(_sub_configs(config))
     for sub in subs:  # names only: nothing of the model type is imported before these pass
-        model_type = sub.get("model_type")
-        if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
+        model_type = sub.get("model_type", config["model_type"] if sub is not config else None)  # untyped: its parent's
+        if "model_type" in sub and (not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES):
             raise QDistillError(
                 f"model type {model_type!r} is not one transformers {transformers.__version__} knows: "
                 "a newer transformers may know it; custom code from a model directory is never run"
@@ -97,9 +110,10 @@ def check_hf_kwargs(kwargs: dict) -> dict:
         other = "encoder" if head == "causal-lm" else "causal-lm"
         raise QDistillError(f"transformers has no {head} model for model type {config['model_type']!r} (--hf-head {other} builds the other kind)")
     for sub in subs:
-        model_type = sub["model_type"]
-        for name, limit in SIZE_LIMITS.items():
-            key = CONFIG_MAPPING[model_type].attribute_map.get(name, name)  # GPT-2 says n_layer for num_hidden_layers
+        model_type = sub.get("model_type", config["model_type"])
+        aliases = CONFIG_MAPPING[model_type].attribute_map if "model_type" in sub else {}  # GPT-2 says n_layer for num_hidden_layers
+        limits = {aliases.get(name, name): limit for name, limit in SIZE_LIMITS.items()} | OTHER_SIZE_NAMES
+        for key, limit in limits.items():
             value = sub.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit):
                 raise QDistillError(f"the {model_type} config's {key} is {value!r}: qdistill builds models with {key} up to {limit:,}")
@@ -168,6 +182,8 @@ def _read_config(directory: Path) -> dict:
 def _infer_head(config: dict, source) -> str:
     """causal-lm when the config's architectures name a causal LM, else encoder; no architectures: ask."""
     architectures = config.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise QDistillError(f"{source}: architectures must be a list of class names, got {architectures!r}")
     if not architectures:
         raise QDistillError(f"{source} names no architectures: say which model to build (--hf-head causal-lm or encoder; head= in Python)")
     return "causal-lm" if set(architectures) & set(_mappings("causal-lm").values()) else "encoder"
@@ -200,7 +216,7 @@ def load_hf(directory, head: str | None = None) -> tuple[nn.Module, dict]:
         model, info = _auto_class(head).from_pretrained(
             directory, config=config, dtype=torch.float32, local_files_only=True, trust_remote_code=False, use_safetensors=True, output_loading_info=True
         )
-    except (OSError, ValueError, RuntimeError) as e:  # no safetensors weights, or weights of other shapes
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # no safetensors weights, damaged ones, or weights of other shapes
         raise QDistillError(f"cannot load the weights in hf:{directory}: {_message(e)}") from None
     if info["missing_keys"] or info["mismatched_keys"]:
         missing = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])

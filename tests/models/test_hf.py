@@ -197,6 +197,9 @@ def crafted(marker: Path):
         ("huge vocabulary", lambda k: k["config"].update(vocab_size=10**9), "vocab_size"),
         ("a million layers", lambda k: k["config"].update(num_hidden_layers=10**6), "num_hidden_layers"),
         ("a layer count as text", lambda k: k["config"].update(num_hidden_layers="2"), "num_hidden_layers"),
+        ("a million layers in an untyped sub-config", lambda k: k["config"].update(text_config={"num_hidden_layers": 10**6}), "num_hidden_layers"),
+        ("a million layers under another name", lambda k: k["config"].update(text_config={"n_layer": 10**6}), "n_layer"),
+        ("auto_map in an untyped sub-config", lambda k: k["config"].update(text_config={"auto_map": {"AutoConfig": f"{EVIL}.Config"}}), "custom code"),
         ("sizes each allowed, too large together", lambda k: k["config"].update(huge), f"more than the {MAX_PARAMETERS:,}"),
         ("unknown head", lambda k: k.update(head="seq2seq"), "unknown Hugging Face head"),
         ("no causal LM of that type", lambda k: k["config"].update(model_type="t5"), "no causal-lm model"),
@@ -344,3 +347,13 @@ def test_cli_distills_an_hf_student_from_an_hf_teacher_and_exports_it(tmp_path, 
     row = json.loads((tmp_path / "ptq" / "results.json").read_text())["rows"][0]
     assert type(load_packed(tmp_path / "ptq" / row["file"])[0]).__name__ == "LlamaForCausalLM"
     assert row["test_ppl"] == pytest.approx(teacher_ppl, rel=0.01)  # 8 bits: the teacher's weights, nearly
+
+
+def test_damaged_weights_in_a_directory_are_one_clear_error(pretrained, tmp_path):
+    import shutil
+
+    shutil.copytree(pretrained("llama")[0], tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(QDistillError, match="cannot load the weights"):
+        load_hf(tmp_path / "m")
