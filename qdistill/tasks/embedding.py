@@ -47,7 +47,7 @@ def neighbour_recall(embeddings: torch.Tensor, reference: torch.Tensor, k: int =
 def retrieval_recall(queries: torch.Tensor, documents: torch.Tensor, ks=(1, 10)) -> dict[int, float]:
     """Query i's answer is document i: the share of queries whose answer ranks in the top k, per k."""
     scores = queries @ documents.T
-    rank = (scores > scores.diagonal().unsqueeze(1)).sum(1)  # documents scored above the answer
+    rank = (scores >= scores.diagonal().unsqueeze(1)).sum(1) - 1  # documents scored at or above the answer: ties lose
     return {k: (rank < k).float().mean().item() for k in ks}
 
 
@@ -61,8 +61,9 @@ class SentenceEmbedding:
         `max_len` tokens are cut. `sections`: (title, text) pairs of the held-out splits."""
         if not isinstance(max_len, int) or isinstance(max_len, bool) or not 4 <= max_len <= 4096:
             raise QDistillError(f"max_len must be an integer from 4 to 4096, got {max_len!r}")
-        if not sentences.get("train"):
-            raise QDistillError("the embedding task needs training sentences")
+        for split in SPLITS:
+            if len(sentences.get(split) or ()) < 2:
+                raise QDistillError(f"the embedding task needs at least 2 {split} sentences, found {len(sentences.get(split) or ())}: give a larger --text-dir or subset")
         self.max_len, self.eval_batch_size, self.corpus_name = max_len, eval_batch_size, corpus_name
         self.reference = reference.eval()  # its gradients are never needed (embed runs under no_grad); a student copied from it stays trainable
         self.pad_id = tokenizer.token_to_id("[PAD]") or 0
@@ -103,7 +104,9 @@ class SentenceEmbedding:
 
     def forward(self, model: nn.Module, batch: dict) -> torch.Tensor:
         out = model(input_ids=batch["x"], attention_mask=batch["mask"])
-        return mean_pool(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0], batch["mask"])
+        if not hasattr(out, "last_hidden_state"):
+            raise QDistillError(f"{type(model).__name__} gives no hidden states (last_hidden_state): the embedding task takes encoders (--hf-head encoder)")
+        return mean_pool(out.last_hidden_state, batch["mask"])
 
     def loss(self, out: torch.Tensor, target, batch: dict, cfg) -> torch.Tensor:
         if target is None:
@@ -128,6 +131,8 @@ class SentenceEmbedding:
         """cos: mean cosine to the teacher's embedding; nbr10: neighbour recall@10 against the teacher's
         neighbours over the split's sentences; r1, r10: a section title retrieving its own section's text."""
         ours, reference = self.embed(model, self.sentences[split]), self._reference(split)
+        if ours.shape != reference.shape:
+            raise QDistillError(f"the model's embeddings have {ours.shape[1]} dimensions, its teacher's {reference.shape[1]}: compare a model with its own teacher")
         out = {"cos": (ours * reference).sum(-1).mean().item(), "nbr10": neighbour_recall(ours, reference, k=min(10, len(ours) - 1))}
         if split in self.sections:
             recall = retrieval_recall(*(self.embed(model, d) for d in self.sections[split]))

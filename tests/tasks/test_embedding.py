@@ -54,6 +54,17 @@ def test_metrics_on_known_embeddings():
     assert retrieval_recall(e, e) == {1: 1.0, 10: 1.0}
     shifted = retrieval_recall(e, e.roll(1, 0))  # every answer is another's document
     assert shifted[1] == 0.0
+    collapsed = torch.ones(50, 8) / 8**0.5  # a broken model embedding everything alike retrieves nothing
+    assert retrieval_recall(collapsed, collapsed) == {1: 0.0, 10: 0.0}
+
+
+def test_too_few_held_out_sentences_and_a_foreign_model_are_refused():
+    reference = bert()
+    with pytest.raises(QDistillError, match="at least 2 test sentences"):
+        SentenceEmbedding({"train": sentences(8, 0), "val": sentences(4, 1), "test": sentences(1, 2)}, {}, tokenizer(), reference)
+    wider = transformers.BertModel(transformers.BertConfig(vocab_size=4 + len(WORDS), hidden_size=48, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64))
+    with pytest.raises(QDistillError, match="48 dimensions, its teacher's 32"):
+        task(reference).evaluate(wider, "val")
 
 
 def test_teacher_agrees_with_itself_and_a_stranger_does_not():
@@ -113,13 +124,13 @@ def test_command_line_distills_an_encoder_into_a_low_bit_copy_and_evaluates_it(t
     teacher.config.architectures = ["BertModel"]
     teacher.save_pretrained(tmp_path / "teacher")
     tokenizer().save(str(tmp_path / "teacher" / "tokenizer.json"))
-    texts = ["--text-dir", str(rest_folder(tmp_path / "texts")), "--seq-len", "16", "--quiet"]
+    texts = ["--text-dir", str(rest_folder(tmp_path / "texts")), "--seq-len", "12", "--quiet"]
     hf = f"hf:{tmp_path / 'teacher'}"
     assert main(["distill", "--teacher", hf, "--method", "qd", "--bits", "4", "--epochs", "1", "--run-dir", str(tmp_path / "run"), *texts]) == 0
     row = json.loads((tmp_path / "run" / "results.json").read_text())["rows"][0]
     assert row["bits"] == 4 and 0.5 < row["test_cos"] <= 1.0 and {"test_nbr10", "test_r1", "test_r10"} <= set(row)
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "run" / row["file"]), "--teacher", hf, *texts]) == 0
+    assert main(["eval", str(tmp_path / "run" / row["file"]), "--teacher", hf, "--text-dir", texts[1]]) == 0  # max_len: the file's
     assert json.loads(capsys.readouterr().out)["test_cos"] == row["test_cos"]  # the packed file scores as trained
     assert main(["eval", str(tmp_path / "run" / row["file"]), *texts]) == 2
     assert "give --teacher hf:DIR" in capsys.readouterr().err
