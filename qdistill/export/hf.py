@@ -24,7 +24,9 @@ def save_pretrained_dir(model: nn.Module, out_dir: str | Path, overwrite: bool =
     out = Path(out_dir)
     if not hasattr(model, "save_pretrained"):
         raise QDistillError(f"a {type(model).__name__} is not a transformers model: only hf: models and the gpt-* presets export to Hugging Face")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if out.exists() and not out.is_dir():
+        raise QDistillError(f"{out} is a file, not a directory: choose a directory to write the model into (nothing was written)")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise QDistillError(f"{out} already exists and is not an empty directory; choose another or pass --overwrite (nothing was written)")
     if quantized_tensors(model):
         model = detach(copy.deepcopy(model), keep_quantized=True)
@@ -34,5 +36,7 @@ def save_pretrained_dir(model: nn.Module, out_dir: str | Path, overwrite: bool =
 
 def export_hf(packed: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """The model in a packed file, rebuilt from the file alone, as a save_pretrained directory."""
+    if Path(packed).resolve().parent == Path(out_dir).resolve():  # transformers' own file names could replace it
+        raise QDistillError(f"{out_dir} holds {packed}: write the exported directory elsewhere (nothing was written)")
     model, _ = load_packed(packed)
     return save_pretrained_dir(model, out_dir, overwrite)

@@ -244,6 +244,13 @@ def test_export_refuses_a_directory_with_files_unless_asked(packed, tmp_path):
     assert [f.name for f in out.iterdir()] == ["tokenizer.json"]  # nothing written
     export_hf(path, out, overwrite=True)
     assert (out / "config.json").exists() and (out / "tokenizer.json").read_text() == "{}"  # the user's file is kept
+    with pytest.raises(QDistillError, match="is a file, not a directory"):
+        export_hf(path, out / "config.json", overwrite=True)
+    source = out / "model.safetensors"
+    source.write_bytes(path.read_bytes())  # a packed file where transformers writes its own
+    with pytest.raises(QDistillError, match="holds"):
+        export_hf(source, out, overwrite=True)
+    assert source.read_bytes() == path.read_bytes()
 
 
 def test_export_of_a_model_with_quantizers_attached_leaves_them_on(tmp_path):
