@@ -125,12 +125,14 @@ def write_json(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
-def open_work_dir(work: Path, arguments: dict) -> int:
+def open_work_dir(work: Path, arguments: dict, defaults: dict | None = None) -> int:
     """Make the work directory, or check that the one there holds a run of the same arguments (its rows
-    and weights belong to that run); return how many jobs it has finished."""
+    and weights belong to that run); return how many jobs it has finished. An argument the saved run
+    did not have (an option added since) counts as equal when it is at its default (`defaults`)."""
     saved = work / "arguments.json"
     if saved.exists():
         before = json.loads(saved.read_text())
+        before |= {k: v for k, v in (defaults or {}).items() if k not in before and k in arguments}
         if before != arguments:
             differ = ", ".join(sorted(k for k in before.keys() | arguments.keys() if before.get(k) != arguments.get(k)))
             raise SystemExit(
@@ -227,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     name = "lm" if lm else "accuracy"
     work = args.work_dir or args.out / f"work-{name}-{tag}"
     arguments = {k: v for k, v in vars(args).items() if k not in ("work_dir", "rerender")}
-    resumed = open_work_dir(work, json.loads(json.dumps(arguments, default=str)))
+    defaults = {k: p.get_default(k) for k in arguments}
+    resumed = open_work_dir(work, json.loads(json.dumps(arguments, default=str)), json.loads(json.dumps(defaults, default=str)))
     if resumed:
         print(f"resuming {work}: {resumed} jobs done before")
     start = time.perf_counter()

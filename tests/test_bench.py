@@ -239,6 +239,12 @@ def test_accuracy_resumes_after_a_kill(tmp_path, monkeypatch):
     assert calls == []
     with pytest.raises(SystemExit, match=r"other arguments \(epochs differ\)"):
         accuracy.main([*args, "--epochs", "2"])
+    saved_args = json.loads((work / "arguments.json").read_text())
+    del saved_args["baselines"]  # a run saved before this option existed resumes while it keeps its default
+    (work / "arguments.json").write_text(json.dumps(saved_args))
+    accuracy.main(args)
+    with pytest.raises(SystemExit, match=r"baselines differ"):
+        accuracy.main([*args, "--baselines", "torchao"])
     assert calls == []
 
 
