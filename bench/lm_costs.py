@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     from qdistill.pipeline import worker_pool
 
     threads = torch.get_num_threads()
+    make(10_000, 10_000)  # the teacher trained (or found) and the corpus built here, before any measured job
     jobs = [(idle_job, threads)]
     jobs += [(throughput_job, m, method, args.throughput_tokens, args.eval_tokens, threads) for m in args.models for method in ("fp", "qd")]
     if not args.skip_teacher:
