@@ -114,11 +114,17 @@ class SentenceEmbedding:
         return (1 - (out * target).sum(-1)).mean()
 
     @torch.no_grad()
-    def embed(self, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def embed(self, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], progress=None) -> torch.Tensor:
+        """The embedding of every sentence in `data`, in order, in eval mode; `progress`: a rich Progress."""
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
-        out = [self.forward(model, {k: v.to(device) for k, v in b.items()}).float().cpu() for b in self.ordered_batches("", self.eval_batch_size, data)]
+        bar = progress.add_task("teacher embeddings", total=-(-len(data[0]) // self.eval_batch_size), status="") if progress is not None else None
+        out = []
+        for b in self.ordered_batches("", self.eval_batch_size, data):
+            out.append(self.forward(model, {k: v.to(device) for k, v in b.items()}).float().cpu())
+            if bar is not None:
+                progress.advance(bar)
         model.train(was_training)
         return torch.cat(out)
 
@@ -168,7 +174,7 @@ class SentenceEmbedding:
             else:
                 if cached.shape[0] == self.train_size():
                     return CachedTeacher(torch.from_numpy(cached.astype(np.float32)))
-        embeddings = self.embed(model, self.sentences["train"])
+        embeddings = self.embed(model, self.sentences["train"], progress)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
         np.save(tmp, embeddings.numpy())
