@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import platform
-import resource
 import statistics
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from accuracy import open_work_dir, write_json
+from lm_costs import peak_rss_mib
 
 from qdistill.pipeline import worker_pool
 
@@ -45,21 +45,13 @@ def minilm_dir() -> Path:
 
 
 def make_task(model_dir: Path, train_sentences: int | None, max_len: int, text_dir: str | None = None):
-    """The teacher (with its spec) and the embedding task on the Python docs' sentences and sections."""
-    from tokenizers import Tokenizer
-
-    from qdistill.data.sentences import load_sections, load_sentences
-    from qdistill.data.text import python_docs_dir
+    """The teacher (with its spec) and the embedding task as `qdistill distill --teacher hf:DIR` builds it."""
+    from qdistill.cli import embedding_task
     from qdistill.models.hf import load_hf
-    from qdistill.tasks.embedding import SentenceEmbedding
 
     teacher, spec = load_hf(model_dir, "encoder")
-    folder = Path(text_dir) if text_dir else python_docs_dir()
-    sentences = {s: load_sentences(folder, s) for s in ("train", "val", "test")}
-    sentences["train"] = sentences["train"][:train_sentences]
-    sections = {s: load_sections(folder, s) for s in ("val", "test")}
-    task = SentenceEmbedding(sentences, sections, Tokenizer.from_file(str(model_dir / "tokenizer.json")), teacher, max_len=max_len, corpus_name="python-docs")
-    return teacher, spec, task
+    flags = argparse.Namespace(teacher=f"hf:{model_dir}", tokenizer=None, text_dir=text_dir, train_subset=train_sentences, test_subset=None, seq_len=max_len)
+    return teacher, spec, embedding_task(flags, teacher)
 
 
 def sentences_per_s(task, model, split: str) -> float:
@@ -93,10 +85,6 @@ def run_job(method: str, bits: int | None, seed: int, setting: dict, threads: in
     metrics = task.evaluate(shipped, split)
     return {"method": method, "bits": bits, "seed": seed, **{f"{split}_{k}": v for k, v in metrics.items()}, "size_bytes": size,
             "sentences_per_s": sentences_per_s(task, shipped, split), "train_s": seconds, "peak_rss_mib": peak_rss_mib()}
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def summarize(rows: list[dict], split: str) -> list[dict]:
