@@ -84,7 +84,14 @@ def run_job(student: str, seed: int, bits: int | None, base: dict, paths: dict, 
             rows = run_steps(low_bit_steps(cfg, bits, methods["methods"], methods["improved"]), spec, data, Path(tmp), teacher, models, quiet=True)
             if "torchao" in methods.get("baselines", ()) and student in TRANSFORMER_PRESETS:
                 rows += torchao_rows(cfg, bits, spec, data, Path(tmp), teacher, models)
-    return [{**row, "student": student, "seed": seed} for row in rows]
+    return [{**row, "method": bucket_label(row, cfg.bucket), "student": student, "seed": seed} for row in rows]
+
+
+def bucket_label(row: dict, bucket: int | None) -> str:
+    """The row's method, marked with its bucket when --bucket moved it from the default: a run at another
+    bucket size merges into the same table as rows of their own."""
+    default = TrainConfig.__dataclass_fields__["bucket"].default
+    return f"{row['method']} (bucket {bucket})" if bucket != default and row.get("bucket") == bucket else row["method"]
 
 
 def torchao_prepare(model: torch.nn.Module, bits: int) -> torch.nn.Module:
@@ -125,6 +132,9 @@ def write_json(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
+NOT_RESULTS = ("workers",)  # how many processes share the jobs: a run resumes with another count
+
+
 def open_work_dir(work: Path, arguments: dict, defaults: dict | None = None) -> int:
     """Make the work directory, or check that the one there holds a run of the same arguments (its rows
     and weights belong to that run); return how many jobs it has finished. An argument the saved run
@@ -133,6 +143,7 @@ def open_work_dir(work: Path, arguments: dict, defaults: dict | None = None) -> 
     if saved.exists():
         before = json.loads(saved.read_text())
         before |= {k: v for k, v in (defaults or {}).items() if k not in before and k in arguments}
+        before, arguments = ({k: v for k, v in a.items() if k not in NOT_RESULTS} for a in (before, arguments))
         if before != arguments:
             differ = ", ".join(sorted(k for k in before.keys() | arguments.keys() if before.get(k) != arguments.get(k)))
             raise SystemExit(
@@ -203,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="*", choices=LOW_BIT_METHODS, default=list(LOW_BIT_METHODS), help="low-bit methods (fp and kd always run)")
     p.add_argument("--improved", nargs="*", choices=("qat", "qd"), default=["qat", "qd"], help="methods run again with the improved recipe")
     p.add_argument("--baselines", nargs="*", choices=("torchao",), default=[], help="other tools' QAT on the transformer students (lm)")
+    p.add_argument("--bucket", type=int, help="weights per quantization bucket of every method (default 256); its rows are labelled with it")
     p.add_argument("--augment", action="store_true", help="augment the data (forces a live teacher)")
     p.add_argument("--workers", type=int, help="parallel processes (default: 12 on a GPU, one per CPU core otherwise)")
     p.add_argument("--dataset", default="fashion-mnist")
@@ -237,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     card = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     data_args = {k: getattr(args, k) for k in ("task", "dataset", "data_dir", "train_subset", "test_subset", "text_dir", "vocab_size", "seq_len")}
     data = make_task(data_args)
-    base = TrainConfig(**{**TASKS[args.task], **({"lr": args.lr} if args.lr else {})}, epochs=args.epochs, dq_epochs=args.dq_epochs, augment=args.augment)
+    base = TrainConfig(**{**TASKS[args.task], **({"lr": args.lr} if args.lr else {}), **({"bucket": args.bucket} if args.bucket else {})}, epochs=args.epochs, dq_epochs=args.dq_epochs, augment=args.augment)
     teacher_path, teacher = work_teacher(work, data, args.teacher, base.replace(method="fp", epochs=args.teacher_epochs))
     teacher_metric = data.evaluate(teacher, "test")[data.metric]
     cache_teacher_targets(data, teacher.to(device), base, tuple(args.improved))

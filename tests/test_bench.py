@@ -236,6 +236,7 @@ def test_accuracy_resumes_after_a_kill(tmp_path, monkeypatch):
     assert accuracy.accuracy_cell(summary[("kd", 32)]) == "85.00 (85.00–85.00), 1/2 diverged"
     calls.clear()
     accuracy.main(args)
+    accuracy.main([*args, "--workers", "2"])  # how many processes share the jobs is not part of the run
     assert calls == []
     with pytest.raises(SystemExit, match=r"other arguments \(epochs differ\)"):
         accuracy.main([*args, "--epochs", "2"])
@@ -246,6 +247,16 @@ def test_accuracy_resumes_after_a_kill(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"baselines differ"):
         accuracy.main([*args, "--baselines", "torchao"])
     assert calls == []
+
+
+def test_accuracy_labels_rows_of_another_bucket_size():
+    """A --bucket run merges into the default run's table as rows of its own; global and torchao rows keep their labels."""
+    accuracy = load("accuracy")
+    assert accuracy.bucket_label({"method": "qd", "bucket": 128}, 128) == "qd (bucket 128)"
+    assert accuracy.bucket_label({"method": "ptq (global)", "bucket": "global"}, 128) == "ptq (global)"
+    assert accuracy.bucket_label({"method": "torchao qat+kd", "bucket": "row"}, 128) == "torchao qat+kd"
+    assert accuracy.bucket_label({"method": "qd", "bucket": 256}, 256) == "qd"
+    assert accuracy.bucket_label({"method": "kd", "bucket": None}, 128) == "kd"
 
 
 def test_accuracy_rerender_merges_runs(tmp_path):
