@@ -398,9 +398,11 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_export(args) -> None:
-    out_dir = export_hf(args.file, args.out_dir, overwrite=args.overwrite)
+    out_dir = export_hf(args.file, args.out_dir, overwrite=args.overwrite, tokenizer_dir=args.tokenizer)
     written = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     out.print(f"Hugging Face model written to {out_dir}/ ({written:,} bytes; the packed file: {Path(args.file).stat().st_size:,} bytes)")
+    if not args.tokenizer:
+        out.print("no tokenizer copied: add --tokenizer DIR (the teacher's directory) for AutoTokenizer to open it too")
 
 
 def cmd_demo(args) -> None:
@@ -484,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--format", choices=("hf",), default="hf", help="(default hf)")
     p.add_argument("--overwrite", action="store_true", help="write into OUT_DIR even if it holds files (transformers' own files are replaced, others kept)")
+    p.add_argument("--tokenizer", metavar="DIR", help="copy the tokenizer files of DIR (the teacher's hf: directory) beside the model")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="fp, kd, ptq, qat, qd and the improved qd at 4 and 2 bits on Fashion-MNIST (--full: everything; --task lm: a language model)")

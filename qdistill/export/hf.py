@@ -8,6 +8,9 @@ computes. The packed file stays the small one; this is the format other tools re
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from torch import nn
@@ -17,10 +20,18 @@ from qdistill.export.packed import load_packed
 from qdistill.quant import detach, quantized_tensors
 
 
-def save_pretrained_dir(model: nn.Module, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write a transformers model as a save_pretrained directory; quantizers attached to it are baked into
-    a copy first (`save_pretrained` and `tie_weights` fail on parametrized weights). An existing directory
-    that holds files is refused unless `overwrite`, and then only the files transformers writes change."""
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+)  # what transformers' tokenizers read: data files, copied as they are, never loaded here
+
+
+def save_pretrained_dir(model: nn.Module, out_dir: str | Path, overwrite: bool = False, tokenizer_dir: str | Path | None = None) -> Path:
+    """Write a transformers model as a save_pretrained directory, with the tokenizer files of `tokenizer_dir`
+    (the teacher's directory) beside it; quantizers attached to the model are baked into a copy first
+    (`save_pretrained` and `tie_weights` fail on parametrized weights). An existing directory that holds
+    files is refused unless `overwrite`, and then only the files written change. Everything is written
+    into a hidden directory beside OUT_DIR first: a failure or a kill never leaves half a model there."""
     out = Path(out_dir)
     if not hasattr(model, "save_pretrained"):
         raise QDistillError(f"a {type(model).__name__} is not a transformers model: only hf: models and the gpt-* presets export to Hugging Face")
@@ -28,15 +39,34 @@ def save_pretrained_dir(model: nn.Module, out_dir: str | Path, overwrite: bool =
         raise QDistillError(f"{out} is a file, not a directory: choose a directory to write the model into (nothing was written)")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise QDistillError(f"{out} already exists and is not an empty directory; choose another or pass --overwrite (nothing was written)")
+    tokenizer_files = find_tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else []
     if quantized_tensors(model):
         model = detach(copy.deepcopy(model), keep_quantized=True)
-    model.save_pretrained(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        model.save_pretrained(tmp)
+        for f in tokenizer_files:
+            shutil.copyfile(f, Path(tmp) / f.name)
+        out.mkdir(exist_ok=True)
+        for f in Path(tmp).iterdir():
+            os.replace(f, out / f.name)
     return out
 
 
-def export_hf(packed: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+def find_tokenizer_files(tokenizer_dir: str | Path) -> list[Path]:
+    """The tokenizer files a directory holds (one clear error when it holds none)."""
+    folder = Path(tokenizer_dir)
+    if not folder.is_dir():
+        raise QDistillError(f"--tokenizer {folder}: no such directory; give the teacher's Hugging Face directory (nothing was written)")
+    files = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    if not files:
+        raise QDistillError(f"--tokenizer {folder}: no tokenizer files there (tokenizer.json, vocab.txt, ...); give the teacher's Hugging Face directory (nothing was written)")
+    return files
+
+
+def export_hf(packed: str | Path, out_dir: str | Path, overwrite: bool = False, tokenizer_dir: str | Path | None = None) -> Path:
     """The model in a packed file, rebuilt from the file alone, as a save_pretrained directory."""
     if Path(packed).resolve().parent == Path(out_dir).resolve():  # transformers' own file names could replace it
         raise QDistillError(f"{out_dir} holds {packed}: write the exported directory elsewhere (nothing was written)")
     model, _ = load_packed(packed)
-    return save_pretrained_dir(model, out_dir, overwrite)
+    return save_pretrained_dir(model, out_dir, overwrite, tokenizer_dir)

@@ -253,6 +253,41 @@ def test_export_refuses_a_directory_with_files_unless_asked(packed, tmp_path):
     assert source.read_bytes() == path.read_bytes()
 
 
+def test_export_copies_the_tokenizer_that_transformers_then_opens(packed, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="[UNK]"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bpe.train_from_iterator(["the teacher's own tokenizer", "goes with the model"], trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"]))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="[UNK]").save_pretrained(tmp_path / "teacher")
+    (tmp_path / "teacher" / "notes.py").write_text("raise SystemExit")  # not a tokenizer file: not copied
+    out = export_hf(packed("gpt2")[1], tmp_path / "out", tokenizer_dir=tmp_path / "teacher")
+    assert (out / "tokenizer.json").read_bytes() == (tmp_path / "teacher" / "tokenizer.json").read_bytes() and not (out / "notes.py").exists()
+    text = "the model goes"
+    assert AutoTokenizer.from_pretrained(out, local_files_only=True)(text)["input_ids"] == bpe.encode(text).ids
+    with pytest.raises(QDistillError, match="no tokenizer files"):
+        export_hf(packed("gpt2")[1], tmp_path / "other", tokenizer_dir=tmp_path / "out" / "..")
+    assert not (tmp_path / "other").exists()
+
+
+def test_export_that_fails_midway_leaves_the_directory_as_it_was(packed, tmp_path, monkeypatch):
+    model, path = packed("gpt2")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # the user's earlier export
+
+    def half_then_fail(self, directory, **kwargs):
+        (Path(directory) / "model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(model), "save_pretrained", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        export_hf(path, out, overwrite=True)
+    assert [f.name for f in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "{}"
+    assert [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []  # no half-written directory left beside it
+
+
 def test_export_of_a_model_with_quantizers_attached_leaves_them_on(tmp_path):
     model = build_model(hf_spec(tiny_config("gpt2"), "causal-lm"))
     attached = attach(model, UniformQuantizer(3, 64))
