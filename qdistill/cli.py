@@ -127,26 +127,15 @@ NO_REFERENCE = "the embedding task measures a model against its teacher: give --
 def embedding_task(args, reference: nn.Module | None) -> SentenceEmbedding:
     """The sentences of --text-dir (default: the Python docs) split by file, tokenized with the teacher's
     tokenizer.json (--tokenizer, else the one in the teacher's hf: directory)."""
-    from tokenizers import Tokenizer
-
-    from qdistill.data.sentences import load_sections, load_sentences
-    from qdistill.data.text import SPLITS, python_docs_dir
+    from qdistill.data.text import python_docs_dir
 
     if reference is None:
         raise QDistillError(NO_REFERENCE)
     path = args.tokenizer or (Path(args.teacher.removeprefix("hf:")) / "tokenizer.json" if args.teacher.startswith("hf:") else None)
-    if path is None or not Path(path).is_file():
-        raise QDistillError(f"no tokenizer for the embedding task{f' ({path} not found)' if path else ''}: give --tokenizer TOKENIZER.JSON (the teacher's own)")
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as e:  # the tokenizers library raises its own exception type
-        raise QDistillError(f"{path} is not a tokenizer.json the tokenizers library reads: {str(e).splitlines()[0][:200]}") from None
-    folder = Path(args.text_dir) if args.text_dir else python_docs_dir()
-    sentences = {s: load_sentences(folder, s) for s in SPLITS}
-    sentences["train"] = sentences["train"][: args.train_subset]
-    sentences |= {s: sentences[s][: args.test_subset] for s in ("val", "test")}
-    sections = {s: load_sections(folder, s) for s in ("val", "test")}
-    return SentenceEmbedding(sentences, sections, tokenizer, reference, max_len=128 if args.seq_len is None else args.seq_len, corpus_name=folder.name)
+    if path is None:
+        raise QDistillError("no tokenizer for the embedding task: give --tokenizer TOKENIZER.JSON (the teacher's own)")
+    folder = args.text_dir or python_docs_dir()
+    return SentenceEmbedding.from_folder(folder, path, reference, args.train_subset, args.test_subset, 128 if args.seq_len is None else args.seq_len)
 
 
 DEFAULT_MODELS = {"classification": ("tiny", "resnet-small"), "lm": ("lstm-tiny", "lstm-small")}  # (student, teacher)

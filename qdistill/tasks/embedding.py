@@ -74,6 +74,27 @@ class SentenceEmbedding:
         self.texts_digest = hashlib.sha256(json.dumps(sentences["train"]).encode()).hexdigest()[:16]
         self._reference_embeddings: dict = {}
 
+    @classmethod
+    def from_folder(cls, folder: str | Path, tokenizer_json: str | Path, reference: nn.Module, train_subset: int | None = None,
+                    eval_subset: int | None = None, max_len: int = 128) -> "SentenceEmbedding":
+        """The sentences of a folder of reST files (the Python docs: `data.text.python_docs_dir()`) split by
+        file, tokenized with the reference's own tokenizer.json; the first `train_subset` training and
+        `eval_subset` validation and test sentences where given."""
+        from tokenizers import Tokenizer
+
+        from qdistill.data.sentences import load_sections, load_sentences
+
+        if not Path(tokenizer_json).is_file():
+            raise QDistillError(f"no tokenizer for the embedding task ({tokenizer_json} not found): give --tokenizer TOKENIZER.JSON (the teacher's own)")
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        except Exception as e:  # the tokenizers library raises its own exception type
+            raise QDistillError(f"{tokenizer_json} is not a tokenizer.json the tokenizers library reads: {str(e).splitlines()[0][:200]}") from None
+        folder = Path(folder)
+        sentences = {s: load_sentences(folder, s)[: train_subset if s == "train" else eval_subset] for s in SPLITS}
+        sections = {s: load_sections(folder, s) for s in ("val", "test")}
+        return cls(sentences, sections, tokenizer, reference, max_len=max_len, corpus_name=folder.name)
+
     def _encode(self, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids [N, max_len] (padded) and lengths [N]."""
         tokenizer.enable_truncation(self.max_len)

@@ -144,3 +144,19 @@ def test_command_line_embedding_errors_are_one_line(tmp_path, capsys):
         assert main([*argv, "--run-dir", str(tmp_path / "run")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("qdistill: error:") and message in err and err.count("\n") == 1
+
+
+def test_from_folder_cuts_the_subsets_asked_for_and_names_a_missing_tokenizer(tmp_path):
+    from qdistill.data.sentences import load_sentences
+
+    folder = rest_folder(tmp_path / "texts")
+    tokenizer().save(str(tmp_path / "tokenizer.json"))
+    t = SentenceEmbedding.from_folder(folder, tmp_path / "tokenizer.json", bert(), train_subset=5, eval_subset=3, max_len=12)
+    assert [len(t.sentences[s][0]) for s in ("train", "val", "test")] == [5, 3, 3] and t.max_len == 12
+    whole = SentenceEmbedding.from_folder(folder, tmp_path / "tokenizer.json", bert())
+    assert len(whole.sentences["train"][0]) == len(load_sentences(folder, "train")) > 5
+    with pytest.raises(QDistillError, match="not found.*--tokenizer"):
+        SentenceEmbedding.from_folder(folder, tmp_path / "missing.json", bert())
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(QDistillError, match="not a tokenizer.json"):
+        SentenceEmbedding.from_folder(folder, tmp_path / "bad.json", bert())
