@@ -205,3 +205,43 @@ def test_language_model_demo_writes_table_plots_and_samples(tmp_path, monkeypatc
         assert (run / name).exists(), name
     samples = (run / "samples.md").read_text()
     assert samples.count("```") == 2 * (1 + len(methods))  # the teacher and every method continue the prompt
+
+
+def test_kernel_ready_flags_reach_the_packed_file(tmp_path, capsys):
+    run = tmp_path / "r"
+    flags = ["--groups", "row", "--zero-point", "int", "--scale-dtype", "float16"]
+    data = ["--dataset", "tests.conftest:toy_dataset", "--train-subset", "64", "--test-subset", "32", "--quiet"]
+    assert main(["distill", "--method", "qat", "--epochs", "1", "--bucket", "8", *flags, *data, "--run-dir", str(run)]) == 0
+    row = json.loads((run / "results.json").read_text())["rows"][0]  # its accuracy is the reloaded file's (pipeline)
+    meta = load_packed(run / row["file"])[1]
+    assert {(e["groups"], e["zero_point"], e["scale_dtype"], e["bucket"]) for e in meta["quantized"]} == {("row", "int", "float16", 8)}
+    assert meta["info"]["config"]["groups"] == "row"
+    capsys.readouterr()
+    assert main(["inspect", str(run / row["file"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["groups"], info["zero_points"], info["scale_dtypes"]) == (["row"], ["int"], ["float16"])
+
+
+def test_kernel_ready_flags_override_the_config_file(tmp_path):
+    from qdistill.cli import build_parser, config_from
+
+    cfg_file = write(tmp_path / "c.yaml", "groups: row\nzero_point: int\nscale_dtype: bfloat16\n")
+    args = build_parser().parse_args(["distill", "--config", str(cfg_file), "--scale-dtype", "float16"])
+    cfg = config_from(args, method="qd")
+    assert (cfg.groups, cfg.zero_point, cfg.scale_dtype) == ("row", "int", "float16")
+    default = config_from(build_parser().parse_args(["distill"]), method="qd")
+    assert (default.groups, default.zero_point, default.scale_dtype) == ("flat", "float", "float32")
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["distill", "--groups", "column"], "groups must be one of flat, row"),
+        (["distill", "--scale-dtype", "half"], "scale_dtype must be one of float32, float16, bfloat16"),
+        (["distill", "--method", "dq", "--zero-point", "int"], "use zero_point float"),
+    ],
+)
+def test_bad_kernel_ready_flags_give_one_clear_message(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

@@ -1,11 +1,15 @@
 """The packed file: a safetensors file whose quantized weights take b bits each on disk.
 
 Tensors (few, so the safetensors header stays small next to the payload):
-  indices  uint8    every quantized tensor's level indices, bit-packed, each tensor starting on a byte
-  scales   float32  per tensor, its buckets' lowest then highest level (min and max, or the clipped range)
-  points   float32  the codebooks of learned-points tensors (uniform levels are i / (2**b - 1))
-  fp.<dtype>        every tensor kept at full precision, concatenated per dtype
-Metadata "qdistill" (JSON): format version, model spec, per-tensor layout, and a SHA-256 over the rest.
+  indices      uint8    every quantized tensor's level indices, bit-packed, each tensor starting on a byte
+  scales       float32  per tensor, its groups' two stored values (quant.base.FORMS): by default the lowest
+                        then highest level (min and max, or the clipped range); an integer zero point's step
+  scales.float16, scales.bfloat16   the same, for tensors whose scale dtype is 16-bit
+  zero_points  uint8    integer zero points, one per group
+  points       float32  the codebooks of learned-points tensors (uniform levels are i / (2**b - 1))
+  fp.<dtype>            every tensor kept at full precision, concatenated per dtype
+Metadata "qdistill" (JSON): format version, model spec, per-tensor layout (with each tensor's groups,
+zero_point and scale_dtype; a version-1 file has none: the defaults), and a SHA-256 over the rest.
 """
 
 from __future__ import annotations
@@ -25,10 +29,14 @@ from qdistill.export.huffman import mean_code_length
 from qdistill.files import write_safetensors
 from qdistill.models import build_model, load_state
 from qdistill.quant import LearnedPointsQuantizer, pack_bits, packed_bytes, quantized_tensors, unpack_bits
-from qdistill.quant.base import Encoded
+from qdistill.quant.base import FORMS, GROUPS, SCALE_DTYPES, Encoded, form, group_bits, kernel_ready, n_groups, row_view
+from qdistill.quant.uniform import ZERO_POINTS
 
 FORMAT = "qdistill-packed"
-VERSION = 1
+VERSION = 2  # 2: groups, zero_point and scale_dtype per tensor; an older reader refuses the file instead of misreading it
+READABLE = (1, 2)
+OPTIONS = {"groups": "flat", "zero_point": "float", "scale_dtype": "float32"}  # a version-1 file's (absent) options
+SCALE_BLOBS = {"float32": "scales", "float16": "scales.float16", "bfloat16": "scales.bfloat16"}
 MAX_METADATA = 16 << 20  # bytes of JSON; a model of thousands of tensors needs well under 1 MB
 
 
@@ -48,34 +56,49 @@ def save_packed(model: nn.Module, spec: dict, path: str | Path, info: dict | Non
     quantized = quantized_tensors(model)
     if not quantized:
         raise QDistillError("the model has no quantizers attached: nothing to pack (attach or train with a quantized method)")
-    indices, scales, points, layout = [], [], [], []
-    offsets = {"indices": 0, "scales": 0, "points": 0}
+    indices, points, zero_points, layout = [], [], [], []
+    scales: dict[str, list[torch.Tensor]] = {}
+    offsets = {"indices": 0, "points": 0, "zero_points": 0, **{blob: 0 for blob in SCALE_BLOBS.values()}}
     with torch.no_grad():
         for qt in quantized:
-            enc = qt.quantizer.encode(qt.shadow.detach())  # on the training device: the same indices as its forward
+            q = qt.quantizer
+            enc = q.encode(qt.shadow.detach())  # on the training device: the same indices as its forward
             packed = pack_bits(enc.indices, enc.index_bits)
-            learned = isinstance(qt.quantizer, LearnedPointsQuantizer)
+            learned = isinstance(q, LearnedPointsQuantizer)
+            params = enc.params
+            zero = params.pop("zero", None)
+            blob = SCALE_BLOBS[q.scale_dtype]
             entry = {
                 "name": qt.name,
                 "shape": list(qt.shadow.shape),
                 "kind": "learned" if learned else "uniform",
                 "index_bits": enc.index_bits,
-                "bucket": qt.quantizer.bucket,
-                "n_buckets": int(enc.lo.numel()),
+                "bucket": q.bucket,
+                "groups": q.groups,
+                "zero_point": "float" if zero is None else "int",
+                "scale_dtype": q.scale_dtype,
+                "n_buckets": q.n_buckets(qt.shadow.shape),
                 "n_points": int(enc.points.numel()),
                 "indices": offsets["indices"],
-                "scales": offsets["scales"],
+                "scales": offsets[blob],
                 "points": offsets["points"] if learned else None,
+                "zero_points": None if zero is None else offsets["zero_points"],
             }
             layout.append(entry)
             indices.append(torch.from_numpy(packed))
-            scales.append(torch.cat([enc.lo, enc.hi]).float().cpu())
+            stored = torch.cat(list(params.values())).cpu().to(SCALE_DTYPES[q.scale_dtype])  # exact: rounded so in training
+            scales.setdefault(blob, []).append(stored)
             offsets["indices"] += packed.size
-            offsets["scales"] += 2 * entry["n_buckets"]
+            offsets[blob] += stored.numel()
+            if zero is not None:
+                zero_points.append(zero.cpu().to(torch.uint8))
+                offsets["zero_points"] += zero.numel()
             if learned:
                 points.append(enc.points.float().cpu())
                 offsets["points"] += entry["n_points"]
-        tensors = {"indices": torch.cat(indices), "scales": torch.cat(scales)}
+        tensors = {"indices": torch.cat(indices), **{blob: torch.cat(parts) for blob, parts in scales.items()}}
+        if zero_points:
+            tensors["zero_points"] = torch.cat(zero_points)
         if points:
             tensors["points"] = torch.cat(points)
         aliases = {use[0]: qt.name for qt in quantized for use in qt.tied}  # tied uses of a quantized tensor
@@ -126,9 +149,9 @@ def read_packed(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
                 raise QDistillError(f"{path}: {len(raw):,} bytes of metadata, more than a packed model has (crafted file?)")
             meta = json.loads(raw)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-            if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") not in READABLE:
                 found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else type(meta).__name__
-                raise QDistillError(f"{path}: not a {FORMAT} file of version {VERSION} (found {found})")
+                raise QDistillError(f"{path}: not a {FORMAT} file of version {' or '.join(map(str, READABLE))} (found {found}; a newer qdistill may read it)")
             intact = meta.get("sha256") == _digest({k: v for k, v in meta.items() if k != "sha256"}, tensors)
     except QDistillError:
         raise
@@ -156,12 +179,13 @@ def check_layout(meta: dict, tensors: dict[str, torch.Tensor], path) -> None:
 
     if not isinstance(meta.get("quantized"), list) or not meta["quantized"] or not isinstance(meta.get("kept"), list) or not isinstance(meta.get("info", {}), dict):
         raise bad("'quantized' must be a non-empty list, 'kept' a list")
-    for key, dtype in (("indices", torch.uint8), ("scales", torch.float32), ("points", torch.float32)):
+    dtypes = {"indices": torch.uint8, "points": torch.float32, "zero_points": torch.uint8, **{b: SCALE_DTYPES[d] for d, b in SCALE_BLOBS.items()}}
+    for key, dtype in dtypes.items():
         if key in tensors and (tensors[key].dtype != dtype or tensors[key].dim() != 1):
             raise bad(f"tensor {key!r} must be 1-d {dtype}")
-    if "indices" not in tensors or "scales" not in tensors:
-        raise bad("tensors 'indices' and 'scales' are missing")
-    names, offsets = set(), {"indices": 0, "scales": 0, "points": 0}
+    if "indices" not in tensors:
+        raise bad("tensor 'indices' is missing")
+    names, offsets = set(), dict.fromkeys(dtypes, 0)
     limit = tensors["indices"].numel() * 8  # no tensor can hold more weights than the file has index bits
     for e in meta["quantized"]:
         if not isinstance(e, dict) or not isinstance(e.get("name"), str) or e["name"] in names:
@@ -176,19 +200,29 @@ def check_layout(meta: dict, tensors: dict[str, torch.Tensor], path) -> None:
             raise bad(f"{e['name']}: {count} weights of {bits!r} bits")
         if not (bucket is None or _int(bucket, 1, limit)):
             raise bad(f"{e['name']}: bucket {bucket!r}")
-        n_buckets = 1 if bucket is None else math.ceil(count / bucket)
+        opts = options(e)
+        if opts["groups"] not in GROUPS or opts["zero_point"] not in ZERO_POINTS or opts["scale_dtype"] not in tuple(SCALE_DTYPES):
+            raise bad(f"{e['name']}: unknown quantizer options {opts!r}")
+        n_buckets = n_groups(shape, bucket, opts["groups"])
         if e.get("kind") not in ("uniform", "learned") or not _int(e.get("n_buckets"), n_buckets, n_buckets) or count == 0:
-            raise bad(f"{e['name']}: kind {e.get('kind')!r}, {e.get('n_buckets')!r} buckets for {count} weights")
+            raise bad(f"{e['name']}: kind {e.get('kind')!r}, {e.get('n_buckets')!r} groups for {count} weights in {opts['groups']} groups of {bucket}")
         learned = e["kind"] == "learned"
+        if learned and opts["zero_point"] != "float":
+            raise bad(f"{e['name']}: learned points with an integer zero point")
         n_points = e.get("n_points")
         if not _int(n_points, 2 if learned else 2**bits, 2**bits):
             raise bad(f"{e['name']}: {n_points!r} points for {bits}-bit indices")
-        spans = {"indices": packed_bytes(count, bits), "scales": 2 * n_buckets, "points": n_points if learned else 0}
-        for key, span in spans.items():  # each tensor's data follow the previous one's (uniform: no points)
-            fits = _int(e.get(key), offsets[key], offsets[key]) if span or key != "points" else e.get(key) is None
-            if not fits:
-                raise bad(f"{e['name']}: {key} offset {e.get(key)!r}, expected {offsets[key]}")
-            offsets[key] += span
+        integer = opts["zero_point"] == "int"
+        spans = (  # each tensor's data follow the previous one's in each blob; a blob it does not use: offset null
+            ("indices", "indices", packed_bytes(count, bits)),
+            ("scales", SCALE_BLOBS[opts["scale_dtype"]], n_buckets * (1 if integer else 2)),
+            ("points", "points", n_points if learned else 0),
+            ("zero_points", "zero_points", n_buckets if integer else 0),
+        )
+        for key, blob, span in spans:
+            if not (_int(e.get(key), offsets[blob], offsets[blob]) if span else e.get(key) is None):
+                raise bad(f"{e['name']}: {key} offset {e.get(key)!r}, expected {offsets[blob] if span else None}")
+            offsets[blob] += span
     for key, used in offsets.items():
         size = tensors[key].numel() if key in tensors else 0
         if used != size:
@@ -212,12 +246,39 @@ def check_layout(meta: dict, tensors: dict[str, torch.Tensor], path) -> None:
     aliases = meta.get("aliases", {})
     if not isinstance(aliases, dict) or not all(isinstance(a, str) and a not in names and isinstance(target, str) and target in names for a, target in aliases.items()):
         raise bad("'aliases' must map new names to stored tensors")
-    extra = set(tensors) - {"indices", "scales", "points"} - {e["blob"] for e in meta["kept"]}
+    extra = set(tensors) - set(dtypes) - {e["blob"] for e in meta["kept"]}
     if extra:
         raise bad(f"unexplained tensors {sorted(extra)}")
-    for key in ("scales", "points"):
+    for key in ("points", *SCALE_BLOBS.values()):
         if key in tensors and not bool(torch.isfinite(tensors[key]).all()):
             raise bad(f"non-finite values in {key!r}")
+    for e in meta["quantized"]:  # the layout holds: each tensor's stored values can be read
+        params = entry_params(e, tensors)
+        if "step" in params and not bool((params["step"] > 0).all()):
+            raise bad(f"{e['name']}: a step that is not positive")
+        if "zero" in params and int(params["zero"].max()) >= 2 ** e["index_bits"]:
+            raise bad(f"{e['name']}: a zero point over {2 ** e['index_bits'] - 1}")
+
+
+def options(entry: dict) -> dict:
+    """A quantized entry's groups, zero_point and scale_dtype (the defaults where a version-1 file has none)."""
+    return {k: entry.get(k, default) for k, default in OPTIONS.items()}
+
+
+def entry_form(entry: dict) -> str:
+    opts = options(entry)
+    return form(entry["kind"], opts["zero_point"], opts["scale_dtype"])
+
+
+def entry_params(entry: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each group's stored values (`FORMS`) in float32; entries come from a layout `check_layout` accepted."""
+    name, nb, s = entry_form(entry), entry["n_buckets"], entry["scales"]
+    blob = tensors[SCALE_BLOBS[options(entry)["scale_dtype"]]]
+    stored = blob[s : s + nb * (1 if name == "int-zero" else 2)].float().view(-1, nb)
+    params = dict(zip(FORMS[name], stored))  # int-zero: the step; its zero points are a blob of their own
+    if name == "int-zero":
+        params["zero"] = tensors["zero_points"][entry["zero_points"] : entry["zero_points"] + nb].float()
+    return params
 
 
 def entry_indices(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -229,18 +290,17 @@ def entry_indices(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor
 
 def decode_entry(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """The tensor's quantized values; entries come from a layout `check_layout` accepted."""
-    count = math.prod(entry["shape"])
     idx = entry_indices(entry, tensors).view(entry["shape"])
     if int(idx.max()) >= entry["n_points"]:
         raise QDistillError(f"{entry['name']}: a level index exceeds its {entry['n_points']} points (damaged or crafted file)")
-    nb, s = entry["n_buckets"], entry["scales"]
-    scales = tensors["scales"][s : s + 2 * nb]
     if entry["kind"] == "learned":
         points = tensors["points"][entry["points"] : entry["points"] + entry["n_points"]]
     else:
         points = torch.arange(entry["n_points"], dtype=torch.float32) / (entry["n_points"] - 1)
-    bucket = entry["bucket"] if entry["bucket"] is not None and entry["bucket"] < count else None  # one bucket: no padding
-    return Encoded(idx, scales[:nb], scales[nb:], points, entry["index_bits"]).decode(entry["shape"], bucket)
+    groups, bucket = options(entry)["groups"], entry["bucket"]
+    if bucket is not None and bucket >= row_view(entry["shape"], groups)[1]:
+        bucket = None  # one group a row: no padding
+    return Encoded(idx, points, entry["index_bits"], **entry_params(entry, tensors)).decode(entry["shape"], bucket, groups)
 
 
 def load_packed(path: str | Path, model: nn.Module | None = None, trust_code: bool = False) -> tuple[nn.Module, dict]:
@@ -276,17 +336,18 @@ def inspect_packed(path: str | Path) -> dict:
     meta, tensors = read_packed(path)
     meta_bytes = stored_metadata_bytes(path)
     q_numel = sum(math.prod(e["shape"]) for e in meta["quantized"])
+    opts = [(e, options(e)) for e in meta["quantized"]]
     kept_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith("fp."))
     kept_numel = sum(math.prod(e["shape"]) for e in meta["kept"])
     index_bytes = sum(packed_bytes(math.prod(e["shape"]), e["index_bits"]) for e in meta["quantized"])
-    side_bytes = 4 * (tensors["scales"].numel() + (tensors["points"].numel() if "points" in tensors else 0))
+    side_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k != "indices" and not k.startswith("fp."))
     counts = np.zeros(256, dtype=np.int64)
     for e in meta["quantized"]:
         counts += np.bincount(entry_indices(e, tensors).numpy(), minlength=256)[:256]
     huffman_bits = mean_code_length(counts)
     fp32 = 4 * (q_numel + kept_numel)
     theoretical = index_bytes + side_bytes + kept_bytes + meta_bytes
-    nominal_bits = sum(math.prod(e["shape"]) * e["index_bits"] + 64 * e["n_buckets"] for e in meta["quantized"])
+    nominal_bits = sum(math.prod(e["shape"]) * e["index_bits"] + group_bits(entry_form(e), o["scale_dtype"]) * e["n_buckets"] for e, o in opts)
     huffman_bytes = math.ceil(q_numel * huffman_bits / 8) + side_bytes + kept_bytes
     disk = path.stat().st_size
     return {
@@ -296,6 +357,10 @@ def inspect_packed(path: str | Path) -> dict:
         "kept_values": kept_numel,
         "index_bits": sorted({e["index_bits"] for e in meta["quantized"]}),
         "buckets": sorted({str(e["bucket"]) for e in meta["quantized"]}),
+        "groups": sorted({o["groups"] for _, o in opts}),
+        "zero_points": sorted({o["zero_point"] for _, o in opts}),
+        "scale_dtypes": sorted({o["scale_dtype"] for _, o in opts}),
+        "kernel_ready_tensors": sum(kernel_ready(e["shape"], e["bucket"], o["groups"]) for e, o in opts),  # groups tile every row
         "fp32_bytes": fp32,
         "disk_bytes": disk,
         "theoretical_bytes": theoretical,

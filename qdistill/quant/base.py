@@ -30,14 +30,76 @@ def check_bucket(bucket: int | None) -> int | None:
     return bucket
 
 
-def to_buckets(w: torch.Tensor, bucket: int | None) -> torch.Tensor:
-    """Flatten row-major and cut into rows of `bucket` values; the last row is padded with the last value."""
-    flat = w.reshape(-1)
-    k = flat.numel() if bucket is None else bucket
-    pad = (-flat.numel()) % k
+GROUPS = ("flat", "row")
+SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# What each group stores, by quantizer settings (`form`), and how a level index becomes a value:
+#   range     lo, hi      value = lerp(lo, hi, point): exact min and max (the paper; learned points)
+#   min-step  lo, step    value = lo + index * step: a 16-bit min and scale, as GGUF Q4_1 stores them
+#   int-zero  step, zero  value = (index - zero) * step: an integer zero point (ONNX Runtime, torchao)
+FORMS = {"range": ("lo", "hi"), "min-step": ("lo", "step"), "int-zero": ("step", "zero")}
+
+
+def check_choice(name: str, value, allowed) -> str:
+    if value not in allowed:
+        raise QDistillError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def form(kind: str, zero_point: str, scale_dtype: str) -> str:
+    """The stored form (FORMS) of a quantizer's groups. A float zero point keeps the paper's exact min and max
+    in float32; in a 16-bit dtype a kernel multiplies by the step, so the step itself is what is rounded and stored."""
+    if zero_point == "int":
+        return "int-zero"
+    return "range" if kind == "learned" or scale_dtype == "float32" else "min-step"
+
+
+def group_bits(stored: str, scale_dtype: str) -> int:
+    """Bits stored per group of form `stored`: two values of the scale dtype, or one and an 8-bit zero point."""
+    f = torch.finfo(SCALE_DTYPES[scale_dtype]).bits
+    return f + 8 if stored == "int-zero" else 2 * f
+
+
+def to_scale_dtype(t: torch.Tensor, scale_dtype: str, step: bool = False) -> torch.Tensor:
+    """`t` rounded to `scale_dtype` (kept in its own dtype), so that training uses exactly the stored values.
+
+    Clamped into the dtype's finite range first, a step to its smallest positive value, so that no
+    group gets an infinite or zero step (float16 steps of groups narrower than about 1e-6 are subnormal)."""
+    info = torch.finfo(SCALE_DTYPES[scale_dtype])
+    low = info.smallest_normal * info.eps if step else -info.max
+    return t.clamp(low, info.max).to(SCALE_DTYPES[scale_dtype]).to(t.dtype)
+
+
+def row_view(shape, groups: str) -> tuple[int, int]:
+    """(rows, values per row) that groups are cut from: row groups, the tensor viewed [out, in*...] (a Linear
+    [out, in], a conv [out, in*kh*kw], a 1-d tensor one row); flat buckets, one row of everything."""
+    shape = tuple(shape)
+    if groups == "row" and len(shape) > 1:
+        return shape[0], math.prod(shape[1:])
+    return 1, math.prod(shape)
+
+
+def n_groups(shape, bucket: int | None, groups: str = "flat") -> int:
+    """Groups of a tensor of `shape` (a count: a 1-d tensor); the last group of each row is padded."""
+    rows, length = row_view((shape,) if isinstance(shape, int) else shape, groups)
+    return rows * (1 if bucket is None else math.ceil(length / bucket))
+
+
+def kernel_ready(shape, bucket: int | None, groups: str) -> bool:
+    """Whether the groups tile every row of the tensor viewed [out, in*...] exactly, as low-bit matmul kernels
+    need (the group size divides in_features); a loader for such kernels falls back to dense weights otherwise."""
+    length = row_view(shape, "row")[1]
+    return length % (bucket or row_view(shape, groups)[1]) == 0
+
+
+def to_buckets(w: torch.Tensor, bucket: int | None, groups: str = "flat") -> torch.Tensor:
+    """Cut into rows of `bucket` values: flat, over the row-major flattened tensor, the last bucket padded
+    with the last value; row, within each row of `row_view`, each row's last group padded with its last value."""
+    rows = w.reshape(row_view(w.shape, groups))
+    k = rows.shape[1] if bucket is None else bucket
+    pad = (-rows.shape[1]) % k
     if pad:
-        flat = torch.cat([flat, flat[-1:].expand(pad)])
-    return flat.view(-1, k)
+        rows = torch.cat([rows, rows[:, -1:].expand(-1, pad)], dim=1)
+    return rows.reshape(-1, k)
 
 
 def upcast(b: torch.Tensor) -> torch.Tensor:
@@ -52,10 +114,16 @@ def upcast(b: torch.Tensor) -> torch.Tensor:
     return b.to(torch.promote_types(b.dtype, torch.float32))
 
 
-def from_buckets(b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def unbucket(b: torch.Tensor, shape, groups: str = "flat") -> torch.Tensor:
+    """Undo `to_buckets`: drop each row's padding, back to `shape`, contiguous (a copy only where rows were padded)."""
+    rows, length = row_view(shape, groups)
+    return b.reshape(rows, -1)[:, :length].contiguous().view(shape)
+
+
+def from_buckets(b: torch.Tensor, like: torch.Tensor, groups: str = "flat") -> torch.Tensor:
     """Undo `to_buckets`, in `like`'s memory layout: a channels-last shadow gives a channels-last Q(w),
     the layout the CPU conv kernels run fastest in (the buckets themselves always follow row-major order)."""
-    out = b.reshape(-1)[: like.numel()].view_as(like)
+    out = unbucket(b, like.shape, groups)
     if out.stride() == like.stride():
         return out
     if like.is_contiguous():  # same order in memory, only the strides of size-1 dims differ (a 1-channel conv)
@@ -67,34 +135,49 @@ def bucket_range(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     """Per-bucket min, max and scale alpha = max - min (1 where the range is degenerate)."""
     lo = b.amin(dim=1, keepdim=True)
     hi = b.amax(dim=1, keepdim=True)
-    alpha = hi - lo
-    alpha = torch.where(alpha < MIN_RANGE, torch.ones_like(alpha), alpha)
-    return lo, hi, alpha
+    return lo, hi, guarded(hi - lo)
 
 
-def dequantize(levels: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Map points in [0, 1] back to each bucket's range.
+def guarded(alpha: torch.Tensor) -> torch.Tensor:
+    """A group's range, 1 where it is degenerate (method.md: alpha = 1 if under MIN_RANGE)."""
+    return torch.where(alpha < MIN_RANGE, torch.ones_like(alpha), alpha)
 
-    ``torch.lerp`` is exact at both ends (0 -> min, 1 -> max), so each bucket's min and max are
-    reproduced bit for bit, and training and the loader share this one function.
+
+def dequantize(levels: torch.Tensor, lo=None, hi=None, step=None, zero=None) -> torch.Tensor:
+    """Values of `levels` from each group's stored values (`FORMS`); training and the loader share this one function.
+
+    Form range: `levels` are points in [0, 1], and ``torch.lerp`` is exact at both ends (0 -> min,
+    1 -> max), so each bucket's min and max are reproduced bit for bit. The other forms: the level
+    indices as floats.
     """
+    if zero is not None:
+        return (levels - zero) * step
+    if step is not None:
+        return levels * step + lo
     return torch.lerp(lo, hi, levels)
 
 
 @dataclass
 class Encoded:
-    """The stored form of one tensor: level indices, per-bucket min/max and the points in [0, 1]."""
+    """The stored form of one tensor: level indices, each group's stored values (`FORMS`), the points in [0, 1]."""
 
     indices: torch.Tensor  # int64, shape of the tensor
-    lo: torch.Tensor  # float32 [n_buckets]
-    hi: torch.Tensor  # float32 [n_buckets]
-    points: torch.Tensor  # float32 [n_points], sorted, in the bucket-scaled space
+    points: torch.Tensor  # float32 [n_points], sorted, in the bucket-scaled space (used by form range)
     index_bits: int
+    lo: torch.Tensor | None = None  # float32 [n_groups], exact in the scale dtype, as are step and zero
+    hi: torch.Tensor | None = None
+    step: torch.Tensor | None = None
+    zero: torch.Tensor | None = None  # integers in [0, 2**bits - 1]
 
-    def decode(self, shape, bucket: int | None) -> torch.Tensor:
-        flat = self.indices.reshape(-1)
-        levels = to_buckets(self.points[flat], bucket)
-        return dequantize(levels, self.lo.view(-1, 1), self.hi.view(-1, 1)).reshape(-1)[: flat.numel()].view(shape)
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in ("lo", "hi", "step", "zero") if getattr(self, k) is not None}
+
+    def decode(self, shape, bucket: int | None, groups: str = "flat") -> torch.Tensor:
+        idx = self.indices.reshape(shape)
+        levels = self.points[idx] if self.hi is not None else idx.to(torch.float32)  # form range: points in [0, 1]
+        values = dequantize(to_buckets(levels, bucket, groups), **{k: v.view(-1, 1) for k, v in self.params.items()})
+        return unbucket(values, shape, groups)
 
 
 class Quantizer(nn.Module):
@@ -102,6 +185,9 @@ class Quantizer(nn.Module):
 
     bits: int
     bucket: int | None
+    groups: str = "flat"
+    scale_dtype: str = "float32"
+    form: str = "range"
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -113,12 +199,14 @@ class Quantizer(nn.Module):
     def index_bits(self) -> int:
         return self.bits
 
-    def n_buckets(self, numel: int) -> int:
-        return 1 if self.bucket is None else math.ceil(numel / self.bucket)
+    def n_buckets(self, shape) -> int:
+        """Groups of a tensor of `shape` (a count of values counts as a 1-d tensor)."""
+        return n_groups(shape, self.bucket, self.groups)
 
-    def size_bits(self, numel: int, scale_bits: int = 32) -> int:
-        """Paper's accounting: index bits per weight plus two scales per bucket (plus the codebook)."""
-        return numel * self.index_bits + 2 * scale_bits * self.n_buckets(numel) + self.codebook_bits()
+    def size_bits(self, shape) -> int:
+        """Paper's accounting: index bits per weight plus each group's stored values (plus the codebook)."""
+        numel = shape if isinstance(shape, int) else math.prod(shape)
+        return numel * self.index_bits + group_bits(self.form, self.scale_dtype) * self.n_buckets(shape) + self.codebook_bits()
 
     def codebook_bits(self) -> int:
         return 0

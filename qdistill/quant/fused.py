@@ -15,32 +15,36 @@ import torch
 from torch import nn
 
 from qdistill.quant.attach import QuantizedTensor, quantized_tensors
-from qdistill.quant.base import from_buckets
+from qdistill.quant.base import from_buckets, n_groups, to_buckets
 from qdistill.quant.uniform import StraightThrough, UniformQuantizer
 
 
 class FusedGroup:
-    """Tensors whose quantizers share bits, bucket, scale and rounding: quantized as one matrix of buckets."""
+    """Tensors whose quantizers share all settings: quantized as one matrix of buckets."""
 
     def __init__(self, tensors: list[QuantizedTensor]):
         self.tensors = tensors
         self.quantizer: UniformQuantizer = tensors[0].quantizer
-        k = self.quantizer.bucket
+        k, groups = self.quantizer.bucket, self.quantizer.groups
         self.pads = [-qt.shadow.numel() % k for qt in tensors]
+        self.sizes = [n_groups(qt.shadow.shape, k, groups) * k for qt in tensors]
 
     def compute(self) -> None:
         """Set every quantizer's `fused` output from one stacked quantization (straight-through to the shadows)."""
+        q = self.quantizer
         parts = []
         for qt, pad in zip(self.tensors, self.pads):
-            flat = qt.shadow.reshape(-1)
-            parts += [flat, flat[-1:].expand(pad)] if pad else [flat]  # each tensor padded as `to_buckets` pads it
-        b = torch.cat(parts).view(-1, self.quantizer.bucket)
-        out = StraightThrough.apply(b, self.quantizer.quantize_buckets).view(-1)
+            if q.groups == "row":  # each row padded on its own
+                parts.append(to_buckets(qt.shadow, q.bucket, q.groups).reshape(-1))
+            else:  # one copy into `b` (no `to_buckets`, which would copy a padded tensor once more)
+                flat = qt.shadow.reshape(-1)
+                parts += [flat, flat[-1:].expand(pad)] if pad else [flat]
+        b = torch.cat(parts).view(-1, q.bucket)
+        out = StraightThrough.apply(b, q.quantize_buckets).view(-1)
         start = 0
-        for qt, pad in zip(self.tensors, self.pads):
-            n = qt.shadow.numel()
-            qt.quantizer.fused = from_buckets(out[start : start + n], qt.shadow)
-            start += n + pad
+        for qt, size in zip(self.tensors, self.sizes):
+            qt.quantizer.fused = from_buckets(out[start : start + size], qt.shadow, q.groups)
+            start += size
 
     def clear(self) -> None:
         for qt in self.tensors:
@@ -52,7 +56,8 @@ def fusable_groups(model: nn.Module) -> list[FusedGroup]:
     for qt in quantized_tensors(model):
         q = qt.quantizer
         if type(q) is UniformQuantizer and q.bucket is not None:
-            groups.setdefault((q.bits, q.bucket, q.scale, q.stochastic, qt.shadow.device, qt.shadow.dtype), []).append(qt)
+            settings = (q.bits, q.bucket, q.scale, q.stochastic, q.groups, q.zero_point, q.scale_dtype)
+            groups.setdefault((*settings, qt.shadow.device, qt.shadow.dtype), []).append(qt)
     return [FusedGroup(tensors) for tensors in groups.values() if len(tensors) > 1]
 
 

@@ -14,16 +14,39 @@ import torch
 from torch import nn
 
 from qdistill.errors import QDistillError
-from qdistill.quant.base import Encoded, Quantizer, bucket_range, check_bits, check_bucket, dequantize, from_buckets, to_buckets, upcast
+from qdistill.quant.base import (
+    GROUPS,
+    SCALE_DTYPES,
+    Encoded,
+    Quantizer,
+    bucket_range,
+    check_bits,
+    check_bucket,
+    check_choice,
+    dequantize,
+    from_buckets,
+    guarded,
+    to_buckets,
+    to_scale_dtype,
+    upcast,
+)
 
 QUANTILE_SAMPLE = 1 << 22  # torch.quantile's input limit is 2**24; sample above this
 
 
 class LearnedPointsQuantizer(Quantizer):
-    def __init__(self, bits: int = 4, bucket: int | None = 256, init: str = "quantile", n_points: int | None = None):
+    """Points in each group's [min, max]; ``groups`` and ``scale_dtype`` as for `UniformQuantizer` (the min and
+    max are rounded to the scale dtype); there is no integer zero point: each group stores its float range."""
+
+    def __init__(
+        self, bits: int = 4, bucket: int | None = 256, init: str = "quantile", n_points: int | None = None,
+        groups: str = "flat", scale_dtype: str = "float32",
+    ):  # fmt: skip
         super().__init__()
         self.bits = check_bits(bits)
         self.bucket = check_bucket(bucket)
+        self.groups = check_choice("groups", groups, GROUPS)
+        self.scale_dtype = check_choice("scale_dtype", scale_dtype, tuple(SCALE_DTYPES))
         if init not in ("quantile", "uniform"):
             raise QDistillError(f"points init must be 'quantile' or 'uniform', got {init!r}")
         self.init = init
@@ -33,7 +56,7 @@ class LearnedPointsQuantizer(Quantizer):
         self.points = nn.Parameter(torch.linspace(0, 1, n))
 
     def extra_repr(self) -> str:
-        return f"points={self.points.numel()}, bucket={self.bucket}, init={self.init}"
+        return f"points={self.points.numel()}, bucket={self.bucket}, init={self.init}, groups={self.groups}, scale_dtype={self.scale_dtype}"
 
     @property
     def index_bits(self) -> int:
@@ -44,8 +67,11 @@ class LearnedPointsQuantizer(Quantizer):
 
     def scaled(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Weights in [0, 1] per bucket, and the buckets' min and max; at least float32, as the points are."""
-        b = upcast(to_buckets(w.detach(), self.bucket))
+        b = upcast(to_buckets(w.detach(), self.bucket, self.groups))
         lo, hi, alpha = bucket_range(b)
+        if self.scale_dtype != "float32":  # (float32: the weights' own min and max, as before)
+            lo, hi = to_scale_dtype(lo, self.scale_dtype), to_scale_dtype(hi, self.scale_dtype)
+            alpha = guarded(hi - lo)
         return (b - lo) / alpha, lo, hi
 
     @torch.no_grad()
@@ -61,7 +87,8 @@ class LearnedPointsQuantizer(Quantizer):
             if x.numel() > QUANTILE_SAMPLE:
                 x = x[torch.randint(x.numel(), (QUANTILE_SAMPLE,), device=x.device)]
             p = torch.quantile(x, torch.linspace(0, 1, n, device=x.device))
-        self.points = nn.Parameter(p.sort().values.contiguous(), requires_grad=self.points.requires_grad)
+        # clamped as after_step clamps: a 16-bit scale dtype's rounded min and max can leave a weight just outside them
+        self.points = nn.Parameter(p.clamp(0, 1).sort().values.contiguous(), requires_grad=self.points.requires_grad)
 
     def assign(self, x: torch.Tensor) -> torch.Tensor:
         p = self.points.detach().to(x.dtype)
@@ -70,7 +97,7 @@ class LearnedPointsQuantizer(Quantizer):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         x, lo, hi = self.scaled(w)
         # model.half() converts the points too: they are used in the weights' float32 working precision
-        q = from_buckets(dequantize(self.points.to(x.dtype)[self.assign(x)], lo, hi).to(w.dtype), w)
+        q = from_buckets(dequantize(self.points.to(x.dtype)[self.assign(x)], lo, hi).to(w.dtype), w, self.groups)
         if w.requires_grad:  # straight-through to the shadow weights; adding an exact zero keeps q bit-identical
             q = q + (w - w.detach())
         return q
@@ -82,8 +109,8 @@ class LearnedPointsQuantizer(Quantizer):
 
     def encode(self, w: torch.Tensor) -> Encoded:
         x, lo, hi = self.scaled(w)
-        idx = from_buckets(self.assign(x), w)
-        return Encoded(idx, lo.view(-1), hi.view(-1), self.points.detach().cpu().clone(), self.index_bits)
+        idx = from_buckets(self.assign(x), w, self.groups)
+        return Encoded(idx, self.points.detach().cpu().clone(), self.index_bits, lo=lo.view(-1), hi=hi.view(-1))
 
 
 def redistribute_points(grad_norms: list[float], total: int) -> list[int]:

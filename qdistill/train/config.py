@@ -12,7 +12,8 @@ import yaml
 from qdistill.distill.loss import check_kd_params
 from qdistill.errors import QDistillError
 from qdistill.quant import LearnedPointsQuantizer, Quantizer, UniformQuantizer
-from qdistill.quant.uniform import SCALES
+from qdistill.quant.base import GROUPS, SCALE_DTYPES
+from qdistill.quant.uniform import SCALES, ZERO_POINTS
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ METHODS = {
 # The allowed values of the string options.
 CHOICES = {
     "scale": SCALES,
+    "groups": GROUPS,
+    "zero_point": ZERO_POINTS,
+    "scale_dtype": tuple(SCALE_DTYPES),
     "optimizer": ("sgd", "adamw"),
     "schedule": ("onecycle", "cosine", "constant"),
     "teacher_logits": ("cached", "live"),
@@ -65,6 +69,10 @@ class TrainConfig:
     bucket: int | None = 256
     stochastic: bool = False
     scale: str = "minmax"  # minmax (the paper) or mse: each bucket's range clipped to the least squared error
+    # kernel-ready layouts (docs/quantizer-options.md), trained as they are stored:
+    groups: str = "flat"  # flat (the paper: buckets over the flattened tensor) or row (groups within each row [out, in*...])
+    zero_point: str = "float"  # float (min-max) or int (a step and an integer zero point: ONNX Runtime, torchao)
+    scale_dtype: str = "float32"  # float32, float16 or bfloat16: each group's stored values, in training as on disk
     keep_first_last: bool = False
     include: list[str] = field(default_factory=list)  # glob patterns on tensor names; empty = all default layer types
     exclude: list[str] = field(default_factory=list)
@@ -144,6 +152,8 @@ class TrainConfig:
                 raise QDistillError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.scale != "minmax" and self.spec.quantizer != "uniform":
             raise QDistillError(f"scale={self.scale} applies to the uniform quantizer (ptq, qat, qd, qd+dq), not to method {self.method}")
+        if self.zero_point == "int" and "dq" in (self.method, self.spec.then):
+            raise QDistillError(f"zero_point=int applies to the uniform quantizer (ptq, qat, qd), not to method {self.method}: learned points keep each group's float min and max (use zero_point float)")
 
     def fp_only(self) -> "TrainConfig":
         """Method fp with this config's full-precision training settings and every other setting at its default."""
@@ -165,8 +175,8 @@ class TrainConfig:
 
     def make_quantizer(self, kind: str, init: str | None = None) -> Quantizer:
         if kind == "uniform":
-            return UniformQuantizer(self.bits, self.bucket, self.stochastic, self.scale)
-        return LearnedPointsQuantizer(self.bits, self.bucket, init or self.points_init)
+            return UniformQuantizer(self.bits, self.bucket, self.stochastic, self.scale, self.groups, self.zero_point, self.scale_dtype)
+        return LearnedPointsQuantizer(self.bits, self.bucket, init or self.points_init, groups=self.groups, scale_dtype=self.scale_dtype)
 
     def select_kwargs(self) -> dict:
         return {"include": self.include or None, "exclude": self.exclude or None, "keep_first_last": self.keep_first_last}

@@ -1,5 +1,7 @@
 import pytest
 import torch
+from safetensors import safe_open
+from torch import nn
 
 from qdistill import LearnedPointsQuantizer, QDistillError, UniformQuantizer, attach, inspect_packed, load_packed, save_packed
 from qdistill.export.huffman import mean_code_length
@@ -151,3 +153,103 @@ def test_saved_files_have_the_usual_permissions(tmp_path):
     for path in (packed, tmp_path / "c.safetensors"):
         assert os.stat(path).st_mode & 0o777 == 0o666 & ~current_umask()
     assert not list(tmp_path.glob("*.tmp"))
+
+
+class Mixed(torch.nn.Module):
+    """Every quantized layer type: Embedding [37, 24], LSTM [80, 24] and [80, 20], Conv1d [12, 20*3], Linear [7, 12]."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(37, 24)
+        self.lstm = torch.nn.LSTM(24, 20, batch_first=True)
+        self.conv = torch.nn.Conv1d(20, 12, 3)
+        self.head = torch.nn.Linear(12, 7)
+
+    def forward(self, x):
+        h, _ = self.lstm(self.emb(x))
+        return self.head(self.conv(h.transpose(1, 2)).amax(-1))
+
+
+def round_trip_mixed(tmp_path, quantizer):
+    torch.manual_seed(0)
+    model = Mixed()
+    attach(model, quantizer)
+    path = save_packed(model.eval(), {"factory": "tests.export.test_packed:Mixed", "kwargs": {}}, tmp_path / "m.safetensors")
+    loaded, meta = load_packed(path, model=Mixed())
+    for e in meta["quantized"]:
+        module, param = e["name"].rsplit(".", 1)
+        assert torch.equal(loaded.get_submodule(module).get_parameter(param), getattr(model.get_submodule(module), param)), e["name"]
+    x = torch.randint(0, 37, (3, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    return path, meta
+
+
+KERNEL_OPTIONS = [
+    {"groups": g, "zero_point": z, "scale_dtype": d}
+    for g in ("flat", "row") for z in ("float", "int") for d in ("float32", "float16", "bfloat16")
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("bucket", [None, 16])  # 16 divides none of the rows (24, 20, 60, 12 values): padded groups
+@pytest.mark.parametrize("scale", ["minmax", "mse"])
+@pytest.mark.parametrize("opts", KERNEL_OPTIONS, ids=lambda o: "-".join(o.values()))
+def test_kernel_ready_options_reload_bit_exactly(tmp_path, opts, scale, bucket):
+    path, meta = round_trip_mixed(tmp_path, UniformQuantizer(3, bucket, scale=scale, **opts))
+    assert all({k: e[k] for k in opts} == opts for e in meta["quantized"])
+    with safe_open(str(path), "pt") as f:
+        blob = {"float32": "scales", "float16": "scales.float16", "bfloat16": "scales.bfloat16"}[opts["scale_dtype"]]
+        assert f.get_tensor(blob).dtype == getattr(torch, opts["scale_dtype"])
+        assert ("zero_points" in f.keys()) == (opts["zero_point"] == "int")
+
+
+@pytest.mark.parametrize("bucket", [None, 16])
+@pytest.mark.parametrize("groups", ["flat", "row"])
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16", "bfloat16"])
+def test_learned_points_with_row_groups_and_16_bit_scales_reload_bit_exactly(tmp_path, groups, scale_dtype, bucket):
+    round_trip_mixed(tmp_path, LearnedPointsQuantizer(2, bucket, groups=groups, scale_dtype=scale_dtype, n_points=3))
+
+
+def test_a_file_written_before_the_options_existed_loads_with_the_defaults(tmp_path):
+    """Version 1 had no options in its layout: what HEAD's writer wrote is this file less those keys."""
+    from tests.export.test_untrusted import rewrite
+
+    model = quantized_model(quantizer=UniformQuantizer(3, 100))
+    path = save_packed(model, model_spec("tiny"), tmp_path / "m.safetensors")
+
+    def version_1(meta):
+        meta["version"] = 1
+        for e in meta["quantized"]:
+            for key in ("groups", "zero_point", "scale_dtype", "zero_points"):
+                del e[key]
+
+    loaded, meta = load_packed(rewrite(path, tmp_path / "v1.safetensors", version_1))
+    assert meta["version"] == 1
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "opts,group_bits",
+    [({}, 64), ({"groups": "row"}, 64), ({"scale_dtype": "float16"}, 32), ({"scale_dtype": "bfloat16", "zero_point": "int"}, 24), ({"zero_point": "int"}, 40)],
+)
+def test_inspect_counts_the_stored_scales_at_their_own_size(tmp_path, opts, group_bits):
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 96))  # rows of 64 and 32: 32-value groups tile them
+    attach(model, UniformQuantizer(4, 32, **opts))
+    path = save_packed(model, {"factory": "torch.nn:Linear", "kwargs": {}}, tmp_path / "m.safetensors")
+    info = inspect_packed(path)
+    weights, groups = 64 * 32 + 32 * 96, (64 * 32 + 32 * 96) // 32
+    assert info["nominal_ratio_quantized"] == pytest.approx(32 * weights / (4 * weights + group_bits * groups))
+    assert 0 <= info["disk_bytes"] - info["theoretical_bytes"] < 400  # the safetensors header's tensor table
+    with safe_open(str(path), "pt") as f:
+        side = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys() if k.startswith(("scales", "zero_points")))
+    assert side == group_bits * groups // 8
+    assert info["kernel_ready_tensors"] == 2 and info["scale_dtypes"] == [opts.get("scale_dtype", "float32")]
+
+
+def test_inspect_tells_padded_row_groups_from_kernel_ready_ones(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 60))  # rows of 64 and of 8
+    attach(model, UniformQuantizer(4, 32, groups="row", scale_dtype="bfloat16"))
+    info = inspect_packed(save_packed(model, {}, tmp_path / "m.safetensors"))
+    assert info["kernel_ready_tensors"] == 1 and info["groups"] == ["row"]

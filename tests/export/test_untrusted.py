@@ -202,3 +202,87 @@ def test_fuzzed_files_load_correctly_or_fail_cleanly(packed, tmp_path, data):
         assert a.shape == b.shape and bool(torch.isfinite(a).all() if a.is_floating_point() else True), name
     with torch.no_grad():
         assert math.isfinite(float(sum(p.sum() for p in model.parameters())))
+
+
+@pytest.fixture(scope="module")
+def packed_options(tmp_path_factory):
+    """Row groups, integer zero points, float16 scales, groups of 100: the first conv's rows of 9 are 8 groups
+    (flat: 1 bucket), the second's rows of 72 are 16 (flat: 12), larger rows are cut into padded groups."""
+    path = tmp_path_factory.mktemp("packed") / "options.safetensors"
+    quantizer = UniformQuantizer(3, 100, groups="row", zero_point="int", scale_dtype="float16")
+    return save_packed(quantized_model(quantizer=quantizer), model_spec("tiny"), path)
+
+
+def set_first(key, value):
+    def edit(tensors):
+        t = tensors[key].clone()
+        t[0] = value
+        tensors[key] = t
+
+    return edit
+
+
+OPTION_EDITS = [  # (name, metadata edit, tensor edit)
+    ("zero point over 2**bits - 1", None, set_first("zero_points", 8)),
+    ("zero step", None, set_first("scales.float16", 0.0)),
+    ("negative step", None, set_first("scales.float16", -0.5)),
+    ("scales stored as float32", None, lambda t: t.update({"scales.float16": t["scales.float16"].float()})),
+    ("zero points stored as int16", None, lambda t: t.update(zero_points=t["zero_points"].to(torch.int16))),
+    ("zero points missing", None, lambda t: t.pop("zero_points")),
+    ("scales under the float32 name", None, lambda t: t.update(scales=t.pop("scales.float16"))),
+    ("entry claims float32 scales", lambda m: m["quantized"][0].update(scale_dtype="float32"), None),
+    ("entry claims a float zero point", lambda m: m["quantized"][0].update(zero_point="float"), None),
+    ("entry claims flat groups", lambda m: m["quantized"][0].update(groups="flat"), None),
+    ("rows reshaped", lambda m: m["quantized"][0].update(shape=[4, 2, 3, 3]), None),  # as many weights, half the rows
+    ("unknown groups", lambda m: m["quantized"][0].update(groups="column"), None),
+    ("unknown zero point", lambda m: m["quantized"][0].update(zero_point="uint4"), None),
+    ("unknown scale dtype", lambda m: m["quantized"][0].update(scale_dtype="float64"), None),
+    ("scale dtype unhashable", lambda m: m["quantized"][0].update(scale_dtype=["float16"]), None),
+    ("zero point offset shifted", lambda m: m["quantized"][1].update(zero_points=m["quantized"][1]["zero_points"] + 1), None),
+    ("learned with an integer zero point", lambda m: [e.update(kind="learned", points=0) for e in m["quantized"][:1]], lambda t: t.update(points=torch.zeros(8))),
+    ("a version from the future", lambda m: m.update(version=3), None),
+]
+
+
+@pytest.mark.parametrize("edit_meta,edit_tensors", [e[1:] for e in OPTION_EDITS], ids=[e[0] for e in OPTION_EDITS])
+def test_crafted_option_files_are_refused(packed_options, tmp_path, edit_meta, edit_tensors):
+    assert load_packed(packed_options)[0] is not None  # the unedited file loads
+    with pytest.raises(QDistillError, match="crafted|damaged|not a qdistill-packed file"):
+        load_packed(rewrite(packed_options, tmp_path / "x.safetensors", edit_meta, edit_tensors))
+
+
+@pytest.mark.parametrize("edit_meta,edit_tensors", [e[1:] for e in OPTION_EDITS[:3]], ids=[e[0] for e in OPTION_EDITS[:3]])
+def test_crafted_values_are_refused_by_inspect_too(packed_options, tmp_path, edit_meta, edit_tensors):
+    from qdistill import inspect_packed
+
+    with pytest.raises(QDistillError, match="crafted"):
+        inspect_packed(rewrite(packed_options, tmp_path / "x.safetensors", edit_meta, edit_tensors))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_option_fields_load_correctly_or_fail_cleanly(packed_options, tmp_path, data):
+    """Any value in the new fields, or a cut or lengthened zero-point or scale blob: a model or a QDistillError."""
+    out = tmp_path / "fuzz.safetensors"
+    if data.draw(st.booleans()):
+        key = data.draw(st.sampled_from(["groups", "zero_point", "scale_dtype", "zero_points", "scales", "n_buckets"]))
+
+        def edit(m):
+            entry = m["quantized"][data.draw(st.integers(0, len(m["quantized"]) - 1))]
+            entry[key] = data.draw(st.one_of(JSON_VALUES, st.sampled_from(["flat", "row", "float", "int", "float32", "float16", "bfloat16"])))
+
+        rewrite(packed_options, out, edit)
+    else:
+        def edit_tensor(t):
+            key = data.draw(st.sampled_from(["zero_points", "scales.float16"]))
+            n = t[key].numel()
+            t[key] = t[key][: data.draw(st.integers(0, n))].clone() if data.draw(st.booleans()) else torch.cat([t[key], t[key][:3]])
+
+        rewrite(packed_options, out, edit_tensors=edit_tensor)
+    try:
+        model, _ = load_packed(out)
+    except QDistillError:
+        return
+    reference = load_packed(packed_options)[0]
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert a.shape == b.shape and bool(torch.isfinite(a).all() if a.is_floating_point() else True), name

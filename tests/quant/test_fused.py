@@ -108,3 +108,20 @@ def test_a_tied_tensor_is_fused_once():
         assert [[qt.name for qt in g.tensors] for g in fusable_groups(fused)] == [["0.weight", "2.weight"]]
         (out_a, grads_a), (out_b, grads_b) = loss_and_grads(plain, x), loss_and_grads(fused, x)
     assert torch.equal(out_a, out_b) and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+@pytest.mark.parametrize(
+    "quantizer",
+    [UniformQuantizer(2, 16, groups="row"), UniformQuantizer(3, 7, groups="row", zero_point="int", scale_dtype="bfloat16"), UniformQuantizer(4, 100, scale="mse", zero_point="int", scale_dtype="float16")],
+)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fused_kernel_ready_options_are_those_of_the_per_tensor_path(quantizer, layout):
+    test_fused_forward_and_gradients_are_those_of_the_per_tensor_path(quantizer, layout)
+
+
+def test_only_equal_kernel_ready_options_are_grouped():
+    model = net()
+    attach(model, UniformQuantizer(2, 64), include=["0.*", "3.*"])
+    parametrize.register_parametrization(model[6], "weight", UniformQuantizer(2, 64, groups="row"))
+    parametrize.register_parametrization(model[8], "weight", UniformQuantizer(2, 64, scale_dtype="float16"))
+    assert [[qt.name for qt in g.tensors] for g in fusable_groups(model)] == [["0.weight", "3.weight"]]

@@ -119,3 +119,23 @@ def test_points_converted_with_the_model_still_quantize(dtype):
     ref = LearnedPointsQuantizer(2, 30)
     ref.points = torch.nn.Parameter(q.points.detach().float())
     assert torch.equal(q(w), ref(w)) and torch.equal(q.encode(w).indices, ref.encode(w).indices)
+
+
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("bucket", [None, 8])
+def test_row_groups_and_16_bit_scales(scale_dtype, bucket):
+    """Rows quantized on their own, each group's min and max exact in the scale dtype, and Q(w) made of them alone."""
+    w = torch.randn(6, 2, 3, 3, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 3, 6).view(-1, 1, 1, 1)
+    q = LearnedPointsQuantizer(2, bucket, groups="row", scale_dtype=scale_dtype)
+    q.init_points(w)
+    assert q.n_buckets(w.shape) == 6 * (1 if bucket is None else 3)  # rows of 18 values: 8, 8 and 2 (padded)
+    enc = q.encode(w)
+    dtype = getattr(torch, scale_dtype)
+    assert all(torch.equal(v.to(dtype).float(), v) for v in (enc.lo, enc.hi))
+    out = q(w).detach()
+    assert torch.equal(out, enc.decode(w.shape, bucket, "row"))
+    assert torch.equal(to_buckets(out, bucket, "row"), torch.lerp(enc.lo.view(-1, 1), enc.hi.view(-1, 1), q.points.detach()[to_buckets(enc.indices, bucket, "row")]))
+    other = w.clone()
+    other[1:] *= 1000
+    assert torch.equal(q(other).detach()[0], out[0])  # row 0 does not see the others
+    assert q.points.min() >= 0 and q.points.max() <= 1

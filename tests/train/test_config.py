@@ -41,3 +41,30 @@ def test_yaml_round_trip_and_unknown_keys(tmp_path):
     path.write_text("bits: [1, 2")
     with pytest.raises(QDistillError, match="not valid YAML"):
         read_yaml(path)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"groups": "column"}, "groups must be one of flat, row"),
+        ({"zero_point": "uint8"}, "zero_point must be one of float, int"),
+        ({"scale_dtype": "fp16"}, "scale_dtype must be one of float32, float16, bfloat16"),
+        ({"zero_point": "int", "method": "dq"}, "zero_point=int applies to the uniform quantizer.*use zero_point float"),
+        ({"zero_point": "int", "method": "qd+dq"}, "not to method qd\\+dq"),
+    ],
+)
+def test_kernel_ready_options_are_checked(change, message):
+    with pytest.raises(QDistillError, match=message):
+        TrainConfig(**change)
+
+
+def test_kernel_ready_options_reach_the_quantizers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: qd+dq\ngroups: row\nscale_dtype: bfloat16\nbucket: 32\n")
+    cfg = TrainConfig.from_dict(read_yaml(path))
+    uniform, learned = cfg.make_quantizer("uniform"), cfg.make_quantizer("learned")
+    assert (uniform.groups, uniform.zero_point, uniform.scale_dtype, uniform.bucket) == ("row", "float", "bfloat16", 32)
+    assert (learned.groups, learned.scale_dtype) == ("row", "bfloat16")
+    q = TrainConfig(method="qat", zero_point="int", scale_dtype="float16").make_quantizer("uniform")
+    assert (q.zero_point, q.scale_dtype, q.form) == ("int", "float16", "int-zero")
+    assert TrainConfig().make_quantizer("uniform").form == "range"  # the paper's, by default
