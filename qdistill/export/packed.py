@@ -34,6 +34,8 @@ from qdistill.quant.uniform import ZERO_POINTS
 
 FORMAT = "qdistill-packed"
 VERSION = 2  # 2: groups, zero_point and scale_dtype per tensor; an older reader refuses the file instead of misreading it
+# A file whose tensors all keep the paper's defaults is written as version 1, byte for byte as before the
+# options existed: older qdistill versions read it, and its size is unchanged.
 READABLE = (1, 2)
 OPTIONS = {"groups": "flat", "zero_point": "float", "scale_dtype": "float32"}  # a version-1 file's (absent) options
 SCALE_BLOBS = {"float32": "scales", "float16": "scales.float16", "bfloat16": "scales.bfloat16"}
@@ -84,7 +86,7 @@ def save_packed(model: nn.Module, spec: dict, path: str | Path, info: dict | Non
                 "points": offsets["points"] if learned else None,
                 "zero_points": None if zero is None else offsets["zero_points"],
             }
-            layout.append(entry)
+            layout.append({k: v for k, v in entry.items() if not (OPTIONS.get(k, ...) == v or (k == "zero_points" and v is None))})
             indices.append(torch.from_numpy(packed))
             stored = torch.cat(list(params.values())).cpu().to(SCALE_DTYPES[q.scale_dtype])  # exact: rounded so in training
             scales.setdefault(blob, []).append(stored)
@@ -115,7 +117,8 @@ def save_packed(model: nn.Module, spec: dict, path: str | Path, info: dict | Non
             kept.append({"name": name, "blob": key, "shape": list(t.shape), "offset": sum(c.numel() for c in chunks)})
             chunks.append(t.detach().cpu().reshape(-1))
         tensors.update({key: torch.cat(chunks) for key, chunks in by_dtype.items()})
-    meta = {"format": FORMAT, "version": VERSION, "spec": spec, "quantized": layout, "kept": kept, "aliases": aliases, "info": info or {}}
+    version = VERSION if any(k in e for e in layout for k in OPTIONS) else 1
+    meta = {"format": FORMAT, "version": version, "spec": spec, "quantized": layout, "kept": kept, "aliases": aliases, "info": info or {}}
     meta["sha256"] = _digest(meta, tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_safetensors({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"qdistill": json.dumps(meta, separators=(",", ":"))})

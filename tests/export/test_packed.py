@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -5,6 +7,7 @@ from torch import nn
 
 from qdistill import LearnedPointsQuantizer, QDistillError, UniformQuantizer, attach, inspect_packed, load_packed, save_packed
 from qdistill.export.huffman import mean_code_length
+from qdistill.export.packed import options
 from qdistill.models import build_model, model_spec
 
 
@@ -196,7 +199,7 @@ KERNEL_OPTIONS = [
 @pytest.mark.parametrize("opts", KERNEL_OPTIONS, ids=lambda o: "-".join(o.values()))
 def test_kernel_ready_options_reload_bit_exactly(tmp_path, opts, scale, bucket):
     path, meta = round_trip_mixed(tmp_path, UniformQuantizer(3, bucket, scale=scale, **opts))
-    assert all({k: e[k] for k in opts} == opts for e in meta["quantized"])
+    assert all(options(e) == opts for e in meta["quantized"])  # the defaults are left out of the file
     with safe_open(str(path), "pt") as f:
         blob = {"float32": "scales", "float16": "scales.float16", "bfloat16": "scales.bfloat16"}[opts["scale_dtype"]]
         assert f.get_tensor(blob).dtype == getattr(torch, opts["scale_dtype"])
@@ -210,24 +213,29 @@ def test_learned_points_with_row_groups_and_16_bit_scales_reload_bit_exactly(tmp
     round_trip_mixed(tmp_path, LearnedPointsQuantizer(2, bucket, groups=groups, scale_dtype=scale_dtype, n_points=3))
 
 
-def test_a_file_written_before_the_options_existed_loads_with_the_defaults(tmp_path):
-    """Version 1 had no options in its layout: what HEAD's writer wrote is this file less those keys."""
-    from tests.export.test_untrusted import rewrite
+V1_FILES = {"v1-uniform-3b": lambda: UniformQuantizer(3, 100), "v1-learned-2b": lambda: LearnedPointsQuantizer(2, 64)}
 
-    model = quantized_model(quantizer=UniformQuantizer(3, 100))
-    path = save_packed(model, model_spec("tiny"), tmp_path / "m.safetensors")
 
-    def version_1(meta):
-        meta["version"] = 1
-        for e in meta["quantized"]:
-            for key in ("groups", "zero_point", "scale_dtype", "zero_points"):
-                del e[key]
-
-    loaded, meta = load_packed(rewrite(path, tmp_path / "v1.safetensors", version_1))
+@pytest.mark.parametrize("name", V1_FILES)
+def test_files_of_the_version_before_the_options_load_and_defaults_are_written_as_they_were(tmp_path, name):
+    """tests/export/data holds files that the writer before the kernel-ready options (commit 2cdb80f) made of
+    `quantized_model`: they load, and a model with the default options is written byte for byte as then
+    (version 1, readable by that version)."""
+    old = Path(__file__).parent / "data" / f"{name}.safetensors"
+    model = quantized_model(quantizer=V1_FILES[name]())
+    loaded, meta = load_packed(old)
     assert meta["version"] == 1
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+    assert save_packed(model, model_spec("tiny"), tmp_path / "new.safetensors").read_bytes() == old.read_bytes()
+
+
+def test_a_file_with_options_is_version_2(tmp_path):
+    from qdistill.export.packed import read_packed
+
+    meta, _ = read_packed(save_packed(quantized_model(quantizer=UniformQuantizer(3, 100, groups="row")), model_spec("tiny"), tmp_path / "m.safetensors"))
+    assert meta["version"] == 2 and {e["groups"] for e in meta["quantized"]} == {"row"} and "zero_point" not in meta["quantized"][0]
 
 
 @pytest.mark.parametrize(
