@@ -155,8 +155,10 @@ LOW_BIT_METHODS = ("ptq", "qat", "qd", "dq", "qd+dq")  # what `low_bit_steps` ru
 
 
 def reference_steps(base: TrainConfig) -> list[tuple[str, TrainConfig, str | None]]:
-    """fp and kd: the full-precision students the low-bit rows are measured against (and start from)."""
-    return [("fp", base.replace(method="fp"), None), ("kd", base.replace(method="kd"), None)]
+    """fp and kd: the full-precision students the low-bit rows are measured against (and start from). A
+    quantizer-only setting of `base` (--scale mse) is left out of them, where it would be refused."""
+    full_precision = base.replace(scale="minmax", method="fp")
+    return [("fp", full_precision, None), ("kd", full_precision.replace(method="kd"), None)]
 
 
 def low_bit_steps(base: TrainConfig, bits: int, methods: tuple[str, ...] = LOW_BIT_METHODS, improved: tuple[str, ...] = ()) -> list[tuple[str, TrainConfig, str | None]]:

@@ -8,12 +8,20 @@ import pytest
 import torch
 
 from qdistill import QDistillError, TrainConfig
-from qdistill.pipeline import low_bit_steps
+from qdistill.pipeline import low_bit_steps, reference_steps
 
 
 def test_qd_dq_without_qd_is_refused_before_any_training():
     with pytest.raises(QDistillError, match="ask for qd too"):
         low_bit_steps(TrainConfig(), 2, methods=("qat", "qd+dq"))
+
+
+def test_fp_and_kd_of_a_clipped_range_run_leave_the_quantizer_setting_out():
+    """`qdistill demo --scale mse` builds fp and kd from the same base: they must not be refused for a quantizer setting."""
+    base = TrainConfig(method="qd", bits=2, scale="mse", epochs=3)
+    steps = reference_steps(base)
+    assert [(label, cfg.method, cfg.scale, cfg.epochs) for label, cfg, _ in steps] == [("fp", "fp", "minmax", 3), ("kd", "kd", "minmax", 3)]
+    assert {cfg.scale for _, cfg, _ in low_bit_steps(base, 2, ("ptq", "qat", "qd"))} == {"mse"}
 
 
 def test_teacher_cache_ignores_settings_that_do_not_change_the_teacher(monkeypatch):
