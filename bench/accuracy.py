@@ -300,9 +300,48 @@ def write_outputs(rows: list[dict], setup: str, card: str, tag: str, out: Path, 
     ]
     cells = [{**s, "accuracy": accuracy_cell(s)} for s in summary]
     md = f"# {title} ({tag})\n\n{setup}.\n\n" + markdown_table(cells, columns) + f"\n\n![{name}]({name}-{tag}.png)\n"
+    if metric == "ppl":
+        md += "\n## Goals (test perplexity, means over seeds; spread: max − min over seeds)\n\n" + "\n".join(f"- {line}" for line in lm_goals(summary)) + "\n"
     (out / f"{name}-{tag}.md").write_text(md)
     plot(summary, out / f"{name}-{tag}.png", f"{title}, {card}", metric)
     print(md)
+
+
+def lm_goals(summary: list[dict]) -> list[str]:
+    """The language-model issue's goals, read from a perplexity table: qd at 4 bits within 2 % of kd; at 2 bits
+    qd recovers ≥ 80 % of what ptq loses against kd; qd ahead of qat (and of torchao's QAT, where run) by
+    more than the seed spread. A goal whose rows are missing is left out."""
+    cell = {(r["student"], r["method"], r["bits"]): r for r in summary if r["mean"] is not None}
+    lines = []
+
+    def ahead(student, bits, ours, other):
+        a, b = cell.get((student, ours, bits)), cell.get((student, other, bits))
+        if a and b:
+            spread = max(a["max"] - a["min"], b["max"] - b["min"])
+            met = b["mean"] - a["mean"] > spread
+            lines.append(f"{student}, {bits} bits, {ours} ahead of {other} by more than the spread: {'met' if met else 'not met'} "
+                         f"({a['mean']:.2f} against {b['mean']:.2f}, gap {b['mean'] - a['mean']:.2f}, spread {spread:.2f}; seeds {a['seeds']}, {b['seeds']})")
+
+    for student in dict.fromkeys(r["student"] for r in summary):
+        kd, qd4, qd2, ptq2 = (cell.get((student, m, b)) for m, b in (("kd", 32), ("qd", 4), ("qd", 2), ("ptq", 2)))
+        if kd and qd4:
+            over = 100 * (qd4["mean"] / kd["mean"] - 1)
+            lines.append(f"{student}, 4 bits, qd within 2 % of kd: {'met' if over <= 2 else 'not met'} (qd {qd4['mean']:.2f}, kd {kd['mean']:.2f}: {over:+.1f} %)")
+        if kd and qd2 and ptq2 and ptq2["mean"] > kd["mean"]:
+            share = (ptq2["mean"] - qd2["mean"]) / (ptq2["mean"] - kd["mean"])
+            lines.append(f"{student}, 2 bits, qd recovers ≥ 80 % of what ptq loses: {'met' if share >= 0.8 else 'not met'} "
+                         f"({100 * share:.0f} %: ptq {ptq2['mean']:.2f}, qd {qd2['mean']:.2f}, kd {kd['mean']:.2f})")
+        for bits in (3, 2):
+            ahead(student, bits, "qd", "qat")
+        for bits in (4, 2):
+            for ours, other in TORCHAO_PAIRS:
+                ahead(student, bits, ours, other)
+    return lines
+
+
+TORCHAO_PAIRS = [  # (qdistill's row, torchao's trained the same way): from scratch and from kd, at our buckets and torchao's 128
+    (ours + suffix, other) for ours, other in (("qd", "torchao qat+kd"), ("qd (from kd, mse, T 1)", "torchao qat+kd (from kd, T 1)")) for suffix in ("", " (bucket 128)")
+]
 
 
 def read_run(path: Path) -> dict:

@@ -450,3 +450,20 @@ def test_embedding_table_smoke_and_resume(tmp_path, monkeypatch):
     assert all(r["size_bytes"] < rows["teacher"]["size_bytes"] / 3 for m, r in rows.items() if m != "teacher")
     monkeypatch.setattr(embedding, "run_job", lambda *a: pytest.fail("ran a finished job again"))
     embedding.main(args)
+
+
+def test_lm_goals_are_read_from_the_table():
+    accuracy = load("accuracy")
+
+    def cell(method, bits, values, student="s"):
+        return {"student": student, "method": method, "bits": bits, "seeds": len(values), "mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+
+    summary = [cell("kd", 32, [100, 100]), cell("qd", 4, [101, 102]), cell("ptq", 2, [200]), cell("qd", 2, [118, 122]), cell("qat", 2, [123, 125]),
+               cell("qat", 3, [130, 140]), cell("qd", 3, [110, 112]), cell("torchao qat+kd", 2, [110, 111])]
+    goals = accuracy.lm_goals(summary)
+    assert goals[0] == "s, 4 bits, qd within 2 % of kd: met (qd 101.50, kd 100.00: +1.5 %)"
+    assert goals[1].startswith("s, 2 bits, qd recovers ≥ 80 % of what ptq loses: met (80 %")
+    assert goals[2].startswith("s, 3 bits, qd ahead of qat by more than the spread: met (111.00 against 135.00, gap 24.00, spread 10.00")
+    assert goals[3].startswith("s, 2 bits, qd ahead of qat by more than the spread: not met (120.00 against 124.00, gap 4.00, spread 4.00")
+    assert goals[4].startswith("s, 2 bits, qd ahead of torchao qat+kd by more than the spread: not met (120.00 against 110.50, gap -9.50")
+    assert len(goals) == 5  # rows that are missing (torchao at 4 bits, bucket 128) give no line
