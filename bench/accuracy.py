@@ -34,6 +34,7 @@ import copy
 import json
 import os
 import platform
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -357,11 +358,13 @@ def read_run(path: Path) -> dict:
 
 def rerender(paths: list[Path], tag: str | None = None, out: Path = RESULTS) -> None:
     """Rewrite the table and plot of saved runs from their JSON: after a change to the presentation, or to
-    merge runs that split one table's bit widths between them (same setup but for the wall time)."""
+    merge runs that split one table's bit widths, students or seeds between them (same setup but for the
+    seeds and the wall time)."""
     saved = [read_run(path) for path in paths]
     if len(paths) > 1 and not tag:
         raise SystemExit("merging several runs: name the merged table with --tag")
-    setups = {s["setup"].split("; wall time")[0] for s in saved}
+    seeds = re.compile(r"; seeds \[[^\]]*\]")
+    setups = {seeds.sub("", s["setup"].split("; wall time")[0]) for s in saved}
     if len(setups) > 1:
         raise SystemExit("cannot merge runs with different setups:\n" + "\n".join(sorted(setups)))
     rows: dict[tuple, dict] = {}  # fp and kd are in every run; same seeds and threads train the same, so they must agree
@@ -378,7 +381,8 @@ def rerender(paths: list[Path], tag: str | None = None, out: Path = RESULTS) -> 
             wall = s["setup"].split("; wall time ")[1]
             bits = " ".join(str(b) for b in sorted({r["bits"] for r in s["rows"]} - {32}))
             walls.append(wall if "(bits" in wall else f"{wall} (bits {bits})")
-        setup = f"{setups.pop()}; wall time {' + '.join(walls)}"
+        every_seed = sorted({r["seed"] for s in saved for r in s["rows"]})
+        setup = f"{seeds.sub(f'; seeds {every_seed}', saved[0]['setup'].split('; wall time')[0])}; wall time {' + '.join(walls)}"
     card = saved[0].get("card") or setup.split(";")[0]
     metric = saved[0].get("metric", "acc")
     write_outputs(list(rows.values()), setup, card, tag or paths[0].stem.removeprefix("accuracy-").removeprefix("lm-"), out, metric)

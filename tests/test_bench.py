@@ -281,6 +281,13 @@ def test_accuracy_rerender_merges_runs(tmp_path):
     assert [r["bits"] for r in again["summary"]] == [32, 32, 8, 4, 2]
     with pytest.raises(SystemExit, match="disagree on .*'kd'"):
         accuracy.rerender([first, save("c", 8, 30, kd_acc=91.0)], "bad", tmp_path)
+    seed_runs = []
+    for seed in (0, 1):  # runs that split the seeds merge, the setup naming them all
+        path = tmp_path / f"accuracy-s{seed}.json"
+        path.write_text(json.dumps({"setup": f"CPU; seeds [{seed}]; 2 epochs; wall time 5 s", "card": "CPU", "rows": [row("qd", 2, seed, 80.0 + seed)]}))
+        seed_runs.append(path)
+    accuracy.rerender(seed_runs, "seeds", tmp_path)
+    assert json.loads((tmp_path / "accuracy-seeds.json").read_text())["setup"] == "CPU; seeds [0, 1]; 2 epochs; wall time 5 s (bits 2) + 5 s (bits 2)"
     other = tmp_path / "accuracy-d.json"
     other.write_text(json.dumps({**json.loads(first.read_text()), "setup": "CPU; 4 epochs; wall time 5 s"}))
     with pytest.raises(SystemExit, match="different setups"):
@@ -467,3 +474,17 @@ def test_lm_goals_are_read_from_the_table():
     assert goals[3].startswith("s, 2 bits, qd ahead of qat by more than the spread: not met (120.00 against 124.00, gap 4.00, spread 4.00")
     assert goals[4].startswith("s, 2 bits, qd ahead of torchao qat+kd by more than the spread: not met (120.00 against 110.50, gap -9.50")
     assert len(goals) == 5  # rows that are missing (torchao at 4 bits, bucket 128) give no line
+
+
+def test_inference_job_and_ratios(tmp_path):
+    """bench/inference.py's job in-process on a small stack, and its arithmetic (the timings are not checked)."""
+    inference = load("inference")
+    path = tmp_path / "m.safetensors"
+    inference.write_file(path, 64, 2, 4, 32)
+    rows = [inference.run_job(row, str(path), 64, 2, torch.get_num_threads(), 2, 1.0) for row in ("fp32 dense", "int4 kernel, 4 bits")]
+    assert (rows[0]["int4"], rows[1]["int4"]) == (0, 2)
+    reference = inference.dense_output(path, 64, 2)
+    done = inference.with_ratios(rows, {"rss_mib": 0.0}, [reference, reference])
+    assert done[0]["max_rel_err"] == 0 and 0 < done[1]["max_rel_err"] < 2**-6
+    assert done[1]["b32_speedup"] == rows[0]["b32_ms"] / rows[1]["b32_ms"] and done[1]["memory_ratio"] == rows[0]["rss_mib"] / rows[1]["rss_mib"]
+    assert "| 64 | int4 kernel, 4 bits |" in inference.markdown(done, "setup")
