@@ -20,7 +20,7 @@ from torch import nn
 from qdistill.data import load_dataset
 from qdistill.errors import QDistillError
 from qdistill.export import export_hf, inspect_packed, is_packed, load_packed
-from qdistill.export.packed import read_packed
+from qdistill.export.packed import RUNTIMES, read_packed
 from qdistill.models import HF_FACTORY, LM_PRESETS, build_model, hf_spec, is_language_model, load_checkpoint, load_hf, model_spec, vocab_size_of
 from qdistill.pipeline import cache_dir, new_run_dir, run_method
 from qdistill.report import markdown_table, plot_history, result_columns
@@ -166,12 +166,15 @@ def task_from(args, name: str, reference: nn.Module | None = None):
     return LanguageModelling(corpus, 128 if args.seq_len is None else args.seq_len)
 
 
-def load_any(path: str, spec: dict | None = None, trust_code: bool = False, hf_head: str | None = None):
+def load_any(path: str, spec: dict | None = None, trust_code: bool = False, hf_head: str | None = None, runtime: str = "dense"):
     """A packed model (as its quantized weights), a full-precision checkpoint, or hf:DIR (a Hugging Face
     save_pretrained directory, with its weights), and the spec it was built from.
 
     `spec` is the user's own (from --model/--student: built as given); without it the file's spec is
-    used, which is code-free unless the user passed --trust-code. An hf: directory brings its own."""
+    used, which is code-free unless the user passed --trust-code. An hf: directory brings its own.
+    `runtime` "kernels": a packed model kept packed, on low-bit kernels (`load_packed`)."""
+    if runtime != "dense" and (path.startswith("hf:") or not is_packed(path)):
+        raise QDistillError(f"--runtime {runtime} runs packed models (from qdistill distill); {path} is not one")
     if path.startswith("hf:"):
         model, own = load_hf(path.removeprefix("hf:"), hf_head)
         if spec is not None and spec != own:
@@ -179,7 +182,7 @@ def load_any(path: str, spec: dict | None = None, trust_code: bool = False, hf_h
         return model, own
     model = build_model(spec) if spec is not None else None
     if is_packed(path):
-        loaded, meta = load_packed(path, model=model, trust_code=trust_code)
+        loaded, meta = load_packed(path, model=model, trust_code=trust_code, runtime=runtime)
         return loaded, spec or meta["spec"]
     return load_checkpoint(path, spec=spec, model=model, trust_code=trust_code)
 
@@ -341,12 +344,13 @@ def model_and_task(args, require_lm: bool = False):
 
     # the caller's architecture is sized by the data, so its task comes first; else the file's spec says
     task = task_named(task_name(args, args.model, saved)) if args.model else None
-    model, spec = load_any(args.file, model_spec(args.model, **task.spec_args(), hf_head=args.hf_head) if task else None, args.trust_code, args.hf_head)
+    runtime = getattr(args, "runtime", "dense")
+    model, spec = load_any(args.file, model_spec(args.model, **task.spec_args(), hf_head=args.hf_head) if task else None, args.trust_code, args.hf_head, runtime)
     if task is None:
         if args.vocab_size is None and is_language_model(spec):
             args.vocab_size = vocab_size_of(spec)
         task = task_named(task_name(args, spec, saved))
-    return model.to(resolve_device("auto")), task
+    return model.to("cpu" if runtime == "kernels" else resolve_device("auto")), task  # the kernels are CPU ones
 
 
 def cmd_eval(args) -> None:
@@ -446,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--model", help="the file's architecture, a preset, hf:DIR or package.module:factory (for a plain state dict or a model of your own)")
     p.add_argument("--teacher", help="embedding models: the teacher (hf:DIR) their embeddings are compared with")
+    p.add_argument("--runtime", choices=RUNTIMES, default="dense", help="dense: float32 weights (default); kernels: a packed model's weights kept packed, on int4 CPU kernels where they fit (docs/inference.md)")
     add_hf_flag(p)
     add_trust_flag(p)
     add_data_flags(p)

@@ -29,7 +29,7 @@ from qdistill.export.huffman import mean_code_length
 from qdistill.files import write_safetensors
 from qdistill.models import build_model, load_state
 from qdistill.quant import LearnedPointsQuantizer, pack_bits, packed_bytes, quantized_tensors, unpack_bits
-from qdistill.quant.base import FORMS, GROUPS, SCALE_DTYPES, Encoded, form, group_bits, kernel_ready, n_groups, row_view
+from qdistill.quant.base import FORMS, GROUPS, SCALE_DTYPES, Encoded, check_choice, form, group_bits, kernel_ready, n_groups, row_view
 from qdistill.quant.uniform import ZERO_POINTS
 
 FORMAT = "qdistill-packed"
@@ -39,6 +39,7 @@ VERSION = 2  # 2: groups, zero_point and scale_dtype per tensor; an older reader
 READABLE = (1, 2)
 OPTIONS = {"groups": "flat", "zero_point": "float", "scale_dtype": "float32"}  # a version-1 file's (absent) options
 SCALE_BLOBS = {"float32": "scales", "float16": "scales.float16", "bfloat16": "scales.bfloat16"}
+RUNTIMES = ("dense", "kernels")  # load_packed: float32 weights, or kept packed (qdistill.export.runtime)
 MAX_METADATA = 16 << 20  # bytes of JSON; a model of thousands of tensors needs well under 1 MB
 
 
@@ -215,14 +216,7 @@ def check_layout(meta: dict, tensors: dict[str, torch.Tensor], path) -> None:
         n_points = e.get("n_points")
         if not _int(n_points, 2 if learned else 2**bits, 2**bits):
             raise bad(f"{e['name']}: {n_points!r} points for {bits}-bit indices")
-        integer = opts["zero_point"] == "int"
-        spans = (  # each tensor's data follow the previous one's in each blob; a blob it does not use: offset null
-            ("indices", "indices", packed_bytes(count, bits)),
-            ("scales", SCALE_BLOBS[opts["scale_dtype"]], n_buckets * (1 if integer else 2)),
-            ("points", "points", n_points if learned else 0),
-            ("zero_points", "zero_points", n_buckets if integer else 0),
-        )
-        for key, blob, span in spans:
+        for key, blob, span in entry_spans(e):  # each tensor's data follow the previous one's in each blob
             if not (_int(e.get(key), offsets[blob], offsets[blob]) if span else e.get(key) is None):
                 raise bad(f"{e['name']}: {key} offset {e.get(key)!r}, expected {offsets[blob] if span else None}")
             offsets[blob] += span
@@ -268,6 +262,18 @@ def options(entry: dict) -> dict:
     return {k: entry.get(k, default) for k, default in OPTIONS.items()}
 
 
+def entry_spans(entry: dict) -> tuple[tuple[str, str, int], ...]:
+    """Where a quantized tensor's data lie: (its offset's key, the blob, how many values) per blob; 0 values:
+    a blob it does not use (offset null). Entries whose shape, bits, groups, kind and points were checked."""
+    integer, learned, groups = options(entry)["zero_point"] == "int", entry["kind"] == "learned", entry["n_buckets"]
+    return (
+        ("indices", "indices", packed_bytes(math.prod(entry["shape"]), entry["index_bits"])),
+        ("scales", SCALE_BLOBS[options(entry)["scale_dtype"]], groups * (1 if integer else 2)),
+        ("points", "points", entry["n_points"] if learned else 0),
+        ("zero_points", "zero_points", groups if integer else 0),
+    )
+
+
 def entry_form(entry: dict) -> str:
     opts = options(entry)
     return form(entry["kind"], opts["zero_point"], opts["scale_dtype"])
@@ -285,10 +291,16 @@ def entry_params(entry: dict, tensors: dict[str, torch.Tensor]) -> dict[str, tor
 
 
 def entry_indices(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The tensor's level indices, flat; entries come from a layout `check_layout` accepted."""
-    count, start = math.prod(entry["shape"]), entry["indices"]
-    raw = tensors["indices"][start : start + packed_bytes(count, entry["index_bits"])].numpy()
-    return unpack_bits(raw, entry["index_bits"], count)
+    """The tensor's level indices, flat; entries come from a layout `check_layout` accepted.
+
+    At 1, 2, 4 and 8 bits each byte holds whole indices (the lowest bits first, as `pack_bits` writes
+    them): unpacked with shifts, in a byte per index before the int64 result instead of 8 per bit."""
+    count, start, bits = math.prod(entry["shape"]), entry["indices"], entry["index_bits"]
+    raw = tensors["indices"][start : start + packed_bytes(count, bits)]
+    if 8 % bits:
+        return unpack_bits(raw.numpy(), bits, count)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+    return ((raw[:, None] >> shifts) & (2**bits - 1)).reshape(-1)[:count].long()
 
 
 def decode_entry(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -306,11 +318,15 @@ def decode_entry(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return Encoded(idx, points, entry["index_bits"], **entry_params(entry, tensors)).decode(entry["shape"], bucket, groups)
 
 
-def load_packed(path: str | Path, model: nn.Module | None = None, trust_code: bool = False) -> tuple[nn.Module, dict]:
+def load_packed(path: str | Path, model: nn.Module | None = None, trust_code: bool = False, runtime: str = "dense", dense_below: int = 0) -> tuple[nn.Module, dict]:
     """Rebuild a runnable float model whose weights equal the quantized model's, bit for bit.
 
     The architecture is `model` when given (the caller's own), else the file's spec: a qdistill
-    preset, rebuilt from data alone, or, only with `trust_code`, a factory the file names."""
+    preset, rebuilt from data alone, or, only with `trust_code`, a factory the file names.
+    `runtime="kernels"` keeps the quantized tensors packed in memory and runs them on low-bit kernels
+    where they fit, decoding the others at each call (CPU, float32: `qdistill.export.runtime`); tensors
+    of fewer than `dense_below` values are decoded once instead."""
+    check_choice("runtime", runtime, RUNTIMES)
     meta, tensors = read_packed(path)
     if model is None:
         model = build_model(meta.get("spec"), trust_code=trust_code, source=str(path))
@@ -318,11 +334,17 @@ def load_packed(path: str | Path, model: nn.Module | None = None, trust_code: bo
     for e in meta["quantized"] + meta["kept"]:  # before decoding: the file's shapes must be the model's
         if e["name"] in expected and list(expected[e["name"]].shape) != e["shape"]:
             raise QDistillError(f"weights in {path} do not fit the model {type(model).__name__}: {e['name']} is {e['shape']}, the model's {list(expected[e['name']].shape)}")
-    state = {e["name"]: decode_entry(e, tensors) for e in meta["quantized"]}
+    dense = meta["quantized"]
+    if runtime == "kernels":
+        from qdistill.export.runtime import keep_packed  # imports this module
+
+        dense = keep_packed(model, meta, tensors, dense_below)
+    state = {e["name"]: decode_entry(e, tensors) for e in dense}
     for e in meta["kept"]:
         state[e["name"]] = tensors[e["blob"]][e["offset"] : e["offset"] + math.prod(e["shape"])].view(e["shape"])
     for alias, name in meta.get("aliases", {}).items():  # tied tensors: loaded twice into one Parameter, same values
-        state[alias] = state[name]
+        if name in state:  # else kept packed, with its aliases
+            state[alias] = state[name]
     return load_state(model, state, path, f"the model {type(model).__name__}").eval(), meta
 
 

@@ -1,0 +1,181 @@
+"""The low-bit inference runtime (`load_packed(path, runtime="kernels")`): quantized weights stay packed in memory.
+
+Each quantized tensor runs one of three ways (docs/inference.md):
+  int4    an nn.Linear whose groups tile its rows, in groups of 32 to 256, at 1 to 4 bits: replaced by
+          `Int4Linear`, torch's int4 weight-only CPU kernel (bf16 activations), within a stated tolerance;
+  packed  everything else: its bytes as in the file (`PackedTensor`), decoded for each forward call of
+          its module, bit for bit the dense loader's weight;
+  dense   tensors of fewer than `dense_below` values: decoded once, as by the dense loader.
+The runtime model runs in float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qdistill.export.packed import decode_entry, entry_indices, entry_params, entry_spans, options
+from qdistill.quant.base import row_view
+
+INT4_OPS = ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")
+INT4_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts (torch 2.13)
+INT4_ROWS = 16  # _convert_weight_to_int4pack_for_cpu wants out_features divisible by 16: the rest are padded
+BITS = {2: torch.int16, 4: torch.int32}  # float buffers are kept as their bits, which model.to(dtype) leaves alone
+
+
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(BITS[t.element_size()]) if t.is_floating_point() else t
+
+
+@functools.cache
+def int4_kernel():
+    """The int4 CPU ops (convert, matmul), or None where this torch lacks them or they fail on a small case."""
+    try:
+        convert, matmul = (getattr(torch.ops.aten, op) for op in INT4_OPS)
+        weight = convert(torch.full((INT4_ROWS, 32), 9, dtype=torch.int32), 2)
+        scales_and_zeros = torch.tensor([1.0, 0.0], dtype=torch.bfloat16).expand(1, INT4_ROWS, 2).contiguous()
+        y = matmul(torch.ones(1, 32, dtype=torch.bfloat16), weight, 32, scales_and_zeros)  # each weight (9 - 8) * 1 + 0
+        return (convert, matmul) if torch.equal(y.float(), torch.full((1, INT4_ROWS), 32.0)) else None
+    except Exception:  # missing op, or a build that cannot run it
+        return None
+
+
+def row_group(entry: dict) -> int | None:
+    """The size of the groups along each row [out, in*...] when they tile the rows exactly, else None."""
+    rows, length = row_view(entry["shape"], "row")
+    bucket = entry["bucket"]
+    if options(entry)["groups"] == "row" and (bucket is None or bucket >= length):
+        return length  # one group a row
+    size = bucket or rows * length  # flat groups: bucket None is one group for the whole tensor
+    return size if length % size == 0 else None
+
+
+def int4_ready(entry: dict) -> bool:
+    """Whether the int4 kernel can run this tensor (as the weight of an nn.Linear)."""
+    return entry["kind"] == "uniform" and entry["index_bits"] <= 4 and len(entry["shape"]) == 2 and row_group(entry) in INT4_GROUPS and int4_kernel() is not None
+
+
+def int4_weights(entry: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The kernel's packed weight, its bf16 scales_and_zeros [groups, out, 2], and the group size.
+
+    The kernel computes w = (q4 - 8) * scale + zero in float32 from bf16 scale and zero. A b-bit level q
+    becomes the 4-bit level q4 = q + 8 - h (h = 2**(b - 1)) with the same step, so 1- to 3-bit tensors use
+    the 4-bit kernel; scale is the step rounded to bf16, zero the value of level h with that step
+    (lo + h * scale, or (h - zp) * scale) rounded to bf16. A bf16 step is exact and only zero rounds, by at
+    most 2**-8 |zero|; a float16 or float32 step rounds too, level q moving by at most |q - h| * 2**-8 * step.
+    Range groups (float32 min and max, `lerp`) take step = (max - min) / (2**b - 1). Each weight is thus
+    within 3 * 2**-8 of its group's largest |w| (2**-8 for bf16 steps): docs/inference.md.
+    """
+    out, length = entry["shape"]
+    group, bits, h = row_group(entry), entry["index_bits"], 2 ** (entry["index_bits"] - 1)
+    q = entry_indices(entry, tensors).view(out, length).to(torch.int32).add_(8 - h)
+    p = entry_params(entry, tensors)
+    step = p["step"] if "step" in p else (p["hi"] - p["lo"]) / (2**bits - 1)
+    scale = step.bfloat16().float()
+    zero = (h - p["zero"]) * scale if "zero" in p else p["lo"] + h * scale
+    scales_and_zeros = torch.stack([scale, zero], -1).bfloat16().view(out, length // group, 2).transpose(0, 1)
+    pad = -out % INT4_ROWS  # rows of level 8 and scale 0: zeros, cut from the output
+    q, scales_and_zeros = F.pad(q, (0, 0, 0, pad), value=8), F.pad(scales_and_zeros, (0, 0, 0, pad))
+    return int4_kernel()[0](q.contiguous(), 2), scales_and_zeros.contiguous(), group
+
+
+class Int4Linear(nn.Module):
+    """An nn.Linear whose weight stays 4-bit in memory: torch's int4 weight-only CPU kernel, the input rounded
+    to bf16 for it (its float32 path was 9 to 45 times slower than a dense matmul in a quick check), the
+    output back in the input's dtype, the bias added in that dtype."""
+
+    def __init__(self, linear: nn.Linear, entry: dict, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight, scales_and_zeros, self.group = int4_weights(entry, tensors)
+        self.register_buffer("weight_int4", weight, persistent=False)
+        self.register_buffer("scales_and_zeros", as_bits(scales_and_zeros), persistent=False)
+        self.register_parameter("bias", linear.bias)  # a kept tensor: loaded with the others
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, bias={self.bias is not None}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        y = int4_kernel()[1](flat, self.weight_int4, self.group, self.scales_and_zeros.view(torch.bfloat16))
+        y = y[:, : self.out_features].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class PackedTensor(nn.Module):
+    """One quantized tensor as the file stores it (bit-packed indices, group values in their own dtype);
+    calling it decodes it exactly as the dense loader does (`decode_entry`)."""
+
+    def __init__(self, entry: dict, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.entry, self.blobs = dict(entry), {}
+        for key, blob, span in entry_spans(entry):
+            if span:  # a copy: the file's blobs are freed after loading
+                self.register_buffer(key, as_bits(tensors[blob][entry[key] : entry[key] + span].clone()), persistent=False)
+                self.entry[key], self.blobs[key] = 0, (blob, tensors[blob].dtype)
+        self()  # decoded once here, so a crafted file fails while loading, as with the dense loader
+
+    def forward(self) -> torch.Tensor:
+        return decode_entry(self.entry, {blob: getattr(self, key).view(dtype) for key, (blob, dtype) in self.blobs.items()})
+
+    def attach(self, module: nn.Module, name: str) -> None:
+        """Replace `module`'s parameter `name`: decoded before each call of the module, None between calls
+        (so memory stays small). Modules whose weight another module's code reads (nn.MultiheadAttention's
+        out_proj) would see None: load those with the dense runtime."""
+        del module._parameters[name]
+        module.add_module(f"{name}_packed", self)
+        setattr(module, name, None)  # via the module's __setattr__: an LSTM's flat weight list follows
+        module.register_forward_pre_hook(functools.partial(self.decode_into, name))  # partials of methods: the model pickles
+        module.register_forward_hook(functools.partial(self.release, name))
+
+    def decode_into(self, name: str, module: nn.Module, args) -> None:
+        setattr(module, name, self())
+
+    def release(self, name: str, module: nn.Module, args, out) -> None:
+        setattr(module, name, None)
+
+
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> bool:
+    """Put `new` wherever `old` is a child in `model`; False where `old` is the model itself."""
+    found = False
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if child is old:
+                setattr(parent, child_name, new)
+                found = True
+    return found
+
+
+def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], dense_below: int = 0) -> list[dict]:
+    """Make `model` hold its quantized tensors packed (int4 kernels, else `PackedTensor`); return the entries
+    left to decode dense: those under `dense_below` values, and names the model lacks (the loader reports them).
+
+    A tensor tied to other names (an embedding shared with the output layer) is one `PackedTensor` for all."""
+    owners = {}
+    for alias, name in meta.get("aliases", {}).items():
+        owners.setdefault(name, []).append(alias)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    dense = []
+    for e in meta["quantized"]:
+        uses = [e["name"], *owners.get(e["name"], [])]
+        if math.prod(e["shape"]) < dense_below or not all(u in params for u in uses):
+            dense.append(e)
+            continue
+        modules = [(model.get_submodule(u.rpartition(".")[0]), u.rpartition(".")[2]) for u in uses]
+        module, name = modules[0]
+        if len(modules) == 1 and type(module) is nn.Linear and name == "weight" and int4_ready(e) and _replace(model, module, Int4Linear(module, e, tensors)):
+            continue
+        store = PackedTensor(e, tensors)
+        for module, name in modules:
+            store.attach(module, name)
+    return dense
+
+
+def runtime_of(model: nn.Module) -> dict[str, int]:
+    """How many quantized tensors run each way: int4 (kernel) and packed (decoded per call)."""
+    kinds = [type(m) for m in model.modules()]
+    return {"int4": kinds.count(Int4Linear), "packed": kinds.count(PackedTensor)}

@@ -1,0 +1,248 @@
+"""The low-bit runtime (load_packed(runtime="kernels")): int4-kernel layers within the stated tolerance of the
+dense model, everything else bit for bit, quantized weights held packed, and the fallbacks where no kernel fits."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from qdistill import LearnedPointsQuantizer, QDistillError, UniformQuantizer, attach, load_packed, save_packed
+from qdistill.cli import main
+from qdistill.export import runtime
+from qdistill.export.packed import entry_spans, read_packed
+from qdistill.export.runtime import Int4Linear, runtime_of
+from qdistill.models import build_model, model_spec
+from qdistill.tasks import TASKS, LanguageModelling, as_task
+from qdistill.train import TrainConfig, train
+from tests.conftest import toy_dataset
+from tests.tasks.test_language import corpus
+
+FORMS = {  # the stored forms (quant.base.FORMS) and their scale dtypes
+    "range": {},
+    "min-step bf16": {"scale_dtype": "bfloat16"},
+    "min-step fp16": {"scale_dtype": "float16"},
+    "int-zero bf16": {"zero_point": "int", "scale_dtype": "bfloat16"},
+    "int-zero fp32": {"zero_point": "int"},
+}
+SPEC = {"factory": "tests.export.test_runtime:Mlp", "kwargs": {}}  # never built from the file: the tests pass the model
+
+
+class Mlp(nn.Sequential):
+    """A Linear the int4 kernel takes (groups of 32 tile 256 inputs; 40 outputs are padded to 48) and one
+    it cannot (40 inputs: groups of 32 are padded)."""
+
+    def __init__(self, sizes=(256, 40, 64)):
+        super().__init__(nn.Linear(sizes[0], sizes[1]), nn.ReLU(), nn.Linear(sizes[1], sizes[2]))
+
+
+def packed_mlp(tmp_path, quantizer, sizes=(256, 40, 64)):
+    torch.manual_seed(0)
+    model = Mlp(sizes)
+    attach(model, quantizer)
+    return save_packed(model.eval(), SPEC, tmp_path / "m.safetensors")
+
+
+def group_max(weight: torch.Tensor, group: int) -> torch.Tensor:
+    """Each weight's group's largest |w|, in the weight's shape."""
+    out, length = weight.shape
+    return weight.abs().view(out, length // group, group).amax(-1).repeat_interleave(group, 1)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_kernel_layer_within_tolerance_of_dense(tmp_path, bits, form):
+    """docs/inference.md: weights within 3 * 2**-8 of their group's largest |w| (plus the bf16 rounding of
+    this test's read-out), outputs within 2**-5 * sum |x| * that, and in practice 2**-6 of the largest output."""
+    path = packed_mlp(tmp_path, UniformQuantizer(bits, 32, groups="row", **FORMS[form]))
+    dense, kernels = load_packed(path, model=Mlp())[0], load_packed(path, model=Mlp(), runtime="kernels")[0]
+    assert runtime_of(kernels) == {"int4": 1, "packed": 1}
+    layer, weight = kernels[0], dense[0].weight.detach()
+    assert isinstance(layer, Int4Linear)
+    g = group_max(weight, 32)
+    x = torch.randn(64, 256)
+    with torch.no_grad():
+        read_out = (layer(torch.eye(256)) - layer.bias).t()  # the kernel's weights, rounded to bf16 on the way out
+        y, got = dense[0](x), layer(x)
+    assert bool(((read_out - weight).abs() <= 2**-6 * g).all())
+    assert bool(((got - y).abs() <= 2**-5 * (x.abs() @ g.t())).all())
+    assert (got - y).abs().max() <= 2**-6 * y.abs().max()
+    with torch.no_grad():
+        assert torch.allclose(kernels(x), dense(x), atol=2**-6 * dense(x).abs().max().item(), rtol=0)
+
+
+def test_bf16_min_step_weights_round_only_at_zero(tmp_path):
+    """With bf16 steps the kernel's step is the stored one: weights move by the bf16 rounding of each
+    group's middle value only (2**-8 of the group's largest |w|, 2**-7 with the read-out's rounding)."""
+    path = packed_mlp(tmp_path, UniformQuantizer(4, 64, groups="row", scale_dtype="bfloat16"))
+    dense, kernels = load_packed(path, model=Mlp())[0], load_packed(path, model=Mlp(), runtime="kernels")[0]
+    layer, weight = kernels[0], dense[0].weight.detach()
+    steps = read_packed(path)[1]["scales.bfloat16"][160:320].view(40, 4)  # layer 0: 160 mins, then 160 steps
+    assert torch.equal(layer.scales_and_zeros.view(torch.bfloat16)[:, :40, 0].t(), steps)
+    with torch.no_grad():
+        read_out = (layer(torch.eye(256)) - layer.bias).t()
+    assert bool(((read_out - weight).abs() <= 2**-7 * group_max(weight, 64)).all())
+
+
+QUANTIZERS = {
+    "flat buckets": UniformQuantizer(4, 256),
+    "learned points": LearnedPointsQuantizer(2, 64),
+    "8 bits": UniformQuantizer(8, 32, groups="row"),
+    "groups of 16": UniformQuantizer(4, 16, groups="row", scale_dtype="bfloat16"),
+}
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
+def test_packed_fallback_is_exact(tmp_path, name):
+    """No kernel fits (flat buckets that straddle rows, learned points, 8 bits, groups the kernel refuses,
+    convolutions): each weight is decoded at each call, bit for bit the dense loader's."""
+    torch.manual_seed(0)
+    model = build_model(model_spec("tiny"))
+    attach(model, QUANTIZERS[name])
+    path = save_packed(model.eval(), model_spec("tiny"), tmp_path / "m.safetensors")
+    dense, kernels = load_packed(path)[0], load_packed(path, runtime="kernels")[0]
+    assert runtime_of(kernels) == {"int4": 0, "packed": 6}
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(kernels(x), dense(x))
+        assert torch.equal(kernels(x), dense(x))  # and again: nothing is used up
+    assert all(m.weight is None for m in kernels.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))  # no decoded copy kept between calls
+
+
+def test_lstm_and_tied_embedding_fallback_is_exact(tmp_path):
+    """An LSTM's weights and an embedding tied to the output layer: one packed copy, decoded per call."""
+    spec = model_spec("lstm-tiny", num_classes=97)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    attach(model, UniformQuantizer(4, 128, groups="row", scale_dtype="bfloat16"))
+    path = save_packed(model.eval(), spec, tmp_path / "m.safetensors")
+    dense, kernels = load_packed(path)[0], load_packed(path, runtime="kernels")[0]
+    assert runtime_of(kernels) == {"int4": 0, "packed": 3}  # the embedding (and head), two LSTM matrices
+    assert kernels.embedding.weight_packed is kernels.head.weight_packed
+    ids = torch.randint(0, 97, (3, 11))
+    with torch.no_grad():
+        assert torch.equal(kernels(ids), dense(ids))
+
+
+def test_kernel_model_holds_no_float_copy(tmp_path):
+    """Packed layers take at most 1.2x their bytes in the file (indices, scales, zero points, points),
+    and no tensor the size of a weight is a float."""
+    sizes = (512, 256, 96)
+    for quantizer, int4 in ((UniformQuantizer(4, 128, groups="row", scale_dtype="bfloat16"), 2), (UniformQuantizer(4, 64, groups="row", zero_point="int"), 2), (UniformQuantizer(2, 100), 0), (LearnedPointsQuantizer(3, 128), 0)):
+        path = packed_mlp(tmp_path, quantizer, sizes)
+        meta, tensors = read_packed(path)
+        in_file = sum(span * tensors[blob].element_size() for e in meta["quantized"] for _, blob, span in entry_spans(e) if span)
+        model = load_packed(path, model=Mlp(sizes), runtime="kernels")[0]
+        assert runtime_of(model) == {"int4": int4, "packed": 2 - int4}
+        held = [t for t in [*model.parameters(), *model.buffers()] if t is not model[0].bias and t is not model[2].bias]
+        assert sum(t.numel() * t.element_size() for t in held) <= 1.2 * in_file
+        assert not [t for t in held if t.is_floating_point() and t.numel() >= 96 * 256]
+        path.unlink()
+
+
+@pytest.mark.parametrize("ops", [("no_such_op", "_weight_int4pack_mm_for_cpu"), ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm")])
+def test_without_a_working_kernel_everything_falls_back(tmp_path, monkeypatch, ops):
+    """A torch without the int4 CPU ops, or whose ops fail: the kernel-ready layer is decoded per call instead."""
+    monkeypatch.setattr(runtime, "INT4_OPS", ops)
+    runtime.int4_kernel.cache_clear()
+    try:
+        path = packed_mlp(tmp_path, UniformQuantizer(4, 32, groups="row", scale_dtype="bfloat16"))
+        dense, kernels = load_packed(path, model=Mlp())[0], load_packed(path, model=Mlp(), runtime="kernels")[0]
+        assert runtime.int4_kernel() is None and runtime_of(kernels) == {"int4": 0, "packed": 2}
+        x = torch.randn(5, 256)
+        with torch.no_grad():
+            assert torch.equal(kernels(x), dense(x))
+    finally:
+        monkeypatch.undo()
+        runtime.int4_kernel.cache_clear()
+    assert runtime.int4_kernel() is not None  # the real ops again, for the other tests
+
+
+def test_dtype_casts_leave_the_packed_data_alone(tmp_path):
+    """model.float() (or .to(dtype)) converts float buffers: the packed scales are kept as their bits."""
+    path = packed_mlp(tmp_path, UniformQuantizer(4, 32, groups="row", scale_dtype="bfloat16"))
+    model = load_packed(path, model=Mlp(), runtime="kernels")[0]
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        before = model(x)
+        assert torch.equal(model.float()(x), before)
+
+
+def test_runtime_model_pickles(tmp_path):
+    """Worker processes receive models pickled: both kinds of layers survive it."""
+    path = packed_mlp(tmp_path, UniformQuantizer(4, 32, groups="row", scale_dtype="bfloat16"))
+    model = load_packed(path, model=Mlp(), runtime="kernels")[0]
+    copy = pickle.loads(pickle.dumps(model))
+    assert runtime_of(copy) == {"int4": 1, "packed": 1}
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        assert torch.equal(copy(x), model(x))
+
+
+def test_dense_below_decodes_small_tensors_once(tmp_path):
+    path = packed_mlp(tmp_path, UniformQuantizer(4, 32, groups="row", scale_dtype="bfloat16"))
+    model = load_packed(path, model=Mlp(), runtime="kernels", dense_below=40 * 64 + 1)[0]
+    assert runtime_of(model) == {"int4": 1, "packed": 0} and model[2].weight.dtype == torch.float32
+    assert torch.equal(model[2].weight, load_packed(path, model=Mlp())[0][2].weight)
+
+
+def test_runtime_refuses_what_the_dense_loader_refuses(tmp_path):
+    from tests.export.test_untrusted import rewrite
+
+    path = packed_mlp(tmp_path, LearnedPointsQuantizer(2, 32, n_points=3))  # 2-bit indices, 3 points
+    crafted = rewrite(path, tmp_path / "crafted.safetensors", edit_tensors=lambda t: t["indices"].fill_(0xFF))  # index 3
+    for kind in ("dense", "kernels"):
+        with pytest.raises(QDistillError, match="exceeds its 3 points"):
+            load_packed(crafted, model=Mlp(), runtime=kind)
+    with pytest.raises(QDistillError, match="runtime must be one of dense, kernels"):
+        load_packed(path, model=Mlp(), runtime="int4")
+
+
+def test_classifier_accuracy_on_kernels_within_0_05_of_dense(tmp_path, capsys):
+    """A trained 4-bit student (qat, kernel-ready options): the same accuracy on the int4 runtime, through
+    the Python API and `qdistill eval --runtime kernels`."""
+    data, spec = toy_dataset(), model_spec("tiny", num_classes=4)
+    torch.manual_seed(0)
+    cfg = TrainConfig(method="qat", bits=4, bucket=32, groups="row", scale_dtype="bfloat16", epochs=3, batch_size=64, device="cpu")
+    result = train(build_model(spec), data, cfg, quiet=True)
+    path = save_packed(result.model, spec, tmp_path / "m.safetensors")
+    dense, kernels = load_packed(path)[0], load_packed(path, runtime="kernels")[0]
+    assert runtime_of(kernels) == {"int4": 2, "packed": 4}  # both Linear layers (288 -> 32, 32 -> 4: padded rows)
+    acc = as_task(data).evaluate(dense, "test")["acc"]
+    assert acc > 60 and abs(as_task(data).evaluate(kernels, "test")["acc"] - acc) <= 0.05
+    with torch.no_grad():  # and the logits, which an accuracy of 100 % hardly constrains (measured: 0.6 %)
+        want, got = dense(data.test_x), kernels(data.test_x)
+    assert (got - want).abs().max() <= 2**-6 * want.abs().max()
+    capsys.readouterr()
+    common = [str(path), "--dataset", "tests.conftest:toy_dataset", "--quiet"]
+    assert main(["eval", *common]) == 0 and main(["eval", *common, "--runtime", "kernels"]) == 0
+    scores = [json.loads(line)["test_acc"] for line in capsys.readouterr().out.splitlines()]
+    assert scores[0] == acc and abs(scores[1] - acc) <= 0.05
+
+
+def test_cli_runtime_kernels_needs_a_packed_file(tmp_path, capsys):
+    from qdistill.models import save_checkpoint
+
+    save_checkpoint(build_model(model_spec("tiny", num_classes=4)), model_spec("tiny", num_classes=4), tmp_path / "fp.safetensors")
+    assert main(["eval", str(tmp_path / "fp.safetensors"), "--dataset", "tests.conftest:toy_dataset", "--runtime", "kernels", "--quiet"]) == 2
+    assert "runs packed models" in capsys.readouterr().err
+
+
+def test_language_model_perplexity_on_kernels_within_0_05_of_dense(tmp_path):
+    """gpt-tiny at 4 bits: attention and MLP projections on the kernel (344 outputs padded to 352), the
+    down projections (344 inputs: no group size tiles them) and the tied embedding decoded per call."""
+    pytest.importorskip("transformers")
+    task, spec = LanguageModelling(corpus(n_train=2000, n_test=500), seq_len=16), model_spec("gpt-tiny", num_classes=11)
+    torch.manual_seed(0)
+    cfg = TrainConfig(**{**TASKS["lm"], "lr": 1e-2, "batch_size": 8, "device": "cpu"}, method="qat", bits=4, bucket=32, groups="row", scale_dtype="bfloat16", epochs=2)
+    result = train(build_model(spec), task, cfg, quiet=True)
+    path = save_packed(result.model, spec, tmp_path / "m.safetensors")
+    dense, kernels = load_packed(path)[0], load_packed(path, runtime="kernels")[0]
+    assert runtime_of(kernels) == {"int4": 12, "packed": 3}
+    ppl = task.evaluate(dense, "test")["ppl"]
+    assert ppl < 5 and abs(task.evaluate(kernels, "test")["ppl"] - ppl) <= 0.05  # uniform: 11
+    ids = next(iter(task.ordered_batches("test", 64)))["x"]
+    with torch.no_grad():  # the logits too: a kernel off by a step moves them by 3 %, the perplexity by less than 0.05
+        want, got = dense(ids).logits, kernels(ids).logits
+    assert (got - want).abs().max() <= 2**-6 * want.abs().max()  # measured: 0.2 %
