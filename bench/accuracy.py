@@ -302,17 +302,19 @@ def write_outputs(rows: list[dict], setup: str, card: str, tag: str, out: Path, 
     cells = [{**s, "accuracy": accuracy_cell(s)} for s in summary]
     md = f"# {title} ({tag})\n\n{setup}.\n\n" + markdown_table(cells, columns) + f"\n\n![{name}]({name}-{tag}.png)\n"
     if metric == "ppl":
-        md += "\n## Goals (test perplexity, means over seeds; spread: max − min over seeds)\n\n" + "\n".join(f"- {line}" for line in lm_goals(summary)) + "\n"
+        md += "\n## Goals (test perplexity, means over seeds; spread: max − min over seeds)\n\n" + "\n".join(f"- {line}" for line in lm_goals(summary, rows)) + "\n"
     (out / f"{name}-{tag}.md").write_text(md)
     plot(summary, out / f"{name}-{tag}.png", f"{title}, {card}", metric)
     print(md)
 
 
-def lm_goals(summary: list[dict]) -> list[str]:
+def lm_goals(summary: list[dict], rows: list[dict] = ()) -> list[str]:
     """The language-model issue's goals, read from a perplexity table: qd at 4 bits within 2 % of kd; at 2 bits
     qd recovers ≥ 80 % of what ptq loses against kd; qd ahead of qat (and of torchao's QAT, where run) by
-    more than the seed spread. A goal whose rows are missing is left out."""
+    more than the seed spread (and, from `rows`, in how many seeds it is ahead of the other method trained
+    with the same seed). A goal whose rows are missing is left out."""
     cell = {(r["student"], r["method"], r["bits"]): r for r in summary if r["mean"] is not None}
+    per_seed = {(r["student"], r["method"], r["bits"], r["seed"]): r["test_ppl"] for r in rows if r.get("test_ppl") is not None}
     lines = []
 
     def ahead(student, bits, ours, other):
@@ -320,8 +322,11 @@ def lm_goals(summary: list[dict]) -> list[str]:
         if a and b:
             spread = max(a["max"] - a["min"], b["max"] - b["min"])
             met = b["mean"] - a["mean"] > spread
+            seeds = sorted({k[3] for k in per_seed if k[:3] == (student, ours, bits)} & {k[3] for k in per_seed if k[:3] == (student, other, bits)})
+            wins = sum(per_seed[(student, ours, bits, s)] < per_seed[(student, other, bits, s)] for s in seeds)
+            paired = f"; ahead in {wins} of {len(seeds)} seeds" if seeds else ""
             lines.append(f"{student}, {bits} bits, {ours} ahead of {other} by more than the spread: {'met' if met else 'not met'} "
-                         f"({a['mean']:.2f} against {b['mean']:.2f}, gap {b['mean'] - a['mean']:.2f}, spread {spread:.2f}; seeds {a['seeds']}, {b['seeds']})")
+                         f"({a['mean']:.2f} against {b['mean']:.2f}, gap {b['mean'] - a['mean']:.2f}, spread {spread:.2f}; seeds {a['seeds']}, {b['seeds']}{paired})")
 
     for student in dict.fromkeys(r["student"] for r in summary):
         kd, qd4, qd2, ptq2 = (cell.get((student, m, b)) for m, b in (("kd", 32), ("qd", 4), ("qd", 2), ("ptq", 2)))

@@ -474,6 +474,8 @@ def test_lm_goals_are_read_from_the_table():
     assert goals[3].startswith("s, 2 bits, qd ahead of qat by more than the spread: not met (120.00 against 124.00, gap 4.00, spread 4.00")
     assert goals[4].startswith("s, 2 bits, qd ahead of torchao qat+kd by more than the spread: not met (120.00 against 110.50, gap -9.50")
     assert len(goals) == 5  # rows that are missing (torchao at 4 bits, bucket 128) give no line
+    rows = [{"student": "s", "method": m, "bits": 2, "seed": seed, "test_ppl": ppl} for m, ppls in (("qd", [118, 122]), ("qat", [123, 121])) for seed, ppl in enumerate(ppls)]
+    assert accuracy.lm_goals(summary, rows)[3].endswith("; ahead in 1 of 2 seeds)")  # seed 0: 118 < 123; seed 1: 122 > 121
 
 
 def test_inference_job_and_ratios(tmp_path):
