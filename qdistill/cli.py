@@ -173,7 +173,7 @@ def load_any(path: str, spec: dict | None = None, trust_code: bool = False, hf_h
     `spec` is the user's own (from --model/--student: built as given); without it the file's spec is
     used, which is code-free unless the user passed --trust-code. An hf: directory brings its own.
     `runtime` "kernels": a packed model kept packed, on low-bit kernels (`load_packed`)."""
-    if runtime != "dense" and (path.startswith("hf:") or not is_packed(path)):
+    if runtime != "dense" and (path.startswith("hf:") or (Path(path).is_file() and not is_packed(path))):  # a missing file: the loaders say so
         raise QDistillError(f"--runtime {runtime} runs packed models (from qdistill distill); {path} is not one")
     if path.startswith("hf:"):
         model, own = load_hf(path.removeprefix("hf:"), hf_head)

@@ -169,6 +169,7 @@ def low_bit_steps(base: TrainConfig, bits: int, methods: tuple[str, ...] = LOW_B
     if "qd+dq" in methods and "qd" not in methods:
         raise QDistillError("qd+dq fine-tunes the points of the qd run: ask for qd too")
     cfg = base.replace(bits=bits)
+    learned = cfg.replace(scale="minmax", zero_point="float")  # learned points have neither option: dq and qd+dq leave them out
     steps = []
     if "ptq" in methods:
         steps += [("ptq", cfg.replace(method="ptq"), "fp"), ("ptq (global)", cfg.replace(method="ptq", bucket=None), "fp")]
@@ -181,9 +182,9 @@ def low_bit_steps(base: TrainConfig, bits: int, methods: tuple[str, ...] = LOW_B
     if "qd" in improved:
         steps.append(("qd (from kd, mse, T 1)", improved_recipe(cfg.replace(method="qd")), "kd"))
     if "dq" in methods:
-        steps.append(("dq", cfg.replace(method="dq"), "kd"))
+        steps.append(("dq", learned.replace(method="dq"), "kd"))
     if "qd+dq" in methods:
-        steps.append(("qd+dq", cfg.replace(method="dq", points_init="uniform"), "qd"))
+        steps.append(("qd+dq", learned.replace(method="dq", points_init="uniform"), "qd"))
     return steps
 
 

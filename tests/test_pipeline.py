@@ -24,6 +24,14 @@ def test_fp_and_kd_of_a_clipped_range_run_leave_the_quantizer_setting_out():
     assert {cfg.scale for _, cfg, _ in low_bit_steps(base, 2, ("ptq", "qat", "qd"))} == {"mse"}
 
 
+def test_every_low_bit_step_is_built_with_options_learned_points_lack():
+    """dq and qd+dq leave out --scale mse and --zero-point int (refused for learned points) instead of
+    failing after fp and kd have trained; the uniform methods keep them."""
+    steps = {label: cfg for label, cfg, _ in low_bit_steps(TrainConfig(method="qd", zero_point="int", scale="mse"), 2)}
+    assert (steps["qd"].zero_point, steps["qd"].scale) == ("int", "mse")
+    assert {(steps[m].zero_point, steps[m].scale) for m in ("dq", "qd+dq")} == {("float", "minmax")}
+
+
 def test_teacher_cache_ignores_settings_that_do_not_change_the_teacher(monkeypatch):
     from qdistill import pipeline
     from tests.conftest import toy_dataset

@@ -29,7 +29,7 @@ from qdistill.export.huffman import mean_code_length
 from qdistill.files import write_safetensors
 from qdistill.models import build_model, load_state
 from qdistill.quant import LearnedPointsQuantizer, pack_bits, packed_bytes, quantized_tensors, unpack_bits
-from qdistill.quant.base import FORMS, GROUPS, SCALE_DTYPES, Encoded, check_choice, form, group_bits, kernel_ready, n_groups, row_view
+from qdistill.quant.base import FORMS, GROUPS, SCALE_DTYPES, Encoded, check_choice, dequantize, form, group_bits, kernel_ready, n_groups, row_view
 from qdistill.quant.uniform import ZERO_POINTS
 
 FORMAT = "qdistill-packed"
@@ -255,6 +255,10 @@ def check_layout(meta: dict, tensors: dict[str, torch.Tensor], path) -> None:
             raise bad(f"{e['name']}: a step that is not positive")
         if "zero" in params and int(params["zero"].max()) >= 2 ** e["index_bits"]:
             raise bad(f"{e['name']}: a zero point over {2 ** e['index_bits'] - 1}")
+        last = 1.0 if "hi" in params else 2 ** e["index_bits"] - 1.0  # the range form's levels are points in [0, 1]
+        ends = dequantize(torch.tensor([[0.0], [last]]), **{k: v.view(1, -1) for k, v in params.items()})
+        if not bool(torch.isfinite(ends).all() and torch.isfinite(params.get("hi", ends) - params.get("lo", ends)).all()):
+            raise bad(f"{e['name']}: stored values whose levels overflow float32")
 
 
 def options(entry: dict) -> dict:
@@ -331,9 +335,11 @@ def load_packed(path: str | Path, model: nn.Module | None = None, trust_code: bo
     if model is None:
         model = build_model(meta.get("spec"), trust_code=trust_code, source=str(path))
     expected = model.state_dict()
-    for e in meta["quantized"] + meta["kept"]:  # before decoding: the file's shapes must be the model's
-        if e["name"] in expected and list(expected[e["name"]].shape) != e["shape"]:
-            raise QDistillError(f"weights in {path} do not fit the model {type(model).__name__}: {e['name']} is {e['shape']}, the model's {list(expected[e['name']].shape)}")
+    shapes = {e["name"]: e["shape"] for e in meta["quantized"] + meta["kept"]}
+    shapes |= {alias: shapes[name] for alias, name in meta.get("aliases", {}).items()}  # a tied use has its tensor's shape
+    for name, shape in shapes.items():  # before decoding: the file's shapes must be the model's
+        if name in expected and list(expected[name].shape) != shape:
+            raise QDistillError(f"weights in {path} do not fit the model {type(model).__name__}: {name} is {shape}, the model's {list(expected[name].shape)}")
     dense = meta["quantized"]
     if runtime == "kernels":
         from qdistill.export.runtime import keep_packed  # imports this module

@@ -159,20 +159,26 @@ def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], 
     for alias, name in meta.get("aliases", {}).items():
         owners.setdefault(name, []).append(alias)
     params = dict(model.named_parameters(remove_duplicate=False))
-    dense = []
+    uses_of = {e["name"]: [e["name"], *owners.get(e["name"], [])] for e in meta["quantized"]}
+    dense, rest = [], []
     for e in meta["quantized"]:
-        uses = [e["name"], *owners.get(e["name"], [])]
+        uses = uses_of[e["name"]]
         if math.prod(e["shape"]) < dense_below or not all(u in params for u in uses):
             dense.append(e)
-            continue
-        modules = [(model.get_submodule(u.rpartition(".")[0]), u.rpartition(".")[2]) for u in uses]
-        module, name = modules[0]
-        if len(modules) == 1 and type(module) is nn.Linear and name == "weight" and int4_ready(e) and _replace(model, module, Int4Linear(module, e, tensors)):
-            continue
+        elif not (len(uses) == 1 and to_int4_linear(model, e, tensors)):
+            rest.append(e)
+    for e in rest:  # after every int4 replacement: a quantized bias is attached to the module that runs it
         store = PackedTensor(e, tensors)
-        for module, name in modules:
-            store.attach(module, name)
+        for use in uses_of[e["name"]]:
+            store.attach(model.get_submodule(use.rpartition(".")[0]), use.rpartition(".")[2])
     return dense
+
+
+def to_int4_linear(model: nn.Module, entry: dict, tensors: dict[str, torch.Tensor]) -> bool:
+    """Replace the nn.Linear whose weight `entry` is with an `Int4Linear`, where the kernel takes it."""
+    path, _, name = entry["name"].rpartition(".")
+    module = model.get_submodule(path)
+    return type(module) is nn.Linear and name == "weight" and int4_ready(entry) and _replace(model, module, Int4Linear(module, entry, tensors))
 
 
 def runtime_of(model: nn.Module) -> dict[str, int]:

@@ -88,6 +88,8 @@ def kernel_ready(shape, bucket: int | None, groups: str) -> bool:
     """Whether the groups tile every row of the tensor viewed [out, in*...] exactly, as low-bit matmul kernels
     need (the group size divides in_features); a loader for such kernels falls back to dense weights otherwise."""
     length = row_view(shape, "row")[1]
+    if groups == "row" and (bucket is None or bucket >= length):
+        return True  # one group a row
     return length % (bucket or row_view(shape, groups)[1]) == 0
 
 

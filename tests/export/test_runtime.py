@@ -7,6 +7,7 @@ import pickle
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from qdistill import LearnedPointsQuantizer, QDistillError, UniformQuantizer, attach, load_packed, save_packed
 from qdistill.cli import main
@@ -199,6 +200,37 @@ def test_runtime_refuses_what_the_dense_loader_refuses(tmp_path):
         load_packed(path, model=Mlp(), runtime="int4")
 
 
+def test_an_alias_of_another_shape_is_refused_by_both_runtimes(tmp_path):
+    """A crafted tie of the output layer to an LSTM matrix: the dense loader refused it in load_state, the
+    kernels runtime would attach it and fail at the first call."""
+    from tests.export.test_untrusted import rewrite
+
+    spec = model_spec("lstm-tiny", num_classes=97)
+    model = build_model(spec)
+    attach(model, UniformQuantizer(4, 128))
+    path = save_packed(model.eval(), spec, tmp_path / "m.safetensors")
+    crafted = rewrite(path, tmp_path / "crafted.safetensors", lambda m: m["aliases"].update({"head.weight": "lstm.weight_ih_l0"}))
+    for kind in ("dense", "kernels"):
+        with pytest.raises(QDistillError, match="head.weight is"):
+            load_packed(crafted, runtime=kind)
+
+
+def test_a_quantized_bias_stored_before_its_weight_runs_with_the_int4_layer(tmp_path):
+    torch.manual_seed(0)
+    model = Mlp()
+    with torch.no_grad():
+        model[0].bias.add_(5.0)
+    for name in ("bias", "weight"):  # the bias's entry comes first in the file (a hand-made or crafted order)
+        parametrize.register_parametrization(model[0], name, UniformQuantizer(4, 32, groups="row"))
+    path = save_packed(model.eval(), SPEC, tmp_path / "m.safetensors")
+    assert [e["name"] for e in read_packed(path)[0]["quantized"]][0] == "0.bias"
+    dense, kernels = load_packed(path, model=Mlp())[0], load_packed(path, model=Mlp(), runtime="kernels")[0]
+    assert runtime_of(kernels) == {"int4": 1, "packed": 1}
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        assert (kernels[0](x) - dense[0](x)).abs().max() < 0.1  # the bias (about 5) is there
+
+
 def test_classifier_accuracy_on_kernels_within_0_05_of_dense(tmp_path, capsys):
     """A trained 4-bit student (qat, kernel-ready options): the same accuracy on the int4 runtime, through
     the Python API and `qdistill eval --runtime kernels`."""
@@ -227,6 +259,8 @@ def test_cli_runtime_kernels_needs_a_packed_file(tmp_path, capsys):
     save_checkpoint(build_model(model_spec("tiny", num_classes=4)), model_spec("tiny", num_classes=4), tmp_path / "fp.safetensors")
     assert main(["eval", str(tmp_path / "fp.safetensors"), "--dataset", "tests.conftest:toy_dataset", "--runtime", "kernels", "--quiet"]) == 2
     assert "runs packed models" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing.safetensors"), "--runtime", "kernels", "--quiet"]) == 2
+    assert "missing.safetensors does not exist" in capsys.readouterr().err
 
 
 def test_language_model_perplexity_on_kernels_within_0_05_of_dense(tmp_path):

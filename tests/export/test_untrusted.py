@@ -286,3 +286,19 @@ def test_fuzzed_option_fields_load_correctly_or_fail_cleanly(packed_options, tmp
     reference = load_packed(packed_options)[0]
     for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
         assert a.shape == b.shape and bool(torch.isfinite(a).all() if a.is_floating_point() else True), name
+
+
+def test_stored_values_whose_levels_overflow_are_refused(tmp_path):
+    """Finite stored values can still give infinite weights (a range of -3e38 to 3e38): refused, not decoded to inf."""
+    from qdistill.export.packed import read_packed
+
+    path = save_packed(quantized_model(quantizer=UniformQuantizer(3, 100)), model_spec("tiny"), tmp_path / "m.safetensors")
+    n_buckets = read_packed(path)[0]["quantized"][0]["n_buckets"]
+
+    def edit(tensors):
+        scales = tensors["scales"].clone()
+        scales[0], scales[n_buckets] = -3e38, 3e38  # the first group's min and max
+        tensors["scales"] = scales
+
+    with pytest.raises(QDistillError, match="overflow float32"):
+        load_packed(rewrite(path, tmp_path / "x.safetensors", edit_tensors=edit))

@@ -237,7 +237,7 @@ def test_global_row_groups_are_one_group_per_channel():
     "shape,bucket,groups,ready",
     [
         ((8, 64), 32, "row", True), ((8, 60), 32, "row", False), ((8, 60), None, "row", True), ((16, 4, 3, 3), 12, "row", True),
-        ((16, 4, 3, 3), 32, "row", False), ((8, 64), 32, "flat", True), ((8, 64), None, "flat", False), ((8, 60), 32, "flat", False),
+        ((16, 4, 3, 3), 32, "row", False), ((8, 64), 256, "row", True), ((8, 64), 32, "flat", True), ((8, 64), None, "flat", False), ((8, 60), 32, "flat", False),
     ],
 )  # fmt: skip
 def test_kernel_ready_says_whether_groups_tile_the_rows(shape, bucket, groups, ready):
