@@ -97,8 +97,9 @@ def to_buckets(w: torch.Tensor, bucket: int | None, groups: str = "flat") -> tor
     """Cut into rows of `bucket` values: flat, over the row-major flattened tensor, the last bucket padded
     with the last value; row, within each row of `row_view`, each row's last group padded with its last value."""
     rows = w.reshape(row_view(w.shape, groups))
-    k = rows.shape[1] if bucket is None else bucket
-    pad = (-rows.shape[1]) % k
+    length = rows.shape[1]
+    k = length if bucket is None or (groups == "row" and bucket > length) else bucket  # a row shorter than its bucket: one unpadded group
+    pad = (-length) % k
     if pad:
         rows = torch.cat([rows, rows[:, -1:].expand(-1, pad)], dim=1)
     return rows.reshape(-1, k)

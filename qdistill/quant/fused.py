@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from qdistill.quant.attach import QuantizedTensor, quantized_tensors
-from qdistill.quant.base import from_buckets, n_groups, to_buckets
+from qdistill.quant.base import from_buckets, n_groups, row_view, to_buckets
 from qdistill.quant.uniform import StraightThrough, UniformQuantizer
 
 
@@ -55,7 +55,8 @@ def fusable_groups(model: nn.Module) -> list[FusedGroup]:
     groups: dict[tuple, list[QuantizedTensor]] = {}
     for qt in quantized_tensors(model):
         q = qt.quantizer
-        if type(q) is UniformQuantizer and q.bucket is not None:
+        short_rows = q.groups == "row" and row_view(qt.shadow.shape, "row")[1] < (q.bucket or 0)  # groups narrower than the bucket
+        if type(q) is UniformQuantizer and q.bucket is not None and not short_rows:
             settings = (q.bits, q.bucket, q.scale, q.stochastic, q.groups, q.zero_point, q.scale_dtype)
             groups.setdefault((*settings, qt.shadow.device, qt.shadow.dtype), []).append(qt)
     return [FusedGroup(tensors) for tensors in groups.values() if len(tensors) > 1]

@@ -257,7 +257,7 @@ def test_inspect_counts_the_stored_scales_at_their_own_size(tmp_path, opts, grou
 
 
 def test_inspect_tells_padded_row_groups_from_kernel_ready_ones(tmp_path):
-    model = nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 60))  # rows of 64 and of 8
+    model = nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 60), nn.Linear(60, 4))  # rows of 64 (2 groups), 8 (one), 60 (padded)
     attach(model, UniformQuantizer(4, 32, groups="row", scale_dtype="bfloat16"))
     info = inspect_packed(save_packed(model, {}, tmp_path / "m.safetensors"))
-    assert info["kernel_ready_tensors"] == 1 and info["groups"] == ["row"]
+    assert info["kernel_ready_tensors"] == 2 and info["groups"] == ["row"]

@@ -233,6 +233,17 @@ def test_global_row_groups_are_one_group_per_channel():
     assert torch.equal(q(w).amin((1, 2, 3)), w.amin((1, 2, 3))) and torch.equal(q(w).amax((1, 2, 3)), w.amax((1, 2, 3)))
 
 
+@pytest.mark.parametrize("scale", SCALES)
+def test_a_row_shorter_than_its_bucket_is_one_unpadded_group(scale):
+    """Rows of 9 (a 3x3 conv) with buckets of 256: one group a row, as with bucket None; padding each row with
+    247 copies of its last value would make that value dominate the clipped range's error (scale mse)."""
+    w = torch.randn(512, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    short, per_row = UniformQuantizer(2, 256, scale=scale, groups="row"), UniformQuantizer(2, None, scale=scale, groups="row")
+    assert torch.equal(short(w), per_row(w))
+    enc = short.encode(w)
+    assert enc.indices.shape == w.shape and enc.lo.numel() == short.n_buckets(w.shape) == 512
+
+
 @pytest.mark.parametrize(
     "shape,bucket,groups,ready",
     [
