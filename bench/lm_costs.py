@@ -92,7 +92,7 @@ def teacher_job(teacher_logits: str, topk: int, threads: int) -> dict:
     from qdistill.train import train
 
     task, teacher, base = make(600_000, None)
-    cfg = base.replace(method="qd", bits=4, teacher_logits=teacher_logits, topk=topk)
+    cfg = base.replace(method="qd", bits=4, teacher_logits=teacher_logits, **({"topk": topk} if teacher_logits == "cached" else {}))
     with tempfile.TemporaryDirectory() as tmp:  # a cache of its own: its build is measured
         start = time.perf_counter()
         task.teacher(teacher, cfg, Path(tmp))
