@@ -40,7 +40,7 @@ def new_run_dir(path: str | Path | None, prefix: str) -> Path:
 
 
 # Options added after teachers were cached and shipped, at the values that train exactly as before.
-KEY_NEUTRAL = {"optimizer": "sgd", "warmup": 0.0, "topk": 32}
+KEY_NEUTRAL = {"optimizer": "sgd", "warmup": 0.0, "topk": 32, "groups": "flat", "zero_point": "float", "scale_dtype": "float32"}
 
 # Teachers shipped with qdistill, named as in the cache: found when a run asks for the very same teacher.
 SHIPPED_TEACHERS = Path(__file__).parent / "assets" / "teachers"
