@@ -16,7 +16,7 @@ def section() -> str:
     kinds = ["accuracy", "lm", "ablation", "speed"]  # the tables first, then what each option buys, then the ratios
     files = sorted((BENCH / "results").glob("*.md"), key=lambda p: (kinds.index(p.stem.split("-")[0]) if p.stem.split("-")[0] in kinds else 9, p.name))
     for md in files:
-        body = re.sub(r"^# ", "### ", md.read_text().strip(), count=1)  # nest under the file's "Results" heading
+        body = re.sub(r"^(#+) ", r"##\1 ", md.read_text().strip(), flags=re.M)  # every heading nested under "Results"
         body = re.sub(r"\]\((?!https?:)([^)]+)\)", r"](results/\1)", body)  # links relative to bench/
         parts.append(body)
     return "\n\n".join(parts)
