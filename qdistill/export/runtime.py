@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdistill.export.packed import decode_entry, entry_indices, entry_params, entry_spans, options
-from qdistill.quant.base import row_view
+from qdistill.quant.base import row_group_size
 
 INT4_OPS = ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")
 INT4_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts (torch 2.13)
@@ -46,12 +46,7 @@ def int4_kernel():
 
 def row_group(entry: dict) -> int | None:
     """The size of the groups along each row [out, in*...] when they tile the rows exactly, else None."""
-    rows, length = row_view(entry["shape"], "row")
-    bucket = entry["bucket"]
-    if options(entry)["groups"] == "row" and (bucket is None or bucket >= length):
-        return length  # one group a row
-    size = bucket or rows * length  # flat groups: bucket None is one group for the whole tensor
-    return size if length % size == 0 else None
+    return row_group_size(entry["shape"], entry["bucket"], options(entry)["groups"])
 
 
 def int4_ready(entry: dict) -> bool:

@@ -84,13 +84,19 @@ def n_groups(shape, bucket: int | None, groups: str = "flat") -> int:
     return rows * (1 if bucket is None else math.ceil(length / bucket))
 
 
-def kernel_ready(shape, bucket: int | None, groups: str) -> bool:
-    """Whether the groups tile every row of the tensor viewed [out, in*...] exactly, as low-bit matmul kernels
-    need (the group size divides in_features); a loader for such kernels falls back to dense weights otherwise."""
-    length = row_view(shape, "row")[1]
+def row_group_size(shape, bucket: int | None, groups: str) -> int | None:
+    """The size of the groups along each row of the tensor viewed [out, in*...] when they tile every row
+    exactly, as low-bit matmul kernels need (the group size divides in_features); else None."""
+    rows, length = row_view(shape, "row")
     if groups == "row" and (bucket is None or bucket >= length):
-        return True  # one group a row
-    return length % (bucket or row_view(shape, groups)[1]) == 0
+        return length  # one group a row
+    size = bucket or rows * length  # flat, bucket None: one group for the whole tensor
+    return size if length % size == 0 else None
+
+
+def kernel_ready(shape, bucket: int | None, groups: str) -> bool:
+    """Whether the groups tile every row (`row_group_size`); a loader for kernels falls back to dense weights otherwise."""
+    return row_group_size(shape, bucket, groups) is not None
 
 
 def to_buckets(w: torch.Tensor, bucket: int | None, groups: str = "flat") -> torch.Tensor:
