@@ -173,7 +173,9 @@ def to_int4_linear(model: nn.Module, entry: dict, tensors: dict[str, torch.Tenso
     """Replace the nn.Linear whose weight `entry` is with an `Int4Linear`, where the kernel takes it."""
     path, _, name = entry["name"].rpartition(".")
     module = model.get_submodule(path)
-    return type(module) is nn.Linear and name == "weight" and int4_ready(entry) and _replace(model, module, Int4Linear(module, entry, tensors))
+    if not (path and type(module) is nn.Linear and name == "weight" and int4_ready(entry)):  # path "": the model itself, not replaceable
+        return False
+    return _replace(model, module, Int4Linear(module, entry, tensors))
 
 
 def runtime_of(model: nn.Module) -> dict[str, int]:
