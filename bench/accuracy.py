@@ -154,7 +154,7 @@ def open_work_dir(work: Path, arguments: dict, defaults: dict | None = None) -> 
     else:
         (work / "jobs").mkdir(parents=True, exist_ok=True)
         write_json(saved, arguments)
-    return len(list((work / "jobs").glob("*.json")))
+    return len([f for f in (work / "jobs").glob("*.json") if f.suffixes == [".json"]])  # rows, not a row's extras (x.speed.json)
 
 
 def work_teacher(work: Path, data, preset: str, cfg: TrainConfig):

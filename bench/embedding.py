@@ -7,8 +7,11 @@ Per row, on the held-out split (test; --split val to choose options): the mean c
 and teacher embeddings, neighbour recall@10 against the teacher's neighbours over the split's sentences,
 title-to-section retrieval recall@1 and @10, the packed file's size, the sentences per second of the
 model loaded back from it, and the run's peak RSS. Each job (method, bits, seed) runs alone in a fresh
-process and its row is kept in a work directory at once: a killed run resumes where it stopped when
-the same command is run again. Writes bench/results/embedding-<tag>.{json,md}.
+process and its row and packed file are kept in a work directory at once: a killed run resumes where
+it stopped when the same command is run again. Speed is measured apart, once every job is done, each
+packed file in turn on the split's first SPEED_SENTENCES sentences, so the quality runs may share the
+machine with other work (--no-speed) and the timings still come from an idle one. Writes
+bench/results/embedding-<tag>.{json,md}.
 
     python bench/embedding.py                                                  # the full table (hours on 2 CPU cores)
     python bench/embedding.py --bits 4 2 --seeds 0 --train-sentences 8000 --tag cpu-small
@@ -21,7 +24,6 @@ import copy
 import json
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from qdistill.pipeline import worker_pool
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = {"ptq": {"method": "ptq"}, "ptq (mse)": {"method": "ptq", "scale": "mse"}, "qd": {"method": "qd"}}
+SPEED_SENTENCES = 1024
 
 
 def minilm_dir() -> Path:
@@ -54,15 +57,23 @@ def make_task(model_dir: Path, train_sentences: int | None, max_len: int, text_d
     return teacher, spec, embedding_task(flags, teacher)
 
 
-def sentences_per_s(task, model, split: str) -> float:
-    task.embed(model, task.sentences[split])  # warm
+def sentences_per_s(model_file: str | None, setting: dict, threads: int) -> float:
+    """The embedding speed of the model loaded back from `model_file` (None: the teacher), after a warm-up pass."""
+    torch.set_num_threads(threads)
+    from qdistill.export import load_packed
+
+    teacher, _, task = make_task(Path(setting["model_dir"]), 2, setting["max_len"], setting["text_dir"])
+    model = load_packed(model_file)[0] if model_file else teacher
+    ids, lengths = (t[:SPEED_SENTENCES] for t in task.sentences[setting["split"]])
+    task.embed(model, (ids, lengths))
     start = time.perf_counter()
-    task.embed(model, task.sentences[split])
-    return len(task.sentences[split][0]) / (time.perf_counter() - start)
+    task.embed(model, (ids, lengths))
+    return len(ids) / (time.perf_counter() - start)
 
 
-def run_job(method: str, bits: int | None, seed: int, setting: dict, threads: int) -> dict:
-    """One row: the teacher itself (method "teacher"), or one method at `bits` from the teacher's weights."""
+def run_job(method: str, bits: int | None, seed: int, setting: dict, threads: int, model_file: Path) -> dict:
+    """One row: the teacher itself (method "teacher"), or one method at `bits` from the teacher's weights,
+    its packed file written to `model_file`."""
     torch.set_num_threads(threads)
     from qdistill.export import inspect_packed, load_packed, save_packed
     from qdistill.pipeline import cache_dir
@@ -73,20 +84,17 @@ def run_job(method: str, bits: int | None, seed: int, setting: dict, threads: in
     if method == "teacher":
         size = sum(f.stat().st_size for f in Path(setting["model_dir"]).glob("*.safetensors"))
         return {"method": method, "bits": 32, "seed": seed, **{f"{split}_{k}": v for k, v in task.evaluate(teacher, split).items()},
-                "size_bytes": size, "sentences_per_s": sentences_per_s(task, teacher, split), "peak_rss_mib": peak_rss_mib()}
+                "size_bytes": size, "peak_rss_mib": peak_rss_mib()}
     cfg = TrainConfig(**setting["config"], **METHODS[method], bits=bits, seed=seed)
     if cfg.needs_teacher:
         task.teacher(teacher, cfg, cache_dir() / "logits")  # the teacher's embeddings, made once and cached: not part of train_s
     start = time.perf_counter()
     result = train(copy.deepcopy(teacher), task, cfg, teacher=teacher, cache_dir=cache_dir() / "logits", quiet=True)
     seconds = time.perf_counter() - start
-    with tempfile.TemporaryDirectory() as tmp:
-        path = save_packed(result.model, spec, Path(tmp) / "student.safetensors", info={"method": method, "task": task.describe()})
-        shipped = load_packed(path)[0]
-        size = inspect_packed(path)["disk_bytes"]
-    metrics = task.evaluate(shipped, split)
-    return {"method": method, "bits": bits, "seed": seed, **{f"{split}_{k}": v for k, v in metrics.items()}, "size_bytes": size,
-            "sentences_per_s": sentences_per_s(task, shipped, split), "train_s": seconds, "peak_rss_mib": peak_rss_mib()}
+    path = save_packed(result.model, spec, model_file, info={"method": method, "task": task.describe()}, overwrite=True)
+    metrics = task.evaluate(load_packed(path)[0], split)
+    return {"method": method, "bits": bits, "seed": seed, **{f"{split}_{k}": v for k, v in metrics.items()}, "size_bytes": inspect_packed(path)["disk_bytes"],
+            "train_s": seconds, "peak_rss_mib": peak_rss_mib()}
 
 
 def summarize(rows: list[dict], split: str) -> list[dict]:
@@ -96,7 +104,8 @@ def summarize(rows: list[dict], split: str) -> list[dict]:
         groups.setdefault((r["method"], r["bits"]), []).append(r)
     out = []
     for (method, bits), rs in groups.items():
-        row = {"method": method, "bits": bits, "seeds": len(rs), "size_bytes": rs[0]["size_bytes"], "sentences_per_s": statistics.mean(r["sentences_per_s"] for r in rs),
+        speeds = [r["sentences_per_s"] for r in rs if "sentences_per_s" in r]
+        row = {"method": method, "bits": bits, "seeds": len(rs), "size_bytes": rs[0]["size_bytes"], "sentences_per_s": statistics.mean(speeds) if speeds else None,
                "peak_rss_mib": max(r["peak_rss_mib"] for r in rs)}
         for k in ("cos", "nbr10", "r1", "r10"):
             values = [r[f"{split}_{k}"] for r in rs]
@@ -130,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tag", default="cpu")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--work-dir", type=Path)
+    p.add_argument("--no-speed", action="store_true", help="leave the speed pass for later (rerun without this flag on an idle machine)")
     args = p.parse_args(argv)
     model_dir = args.model_dir or minilm_dir()
     config = {"optimizer": "adamw", "lr": args.lr, "weight_decay": 0.01, "schedule": "cosine", "warmup": 0.1, "grad_clip": 1.0, "batch_size": args.batch_size, "epochs": args.epochs}
@@ -142,12 +152,22 @@ def main(argv: list[str] | None = None) -> None:
     threads = torch.get_num_threads()
     rows = []
     for n, (method, bits, seed) in enumerate(jobs, 1):
-        path = work / "jobs" / f"{method.replace(' ', '-').replace('(', '').replace(')', '')}-{bits}b-{seed}.json"
+        path = work / "jobs" / f"{method.replace(' ', '-').replace('(', '').replace(')', '')}-{bits or 32}b-{seed}.json"
         if not path.exists():
             print(f"[{n}/{len(jobs)}] {method} {bits or 32} bits, seed {seed}", flush=True)
             with worker_pool(1) as pool:  # a fresh process per job: its peak RSS is its own
-                write_json(path, pool.submit(run_job, method, bits, seed, setting, threads).result())
-        rows.append(json.loads(path.read_text()))
+                write_json(path, pool.submit(run_job, method, bits, seed, setting, threads, path.with_suffix(".safetensors")).result())
+        rows.append((path, json.loads(path.read_text())))
+    for path, row in rows:
+        speed = path.with_suffix(".speed.json")
+        if not args.no_speed and not speed.exists():
+            print(f"speed of {row['method']} {row['bits']} bits, seed {row['seed']}", flush=True)
+            model_file = str(path.with_suffix(".safetensors")) if row["method"] != "teacher" else None
+            with worker_pool(1) as pool:
+                write_json(speed, {"sentences_per_s": pool.submit(sentences_per_s, model_file, setting, threads).result()})
+        if speed.exists():
+            row |= json.loads(speed.read_text())
+    rows = [row for _, row in rows]
     setup = (f"CPU ({platform.machine()}, {threads} threads); teacher all-MiniLM-L6-v2; Python docs sentences: train {args.train_sentences or 'all'}, "
              f"up to {args.max_len} word pieces; {args.epochs} epoch(s), AdamW lr {args.lr}, batch {args.batch_size}; metrics on the {args.split} split")
     summary = summarize(rows, args.split)

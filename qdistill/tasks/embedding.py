@@ -118,8 +118,8 @@ class SentenceEmbedding:
         order = epoch_order(self.train_size(), cfg.seed, epoch)
         return self._batch(self.sentences["train"], order[position * cfg.batch_size : (position + 1) * cfg.batch_size])
 
-    def ordered_batches(self, split: str, batch_size: int, data=None):
-        data = data or self.sentences[split]
+    def ordered_batches(self, split: str, batch_size: int):
+        data = self.sentences[split]
         for start in range(0, len(data[0]), batch_size):
             yield self._batch(data, torch.arange(start, min(start + batch_size, len(data[0]))))
 
@@ -136,18 +136,25 @@ class SentenceEmbedding:
 
     @torch.no_grad()
     def embed(self, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], progress=None) -> torch.Tensor:
-        """The embedding of every sentence in `data`, in order, in eval mode; `progress`: a rich Progress."""
+        """The embedding of every sentence in `data`, in order, in eval mode; `progress`: a rich Progress.
+
+        Batches are made of sentences of similar length (sorted), so that little of each is padding."""
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
-        bar = progress.add_task("teacher embeddings", total=-(-len(data[0]) // self.eval_batch_size), status="") if progress is not None else None
-        out = []
-        for b in self.ordered_batches("", self.eval_batch_size, data):
-            out.append(self.forward(model, {k: v.to(device) for k, v in b.items()}).float().cpu())
+        order = torch.argsort(data[1], stable=True)
+        bar = progress.add_task("teacher embeddings", total=-(-len(order) // self.eval_batch_size), status="") if progress is not None else None
+        out = torch.empty(0)
+        for start in range(0, len(order), self.eval_batch_size):
+            index = order[start : start + self.eval_batch_size]
+            pooled = self.forward(model, {k: v.to(device) for k, v in self._batch(data, index).items()}).float().cpu()
+            if not len(out):
+                out = torch.empty(len(order), pooled.shape[1])
+            out[index] = pooled
             if bar is not None:
                 progress.advance(bar)
         model.train(was_training)
-        return torch.cat(out)
+        return out
 
     def _reference(self, split: str) -> torch.Tensor:
         if split not in self._reference_embeddings:  # computed once per split
