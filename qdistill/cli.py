@@ -25,7 +25,7 @@ from qdistill.models import HF_FACTORY, LM_PRESETS, build_model, hf_spec, is_lan
 from qdistill.pipeline import cache_dir, new_run_dir, run_method
 from qdistill.report import markdown_table, plot_history, result_columns
 from qdistill.tasks import TASKS, ImageClassification, LanguageModelling, SentenceEmbedding, generate
-from qdistill.train import METHODS, TrainConfig, read_yaml
+from qdistill.train import METHODS, TrainConfig, distributed, read_yaml
 from qdistill.train.loop import resolve_device
 from qdistill.train.state import Checkpoint, check_intervals
 from qdistill.train.config import CHOICES
@@ -204,9 +204,11 @@ def cmd_train_teacher(args) -> None:
     args.model = args.model or DEFAULT_MODELS[name][1]
     cfg = config_from(args, defaults=TASKS[name], method="fp")
     task = task_from(args, name)
-    run_dir = new_run_dir(args.run_dir, "teacher")
+    run_dir = distributed.on_main(new_run_dir, args.run_dir, "teacher")
     spec = model_spec(args.model, **task.spec_args(), hf_head=args.hf_head)
     row, _ = run_method("teacher", spec, task, cfg, run_dir, quiet=args.quiet)
+    if not distributed.is_main():  # under torchrun rank 0 writes the results
+        return
     (run_dir / "results.json").write_text(json.dumps({"rows": [row], "config": cfg.to_dict()}, indent=1))
     plot_history(run_dir / "metrics.jsonl", run_dir / "training.png", f"teacher {args.model}", task.metric)
     show_rows([row], f"teacher {args.model}", task.metric)
@@ -242,6 +244,17 @@ def resolved(path):
     return prefix + str(Path(path.removeprefix(prefix)).resolve())
 
 
+def start_distill_run(args, cfg: TrainConfig) -> Path:
+    """A new run directory holding what the run was asked to do (for --resume)."""
+    run_dir = new_run_dir(args.run_dir, f"distill-{cfg.method}")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    saved = {k: v for k, v in vars(args).items() if k not in ("func", "resume")}
+    saved.update({k: resolved(saved[k]) for k in FILE_ARGS if saved.get(k)})
+    saved.update({k: resolved(saved[k]) for k in MODEL_ARGS if (saved.get(k) or "").startswith("hf:")})
+    (run_dir / RUN_ARGS).write_text(json.dumps({"command": "distill", **saved}, indent=1))
+    return run_dir
+
+
 def cmd_distill(args) -> None:
     check_intervals(args.checkpoint_steps, args.checkpoint_minutes)  # before any work
     if args.resume:
@@ -272,15 +285,12 @@ def cmd_distill(args) -> None:
         teacher_spec = model_spec(args.teacher_model, **task.spec_args(), hf_head=args.hf_head) if args.teacher_model else None
         teacher = reference or load_any(args.teacher, teacher_spec, args.trust_code, args.hf_head)[0]
     if not args.resume:
-        run_dir = new_run_dir(args.run_dir, f"distill-{cfg.method}")
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        saved = {k: v for k, v in vars(args).items() if k not in ("func", "resume")}
-        saved.update({k: resolved(saved[k]) for k in FILE_ARGS if saved.get(k)})
-        saved.update({k: resolved(saved[k]) for k in MODEL_ARGS if (saved.get(k) or "").startswith("hf:")})
-        (run_dir / RUN_ARGS).write_text(json.dumps({"command": "distill", **saved}, indent=1))
+        run_dir = distributed.on_main(start_distill_run, args, cfg)
     state = run_dir / "state.pt"
     checkpoint = Checkpoint(state, args.checkpoint_steps, args.checkpoint_minutes, log_path=run_dir / "metrics.jsonl")
     row, _ = run_method(cfg.method, spec, task, cfg, run_dir, teacher=teacher, init=init, quiet=args.quiet, checkpoint=checkpoint)
+    if not distributed.is_main():  # under torchrun rank 0 writes the results
+        return
     (run_dir / "results.json").write_text(json.dumps({"rows": [row], "config": cfg.to_dict()}, indent=1))
     state.unlink(missing_ok=True)  # finished: the results and the model are what is kept
     title = f"{cfg.method} on {model_name(spec)}"
@@ -504,13 +514,20 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "method", "x") is None:
         args.method = "qd"
     try:
+        if distributed.launched():
+            if args.func not in (cmd_distill, cmd_train_teacher):
+                raise QDistillError("only distill and train-teacher run under torchrun (one process per device); run the other commands as one process")
+            distributed.join()
         args.func(args)
     except QDistillError as e:
-        print(f"qdistill: error: {e}", file=sys.stderr)
+        if distributed.is_main():  # every rank meets the same error: one line is enough
+            print(f"qdistill: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qdistill: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.leave()
     return 0
 
 

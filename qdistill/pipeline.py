@@ -21,7 +21,7 @@ from qdistill.export import inspect_packed, load_packed, save_packed
 from qdistill.models import build_model, load_checkpoint, model_spec, save_checkpoint
 from qdistill.report import MetricsLog
 from qdistill.tasks import Task, as_task
-from qdistill.train import TrainConfig, train
+from qdistill.train import TrainConfig, distributed, train
 from qdistill.train.config import SPEED_ONLY
 from qdistill.ui import map_with_progress
 
@@ -129,13 +129,16 @@ def run_method(
 ) -> tuple[dict, nn.Module]:
     """Build the student (from `init`'s weights when given), train it with `cfg`, save it, return its row.
 
-    `checkpoint` (a `train.state.Checkpoint`) saves the run as it goes and resumes a killed one."""
+    `checkpoint` (a `train.state.Checkpoint`) saves the run as it goes and resumes a killed one. Under
+    torchrun rank 0 alone saves and evaluates: the other ranks return no row (None)."""
     torch.manual_seed(cfg.seed)
     student = copy.deepcopy(init) if init is not None else build_model(spec)
     log = MetricsLog(run_dir / "metrics.jsonl")
     result = train(
         student, data, cfg, teacher=teacher, cache_dir=cache_dir() / "logits", log=lambda r: log({"run": label, "bits": cfg.bits, **r}), quiet=quiet, checkpoint=checkpoint
     )
+    if not distributed.is_main():
+        return None, result.model
     name = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-") + (f"-{cfg.bits}b" if cfg.spec.quantizer else "")
     row = result_row(label, result, spec, run_dir, name, data)
     log({"run": label, "result": row})

@@ -55,3 +55,10 @@ def toy_net(classes=4):
     return nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128, classes)
     )
+
+
+def toy_mlp(classes=4):
+    """A model for toy_dataset with neither BatchNorm nor dropout: one process and several (torchrun) train it alike."""
+    from torch import nn
+
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, classes))

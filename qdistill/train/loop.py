@@ -19,6 +19,7 @@ from qdistill.data import Dataset
 from qdistill.distill import check_compatible
 from qdistill.errors import QDistillError
 from qdistill.quant import attach, detach, fused_quantization, quantized_tensors, redistribute_points
+from qdistill.train import distributed
 from qdistill.train.config import TrainConfig
 from qdistill.train.state import Checkpoint, set_rng_state
 from qdistill.tasks import Task, accuracy, as_task, to_device
@@ -101,21 +102,25 @@ def fit(model, params, task: Task, teacher, cfg: TrainConfig, epochs: int, lr: f
     schedule = make_schedule(opt, cfg.schedule, total, cfg.warmup)
     tracker = PhaseTracker(name, model, opt, schedule, cfg, task, steps_per_epoch, log, checkpoint)
     bar = progress.add_task(name, total=total, completed=tracker.step, status="")
+    net = distributed.wrap(model)  # under torchrun: DDP, which averages the ranks' gradients
     while tracker.step < total:
         model.train()
-        batch = to_device(task.train_batch(*divmod(tracker.step, steps_per_epoch), cfg), device)
-        out = task.forward(model, batch)  # 1. quantize: the parametrized weights read as Q(w)
+        batch = task.train_batch(*divmod(tracker.step, steps_per_epoch), cfg)
+        rows = len(batch["x"])
+        batch, mine = distributed.shard(batch)  # this rank's share of the global batch (all of it in one process)
+        batch = to_device(batch, device)
+        out = task.forward(net, batch)  # 1. quantize: the parametrized weights read as Q(w)
         target = teacher(batch) if teacher is not None else None
         loss = task.loss(out, target, batch, cfg)  # 2. distill
         opt.zero_grad(set_to_none=True)
-        loss.backward()  # straight-through: dL/dQ(w) reaches w
+        (loss * distributed.loss_weight(mine, rows)).backward()  # straight-through: dL/dQ(w) reaches w
         if tracker.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, tracker.grad_clip)
         opt.step()  # 3. SGD step on the full-precision weights (or the points)
         schedule.step()
         for q in quantizers:
             q.after_step()
-        tracker.after_step(loss, len(batch["x"]), total)  # the guard (which may roll back), the log, the checkpoint
+        tracker.after_step(distributed.global_mean(loss, mine, rows), rows, total)  # the guard (which may roll back), the log, the checkpoint
         progress.update(bar, completed=tracker.step, status=tracker.status)
     return tracker.finish()
 
@@ -167,11 +172,16 @@ def train(
     image classification); the student is changed in place.
 
     With a `checkpoint`, the run's state is saved as it goes, and a run over a checkpoint that a killed
-    run left continues where it stopped, ending with the same weights bit for bit."""
+    run left continues where it stopped, ending with the same weights bit for bit.
+
+    Under torchrun (a process group joined, `train.distributed`) each rank trains on its share of every
+    batch, and rank 0 alone evaluates, logs, saves the checkpoint and shows progress: on the other ranks
+    the result holds the trained model but no metrics."""
     cfg.validate()
     task = as_task(data)
-    log = log or (lambda record: None)
-    device = resolve_device(cfg.device)
+    log = log if log is not None and distributed.is_main() else (lambda record: None)
+    quiet = quiet or not distributed.is_main()
+    device = distributed.device_for(resolve_device(cfg.device))
     torch.manual_seed(cfg.seed)
     method = cfg.spec
     student.to(device, memory_format=memory_format(student, cfg, device))
@@ -183,7 +193,8 @@ def train(
         check_compatible(teacher, student, to_device(task.sample(), device), task.forward)
     history, seconds, samples = [], 0.0, 0
     with make_progress(quiet) as progress:
-        teacher_fn = task.teacher(teacher, cfg, cache_dir, progress) if use_teacher else None
+        with distributed.main_first():  # a cache of the teacher's targets is built once, by rank 0
+            teacher_fn = task.teacher(teacher, cfg, cache_dir, progress) if use_teacher else None
         if method.quantizer == "uniform":
             attach(student, cfg.make_quantizer("uniform"), **cfg.select_kwargs())
         if method.trains == "weights":
@@ -197,7 +208,8 @@ def train(
             seconds, samples = seconds + out["seconds"], samples + out["samples"]
         if method.quantizer == "learned" or method.then == "dq":
             if cfg.dq_teacher == "self":  # the full-precision version of this very model
-                teacher_fn = task.teacher(detach(copy.deepcopy(student), keep_quantized=False), cfg, cache_dir, progress)
+                with distributed.main_first():
+                    teacher_fn = task.teacher(detach(copy.deepcopy(student), keep_quantized=False), cfg, cache_dir, progress)
             # Points are learned for the model as it stands: a quantized model is baked to its levels first,
             # so each weight keeps its level and the points move the levels. (Learning them over the shadow
             # weights of qd instead reassigns the many weights that training left near a decision boundary:
@@ -214,5 +226,7 @@ def train(
             out = fit(student, points, task, teacher_fn, dq_cfg, cfg.dq_epochs, cfg.points_lr, f"dq {cfg.bits}b points", log, progress, cfg.points_optimizer, checkpoint)
             history += out["records"]
             seconds, samples = seconds + out["seconds"], samples + out["samples"]
+    if not distributed.is_main():  # under torchrun rank 0 alone evaluates (and writes)
+        return TrainResult(student, cfg, {}, seconds, samples / seconds if seconds else 0.0, history)
     val = task.evaluate(student, "val") if task.has_split("val") else None
     return TrainResult(student, cfg, task.evaluate(student, "test"), seconds, samples / seconds if seconds else 0.0, history, val)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from qdistill.errors import QDistillError
+from qdistill.train import distributed
 
 
 def capture(model: nn.Module, opt, schedule, loop: dict) -> dict:
@@ -67,7 +68,9 @@ class Checkpoint:
 
     A phase that finished keeps its final model, so a run killed in a later phase redoes nothing.
     `log_path` (the run's metrics.jsonl) is cut back to its length at the last save, so a resumed
-    run logs each step once.
+    run logs each step once. Under torchrun rank 0 writes the file and every rank reads it; the state is
+    the global one (the weights and optimizer state every rank holds, the data order a function of the
+    step), so a run resumes with as many processes as before or another number.
     """
 
     def __init__(self, path: str | Path, every_steps: int | None = None, every_minutes: float | None = None, log_path: Path | None = None):
@@ -82,7 +85,8 @@ class Checkpoint:
                     raise ValueError
             except Exception:
                 raise QDistillError(f"{self.path} is damaged: this run cannot be resumed (start a new one)") from None
-        if self.log_path is not None and self.log_path.exists():  # what a killed run logged after its last save is logged again
+        self.writer = distributed.is_main()  # under torchrun rank 0 writes; every rank reads the state to resume
+        if self.writer and self.log_path is not None and self.log_path.exists():  # what a killed run logged after its last save is logged again
             os.truncate(self.log_path, min(self.saved["log_bytes"], self.log_path.stat().st_size))
         self.last_save = time.monotonic()
 
@@ -97,7 +101,7 @@ class Checkpoint:
         return self.every_steps is not None and step % self.every_steps == 0
 
     def time_due(self) -> bool:
-        return self.every_seconds is not None and time.monotonic() - self.last_save >= self.every_seconds
+        return self.writer and self.every_seconds is not None and time.monotonic() - self.last_save >= self.every_seconds
 
     def save_running(self, phase: str, state: dict) -> None:
         self.saved["current"] = {"phase": phase, **state}
@@ -109,6 +113,8 @@ class Checkpoint:
         self._write()
 
     def _write(self) -> None:
+        if not self.writer:
+            return
         self.saved["log_bytes"] = self.log_path.stat().st_size if self.log_path is not None and self.log_path.exists() else 0
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "wb") as f:

@@ -11,6 +11,7 @@ import time
 from torch import nn
 
 from qdistill.errors import Diverged
+from qdistill.train import distributed
 from qdistill.train.config import TrainConfig
 from qdistill.train.guard import DivergenceGuard
 from qdistill.train.state import Checkpoint, capture, restore
@@ -90,7 +91,7 @@ class PhaseTracker:
         self.take_time()
         run = self.run
         record = {"phase": self.name, "epoch": epoch, "step": run["step"], "train_loss": run["loss_sum"] / self.steps_per_epoch, "samples_per_s": run["seen"] / run["seconds"]}
-        if self.task.has_split("val"):
+        if self.task.has_split("val") and distributed.is_main():  # under torchrun rank 0 alone evaluates
             record.update({f"val_{k}": v for k, v in self.task.evaluate(self.model, "val").items()})
         run["records"].append(record)
         run["loss_sum"] = 0.0
