@@ -89,7 +89,7 @@ def run_job(method: str, bits: int | None, seed: int, setting: dict, threads: in
     if cfg.needs_teacher:
         task.teacher(teacher, cfg, cache_dir() / "logits")  # the teacher's embeddings, made once and cached: not part of train_s
     start = time.perf_counter()
-    result = train(copy.deepcopy(teacher), task, cfg, teacher=teacher, cache_dir=cache_dir() / "logits", quiet=True)
+    result = train(copy.deepcopy(teacher), task, cfg, teacher=teacher, cache_dir=cache_dir() / "logits", quiet=True, final_eval=False)  # the packed file is scored below
     seconds = time.perf_counter() - start
     path = save_packed(result.model, spec, model_file, info={"method": method, "task": task.describe()}, overwrite=True)
     metrics = task.evaluate(load_packed(path)[0], split)

@@ -167,6 +167,7 @@ def train(
     log=None,
     quiet=False,
     checkpoint: Checkpoint | None = None,
+    final_eval: bool = True,
 ) -> TrainResult:
     """Train (or only quantize, for ptq) `student` with the method in `cfg` on a task (a `Dataset` is
     image classification); the student is changed in place.
@@ -176,7 +177,8 @@ def train(
 
     Under torchrun (a process group joined, `train.distributed`) each rank trains on its share of every
     batch, and rank 0 alone evaluates, logs, saves the checkpoint and shows progress: on the other ranks
-    the result holds the trained model but no metrics."""
+    the result holds the trained model but no metrics. `final_eval=False` leaves the final validation and
+    test metrics to the caller too (who scores the packed file it saves, say)."""
     cfg.validate()
     task = as_task(data)
     log = log if log is not None and distributed.is_main() else (lambda record: None)
@@ -226,7 +228,7 @@ def train(
             out = fit(student, points, task, teacher_fn, dq_cfg, cfg.dq_epochs, cfg.points_lr, f"dq {cfg.bits}b points", log, progress, cfg.points_optimizer, checkpoint)
             history += out["records"]
             seconds, samples = seconds + out["seconds"], samples + out["samples"]
-    if not distributed.is_main():  # under torchrun rank 0 alone evaluates (and writes)
+    if not (final_eval and distributed.is_main()):  # under torchrun rank 0 alone evaluates (and writes)
         return TrainResult(student, cfg, {}, seconds, samples / seconds if seconds else 0.0, history)
     val = task.evaluate(student, "val") if task.has_split("val") else None
     return TrainResult(student, cfg, task.evaluate(student, "test"), seconds, samples / seconds if seconds else 0.0, history, val)

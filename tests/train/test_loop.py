@@ -132,6 +132,18 @@ def test_validation_split_is_the_last_training_examples_and_is_what_epochs_repor
     assert steps == list(range(1, 2 * 7 + 1))  # a loss per step: 412 examples in batches of 64 -> 7 steps an epoch
 
 
+
+def test_final_eval_off_leaves_the_metrics_to_the_caller(data, monkeypatch):
+    from qdistill.tasks import ImageClassification
+
+    scored = []
+    monkeypatch.setattr(ImageClassification, "evaluate", lambda self, model, split: scored.append(split) or {"acc": 0.0})
+    result = train(toy_net(), data.holdout(100), TrainConfig(method="fp", epochs=1, batch_size=64), quiet=True, final_eval=False)
+    assert scored == ["val"] and result.test == {} and result.val is None  # only the epoch's own validation ran
+    train(toy_net(), data.holdout(100), TrainConfig(method="fp", epochs=1, batch_size=64), quiet=True)
+    assert scored == ["val", "val", "val", "test"]
+
+
 class Exploding(torch.nn.Module):
     """A model whose output is multiplied by `scale` in every training forward after the `after`-th (or,
     with `once`, in the `after`-th only): a stand-in for a run that diverges."""
