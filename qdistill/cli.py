@@ -203,7 +203,8 @@ def cmd_train_teacher(args) -> None:
         raise QDistillError("an embedding task's teacher is a pretrained sentence encoder: pass it to distill as --teacher hf:DIR")
     args.model = args.model or DEFAULT_MODELS[name][1]
     cfg = config_from(args, defaults=TASKS[name], method="fp")
-    task = task_from(args, name)
+    with distributed.main_first():  # under torchrun rank 0 prepares (and caches) the data, the others read it
+        task = task_from(args, name)
     run_dir = distributed.on_main(new_run_dir, args.run_dir, "teacher")
     spec = model_spec(args.model, **task.spec_args(), hf_head=args.hf_head)
     row, _ = run_method("teacher", spec, task, cfg, run_dir, quiet=args.quiet)
@@ -269,7 +270,8 @@ def cmd_distill(args) -> None:
         reference, reference_spec = load_any(args.teacher, None, args.trust_code, args.hf_head)
         if not (args.student or args.init):
             init, spec = copy.deepcopy(reference), reference_spec
-    task = task_from(args, name, reference)
+    with distributed.main_first():  # under torchrun rank 0 prepares (and caches) the data, the others read it
+        task = task_from(args, name, reference)
     method = cfg.spec
     if args.student:
         spec = model_spec(args.student, **task.spec_args(), hf_head=args.hf_head)

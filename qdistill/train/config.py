@@ -51,14 +51,15 @@ CHOICES = {
     "dq_teacher": ("teacher", "self"),
     "memory_format": ("auto", "channels_last", "contiguous"),
     "guard": ("stop", "rollback", "off"),
+    "parallel": ("ddp", "fsdp"),
 }
 
 
 # Settings that change how fast a model trains, or only what happens once it diverged, not what a
 # finished run learns: left out of cache keys.
-SPEED_ONLY = ("memory_format", "guard", "guard_factor")
+SPEED_ONLY = ("memory_format", "guard", "guard_factor", "parallel")
 # What training a full-precision model (method fp, as a teacher is trained) reads from a config.
-FP_SETTINGS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup", "grad_clip", "augment", "seed", "device", "memory_format", "guard", "guard_factor")
+FP_SETTINGS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup", "grad_clip", "augment", "seed", "device", "memory_format", "guard", "guard_factor", "parallel")
 
 
 @dataclass
@@ -116,6 +117,9 @@ class TrainConfig:
     # auto: channels_last on CPU, where it made a quantized training step of the conv students 1.16-1.3x
     # faster (bench/speed.py); contiguous on other devices until measured there
     memory_format: str = "auto"
+    # under torchrun: ddp replicates the student on every rank; fsdp (FSDP2) shards its weights, gradients
+    # and optimizer state (docs/distributed.md). One process: no effect.
+    parallel: str = "ddp"
 
     def __post_init__(self):
         if self.guard is False:  # YAML 1.1 reads `guard: off` as false
@@ -152,6 +156,8 @@ class TrainConfig:
                 raise QDistillError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.scale != "minmax" and self.spec.quantizer != "uniform":
             raise QDistillError(f"scale={self.scale} applies to the uniform quantizer (ptq, qat, qd, qd+dq), not to method {self.method}")
+        if self.parallel == "fsdp" and "dq" in (self.method, self.spec.then):
+            raise QDistillError(f"parallel=fsdp shards weights as they train; method {self.method} learns quantization points of frozen weights: use parallel ddp")
         if self.zero_point == "int" and "dq" in (self.method, self.spec.then):
             raise QDistillError(f"zero_point=int applies to the uniform quantizer (ptq, qat, qd), not to method {self.method}: learned points keep each group's float min and max (use zero_point float)")
 

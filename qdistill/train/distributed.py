@@ -104,21 +104,78 @@ def global_mean(loss: torch.Tensor, local_rows: int, global_rows: int) -> torch.
 
 def wrap(model: nn.Module) -> nn.Module:
     """The student as the step runs it: DDP over its parameters that train now (a dq phase trains only
-    the points). Unused parameters (a pooler the task never reads) are allowed."""
-    if not active():
+    the points), or the model itself where it is sharded (FSDP2 reduces its own gradients). Unused
+    parameters (a pooler the task never reads) are allowed."""
+    if not active() or is_sharded(model):
         return model
     device = next(model.parameters()).device
     return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True)
 
 
+def shard_weights(model: nn.Module) -> None:
+    """FSDP2 (`parallel: fsdp`): each rank holds 1/w of every weight, of its gradient and of its
+    optimizer state. Each block of a ModuleList (a transformer's layers) is gathered for its own forward
+    and backward only, the rest (embeddings, a head tied to them) with the whole model. The quantizer,
+    a parametrization of the weight, runs after the gather, so each bucket's range is the full tensor's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.utils.parametrize import ParametrizationList
+
+    mesh = init_device_mesh(next(model.parameters()).device.type, (world(),))
+    for module in list(model.modules()):
+        if isinstance(module, nn.ModuleList) and not isinstance(module, ParametrizationList):
+            for block in module:
+                if any(p.requires_grad for p in block.parameters()):
+                    fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state(model: nn.Module, opt=None) -> tuple[dict, dict | None]:
+    """A sharded model's whole state (and its optimizer's), gathered onto rank 0's CPU (the other ranks
+    get empty dicts): what a checkpoint and a packed file hold. Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, opt, options=options) if opt is not None else None
+
+
+def load_full_state(model: nn.Module, model_state: dict, opt=None, opt_state: dict | None = None) -> None:
+    """Put a whole state (from a checkpoint every rank has read) into a sharded model: each rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    if opt is not None:
+        set_optimizer_state_dict(model, opt, opt_state, options=options)
+
+
 @contextlib.contextmanager
 def main_first():
-    """Rank 0 runs the block first (builds a cache), the others after it (find it built)."""
-    if active() and not is_main():
-        dist.barrier()
+    """Rank 0 runs the block first (builds a cache), the others after it (find it built). If it fails
+    on rank 0, the others raise its error instead of waiting for it."""
+    if not active():
+        yield
+        return
+    box = [None]
+    if is_main():
+        try:
+            yield
+        except BaseException as e:
+            box[0] = str(e) if isinstance(e, QDistillError) else f"rank 0 stopped: {type(e).__name__}: {e}"
+            dist.broadcast_object_list(box, src=0)
+            raise
+        dist.broadcast_object_list(box, src=0)
+        return
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise QDistillError(box[0])
     yield
-    if active() and is_main():
-        dist.barrier()
 
 
 def on_main(fn, *args):
@@ -135,4 +192,13 @@ def on_main(fn, *args):
     dist.broadcast_object_list(box, src=0)
     if box[1] is not None:
         raise QDistillError(box[1])
+    return box[0]
+
+
+def broadcast(value):
+    """Rank 0's value of a picklable object, on every rank."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
     return box[0]

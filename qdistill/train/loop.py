@@ -88,7 +88,10 @@ def fit(model, params, task: Task, teacher, cfg: TrainConfig, epochs: int, lr: f
     done = checkpoint.finished(name) if checkpoint else None
     if done is not None:  # as the finished phase left the model: its weights, random state and mode
         try:
-            model.load_state_dict(done["model"])
+            if distributed.is_sharded(model):
+                distributed.load_full_state(model, done["model"])
+            else:
+                model.load_state_dict(done["model"])
         except RuntimeError as e:
             raise QDistillError(f"the saved run state does not fit this run ({str(e).splitlines()[0][:200]}); start a new run") from None
         set_rng_state(done)
@@ -190,6 +193,7 @@ def train(
     if cfg.needs_teacher and teacher is None:
         raise QDistillError(f"method {cfg.method} needs a teacher")
     use_teacher = teacher is not None and method.distill
+    sharded = cfg.parallel == "fsdp" and distributed.active()
     if use_teacher:
         teacher.to(device, memory_format=memory_format(teacher, cfg, device))
         check_compatible(teacher, student, to_device(task.sample(), device), task.forward)
@@ -200,14 +204,22 @@ def train(
         if method.quantizer == "uniform":
             attach(student, cfg.make_quantizer("uniform"), **cfg.select_kwargs())
         if method.trains == "weights":
-            params = [p for p in student.parameters() if p.requires_grad]
-            if not params:
+            if not any(p.requires_grad for p in student.parameters()):
                 raise QDistillError("the student has no trainable weights (requires_grad is off for all of them): turn it on for those to train")
-            with fused_quantization(student):  # off-CPU: one batch of kernels for all tensors, same values
+            whole = copy.deepcopy(student).cpu() if sharded and distributed.is_main() else None  # what rank 0 gathers the weights into
+            if sharded:
+                distributed.shard_weights(student)
+            params = [p for p in student.parameters() if p.requires_grad]
+            with fused_quantization(student, enabled=False if sharded else None):  # off-CPU: one batch of kernels for all tensors, same values
                 name = f"{cfg.method} {cfg.bits}b" if method.quantizer else cfg.method
                 out = fit(student, params, task, teacher_fn, cfg, cfg.epochs, cfg.lr, name, log, progress, cfg.optimizer, checkpoint)
             history += out["records"]
             seconds, samples = seconds + out["seconds"], samples + out["samples"]
+            if sharded:  # the whole trained model, gathered (every rank sends its shards) onto rank 0, which evaluates and saves it
+                state = distributed.full_state(student)[0]
+                if whole is not None:
+                    whole.load_state_dict(state)
+                    student = whole.to(device)
         if method.quantizer == "learned" or method.then == "dq":
             if cfg.dq_teacher == "self":  # the full-precision version of this very model
                 with distributed.main_first():

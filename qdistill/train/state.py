@@ -30,12 +30,24 @@ def capture(model: nn.Module, opt, schedule, loop: dict) -> dict:
     }
 
 
+def for_file(state: dict, model: nn.Module, opt) -> dict:
+    """`capture`'s result as a checkpoint holds it: a sharded model's (FSDP2) is each rank's shard, so the
+    whole state is gathered instead (every rank calls this; rank 0 gets it, and alone writes it)."""
+    if not distributed.is_sharded(model):
+        return state
+    model_state, opt_state = distributed.full_state(model, opt)
+    return {**state, "model": model_state, "optimizer": opt_state, "full": True}
+
+
 def restore(state: dict, model: nn.Module, opt, schedule) -> dict:
-    """Put `capture`'s result back; returns the loop's counters. A state that does not fit (a run
-    resumed with other settings or code) is one QDistillError."""
+    """Put `capture`'s (or `for_file`'s) result back; returns the loop's counters. A state that does not
+    fit (a run resumed with other settings or code) is one QDistillError."""
     try:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(copy.deepcopy(state["optimizer"]))
+        if state.get("full"):  # gathered from shards (FSDP2): each rank takes its own, or one process all
+            distributed.load_full_state(model, state["model"], opt, copy.deepcopy(state["optimizer"]))
+        else:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(copy.deepcopy(state["optimizer"]))
         schedule.load_state_dict(state["schedule"])
         set_rng_state(state)
         return copy.deepcopy(state["loop"])
@@ -108,7 +120,9 @@ class Checkpoint:
         self._write()
 
     def save_finished(self, phase: str, model: nn.Module, result: dict) -> None:
-        self.saved["done"][phase] = {"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, **rng_state(), "result": result}
+        """Every rank calls this (a sharded model's state is gathered)."""
+        state = distributed.full_state(model)[0] if distributed.is_sharded(model) else model.state_dict()
+        self.saved["done"][phase] = {"model": {k: v.detach().cpu().clone() for k, v in state.items()}, **rng_state(), "result": result}
         self.saved["current"] = None
         self._write()
 

@@ -14,7 +14,7 @@ from qdistill.errors import Diverged
 from qdistill.train import distributed
 from qdistill.train.config import TrainConfig
 from qdistill.train.guard import DivergenceGuard
-from qdistill.train.state import Checkpoint, capture, restore
+from qdistill.train.state import Checkpoint, capture, for_file, restore
 
 MAX_ROLLBACKS = 3
 ROLLBACK_CLIP = 1.0  # the gradient norm a first rollback clips to when the run set none (bench/results/ablation-cpu-medium-2bit-clip.md)
@@ -68,13 +68,14 @@ class PhaseTracker:
         if end_of_epoch:
             self.end_epoch(step // self.steps_per_epoch)
         save = self.checkpoint is not None and step < total and (save or self.checkpoint.time_due())
+        save = distributed.broadcast(save)  # rank 0's clock decides: under FSDP2 every rank gathers the state
         if save:
             self.take_time()
         if self.good is not None or save:
             state = capture(self.model, self.opt, self.schedule, self.run)
             self.good = state if self.good is not None else None
             if save:
-                self.checkpoint.save_running(self.name, state)
+                self.checkpoint.save_running(self.name, for_file(state, self.model, self.opt))
 
     def roll_back(self, e: Diverged) -> None:
         """Back to the last state that passed the guard, with the gradient clipped: to 1.0 (or the run's
@@ -91,7 +92,7 @@ class PhaseTracker:
         self.take_time()
         run = self.run
         record = {"phase": self.name, "epoch": epoch, "step": run["step"], "train_loss": run["loss_sum"] / self.steps_per_epoch, "samples_per_s": run["seen"] / run["seconds"]}
-        if self.task.has_split("val") and distributed.is_main():  # under torchrun rank 0 alone evaluates
+        if self.task.has_split("val") and (distributed.is_main() or distributed.is_sharded(self.model)):  # rank 0 alone, but a sharded model needs every rank
             record.update({f"val_{k}": v for k, v in self.task.evaluate(self.model, "val").items()})
         run["records"].append(record)
         run["loss_sum"] = 0.0

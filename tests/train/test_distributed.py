@@ -1,5 +1,6 @@
-"""torchrun: two gloo processes train as one process with the same global batch, and a run killed under
-torchrun resumes in one process (the checkpoint holds the global state)."""
+"""torchrun: two gloo processes train as one process with the same global batch, replicated (DDP) or
+sharded (FSDP2), and a run killed under torchrun resumes in one process (the checkpoint holds the
+global state)."""
 
 import json
 import os
@@ -14,13 +15,14 @@ from safetensors.torch import load_file
 from qdistill.train import distributed
 
 # The two runs differ only in how the batch's mean gradient is summed (two half-batch means averaged,
-# against one mean), so the shadow weights drift apart by float rounding: after 36 steps the stored
+# against one mean), so the shadow weights drift apart by float rounding: after 34 steps the stored
 # levels are the same and the float tensors (scales, biases) agree to TOLERANCE.
 TOLERANCE = 1e-6
 
 # A dataset hook that, on rank 0 (the one that logs), SIGKILLs the process at step KILL_AT, as a kill from
-# outside would, then hands over the toy data: 513 examples, so the last batch of 30 holds 3, split 2 and 1
-# (the ranks' losses are weighted by the examples they hold).
+# outside would, then hands over the toy data: 513 examples, of which the last 30 are the validation split
+# (evaluated each epoch), so the last batch of 30 holds 3, split 2 and 1 (the ranks' losses are weighted
+# by the examples they hold).
 HOOK = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
@@ -50,7 +52,7 @@ def setup(tmp_path_factory):
     save_checkpoint(toy_mlp(), {"factory": "tests.conftest:toy_mlp", "kwargs": {}}, tmp / "teacher.safetensors")
     env = {**os.environ, "PYTHONPATH": f"{tmp}:{root}", "QDISTILL_CACHE": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
     argv = ["distill", "--method", "qd", "--bits", "4", "--student", "tests.conftest:toy_mlp", "--teacher", str(tmp / "teacher.safetensors"),
-            "--teacher-model", "tests.conftest:toy_mlp", "--epochs", "2", "--batch-size", "30", "--checkpoint-steps", "5", "--dataset", "hook:data", "--quiet"]
+            "--teacher-model", "tests.conftest:toy_mlp", "--epochs", "2", "--batch-size", "30", "--checkpoint-steps", "5", "--dataset", "hook:data", "--val-size", "30", "--quiet"]
     return tmp, root, env, argv
 
 
@@ -88,17 +90,22 @@ def single(setup):
     return tmp / "one"
 
 
-def test_two_gloo_processes_train_as_one(setup, single):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gloo_processes_train_as_one(setup, single, parallel):
+    """With FSDP2 each rank holds half of every weight: the levels are still the one-process run's, so
+    each bucket's range was taken over the full tensor (the last layer's 4x32 weight is one bucket of
+    128, split 64 and 64 between the ranks)."""
     tmp, *_, argv = setup
-    result = qdistill(setup, *argv, "--run-dir", str(tmp / "two"), processes=2)
+    run = tmp / f"two-{parallel}"
+    result = qdistill(setup, *argv, "--parallel", parallel, "--guard", "rollback", "--run-dir", str(run), processes=2)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("model saved to") == 1  # rank 0 alone reports and writes
-    assert_same_model(packed(single), packed(tmp / "two"))
-    meta = json.loads(packed_metadata(tmp / "two"))
+    assert_same_model(packed(single), packed(run))
+    meta = json.loads(packed_metadata(run))
     names = [e["name"] for e in meta["quantized"] + meta["kept"]]
     assert names and not any(name.startswith("module.") for name in names)  # the model's own names, not DDP's
-    one, two = losses(single), losses(tmp / "two")
-    assert len(one) == len(two) == 2 * 18  # each step logged once: 18 steps per epoch
+    one, two = losses(single), losses(run)
+    assert len(one) == len(two) == 2 * 17  # each step logged once: 17 steps per epoch
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=0, atol=TOLERANCE)
 
 
@@ -110,15 +117,25 @@ def packed_metadata(run_dir):
         return f.metadata()["qdistill"]
 
 
-def test_killed_under_torchrun_resumes_in_one_process(setup, single):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_killed_under_torchrun_resumes_in_one_process(setup, single, parallel):
+    """The checkpoint holds the whole state (gathered from the shards under FSDP2), so one process resumes it."""
     tmp, *_, argv = setup
-    killed = qdistill(setup, *argv, "--run-dir", str(tmp / "killed"), processes=2, kill_at=22)  # 2 steps after the save at 20
-    assert killed.returncode != 0 and (tmp / "killed" / "state.pt").exists() and not (tmp / "killed" / "results.json").exists()
-    assert torch.load(tmp / "killed" / "state.pt", weights_only=True)["current"]["loop"]["step"] == 20
-    resumed = qdistill(setup, "distill", "--resume", str(tmp / "killed"))
+    run = tmp / f"killed-{parallel}"
+    killed = qdistill(setup, *argv, "--parallel", parallel, "--run-dir", str(run), processes=2, kill_at=22)  # 2 steps after the save at 20
+    assert killed.returncode != 0 and (run / "state.pt").exists() and not (run / "results.json").exists()
+    assert torch.load(run / "state.pt", weights_only=True)["current"]["loop"]["step"] == 20
+    resumed = qdistill(setup, "distill", "--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr
-    assert_same_model(packed(single), packed(tmp / "killed"))
-    assert len(losses(tmp / "killed")) == 2 * 18  # the steps after the save were logged once, by the resumed run
+    assert_same_model(packed(single), packed(run))
+    assert len(losses(run)) == 2 * 17  # the steps after the save were logged once, by the resumed run
+
+
+def test_fsdp_refuses_learned_points():
+    from qdistill import QDistillError, TrainConfig
+
+    with pytest.raises(QDistillError, match="use parallel ddp"):
+        TrainConfig(method="qd+dq", parallel="fsdp")
 
 
 def test_other_commands_refuse_torchrun(monkeypatch, capsys):
@@ -153,3 +170,11 @@ def test_each_rank_takes_its_own_slice(monkeypatch):
     monkeypatch.setattr(distributed, "rank", lambda: 2)
     mine, rows = distributed.shard({"x": torch.ones(2), "index": torch.arange(2)})
     assert rows == 0 and len(mine["x"]) == 1 and distributed.loss_weight(rows, 2) == 0
+
+
+def test_a_bad_input_under_torchrun_is_one_error_line_not_a_hang(setup):
+    """Rank 0 prepares the data first; when that fails the other rank raises its error instead of waiting."""
+    tmp, *_, argv = setup
+    result = qdistill(setup, *[a if a != "hook:data" else "nosuchmodule:data" for a in argv], "--run-dir", str(tmp / "bad"), processes=2)
+    assert result.returncode != 0
+    assert result.stderr.count("qdistill: error:") == 1 and "cannot import dataset module 'nosuchmodule'" in result.stderr
