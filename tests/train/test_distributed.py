@@ -131,6 +131,19 @@ def test_killed_under_torchrun_resumes_in_one_process(setup, single, parallel):
     assert len(losses(run)) == 2 * 17  # the steps after the save were logged once, by the resumed run
 
 
+def test_learned_points_are_reduced_like_weights(setup):
+    """qd+dq: after qd, a phase that trains only the learned points (DDP then wraps those alone)."""
+    tmp, *_, argv = setup
+    argv = [a if a != "qd" else "qd+dq" for a in argv] + ["--dq-epochs", "1"]
+    runs = [tmp / "dq-one", tmp / "dq-two"]
+    for run, processes in zip(runs, (1, 2)):
+        result = qdistill(setup, *argv, "--run-dir", str(run), processes=processes)
+        assert result.returncode == 0, result.stderr
+    a, b = (packed(run) for run in runs)
+    assert "points" in a
+    assert_same_model(a, b)
+
+
 def test_fsdp_refuses_learned_points():
     from qdistill import QDistillError, TrainConfig
 
