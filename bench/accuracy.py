@@ -136,15 +136,17 @@ def write_json(path: Path, value) -> None:
 NOT_RESULTS = ("workers",)  # how many processes share the jobs: a run resumes with another count
 
 
-def open_work_dir(work: Path, arguments: dict, defaults: dict | None = None) -> int:
+def open_work_dir(work: Path, arguments: dict, defaults: dict | None = None, extendable: tuple[str, ...] = ()) -> int:
     """Make the work directory, or check that the one there holds a run of the same arguments (its rows
     and weights belong to that run); return how many jobs it has finished. An argument the saved run
-    did not have (an option added since) counts as equal when it is at its default (`defaults`)."""
+    did not have (an option added since) counts as equal when it is at its default (`defaults`).
+    `extendable`: arguments that only list jobs, each kept under its own name (bits, seeds): a run that
+    asks for more reuses the jobs done."""
     saved = work / "arguments.json"
     if saved.exists():
         before = json.loads(saved.read_text())
         before |= {k: v for k, v in (defaults or {}).items() if k not in before and k in arguments}
-        before, arguments = ({k: v for k, v in a.items() if k not in NOT_RESULTS} for a in (before, arguments))
+        before, arguments = ({k: v for k, v in a.items() if k not in NOT_RESULTS + extendable} for a in (before, arguments))
         if before != arguments:
             differ = ", ".join(sorted(k for k in before.keys() | arguments.keys() if before.get(k) != arguments.get(k)))
             raise SystemExit(

@@ -8,7 +8,8 @@ and teacher embeddings, neighbour recall@10 against the teacher's neighbours ove
 title-to-section retrieval recall@1 and @10, the packed file's size, the sentences per second of the
 model loaded back from it, and the run's peak RSS. Each job (method, bits, seed) runs alone in a fresh
 process and its row and packed file are kept in a work directory at once: a killed run resumes where
-it stopped when the same command is run again. Speed is measured apart, once every job is done, each
+it stopped when the same command is run again, and a run asking for more bits, seeds or methods (the
+rest the same) adds only the jobs not done. Speed is measured apart, once every job is done, each
 packed file in turn on the split's first SPEED_SENTENCES sentences, so the quality runs may share the
 machine with other work (--no-speed) and the timings still come from an idle one. Writes
 bench/results/embedding-<tag>.{json,md}.
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     config = {"optimizer": "adamw", "lr": args.lr, "weight_decay": 0.01, "schedule": "cosine", "warmup": 0.1, "grad_clip": 1.0, "batch_size": args.batch_size, "epochs": args.epochs}
     setting = {"model_dir": str(model_dir), "text_dir": args.text_dir, "train_sentences": args.train_sentences, "max_len": args.max_len, "split": args.split, "config": config}
     work = args.work_dir or args.out / f"work-embedding-{args.tag}"
-    resumed = open_work_dir(work, json.loads(json.dumps({**setting, "bits": args.bits, "seeds": args.seeds, "methods": args.methods})))
+    resumed = open_work_dir(work, json.loads(json.dumps({**setting, "bits": args.bits, "seeds": args.seeds, "methods": args.methods})), extendable=("bits", "seeds", "methods"))
     if resumed:
         print(f"resuming {work}: {resumed} jobs done before")
     jobs = [("teacher", None, 0)] + [(m, b, s) for b in args.bits for m in args.methods for s in (args.seeds if m == "qd" else [0])]

@@ -463,6 +463,12 @@ def test_embedding_table_smoke_and_resume(tmp_path, monkeypatch):
     assert all(r["sentences_per_s"] > 0 for r in saved["rows"])
     monkeypatch.setattr(embedding, "sentences_per_s", lambda *a: pytest.fail("measured a finished job's speed again"))
     embedding.main(args)
+    ran = []  # more bits, the rest the same: only the new jobs run
+    monkeypatch.setattr(embedding, "run_job", lambda method, bits, seed, *a: ran.append((method, bits)) or {**rows[method], "bits": bits})
+    embedding.main([*args[:args.index("--bits") + 2], "2", *args[args.index("--bits") + 2:], "--no-speed"])
+    assert sorted(ran) == [("ptq", 2), ("ptq (mse)", 2), ("qd", 2)]
+    with pytest.raises(SystemExit, match="config differ"):  # another learning rate: not the same table
+        embedding.main([*args, "--lr", "1e-2"])
 
 
 def test_lm_goals_are_read_from_the_table():
