@@ -7,6 +7,9 @@ For each width (4096 and 1024 by default), a stack of `--layers` Linear layers w
   bf16 dense    the same weights cast to bfloat16, bfloat16 inputs
   int4 kernel   load_packed(file, runtime="kernels") at 4 bits, and at 2 bits (the same kernel, 4-bit memory)
   per-call      4 bits in groups of 100, which no kernel takes: decoded to float32 at each call
+  onnx runtime  the file exported by `qdistill export --format onnx` (integer zero points: MatMulNBits'
+                fast path) run by ONNX Runtime at 4 and 2 bits, with float activations (accuracy_level 0)
+                and with int8 ones (accuracy_level 4)
 
 Each measurement runs alone in a fresh (spawned) process: the median latency at batch 1 and 32, and the
 resident memory (RSS) after loading minus that of an idle process with the same imports; each row's
@@ -34,12 +37,16 @@ import torch
 from torch import nn
 
 RESULTS = Path(__file__).parent / "results"
-ROWS = {  # name: (bits, bucket, runtime, dtype)
-    "fp32 dense": (4, 128, "dense", torch.float32),
-    "bf16 dense": (4, 128, "dense", torch.bfloat16),
-    "int4 kernel, 4 bits": (4, 128, "kernels", torch.float32),
-    "int4 kernel, 2 bits": (2, 128, "kernels", torch.float32),
-    "per-call decode, 4 bits": (4, 100, "kernels", torch.float32),
+ROWS = {  # name: (bits, bucket, zero point, runtime, dtype); runtime "onnx-N": ONNX Runtime at accuracy_level N
+    "fp32 dense": (4, 128, "float", "dense", torch.float32),
+    "bf16 dense": (4, 128, "float", "dense", torch.bfloat16),
+    "int4 kernel, 4 bits": (4, 128, "float", "kernels", torch.float32),
+    "int4 kernel, 2 bits": (2, 128, "float", "kernels", torch.float32),
+    "per-call decode, 4 bits": (4, 100, "float", "kernels", torch.float32),
+    "onnx runtime, 4 bits": (4, 128, "int", "onnx-0", torch.float32),
+    "onnx runtime, 2 bits": (2, 128, "int", "onnx-0", torch.float32),
+    "onnx runtime, 4 bits, int8 activations": (4, 128, "int", "onnx-4", torch.float32),
+    "onnx runtime, 2 bits, int8 activations": (2, 128, "int", "onnx-4", torch.float32),
 }
 
 
@@ -55,13 +62,31 @@ def rss_mib() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def write_file(path: Path, width: int, layers: int, bits: int, bucket: int) -> None:
+def write_file(path: Path, width: int, layers: int, bits: int, bucket: int, zero_point: str) -> None:
     from qdistill import UniformQuantizer, attach, save_packed
 
     torch.manual_seed(0)
     model = stack(width, layers)
-    attach(model, UniformQuantizer(bits, bucket, groups="row", scale_dtype="bfloat16"))
+    attach(model, UniformQuantizer(bits, bucket, groups="row", zero_point=zero_point, scale_dtype="bfloat16"))
     save_packed(model.eval(), {"factory": "bench.inference:stack", "kwargs": {"width": width, "layers": layers}}, path)
+
+
+def write_onnx(path: Path, width: int, layers: int, accuracy_level: int) -> Path:
+    from qdistill.export.onnx import export_onnx
+
+    onnx_path = path.with_name(f"{path.stem}-level{accuracy_level}.onnx")
+    export_onnx(path, onnx_path, (probe(width),), model=stack(width, layers), dynamic={"x": {0: "batch"}}, accuracy_level=accuracy_level)
+    return onnx_path
+
+
+def onnx_session(path: str, threads: int):
+    """An ONNX Runtime CPU session and a function running it on a tensor."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return session, lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
 
 
 def probe(width: int) -> torch.Tensor:
@@ -102,12 +127,17 @@ def run_job(row: str, path: str, width: int, layers: int, threads: int, reps: in
     from qdistill import load_packed
     from qdistill.export.runtime import runtime_of
 
-    _, _, kind, dtype = ROWS[row]
+    _, _, _, kind, dtype = ROWS[row]
     start = time.perf_counter()
-    model = load_packed(path, model=stack(width, layers), runtime=kind)[0].to(dtype)
+    if kind.startswith("onnx"):
+        session, model = onnx_session(path, threads)
+        counts = {}
+    else:
+        model = load_packed(path, model=stack(width, layers), runtime=kind)[0].to(dtype)
+        counts = runtime_of(model)
     load_s = time.perf_counter() - start
     gc.collect()
-    out = {"row": row, "width": width, "layers": layers, "load_s": load_s, "rss_mib": rss_mib(), **runtime_of(model)}
+    out = {"row": row, "width": width, "layers": layers, "load_s": load_s, "rss_mib": rss_mib(), **counts}
     with torch.inference_mode():
         for batch in (1, 32):
             x = torch.randn(batch, width, dtype=dtype)
@@ -168,11 +198,12 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         files = {}
         for width in args.widths:
-            for bits, bucket in sorted({(b, k) for b, k, _, _ in ROWS.values()}):
-                files[width, bits, bucket] = Path(tmp) / f"w{width}-b{bits}-g{bucket}.safetensors"
-                write_file(files[width, bits, bucket], width, args.layers, bits, bucket)
-        runs = [(row, files[w, bits, bucket], w) for w in args.widths for row, (bits, bucket, _, _) in ROWS.items()]
-        references = [dense_output(path, w, args.layers) for _, path, w in runs]
+            for bits, bucket, zero in sorted({(b, k, z) for b, k, z, _, _ in ROWS.values()}):
+                files[width, bits, bucket, zero] = Path(tmp) / f"w{width}-b{bits}-g{bucket}-{zero}.safetensors"
+                write_file(files[width, bits, bucket, zero], width, args.layers, bits, bucket, zero)
+        runs = [(row, files[w, bits, bucket, zero], w) for w in args.widths for row, (bits, bucket, zero, _, _) in ROWS.items()]
+        references = [dense_output(path, w, args.layers) for _, path, w in runs]  # each row against its own packed file, loaded dense
+        runs = [(row, write_onnx(path, w, args.layers, int(ROWS[row][3][5:])) if ROWS[row][3].startswith("onnx") else path, w) for row, path, w in runs]
         jobs = [(idle_job, threads)] + [(run_job, row, str(path), w, args.layers, threads, args.reps, args.budget) for row, path, w in runs]
         for fn, *job in jobs:  # one process each, one at a time: memory and timings are the job's own
             with worker_pool(1) as pool:

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 from rich.console import Console
 from rich.table import Table
@@ -403,11 +404,39 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_export(args) -> None:
+    if args.format == "onnx":
+        return export_onnx_file(args)
     out_dir = export_hf(args.file, args.out_dir, overwrite=args.overwrite, tokenizer_dir=args.tokenizer)
     written = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     out.print(f"Hugging Face model written to {out_dir}/ ({written:,} bytes; the packed file: {Path(args.file).stat().st_size:,} bytes)")
     if not args.tokenizer:
         out.print("no tokenizer copied: add --tokenizer DIR (the teacher's directory) for AutoTokenizer to open it too")
+
+
+def export_onnx_file(args) -> None:
+    """The packed file as an ONNX graph (MatMulNBits for row-grouped Linear weights), checked with ONNX Runtime."""
+    from qdistill.export.onnx import check_with_onnxruntime, export_onnx, signature
+
+    target = Path(args.out_dir)
+    if target.exists() and not args.overwrite:
+        raise QDistillError(f"{target} exists: give another path or --overwrite (nothing was written)")
+    meta, _ = read_packed(args.file)
+    model = build_model(model_spec(args.model)) if args.model else None
+    sig = signature(meta.get("info", {}).get("task", {}), meta.get("spec") or {}, args.image_size)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        info = export_onnx(args.file, tmp, sig["sample"], sig["head"], sig["input_names"], sig["output_name"], sig["dynamic"], model=model,
+                           trust_code=args.trust_code, accuracy_level=args.accuracy_level)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dense = load_packed(args.file, model=build_model(model_spec(args.model)) if args.model else None, trust_code=args.trust_code)[0]
+    with torch.no_grad():
+        expected = (sig["head"] or (lambda m, *x: m(*x)))(dense, *sig["sample"]).float()
+    got = check_with_onnxruntime(target, sig["sample"], sig["input_names"])
+    error = (got - expected).abs().max().item() / max(expected.abs().max().item(), 1e-12)
+    out.print(f"ONNX model written to {target} ({info['bytes']:,} bytes; {info['matmul_nbits']} weights as MatMulNBits, {info['float32']} in float32); "
+              f"ONNX Runtime's output on a sample is within {error:.1e} of the packed model's (relative to its largest value)")
 
 
 def cmd_demo(args) -> None:
@@ -487,12 +516,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("export", help="write a packed model in another format: hf, a Hugging Face save_pretrained directory (dequantized)")
-    p.add_argument("file", help="a packed model of a Hugging Face architecture (an hf: student, or a gpt-* preset)")
-    p.add_argument("out_dir")
-    p.add_argument("--format", choices=("hf",), default="hf", help="(default hf)")
-    p.add_argument("--overwrite", action="store_true", help="write into OUT_DIR even if it holds files (transformers' own files are replaced, others kept)")
-    p.add_argument("--tokenizer", metavar="DIR", help="copy the tokenizer files of DIR (the teacher's hf: directory) beside the model")
+    p = sub.add_parser("export", help="write a packed model in another format: hf, a Hugging Face save_pretrained directory (dequantized); onnx, for ONNX Runtime (low-bit Linear weights)")
+    p.add_argument("file", help="a packed model (hf: a Hugging Face architecture, an hf: student or a gpt-* preset)")
+    p.add_argument("out_dir", metavar="OUT", help="hf: a directory; onnx: the .onnx file")
+    p.add_argument("--format", choices=("hf", "onnx"), default="hf", help="(default hf)")
+    p.add_argument("--overwrite", action="store_true", help="write into OUT even if it exists (hf: transformers' own files are replaced, others kept)")
+    p.add_argument("--tokenizer", metavar="DIR", help="hf: copy the tokenizer files of DIR (the teacher's hf: directory) beside the model")
+    p.add_argument("--accuracy-level", type=int, default=0, help="onnx: MatMulNBits' accuracy_level; 4 computes with int8 activations, faster and less exact (default 0)")
+    p.add_argument("--image-size", type=int, default=28, help="onnx, image classifiers: the input's height and width (default 28)")
+    p.add_argument("--model", help="onnx: the file's architecture, for a model of your own (package.module:factory)")
+    add_trust_flag(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="fp, kd, ptq, qat, qd and the improved qd at 4 and 2 bits on Fashion-MNIST (--full: everything; --task lm: a language model)")

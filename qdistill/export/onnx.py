@@ -1,0 +1,165 @@
+"""Export a packed model to ONNX for ONNX Runtime, with the trained levels kept low-bit.
+
+Each quantized nn.Linear whose groups tile its rows in blocks of a power of two (16 or more) becomes one
+`com.microsoft.MatMulNBits` node (ONNX Runtime's block-wise weight-only matmul) holding the file's own
+levels, steps and zero points: w = (q - zero_point) * scale per block of `block_size` inputs of each
+output. 2-, 4- and 8-bit levels keep their width (8 bits with integer zero points only); 1- and 3-bit levels sit unchanged on the 2- and
+4-bit grids (same step, same zero point). Groups with an integer zero point (`--zero-point int`) get
+uint8 zero points, ONNX Runtime's fast path; min-max groups get float zero points (-min / step), which
+ONNX Runtime computes exactly but slowly. Every other tensor is a float32 initializer holding the dense
+loader's value. `accuracy_level` 4 lets ONNX Runtime quantize the activations to int8 (faster, less
+exact: docs/inference.md).
+
+The graph is traced by torch.onnx's TorchScript exporter from the dense model with those Linear layers
+swapped for `NBitsLinear`, whose symbolic emits the MatMulNBits node.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qdistill.errors import QDistillError
+from qdistill.export.packed import entry_indices, entry_params, load_packed, options, read_packed
+from qdistill.export.runtime import _replace, row_group
+
+NBITS = {1: 2, 2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}  # the MatMulNBits width a b-bit level sits on
+OPSET = 17
+
+
+def nbits_ready(entry: dict) -> bool:
+    """Whether this tensor can be a MatMulNBits weight: uniform levels of a 2-d tensor in row blocks of 2**k >= 16
+    (at 5 to 8 bits with integer zero points only: ONNX Runtime's CPU kernel has no 8-bit float zero points)."""
+    block = row_group(entry) if entry["kind"] == "uniform" and len(entry["shape"]) == 2 else None
+    integer = options(entry)["zero_point"] == "int"
+    return block is not None and block >= 16 and block & (block - 1) == 0 and (NBITS[entry["index_bits"]] < 8 or integer)
+
+
+def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 bytes of each row of q, 8 // bits values a byte, the first in the lowest bits (MatMulNBits' order)."""
+    per = 8 // bits
+    q = F.pad(q, (0, -q.shape[-1] % per)).to(torch.uint8).view(*q.shape[:-1], -1, per)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+    return (q << shifts).sum(-1, dtype=torch.uint8)
+
+
+def nbits_weights(entry: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """MatMulNBits' inputs and attributes for one `nbits_ready` weight [N, K]."""
+    n, k = entry["shape"]
+    block, bits = row_group(entry), NBITS[entry["index_bits"]]
+    q = entry_indices(entry, tensors).view(n, k)
+    p = entry_params(entry, tensors)
+    blocks = k // block
+    if "zero" in p:  # integer zero points: exact, and ONNX Runtime's fast path
+        scale, zero = p["step"], p["zero"].to(torch.uint8).view(n, blocks)
+        zero_points = pack_rows(zero, bits).reshape(-1)
+    else:  # a minimum and a step (or a maximum): w = lo + q * step = (q - (-lo / step)) * step
+        step = p["step"] if "step" in p else (p["hi"] - p["lo"]) / (2 ** entry["index_bits"] - 1)
+        flat = step == 0  # a constant group: level 1 times its value
+        scale = torch.where(flat, p["lo"], step)
+        zero_points = torch.where(flat, torch.zeros_like(step), -p["lo"] / torch.where(flat, torch.ones_like(step), step))
+        q = torch.where(flat.view(n, blocks).repeat_interleave(block, 1), torch.ones_like(q), q)
+    packed = pack_rows(q.view(n, blocks, block), bits)
+    return {"packed": packed, "scales": scale.float().reshape(-1), "zero_points": zero_points, "N": n, "K": k, "bits": bits, "block_size": block}
+
+
+class _MatMulNBits(torch.autograd.Function):
+    """x @ W.T as ONNX Runtime's MatMulNBits node; traced only (the values seen while tracing are zeros)."""
+
+    @staticmethod
+    def forward(ctx, x, packed, scales, zero_points, n, k, bits, block_size, accuracy_level):
+        return x.new_zeros(*x.shape[:-1], n)
+
+    @staticmethod
+    def symbolic(g, x, packed, scales, zero_points, n, k, bits, block_size, accuracy_level):
+        return g.op("com.microsoft::MatMulNBits", x, packed, scales, zero_points, K_i=k, N_i=n, bits_i=bits, block_size_i=block_size, accuracy_level_i=accuracy_level)
+
+
+class NBitsLinear(nn.Module):
+    """An nn.Linear exported as MatMulNBits (for torch.onnx.export only: its forward gives zeros)."""
+
+    def __init__(self, linear: nn.Linear, weights: dict, accuracy_level: int):
+        super().__init__()
+        self.attrs = (weights["N"], weights["K"], weights["bits"], weights["block_size"], accuracy_level)
+        for name in ("packed", "scales", "zero_points"):
+            self.register_buffer(name, weights[name])
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _MatMulNBits.apply(x, self.packed, self.scales, self.zero_points, *self.attrs)
+        return y if self.bias is None else y + self.bias
+
+
+class Exported(nn.Module):
+    """What the ONNX graph computes from its inputs: `head(model(*inputs))` (logits, pooled embeddings)."""
+
+    def __init__(self, model: nn.Module, head):
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, *inputs):
+        return self.head(self.model, *inputs)
+
+
+def export_onnx(path: str | Path, out: str | Path, sample: tuple[torch.Tensor, ...], head=None, input_names=("x",), output_name: str = "y",
+                dynamic: dict | None = None, model: nn.Module | None = None, trust_code: bool = False, accuracy_level: int = 0) -> dict:
+    """Write the packed model at `path` as an ONNX graph at `out`; `sample` is one input (tuple) to trace with,
+    `head(model, *inputs)` what the graph returns (default: the model's output), `dynamic` ONNX's dynamic axes
+    by input name. Returns how many weights became MatMulNBits nodes and how many stayed float32."""
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise QDistillError(f"accuracy_level must be 0 to 4 (ONNX Runtime's MatMulNBits: 4 computes with int8 activations), got {accuracy_level!r}")
+    dense, meta = load_packed(path, model=model, trust_code=trust_code)
+    _, tensors = read_packed(path)
+    aliases = set(meta.get("aliases", {})) | set(meta.get("aliases", {}).values())
+    low_bit = 0
+    for entry in meta["quantized"]:
+        module_path, _, name = entry["name"].rpartition(".")
+        module = dense.get_submodule(module_path) if module_path else None
+        if type(module) is nn.Linear and name == "weight" and entry["name"] not in aliases and nbits_ready(entry):
+            low_bit += _replace(dense, module, NBitsLinear(module, nbits_weights(entry, tensors), accuracy_level))
+    graph = Exported(dense, head or (lambda m, *inputs: m(*inputs))).eval()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice and tracer warnings: the graph is checked below, by running it
+            torch.onnx.export(graph, sample, str(out), dynamo=False, opset_version=OPSET, input_names=list(input_names), output_names=[output_name],
+                              dynamic_axes=dynamic or {}, custom_opsets={"com.microsoft": 1})
+    except Exception as e:  # the tracer's own errors: a model it cannot follow
+        raise QDistillError(f"torch.onnx could not export {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    return {"matmul_nbits": low_bit, "float32": len(meta["quantized"]) - low_bit, "bytes": out.stat().st_size}
+
+
+def signature(task: dict, spec: dict, image_size: int = 28) -> dict:
+    """export_onnx's sample, head, names and dynamic axes for a model trained on `task` (a file's task
+    description): token ids -> logits (lm), token ids and mask -> unit sentence embeddings (embedding),
+    images -> logits (classification, `image_size` pixels square)."""
+    from qdistill.tasks.embedding import mean_pool
+    from qdistill.tasks.language import logits_of
+
+    name = task.get("task", "classification")
+    if name == "lm":
+        return {"sample": (torch.zeros(1, 16, dtype=torch.long),), "head": lambda m, ids: logits_of(m(ids)), "input_names": ("input_ids",),
+                "output_name": "logits", "dynamic": {"input_ids": {0: "batch", 1: "tokens"}}}
+    if name == "embedding":
+        return {"sample": (torch.zeros(1, 16, dtype=torch.long), torch.ones(1, 16, dtype=torch.long)),
+                "head": lambda m, ids, mask: mean_pool(m(input_ids=ids, attention_mask=mask).last_hidden_state, mask),
+                "input_names": ("input_ids", "attention_mask"), "output_name": "embedding",
+                "dynamic": {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}}}
+    channels = spec.get("kwargs", {}).get("in_channels", 1)
+    return {"sample": (torch.zeros(1, channels, image_size, image_size),), "head": None, "input_names": ("images",), "output_name": "logits",
+            "dynamic": {"images": {0: "batch"}}}
+
+
+def check_with_onnxruntime(out: str | Path, sample: tuple[torch.Tensor, ...], input_names=("x",)) -> torch.Tensor:
+    """The exported graph's output for `sample`, computed by ONNX Runtime on the CPU."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise QDistillError("ONNX Runtime is not installed: pip install 'qdistill[onnx]' (onnxruntime from PyPI)") from None
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {name: t.numpy() for name, t in zip(input_names, sample)})[0])

@@ -1,0 +1,82 @@
+"""Export to ONNX: row-grouped Linear weights become ONNX Runtime MatMulNBits nodes holding the file's levels,
+and ONNX Runtime computes what the packed model computes."""
+
+import json
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import qdistill
+from qdistill.cli import main
+from qdistill.export.onnx import check_with_onnxruntime, export_onnx, pack_rows
+from qdistill.quant import attach
+
+SPEC = {"factory": "torch.nn:Identity", "kwargs": {}}  # the architecture is passed in: the file's spec is not used
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32))
+
+
+def packed_mlp(tmp_path, **options):
+    torch.manual_seed(0)
+    model = mlp()
+    attach(model, qdistill.UniformQuantizer(**options))
+    return qdistill.save_packed(model, SPEC, tmp_path / "m.safetensors")
+
+
+def ops(path):
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("zero_point", ["int", "float"])
+def test_ort_computes_the_packed_model(tmp_path, bits, zero_point):
+    path = packed_mlp(tmp_path, bits=bits, bucket=32, groups="row", zero_point=zero_point, scale_dtype="float16")
+    x = torch.randn(5, 64)
+    info = export_onnx(path, tmp_path / "m.onnx", (torch.zeros(1, 64),), model=mlp(), dynamic={"x": {0: "batch"}})
+    low_bit = 0 if (bits, zero_point) == (8, "float") else 2  # ONNX Runtime's CPU kernel has no 8-bit float zero points
+    assert info["matmul_nbits"] == low_bit and info["float32"] == 2 - low_bit and ops(tmp_path / "m.onnx").count("MatMulNBits") == low_bit
+    expected = qdistill.load_packed(path, model=mlp())[0](x).detach()
+    got = check_with_onnxruntime(tmp_path / "m.onnx", (x,))
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    dense_bytes = 4 * (64 * 96 + 96 * 32)
+    if low_bit:
+        assert info["bytes"] < dense_bytes * (bits if bits != 3 else 4) / 32 + 8000  # the weights are stored low-bit
+
+
+def test_groups_that_straddle_rows_stay_float32(tmp_path):
+    path = packed_mlp(tmp_path, bits=4, bucket=256)  # flat buckets of 256 across rows of 64 and 96 inputs
+    x = torch.randn(3, 64)
+    info = export_onnx(path, tmp_path / "m.onnx", (x,), model=mlp())
+    assert info["matmul_nbits"] == 0 and info["float32"] == 2 and "MatMulNBits" not in ops(tmp_path / "m.onnx")
+    expected = qdistill.load_packed(path, model=mlp())[0](x).detach()
+    torch.testing.assert_close(check_with_onnxruntime(tmp_path / "m.onnx", (x,)), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pack_rows_puts_the_first_value_in_the_lowest_bits():
+    assert pack_rows(torch.tensor([[1, 2, 3, 0]]), 2).tolist() == [[1 | 2 << 2 | 3 << 4]]
+    assert pack_rows(torch.tensor([[5, 10, 15]]), 4).tolist() == [[5 | 10 << 4, 15]]  # a row padded to whole bytes
+
+
+def test_command_line_export_checks_itself_and_never_overwrites(tmp_path, capsys):
+    run = tmp_path / "r"
+    data = ["--dataset", "tests.conftest:toy_dataset", "--train-subset", "64", "--test-subset", "32", "--quiet"]
+    assert main(["distill", "--method", "qat", "--student", "tests.conftest:toy_mlp", "--epochs", "1", "--bucket", "16", "--groups", "row",
+                 "--zero-point", "int", *data, "--run-dir", str(run)]) == 0
+    packed = run / json.loads((run / "results.json").read_text())["rows"][0]["file"]
+    capsys.readouterr()
+    onnx_file = tmp_path / "m.onnx"
+    argv = ["export", str(packed), str(onnx_file), "--format", "onnx", "--model", "tests.conftest:toy_mlp", "--image-size", "8"]
+    assert main(argv) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "2 weights as MatMulNBits, 0 in float32" in said and "within" in said
+    images = torch.randn(4, 1, 8, 8)
+    expected = qdistill.load_packed(packed, model=__import__("tests.conftest", fromlist=["toy_mlp"]).toy_mlp())[0](images).detach()
+    assert torch.equal(check_with_onnxruntime(onnx_file, (images,), ("images",)).argmax(-1), expected.argmax(-1))
+    before = onnx_file.read_bytes()
+    assert main(argv) == 2 and "exists" in capsys.readouterr().err and onnx_file.read_bytes() == before
+    assert main([*argv, "--overwrite", "--accuracy-level", "7"]) == 2 and "accuracy_level must be 0 to 4" in capsys.readouterr().err
+    assert onnx_file.read_bytes() == before
