@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((path, json.loads(path.read_text())))
     for path, row in rows:
         speed = path.with_suffix(".speed.json")
-        if not args.no_speed and not speed.exists():
+        kept = row["method"] == "teacher" or path.with_suffix(".safetensors").exists()  # rows from before models were kept have no file to time
+        if not args.no_speed and not speed.exists() and kept:
             print(f"speed of {row['method']} {row['bits']} bits, seed {row['seed']}", flush=True)
             model_file = str(path.with_suffix(".safetensors")) if row["method"] != "teacher" else None
             with worker_pool(1) as pool:

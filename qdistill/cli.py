@@ -406,6 +406,8 @@ def cmd_inspect(args) -> None:
 def cmd_export(args) -> None:
     if args.format == "onnx":
         return export_onnx_file(args)
+    if args.format == "gguf":
+        return export_gguf_file(args)
     out_dir = export_hf(args.file, args.out_dir, overwrite=args.overwrite, tokenizer_dir=args.tokenizer)
     written = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     out.print(f"Hugging Face model written to {out_dir}/ ({written:,} bytes; the packed file: {Path(args.file).stat().st_size:,} bytes)")
@@ -413,30 +415,58 @@ def cmd_export(args) -> None:
         out.print("no tokenizer copied: add --tokenizer DIR (the teacher's directory) for AutoTokenizer to open it too")
 
 
+ONNX_TOLERANCE = 1e-4  # ONNX Runtime against the packed model, relative to the largest output (measured: 1e-6 and under)
+
+
 def export_onnx_file(args) -> None:
-    """The packed file as an ONNX graph (MatMulNBits for row-grouped Linear weights), checked with ONNX Runtime."""
-    from qdistill.export.onnx import check_with_onnxruntime, export_onnx, signature
+    """The packed file as an ONNX graph (MatMulNBits for row-grouped Linear weights), checked with ONNX Runtime
+    on a random input before it is put in place."""
+    from qdistill.export.onnx import check_with_onnxruntime, export_onnx, require_onnxruntime, signature
 
     target = Path(args.out_dir)
     if target.exists() and not args.overwrite:
         raise QDistillError(f"{target} exists: give another path or --overwrite (nothing was written)")
+    require_onnxruntime()
     meta, _ = read_packed(args.file)
-    model = build_model(model_spec(args.model)) if args.model else None
+    architecture = lambda: build_model(model_spec(args.model)) if args.model else None  # noqa: E731
     sig = signature(meta.get("info", {}).get("task", {}), meta.get("spec") or {}, args.image_size)
     tmp = target.with_name(f".{target.name}.tmp")
     try:
-        info = export_onnx(args.file, tmp, sig["sample"], sig["head"], sig["input_names"], sig["output_name"], sig["dynamic"], model=model,
+        info = export_onnx(args.file, tmp, sig["sample"], sig["head"], sig["input_names"], sig["output_name"], sig["dynamic"], model=architecture(),
                            trust_code=args.trust_code, accuracy_level=args.accuracy_level)
+        dense = load_packed(args.file, model=architecture(), trust_code=args.trust_code)[0]
+        with torch.no_grad():
+            expected = (sig["head"] or (lambda m, *x: m(*x)))(dense, *sig["probe"]).float()
+        got = check_with_onnxruntime(tmp, sig["probe"], sig["input_names"])
+        error = (got - expected).abs().max().item() / max(expected.abs().max().item(), 1e-12)
+        if args.accuracy_level == 0 and not error <= ONNX_TOLERANCE:
+            raise QDistillError(f"ONNX Runtime's output is {error:.1e} away from the packed model's (more than {ONNX_TOLERANCE:.0e}): not written")
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
-    dense = load_packed(args.file, model=build_model(model_spec(args.model)) if args.model else None, trust_code=args.trust_code)[0]
-    with torch.no_grad():
-        expected = (sig["head"] or (lambda m, *x: m(*x)))(dense, *sig["sample"]).float()
-    got = check_with_onnxruntime(target, sig["sample"], sig["input_names"])
-    error = (got - expected).abs().max().item() / max(expected.abs().max().item(), 1e-12)
     out.print(f"ONNX model written to {target} ({info['bytes']:,} bytes; {info['matmul_nbits']} weights as MatMulNBits, {info['float32']} in float32); "
-              f"ONNX Runtime's output on a sample is within {error:.1e} of the packed model's (relative to its largest value)")
+              f"ONNX Runtime's output on a random input is within {error:.1e} of the packed model's (relative to its largest value)")
+
+
+def export_gguf_file(args) -> None:
+    """A LLaMA-architecture packed model as GGUF (Q4_1 where the levels are Q4_1's), read back with the gguf package."""
+    from qdistill.export.gguf import export_gguf, gguf_difference
+
+    target = Path(args.out_dir)
+    if target.exists() and not args.overwrite:
+        raise QDistillError(f"{target} exists: give another path or --overwrite (nothing was written)")
+    tokenizer = Path(args.tokenizer) / "tokenizer.json" if args.tokenizer and Path(args.tokenizer).is_dir() else args.tokenizer
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        counts = export_gguf(args.file, tmp, tokenizer)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    worst = gguf_difference(target, args.file)
+    out.print(f"GGUF model written to {target} ({target.stat().st_size:,} bytes; {counts['q4_1']} tensors as Q4_1, {counts['float32']} in float32); "
+              f"the gguf package reads every weight back within {worst:.1e} of the packed model's")
+    if not tokenizer:
+        out.print("no tokenizer written: add --tokenizer TOKENIZER.JSON (the model's own) for llama.cpp to run it")
 
 
 def cmd_demo(args) -> None:
@@ -516,16 +546,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("export", help="write a packed model in another format: hf, a Hugging Face save_pretrained directory (dequantized); onnx, for ONNX Runtime (low-bit Linear weights)")
+    p = sub.add_parser("export", help="write a packed model in another format: hf, a Hugging Face save_pretrained directory (dequantized); onnx, for ONNX Runtime (low-bit Linear weights); gguf, for llama.cpp (LLaMA models, Q4_1)")
     p.add_argument("file", help="a packed model (hf: a Hugging Face architecture, an hf: student or a gpt-* preset)")
     p.add_argument("out_dir", metavar="OUT", help="hf: a directory; onnx: the .onnx file")
-    p.add_argument("--format", choices=("hf", "onnx"), default="hf", help="(default hf)")
+    p.add_argument("--format", choices=("hf", "onnx", "gguf"), default="hf", help="(default hf)")
     p.add_argument("--overwrite", action="store_true", help="write into OUT even if it exists (hf: transformers' own files are replaced, others kept)")
-    p.add_argument("--tokenizer", metavar="DIR", help="hf: copy the tokenizer files of DIR (the teacher's hf: directory) beside the model")
+    p.add_argument("--tokenizer", metavar="DIR", help="hf: copy the tokenizer files of DIR (the teacher's hf: directory) beside the model; gguf: the model's tokenizer.json (or its DIR)")
     p.add_argument("--accuracy-level", type=int, default=0, help="onnx: MatMulNBits' accuracy_level; 4 computes with int8 activations, faster and less exact (default 0)")
     p.add_argument("--image-size", type=int, default=28, help="onnx, image classifiers: the input's height and width (default 28)")
     p.add_argument("--model", help="onnx: the file's architecture, for a model of your own (package.module:factory)")
-    add_trust_flag(p)
+    p.add_argument("--trust-code", action="store_true", help="onnx: let the file name the Python factory that builds it, and run it")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="fp, kd, ptq, qat, qd and the improved qd at 4 and 2 bits on Fashion-MNIST (--full: everything; --task lm: a language model)")
@@ -555,8 +585,9 @@ def main(argv: list[str] | None = None) -> int:
             distributed.join()
         args.func(args)
     except QDistillError as e:
-        if distributed.is_main():  # every rank meets the same error: one line is enough
-            print(f"qdistill: error: {e}", file=sys.stderr)
+        rank = distributed.launched_rank()  # under torchrun: rank 0 prints, another rank only an error of its own
+        if rank == 0 or not isinstance(e, distributed.RelayedError):
+            print(f"qdistill: error: {e}" if rank == 0 else f"qdistill: error (rank {rank}): {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qdistill: interrupted", file=sys.stderr)

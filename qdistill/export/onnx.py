@@ -135,31 +135,45 @@ def export_onnx(path: str | Path, out: str | Path, sample: tuple[torch.Tensor, .
 
 
 def signature(task: dict, spec: dict, image_size: int = 28) -> dict:
-    """export_onnx's sample, head, names and dynamic axes for a model trained on `task` (a file's task
-    description): token ids -> logits (lm), token ids and mask -> unit sentence embeddings (embedding),
-    images -> logits (classification, `image_size` pixels square)."""
+    """export_onnx's sample (zeros, to trace), probe (random, to check), head, names and dynamic axes for a
+    model trained on `task` (a file's task description): token ids -> logits (lm), token ids and mask ->
+    unit sentence embeddings (embedding), images -> logits (classification, `image_size` pixels square)."""
     from qdistill.tasks.embedding import mean_pool
     from qdistill.tasks.language import logits_of
 
     name = task.get("task", "classification")
+    g = torch.Generator().manual_seed(0)
+    if name in ("lm", "embedding"):
+        vocab = task.get("vocab_size") or spec.get("kwargs", {}).get("config", {}).get("vocab_size") or spec.get("kwargs", {}).get("vocab_size") or 2
+        ids = torch.randint(0, vocab, (2, 16), generator=g)
     if name == "lm":
-        return {"sample": (torch.zeros(1, 16, dtype=torch.long),), "head": lambda m, ids: logits_of(m(ids)), "input_names": ("input_ids",),
+        return {"sample": (torch.zeros(1, 16, dtype=torch.long),), "probe": (ids,), "head": lambda m, ids: logits_of(m(ids)), "input_names": ("input_ids",),
                 "output_name": "logits", "dynamic": {"input_ids": {0: "batch", 1: "tokens"}}}
     if name == "embedding":
-        return {"sample": (torch.zeros(1, 16, dtype=torch.long), torch.ones(1, 16, dtype=torch.long)),
+        mask = torch.ones_like(ids)
+        mask[1, 10:] = 0  # a shorter second sentence: padding masked out
+        return {"sample": (torch.zeros(1, 16, dtype=torch.long), torch.ones(1, 16, dtype=torch.long)), "probe": (ids, mask),
                 "head": lambda m, ids, mask: mean_pool(m(input_ids=ids, attention_mask=mask).last_hidden_state, mask),
                 "input_names": ("input_ids", "attention_mask"), "output_name": "embedding",
                 "dynamic": {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}}}
     channels = spec.get("kwargs", {}).get("in_channels", 1)
-    return {"sample": (torch.zeros(1, channels, image_size, image_size),), "head": None, "input_names": ("images",), "output_name": "logits",
-            "dynamic": {"images": {0: "batch"}}}
+    return {"sample": (torch.zeros(1, channels, image_size, image_size),), "probe": (torch.randn(2, channels, image_size, image_size, generator=g),),
+            "head": None, "input_names": ("images",), "output_name": "logits", "dynamic": {"images": {0: "batch"}}}
 
 
 def check_with_onnxruntime(out: str | Path, sample: tuple[torch.Tensor, ...], input_names=("x",)) -> torch.Tensor:
     """The exported graph's output for `sample`, computed by ONNX Runtime on the CPU."""
+    onnxruntime = require_onnxruntime()
+    try:
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(None, {name: t.numpy() for name, t in zip(input_names, sample)})[0])
+    except Exception as e:  # ONNX Runtime's own exception types: a graph it refuses
+        raise QDistillError(f"ONNX Runtime cannot run {out}: {str(e).splitlines()[0][:300]}") from None
+
+
+def require_onnxruntime():
     try:
         import onnxruntime
     except ImportError:
-        raise QDistillError("ONNX Runtime is not installed: pip install 'qdistill[onnx]' (onnxruntime from PyPI)") from None
-    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    return torch.from_numpy(session.run(None, {name: t.numpy() for name, t in zip(input_names, sample)})[0])
+        raise QDistillError("ONNX Runtime is not installed: pip install 'qdistill[export]' (onnxruntime from PyPI)") from None
+    return onnxruntime

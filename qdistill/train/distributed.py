@@ -47,6 +47,15 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (before the group is joined)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+class RelayedError(QDistillError):
+    """Rank 0's error, raised on the other ranks too (so they stop instead of waiting): printed by rank 0 alone."""
+
+
 def join(timeout_minutes: float = 60.0) -> None:
     """Join the launcher's process group (both backends: a CPU run uses gloo, a GPU run NCCL); a no-op
     for a single process or a group already joined. The timeout covers rank 0's evaluations and
@@ -67,39 +76,46 @@ def leave() -> None:
 
 
 def device_for(device: torch.device) -> torch.device:
-    """Each rank on its own GPU (LOCAL_RANK) where the run asks for CUDA."""
-    if active() and device.type == "cuda" and device.index is None:
+    """Each rank on its own GPU (LOCAL_RANK) where the run asks for CUDA, whatever index it names."""
+    if active() and device.type == "cuda":
         return torch.device("cuda", local_rank())
     return device
 
 
+def counted(batch: dict[str, torch.Tensor]) -> int:
+    """What a task's loss is a mean over: the labels that count (a language model's real tokens, padding
+    being -100), or the examples where a batch has no labels."""
+    return int((batch["y"] != -100).sum()) if "y" in batch else len(batch["x"])
+
+
 def shard(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
     """This rank's slice of a global batch (every tensor cut the same way along its first dimension)
-    and how many examples it holds. A rank left without one (a last batch smaller than the world)
-    runs the batch's first example with 0 examples counted: its loss weight is 0, so its gradient
+    and what its loss is a mean over (`counted`). A rank left without an example (a last batch smaller
+    than the world) runs the batch's first one with 0 counted: its loss weight is 0, so its gradient
     adds nothing, but it still takes part in the gradient average."""
-    rows = len(next(iter(batch.values())))
     if not active():
-        return batch, rows
+        return batch, counted(batch)
     mine = {k: v.tensor_split(world())[rank()] for k, v in batch.items()}
-    local = len(next(iter(mine.values())))
-    return (mine, local) if local else ({k: v[:1] for k, v in batch.items()}, 0)
+    if len(next(iter(mine.values()))) == 0:
+        return {k: v[:1] for k, v in batch.items()}, 0
+    return mine, counted(mine)
 
 
-def loss_weight(local_rows: int, global_rows: int) -> float:
-    """What this rank's mean loss is scaled by so that DDP's average of the ranks' gradients is the
-    gradient of the global batch's mean loss, also when the slices differ in size (the last batch)."""
-    return world() * local_rows / global_rows
+def loss_weight(mine: int, total: int) -> float:
+    """What this rank's mean loss (over its `mine` of the batch's `total` counted labels) is scaled by so
+    that DDP's average of the ranks' gradients is the gradient of the global batch's mean loss, also when
+    the slices differ in size (the last batch) or in padding."""
+    return world() * mine / total if total else 0.0
 
 
-def global_mean(loss: torch.Tensor, local_rows: int, global_rows: int) -> torch.Tensor:
+def global_mean(loss: torch.Tensor, mine: int, total: int) -> torch.Tensor:
     """The global batch's mean loss from each rank's (detached, for the log and the guard: every rank
     then takes the same rollback decisions)."""
     if not active():
         return loss.detach()
-    total = loss.detach() * (local_rows / global_rows)
-    dist.all_reduce(total)
-    return total
+    part = loss.detach() * (mine / total if total else 0.0)
+    dist.all_reduce(part)
+    return part
 
 
 def wrap(model: nn.Module) -> nn.Module:
@@ -122,7 +138,7 @@ def shard_weights(model: nn.Module) -> None:
     from torch.nn.utils.parametrize import ParametrizationList
 
     mesh = init_device_mesh(next(model.parameters()).device.type, (world(),))
-    for module in list(model.modules()):
+    for module in reversed(list(model.modules())):  # inner blocks before the blocks holding them, as fully_shard wants
         if isinstance(module, nn.ModuleList) and not isinstance(module, ParametrizationList):
             for block in module:
                 if any(p.requires_grad for p in block.parameters()):
@@ -134,6 +150,13 @@ def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def holds_shards(state: dict) -> bool:
+    """Whether a model state is a sharded model's own (DTensors), as the guard's rollback point is."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(v, DTensor) for v in state.values())
 
 
 def full_state(model: nn.Module, opt=None) -> tuple[dict, dict | None]:
@@ -174,7 +197,7 @@ def main_first():
         return
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
-        raise QDistillError(box[0])
+        raise RelayedError(box[0])
     yield
 
 
@@ -191,7 +214,7 @@ def on_main(fn, *args):
             box[1] = str(e)
     dist.broadcast_object_list(box, src=0)
     if box[1] is not None:
-        raise QDistillError(box[1])
+        raise RelayedError(box[1])
     return box[0]
 
 

@@ -109,21 +109,21 @@ def fit(model, params, task: Task, teacher, cfg: TrainConfig, epochs: int, lr: f
     while tracker.step < total:
         model.train()
         batch = task.train_batch(*divmod(tracker.step, steps_per_epoch), cfg)
-        rows = len(batch["x"])
+        rows, labels = len(batch["x"]), distributed.counted(batch)  # what the loss is a mean over: examples, or real tokens
         batch, mine = distributed.shard(batch)  # this rank's share of the global batch (all of it in one process)
         batch = to_device(batch, device)
         out = task.forward(net, batch)  # 1. quantize: the parametrized weights read as Q(w)
         target = teacher(batch) if teacher is not None else None
         loss = task.loss(out, target, batch, cfg)  # 2. distill
         opt.zero_grad(set_to_none=True)
-        (loss * distributed.loss_weight(mine, rows)).backward()  # straight-through: dL/dQ(w) reaches w
+        (loss * distributed.loss_weight(mine, labels)).backward()  # straight-through: dL/dQ(w) reaches w
         if tracker.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, tracker.grad_clip)
         opt.step()  # 3. SGD step on the full-precision weights (or the points)
         schedule.step()
         for q in quantizers:
             q.after_step()
-        tracker.after_step(distributed.global_mean(loss, mine, rows), rows, total)  # the guard (which may roll back), the log, the checkpoint
+        tracker.after_step(distributed.global_mean(loss, mine, labels), rows, total)  # the guard (which may roll back), the log, the checkpoint
         progress.update(bar, completed=tracker.step, status=tracker.status)
     return tracker.finish()
 
@@ -180,7 +180,8 @@ def train(
 
     Under torchrun (a process group joined, `train.distributed`) each rank trains on its share of every
     batch, and rank 0 alone evaluates, logs, saves the checkpoint and shows progress: on the other ranks
-    the result holds the trained model but no metrics. `final_eval=False` leaves the final validation and
+    the result holds the trained model but no metrics. With `parallel: fsdp` the student is sharded in
+    place, and rank 0's result holds a whole copy gathered from the shards. `final_eval=False` leaves the final validation and
     test metrics to the caller too (who scores the packed file it saves, say)."""
     cfg.validate()
     task = as_task(data)

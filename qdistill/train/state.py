@@ -45,6 +45,8 @@ def restore(state: dict, model: nn.Module, opt, schedule) -> dict:
     try:
         if state.get("full"):  # gathered from shards (FSDP2): each rank takes its own, or one process all
             distributed.load_full_state(model, state["model"], opt, copy.deepcopy(state["optimizer"]))
+        elif distributed.is_sharded(model) and not distributed.holds_shards(state["model"]):
+            raise QDistillError("this run's state was saved by one process, unsharded: resume it in one process (or with --parallel ddp)")
         else:
             model.load_state_dict(state["model"])
             opt.load_state_dict(copy.deepcopy(state["optimizer"]))

@@ -124,7 +124,8 @@ def test_killed_under_torchrun_resumes_in_one_process(setup, single, parallel):
     run = tmp / f"killed-{parallel}"
     killed = qdistill(setup, *argv, "--parallel", parallel, "--run-dir", str(run), processes=2, kill_at=22)  # 2 steps after the save at 20
     assert killed.returncode != 0 and (run / "state.pt").exists() and not (run / "results.json").exists()
-    assert torch.load(run / "state.pt", weights_only=True)["current"]["loop"]["step"] == 20
+    saved = torch.load(run / "state.pt", weights_only=True)["current"]
+    assert saved["loop"]["step"] == 20 and saved.get("full", False) == (parallel == "fsdp")  # fsdp: gathered from the ranks' shards
     resumed = qdistill(setup, "distill", "--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr
     assert_same_model(packed(single), packed(run))

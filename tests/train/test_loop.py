@@ -132,7 +132,6 @@ def test_validation_split_is_the_last_training_examples_and_is_what_epochs_repor
     assert steps == list(range(1, 2 * 7 + 1))  # a loss per step: 412 examples in batches of 64 -> 7 steps an epoch
 
 
-
 def test_final_eval_off_leaves_the_metrics_to_the_caller(data, monkeypatch):
     from qdistill.tasks import ImageClassification
 

@@ -1,0 +1,146 @@
+"""Export a packed LLaMA-architecture model (the gpt-* presets, an hf: LlamaForCausalLM student) to GGUF,
+llama.cpp's format, with the `gguf` package.
+
+GGUF's Q4_1 is blocks of 32 weights along a row, each w = d * q + m with a 4-bit q and float16 d and m:
+exactly what a 4-bit (or 1- to 3-bit: same step, same minimum) min-max quantizer with row groups of 32
+and float16 values stores (`--bits 4 --bucket 32 --groups row --scale-dtype float16`). Those weights
+are written as Q4_1 from the file's own levels; every other tensor as float32 (the dense loader's
+values). Names follow the gguf package's own map for LLaMA, and the query and key projections are
+permuted by rows as llama.cpp's converter does (its rotary layout), which moves whole blocks. The
+tokenizer (a byte-level BPE tokenizer.json) is written when given.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qdistill.errors import QDistillError
+from qdistill.export.packed import entry_indices, entry_params, load_packed, options, read_packed
+from qdistill.export.runtime import row_group
+
+Q4_1_BLOCK = 32
+
+
+def q4_1_ready(entry: dict) -> bool:
+    """A 2-d uniform tensor of at most 4 bits stored as a minimum and a float16 step per row block of 32."""
+    form = options(entry)
+    return (entry["kind"] == "uniform" and len(entry["shape"]) == 2 and entry["index_bits"] <= 4 and row_group(entry) == Q4_1_BLOCK
+            and form["zero_point"] == "float" and form["scale_dtype"] == "float16")
+
+
+def q4_1_blocks(entry: dict, tensors: dict[str, torch.Tensor], rows: np.ndarray) -> np.ndarray:
+    """The tensor's Q4_1 bytes [N, K // 32 * 20], its rows taken in the order `rows`."""
+    n, k = entry["shape"]
+    q = entry_indices(entry, tensors).view(n, k // Q4_1_BLOCK, Q4_1_BLOCK).to(torch.uint8).numpy()[rows]
+    p = entry_params(entry, tensors)  # float16 values, held as float32: exact
+    d = p["step"].numpy().astype(np.float16).reshape(n, -1, 1)[rows].view(np.uint8)
+    m = p["lo"].numpy().astype(np.float16).reshape(n, -1, 1)[rows].view(np.uint8)
+    qs = q[..., : Q4_1_BLOCK // 2] | (q[..., Q4_1_BLOCK // 2 :] << 4)
+    return np.concatenate([d, m, qs], axis=-1).reshape(n, -1)
+
+
+def rope_rows(n_rows: int, n_head: int) -> np.ndarray:
+    """The row order llama.cpp's converter gives a query or key projection (`LlamaModel.permute`)."""
+    return np.arange(n_rows).reshape(n_head, 2, n_rows // n_head // 2).swapaxes(1, 2).reshape(-1)
+
+
+def export_gguf(path: str | Path, out: str | Path, tokenizer_json: str | Path | None = None) -> dict:
+    """Write the packed LLaMA model at `path` as GGUF at `out`; returns how many tensors are Q4_1 and float32."""
+    try:
+        import gguf
+    except ImportError:
+        raise QDistillError("the gguf package is not installed: pip install 'qdistill[export]'") from None
+
+    meta, tensors = read_packed(path)
+    model = load_packed(path)[0]
+    config = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
+    if config.get("model_type") != "llama":
+        raise QDistillError(f"{path} is not a LLaMA-architecture language model (a gpt-* preset or an hf: LLaMA student): GGUF export takes those")
+    dense = model.state_dict()
+    n_layers, n_head = config["num_hidden_layers"], config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads") or n_head
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_context_length(config.get("max_position_embeddings", 2048))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(n_layers)
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // n_head)
+    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_vocab_size(config["vocab_size"])
+    if tokenizer_json is not None:
+        add_tokenizer(writer, Path(tokenizer_json), config["vocab_size"])
+    quantized = {e["name"]: e for e in meta["quantized"]}
+    counts = {"q4_1": 0, "float32": 0}
+    for name, value in dense.items():
+        if name == "lm_head.weight" and config.get("tie_word_embeddings"):
+            continue  # llama.cpp reads the output layer from the embedding when the file has none
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise QDistillError(f"{path}: no GGUF name for {name} (a LLaMA model with extra tensors?)")
+        heads = n_head if name.endswith("q_proj.weight") else n_kv if name.endswith("k_proj.weight") else None
+        rows = rope_rows(value.shape[0], heads) if heads else np.arange(value.shape[0])
+        entry = quantized.get(name)
+        if entry is not None and q4_1_ready(entry):
+            writer.add_tensor(gguf_name, q4_1_blocks(entry, tensors, rows), raw_dtype=gguf.GGMLQuantizationType.Q4_1)  # shape: from the bytes
+            counts["q4_1"] += 1
+        else:
+            writer.add_tensor(gguf_name, value.float().numpy()[rows] if value.dim() == 2 else value.float().numpy())
+            counts["float32"] += 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return counts
+
+
+def add_tokenizer(writer, tokenizer_json: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer.json as llama.cpp's "gpt2" tokenizer: the tokens by id and the merges."""
+    try:
+        model = json.loads(tokenizer_json.read_text())["model"]
+        vocab, merges = model["vocab"], model["merges"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise QDistillError(f"{tokenizer_json} is not a byte-level BPE tokenizer.json (model.vocab and model.merges)") from None
+    tokens = sorted(vocab, key=vocab.get)
+    if len(tokens) != vocab_size:
+        raise QDistillError(f"{tokenizer_json} has {len(tokens)} tokens, the model {vocab_size}: give the model's own tokenizer")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * len(tokens))
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+
+
+def read_gguf_weights(out: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of a GGUF file as float32, dequantized by the gguf package: what a reader of the file sees."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(out))
+    return {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(list(reversed(t.shape.tolist()))) for t in reader.tensors}
+
+
+def gguf_difference(out: str | Path, path: str | Path) -> float:
+    """The largest difference between a weight as the gguf package reads it from `out` and as the packed
+    file at `path` loads (its rows put back in the model's order)."""
+    import gguf
+
+    model = load_packed(path)[0]
+    config = model.config.to_dict()
+    n_head = config["num_attention_heads"]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    read = read_gguf_weights(out)
+    worst = 0.0
+    for name, value in model.state_dict().items():
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name not in read:
+            continue  # the tied output layer
+        heads = n_head if name.endswith("q_proj.weight") else (config.get("num_key_value_heads") or n_head) if name.endswith("k_proj.weight") else None
+        got = read[gguf_name][np.argsort(rope_rows(value.shape[0], heads))] if heads else read[gguf_name]
+        worst = max(worst, float(np.abs(got - value.float().numpy()).max()))
+    return worst

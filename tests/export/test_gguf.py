@@ -1,0 +1,70 @@
+"""Export to GGUF: a LLaMA student's Q4_1-shaped weights (4 bits, row blocks of 32, float16 step and minimum)
+are written as Q4_1 from the file's levels, and the gguf package reads every weight back exactly."""
+
+import json
+
+import pytest
+import torch
+
+import qdistill
+from qdistill.cli import main
+from qdistill.errors import QDistillError
+from qdistill.export.gguf import export_gguf, gguf_difference, rope_rows
+from qdistill.models import build_model, model_spec
+from qdistill.quant import attach
+
+
+def packed_llama(tmp_path, bits=4, **options):
+    torch.manual_seed(0)
+    spec = model_spec("gpt-tiny", num_classes=64)
+    model = build_model(spec)
+    attach(model, qdistill.UniformQuantizer(bits=bits, **options))
+    return qdistill.save_packed(model, spec, tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_q4_1_weights_read_back_exactly(tmp_path, bits):
+    path = packed_llama(tmp_path, bits, bucket=32, groups="row", scale_dtype="float16")
+    counts = export_gguf(path, tmp_path / "m.gguf")
+    # Q4_1: the embedding (the tied head, read by llama.cpp from it) and 12 of the 14 decoder Linear weights; float32:
+    # the 2 down projections (344 inputs: no whole blocks of 32) and the 5 RMSNorm weights
+    assert counts == {"q4_1": 13, "float32": 7}
+    assert gguf_difference(tmp_path / "m.gguf", path) == 0.0
+    assert (tmp_path / "m.gguf").stat().st_size < (tmp_path / "m.safetensors").stat().st_size * 4
+
+
+def test_other_forms_stay_float32_and_still_read_back(tmp_path):
+    path = packed_llama(tmp_path, 4, bucket=32, groups="row")  # float32 minimum and maximum: not Q4_1's float16 d and m
+    assert export_gguf(path, tmp_path / "m.gguf")["q4_1"] == 0
+    assert gguf_difference(tmp_path / "m.gguf", path) == 0.0
+
+
+def test_rope_rows_interleave_each_heads_halves():
+    """llama.cpp's converter permutes query and key rows: per head, row i of the first half, then row i of the second."""
+    assert rope_rows(8, 2).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def test_refuses_a_model_that_is_not_llama(tmp_path):
+    torch.manual_seed(0)
+    spec = model_spec("lstm-tiny", num_classes=64)
+    model = build_model(spec)
+    attach(model, qdistill.UniformQuantizer(bits=4))
+    path = qdistill.save_packed(model, spec, tmp_path / "l.safetensors")
+    with pytest.raises(QDistillError, match="not a LLaMA-architecture"):
+        export_gguf(path, tmp_path / "l.gguf")
+
+
+def test_command_line_gguf_export(tmp_path, capsys):
+    path = packed_llama(tmp_path, 4, bucket=32, groups="row", scale_dtype="float16")
+    vocab = {f"t{i}": i for i in range(64)}
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": ["t 1"]}}))
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(path), str(out), "--format", "gguf", "--tokenizer", str(tmp_path)]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "13 tensors as Q4_1" in said and "within 0.0e+00" in said
+    import gguf
+
+    reader = gguf.GGUFReader(str(out))
+    assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2" and len(reader.fields["tokenizer.ggml.tokens"].contents()) == 64
+    before = out.read_bytes()
+    assert main(["export", str(path), str(out), "--format", "gguf"]) == 2 and "exists" in capsys.readouterr().err and out.read_bytes() == before
