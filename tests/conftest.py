@@ -62,3 +62,23 @@ def toy_mlp(classes=4):
     from torch import nn
 
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, classes))
+
+
+# A dataset hook that arms a kill, then returns `data` (an expression, after `imports`): the process SIGKILLs
+# itself when the metrics log records step $KILL_AT, as a kill from outside would, with nothing flushed or
+# closed. Under torchrun only rank 0 logs, so rank 0 is the one killed.
+KILLING_HOOK = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from qdistill import report
+{imports}
+
+def data():
+    log = report.MetricsLog.__call__
+    def killing(self, record):
+        log(self, record)
+        if record.get("step") == int(os.environ.get("KILL_AT", "-1")) and "loss" in record:
+            os.kill(os.getpid(), signal.SIGKILL)
+    report.MetricsLog.__call__ = killing
+    return {data}
+"""

@@ -6,45 +6,30 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from qdistill.train import distributed
+from tests.conftest import KILLING_HOOK
 
 # The two runs differ only in how the batch's mean gradient is summed (two half-batch means averaged,
 # against one mean), so the shadow weights drift apart by float rounding: after 34 steps the stored
 # levels are the same and the float tensors (scales, biases) agree to TOLERANCE.
 TOLERANCE = 1e-6
 
-# A dataset hook that, on rank 0 (the one that logs), SIGKILLs the process at step KILL_AT, as a kill from
-# outside would, then hands over the toy data: 513 examples, of which the last 30 are the validation split
-# (evaluated each epoch), so the last batch of 30 holds 3, split 2 and 1 (the ranks' losses are weighted
-# by the examples they hold).
-HOOK = """
-import os, signal, sys
-sys.path.insert(0, {root!r})
-from qdistill import report
-from tests.conftest import toy_dataset
-
-def data():
-    log = report.MetricsLog.__call__
-    def killing(self, record):
-        log(self, record)
-        if record.get("step") == int(os.environ.get("KILL_AT", "-1")) and "loss" in record:
-            os.kill(os.getpid(), signal.SIGKILL)
-    report.MetricsLog.__call__ = killing
-    return toy_dataset(n_train=513)
-"""
+# The toy data as a hook that can kill rank 0 at a step (conftest.KILLING_HOOK): 513 examples, of which the
+# last 30 are the validation split (evaluated each epoch), so the last batch of 30 holds 3, split 2 and 1
+# (the ranks' losses are weighted by the examples they hold).
+HOOK_DATA = "toy_dataset(n_train=513)"
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     root = os.getcwd()
-    (tmp / "hook.py").write_text(textwrap.dedent(HOOK.format(root=root)))
+    (tmp / "hook.py").write_text(KILLING_HOOK.format(root=root, imports="from tests.conftest import toy_dataset", data=HOOK_DATA))
     from qdistill.models import save_checkpoint
     from tests.conftest import toy_mlp
 

@@ -13,6 +13,7 @@ import torch
 from qdistill import QDistillError
 from qdistill.cli import main
 from qdistill.train.state import Checkpoint
+from tests.conftest import KILLING_HOOK
 
 # Trains qd+dq (two phases) on the toy data with a checkpoint every 3 steps; with KILL_AT=phase:step it
 # SIGKILLs itself when that step is logged, as a kill from outside would, with nothing flushed or closed.
@@ -110,23 +111,7 @@ def test_cli_resume_continues_a_killed_run(tmp_path):
     """The same run through `qdistill distill`, killed by SIGKILL at a logged step and resumed, packs the same model."""
     root = os.getcwd()
     killer = tmp_path / "killer.py"  # a dataset hook that arms the kill, then returns the toy data
-    killer.write_text(textwrap.dedent(
-        f"""
-        import os, signal, sys
-        sys.path.insert(0, {root!r})
-        from qdistill import report
-        from tests.train.test_resume import toy_hook
-
-        def data():
-            log = report.MetricsLog.__call__
-            def killing(self, record):
-                log(self, record)
-                if record.get("step") == int(os.environ.get("KILL_AT", "-1")) and "loss" in record:
-                    os.kill(os.getpid(), signal.SIGKILL)
-            report.MetricsLog.__call__ = killing
-            return toy_hook()
-        """
-    ))
+    killer.write_text(KILLING_HOOK.format(root=root, imports="from tests.train.test_resume import toy_hook", data="toy_hook()"))
     teacher = tmp_path / "teacher.safetensors"
     from qdistill.models import save_checkpoint
     from tests.conftest import toy_net
