@@ -116,6 +116,31 @@ def summarize(rows: list[dict], split: str) -> list[dict]:
     return sorted(out, key=lambda r: (-r["bits"], order.index(r["method"]) if r["method"] in order else -1))
 
 
+def goals(rows: list[dict], split: str) -> list[str]:
+    """The issue's goals, read from the rows (means over seeds): qd above both ptq rows at every width on
+    each metric; at 4 bits, cosine >= 0.99, neighbour recall@10 >= 0.9, retrieval@1 within 1 point of the teacher's."""
+    def mean(method, bits, key):
+        values = [r[f"{split}_{key}"] for r in rows if r["method"] == method and r["bits"] == bits]
+        return statistics.mean(values) if values else None
+
+    lines = []
+    for bits in sorted({r["bits"] for r in rows if r["method"] == "qd"}, reverse=True):
+        for key, name in (("cos", "cosine"), ("nbr10", "neighbours@10"), ("r1", "retrieval@1")):
+            qd, others = mean("qd", bits, key), [(m, mean(m, bits, key)) for m in ("ptq", "ptq (mse)")]
+            others = [(m, v) for m, v in others if v is not None]
+            if qd is not None and others:
+                met = all(qd > v for _, v in others)
+                lines.append(f"- {bits} bits, {name}: qd {qd:.4f} " + ("above" if met else "not above") + " " + ", ".join(f"{m} {v:.4f}" for m, v in others))
+    teacher_r1, qd4 = mean("teacher", 32, "r1"), {k: mean("qd", 4, k) for k in ("cos", "nbr10", "r1")}
+    if qd4["cos"] is not None:
+        lines.append(f"- 4 bits, cosine >= 0.99: {'met' if qd4['cos'] >= 0.99 else 'not met'} ({qd4['cos']:.4f})")
+        lines.append(f"- 4 bits, neighbours@10 >= 0.9: {'met' if qd4['nbr10'] >= 0.9 else 'not met'} ({qd4['nbr10']:.4f})")
+        if teacher_r1 is not None:
+            gap = 100 * (teacher_r1 - qd4["r1"])
+            lines.append(f"- 4 bits, retrieval@1 within 1 point of the teacher's ({teacher_r1:.4f}): {'met' if gap <= 1 else 'not met'} ({qd4['r1']:.4f}, {gap:+.1f} points)")
+    return lines
+
+
 def markdown(summary: list[dict], setup: str, split: str, tag: str) -> str:
     from qdistill.report import markdown_table
 
@@ -175,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarize(rows, args.split)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"embedding-{args.tag}.json").write_text(json.dumps({"setup": setup, "rows": rows, "summary": summary}, indent=1))
-    md = markdown(summary, setup, args.split, args.tag)
+    md = markdown(summary, setup, args.split, args.tag) + "\n## Goals (means over seeds)\n\n" + "\n".join(goals(rows, args.split)) + "\n"
     (args.out / f"embedding-{args.tag}.md").write_text(md)
     print(md)
 

@@ -504,3 +504,18 @@ def test_inference_job_and_ratios(tmp_path):
     assert done[0]["max_rel_err"] == 0 and 0 < done[1]["max_rel_err"] < 2**-6 and done[2]["max_rel_err"] < 1e-5  # ONNX Runtime: the file's own levels
     assert done[1]["b32_speedup"] == rows[0]["b32_ms"] / rows[1]["b32_ms"] and done[1]["memory_ratio"] == rows[0]["rss_mib"] / rows[1]["rss_mib"]
     assert "| 64 | int4 kernel, 4 bits |" in inference.markdown(done, "setup")
+
+
+def test_embedding_goals_are_read_from_the_rows():
+    embedding = load("embedding")
+
+    def row(method, bits, cos, nbr10, r1, seed=0):
+        return {"method": method, "bits": bits, "seed": seed, "test_cos": cos, "test_nbr10": nbr10, "test_r1": r1}
+
+    rows = [row("teacher", 32, 1.0, 1.0, 0.50), row("ptq", 4, 0.95, 0.80, 0.49), row("ptq (mse)", 4, 0.96, 0.85, 0.50),
+            row("qd", 4, 0.99, 0.92, 0.49), row("qd", 4, 0.995, 0.90, 0.495, seed=1)]
+    lines = embedding.goals(rows, "test")
+    assert "- 4 bits, cosine: qd 0.9925 above ptq 0.9500, ptq (mse) 0.9600" in lines
+    assert any(line.startswith("- 4 bits, retrieval@1: qd 0.4925 not above") for line in lines)
+    assert "- 4 bits, cosine >= 0.99: met (0.9925)" in lines and "- 4 bits, neighbours@10 >= 0.9: met (0.9100)" in lines
+    assert any(line.startswith("- 4 bits, retrieval@1 within 1 point of the teacher's (0.5000): met (0.4925, +0.8 points)") for line in lines)
