@@ -9,10 +9,10 @@ title-to-section retrieval recall@1 and @10, the packed file's size, the sentenc
 model loaded back from it, and the run's peak RSS. Each job (method, bits, seed) runs alone in a fresh
 process and its row and packed file are kept in a work directory at once: a killed run resumes where
 it stopped when the same command is run again, and a run asking for more bits, seeds or methods (the
-rest the same) adds only the jobs not done. Speed is measured apart, once every job is done, each
-packed file in turn on the split's first SPEED_SENTENCES sentences, so the quality runs may share the
-machine with other work (--no-speed) and the timings still come from an idle one. Writes
-bench/results/embedding-<tag>.{json,md}.
+rest the same) adds only the jobs not done. Speed is measured apart, once every job is done: the packed
+file of seed 0 of each row (seeds share the architecture and the layout), in turn, on the split's first
+SPEED_SENTENCES sentences, so the quality runs may share the machine with other work (--no-speed) and
+the timings still come from an idle one. Writes bench/results/embedding-<tag>.{json,md}.
 
     python bench/embedding.py                                                  # the full table (hours on 2 CPU cores)
     python bench/embedding.py --bits 4 2 --seeds 0 --train-sentences 8000 --tag cpu-small
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     for path, row in rows:
         speed = path.with_suffix(".speed.json")
         kept = row["method"] == "teacher" or path.with_suffix(".safetensors").exists()  # rows from before models were kept have no file to time
-        if not args.no_speed and not speed.exists() and kept:
+        if not args.no_speed and not speed.exists() and kept and row["seed"] == 0:  # seeds share the architecture and the file's layout: one is timed
             print(f"speed of {row['method']} {row['bits']} bits, seed {row['seed']}", flush=True)
             model_file = str(path.with_suffix(".safetensors")) if row["method"] != "teacher" else None
             with worker_pool(1) as pool:
