@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -415,6 +416,20 @@ def cmd_export(args) -> None:
         out.print("no tokenizer copied: add --tokenizer DIR (the teacher's directory) for AutoTokenizer to open it too")
 
 
+@contextlib.contextmanager
+def written_in_place(target: Path, overwrite: bool):
+    """A temporary path beside `target`, renamed to it when the block ends without error (else removed):
+    an existing `target` is refused unless `overwrite`, and a failed export leaves it as it was."""
+    if target.exists() and not overwrite:
+        raise QDistillError(f"{target} exists: give another path or --overwrite (nothing was written)")
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        yield tmp
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 ONNX_TOLERANCE = 1e-4  # ONNX Runtime against the packed model, relative to the largest output (measured: 1e-6 and under)
 
 
@@ -424,14 +439,11 @@ def export_onnx_file(args) -> None:
     from qdistill.export.onnx import check_with_onnxruntime, export_onnx, require_onnxruntime, signature
 
     target = Path(args.out_dir)
-    if target.exists() and not args.overwrite:
-        raise QDistillError(f"{target} exists: give another path or --overwrite (nothing was written)")
     require_onnxruntime()
     meta, _ = read_packed(args.file)
     architecture = lambda: build_model(model_spec(args.model)) if args.model else None  # noqa: E731
     sig = signature(meta.get("info", {}).get("task", {}), meta.get("spec") or {}, args.image_size)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
+    with written_in_place(target, args.overwrite) as tmp:
         info = export_onnx(args.file, tmp, sig["sample"], sig["head"], sig["input_names"], sig["output_name"], sig["dynamic"], model=architecture(),
                            trust_code=args.trust_code, accuracy_level=args.accuracy_level)
         dense = load_packed(args.file, model=architecture(), trust_code=args.trust_code)[0]
@@ -441,9 +453,6 @@ def export_onnx_file(args) -> None:
         error = (got - expected).abs().max().item() / max(expected.abs().max().item(), 1e-12)
         if args.accuracy_level == 0 and not error <= ONNX_TOLERANCE:
             raise QDistillError(f"ONNX Runtime's output is {error:.1e} away from the packed model's (more than {ONNX_TOLERANCE:.0e}): not written")
-        tmp.replace(target)
-    finally:
-        tmp.unlink(missing_ok=True)
     out.print(f"ONNX model written to {target} ({info['bytes']:,} bytes; {info['matmul_nbits']} weights as MatMulNBits, {info['float32']} in float32); "
               f"ONNX Runtime's output on a random input is within {error:.1e} of the packed model's (relative to its largest value)")
 
@@ -453,15 +462,9 @@ def export_gguf_file(args) -> None:
     from qdistill.export.gguf import export_gguf, gguf_difference
 
     target = Path(args.out_dir)
-    if target.exists() and not args.overwrite:
-        raise QDistillError(f"{target} exists: give another path or --overwrite (nothing was written)")
     tokenizer = Path(args.tokenizer) / "tokenizer.json" if args.tokenizer and Path(args.tokenizer).is_dir() else args.tokenizer
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
+    with written_in_place(target, args.overwrite) as tmp:
         counts = export_gguf(args.file, tmp, tokenizer)
-        tmp.replace(target)
-    finally:
-        tmp.unlink(missing_ok=True)
     worst = gguf_difference(target, args.file)
     out.print(f"GGUF model written to {target} ({target.stat().st_size:,} bytes; {counts['q4_1']} tensors as Q4_1, {counts['float32']} in float32); "
               f"the gguf package reads every weight back within {worst:.1e} of the packed model's")
