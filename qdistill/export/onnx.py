@@ -120,7 +120,8 @@ def export_onnx(path: str | Path, out: str | Path, sample: tuple[torch.Tensor, .
         module_path, _, name = entry["name"].rpartition(".")
         module = dense.get_submodule(module_path) if module_path else None
         if type(module) is nn.Linear and name == "weight" and entry["name"] not in aliases and nbits_ready(entry):
-            low_bit += _replace(dense, module, NBitsLinear(module, nbits_weights(entry, tensors), accuracy_level))
+            _replace(dense, module, NBitsLinear(module, nbits_weights(entry, tensors), accuracy_level))
+            low_bit += 1
     graph = Exported(dense, head or (lambda m, *inputs: m(*inputs))).eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ zero_point and scale_dtype; a version-1 file has none: the defaults), and a SHA-
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
@@ -322,15 +323,21 @@ def decode_entry(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return Encoded(idx, points, entry["index_bits"], **entry_params(entry, tensors)).decode(entry["shape"], bucket, groups)
 
 
-def load_packed(path: str | Path, model: nn.Module | None = None, trust_code: bool = False, runtime: str = "dense", dense_below: int = 0) -> tuple[nn.Module, dict]:
+def load_packed(
+    path: str | Path, model: nn.Module | None = None, trust_code: bool = False, runtime: str = "dense", dense_below: int = 0, tune_batch: int | None = None
+) -> tuple[nn.Module, dict]:
     """Rebuild a runnable float model whose weights equal the quantized model's, bit for bit.
 
     The architecture is `model` when given (the caller's own), else the file's spec: a qdistill
     preset, rebuilt from data alone, or, only with `trust_code`, a factory the file names.
     `runtime="kernels"` keeps the quantized tensors packed in memory and runs them on low-bit kernels
     where they fit, decoding the others at each call (CPU, float32: `qdistill.export.runtime`); tensors
-    of fewer than `dense_below` values are decoded once instead."""
+    of fewer than `dense_below` values are decoded once instead, and so are the kernel layers whose shape
+    runs faster dense at `tune_batch` rows, timed while loading (more memory for those, less time).
+    Heap memory freed while loading is handed back to the system (`release_freed_memory`)."""
     check_choice("runtime", runtime, RUNTIMES)
+    if tune_batch is not None and (runtime != "kernels" or type(tune_batch) is not int or tune_batch < 1):
+        raise QDistillError(f"tune_batch (--tune-batch) is a number of rows, 1 or more, for the kernels runtime (--runtime kernels); got {tune_batch!r} with runtime {runtime}")
     meta, tensors = read_packed(path)
     if model is None:
         model = build_model(meta.get("spec"), trust_code=trust_code, source=str(path))
@@ -344,14 +351,27 @@ def load_packed(path: str | Path, model: nn.Module | None = None, trust_code: bo
     if runtime == "kernels":
         from qdistill.export.runtime import keep_packed  # imports this module
 
-        dense = keep_packed(model, meta, tensors, dense_below)
+        dense = keep_packed(model, meta, tensors, dense_below, tune_batch)
     state = {e["name"]: decode_entry(e, tensors) for e in dense}
     for e in meta["kept"]:
         state[e["name"]] = tensors[e["blob"]][e["offset"] : e["offset"] + math.prod(e["shape"])].view(e["shape"])
     for alias, name in meta.get("aliases", {}).items():  # tied tensors: loaded twice into one Parameter, same values
         if name in state:  # else kept packed, with its aliases
             state[alias] = state[name]
-    return load_state(model, state, path, f"the model {type(model).__name__}").eval(), meta
+    model = load_state(model, state, path, f"the model {type(model).__name__}").eval()
+    del state, tensors, expected
+    release_freed_memory()
+    return model, meta
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory freed while loading (the file's blobs, decoding's temporaries, the weights the
+    model was built with) back to the system: glibc keeps it resident otherwise, up to twice a kernel
+    model's own memory. Nothing where the C library has no malloc_trim."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
 
 
 def stored_metadata_bytes(path: Path) -> int:

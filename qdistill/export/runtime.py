@@ -5,7 +5,8 @@ Each quantized tensor runs one of three ways (docs/inference.md):
           `Int4Linear`, torch's int4 weight-only CPU kernel (bf16 activations), within a stated tolerance;
   packed  everything else: its bytes as in the file (`PackedTensor`), decoded for each forward call of
           its module, bit for bit the dense loader's weight;
-  dense   tensors of fewer than `dense_below` values: decoded once, as by the dense loader.
+  dense   tensors of fewer than `dense_below` values, and, with `tune_batch`, kernel layers of the shapes
+          that ran faster dense when timed at that batch while loading: decoded once, as by the dense loader.
 The runtime model runs in float32 on the CPU.
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -134,20 +137,18 @@ class PackedTensor(nn.Module):
         setattr(module, name, None)
 
 
-def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> bool:
-    """Put `new` wherever `old` is a child in `model`; False where `old` is the model itself."""
-    found = False
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put `new` wherever `old` is a child in `model`."""
     for parent in model.modules():
         for child_name, child in parent.named_children():
             if child is old:
                 setattr(parent, child_name, new)
-                found = True
-    return found
 
 
-def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], dense_below: int = 0) -> list[dict]:
+def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], dense_below: int = 0, tune_batch: int | None = None) -> list[dict]:
     """Make `model` hold its quantized tensors packed (int4 kernels, else `PackedTensor`); return the entries
-    left to decode dense: those under `dense_below` values, and names the model lacks (the loader reports them).
+    left to decode dense: those under `dense_below` values, the int4-ready layers of shapes that run faster
+    dense at `tune_batch` rows (`dense_is_faster`: more memory, less time), and names the model lacks (the loader reports them).
 
     A tensor tied to other names (an embedding shared with the output layer) is one `PackedTensor` for all."""
     owners = {}
@@ -160,7 +161,12 @@ def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], 
         uses = uses_of[e["name"]]
         if math.prod(e["shape"]) < dense_below or not all(u in params for u in uses):
             dense.append(e)
-        elif not (len(uses) == 1 and to_int4_linear(model, e, tensors)):
+        elif len(uses) == 1 and (linear := int4_linear(model, e)) is not None:
+            if tune_batch and dense_is_faster(tuple(e["shape"]), row_group(e), tune_batch):
+                dense.append(e)
+            else:
+                _replace(model, linear, Int4Linear(linear, e, tensors))
+        else:
             rest.append(e)
     for e in rest:  # after every int4 replacement: a quantized bias is attached to the module that runs it
         store = PackedTensor(e, tensors)
@@ -169,13 +175,36 @@ def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], 
     return dense
 
 
-def to_int4_linear(model: nn.Module, entry: dict, tensors: dict[str, torch.Tensor]) -> bool:
-    """Replace the nn.Linear whose weight `entry` is with an `Int4Linear`, where the kernel takes it."""
+@functools.cache
+def dense_is_faster(shape: tuple[int, int], group: int, batch: int) -> bool:
+    """Whether a dense float32 matmul of this layer shape beats the int4 kernel (as `Int4Linear` runs it) at
+    `batch` rows on this machine: timed once per shape, group and batch; small layers at large batches lose on the kernel."""
+    out, length = shape
+    rows = out + -out % INT4_ROWS
+    kernel_weight = int4_kernel()[0](torch.full((rows, length), 8, dtype=torch.int32), 2)
+    scales_and_zeros = torch.ones(length // group, rows, 2, dtype=torch.bfloat16)
+    x, weight = torch.randn(batch, length), torch.randn(out, length)
+    on_kernel = lambda: int4_kernel()[1](x.bfloat16(), kernel_weight, group, scales_and_zeros)[:, :out].float()  # noqa: E731
+    return median_s(lambda: F.linear(x, weight)) < median_s(on_kernel)
+
+
+def median_s(fn, calls: int = 7) -> float:
+    """The median time of `calls` calls after a warm-up, under inference mode (as a model runs)."""
+    with torch.inference_mode():
+        fn()
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def int4_linear(model: nn.Module, entry: dict) -> nn.Linear | None:
+    """The nn.Linear whose weight `entry` is, where the int4 kernel takes it (not the model itself: not replaceable)."""
     path, _, name = entry["name"].rpartition(".")
     module = model.get_submodule(path)
-    if not (path and type(module) is nn.Linear and name == "weight" and int4_ready(entry)):  # path "": the model itself, not replaceable
-        return False
-    return _replace(model, module, Int4Linear(module, entry, tensors))
+    return module if path and type(module) is nn.Linear and name == "weight" and int4_ready(entry) else None
 
 
 def runtime_of(model: nn.Module) -> dict[str, int]:
