@@ -111,6 +111,8 @@ def add_tokenizer(writer, tokenizer_json: Path, vocab_size: int) -> None:
     tokens = sorted(vocab, key=vocab.get)
     if len(tokens) != vocab_size:
         raise QDistillError(f"{tokenizer_json} has {len(tokens)} tokens, the model {vocab_size}: give the model's own tokenizer")
+    if not merges:
+        raise QDistillError(f"{tokenizer_json} has no merges, and llama.cpp refuses a gpt2 tokenizer without them: give the model's own byte-level BPE tokenizer")
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(tokens)
     writer.add_token_types([1] * len(tokens))

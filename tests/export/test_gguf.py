@@ -68,3 +68,11 @@ def test_command_line_gguf_export(tmp_path, capsys):
     assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2" and len(reader.fields["tokenizer.ggml.tokens"].contents()) == 64
     before = out.read_bytes()
     assert main(["export", str(path), str(out), "--format", "gguf"]) == 2 and "exists" in capsys.readouterr().err and out.read_bytes() == before
+
+
+def test_a_tokenizer_without_merges_is_refused(tmp_path, capsys):
+    """llama.cpp will not load a gpt2 tokenizer without merges (seen with bench/llama_cpp.py): say so at export."""
+    path = packed_llama(tmp_path, 4, bucket=32, groups="row", scale_dtype="float16")
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {f"t{i}": i for i in range(64)}, "merges": []}}))
+    assert main(["export", str(path), str(tmp_path / "m.gguf"), "--format", "gguf", "--tokenizer", str(tmp_path / "tokenizer.json")]) == 2
+    assert "has no merges" in capsys.readouterr().err and not (tmp_path / "m.gguf").exists()
