@@ -519,9 +519,11 @@ def test_embedding_goals_are_read_from_the_rows():
         return {"method": method, "bits": bits, "seed": seed, "test_cos": cos, "test_nbr10": nbr10, "test_r1": r1}
 
     rows = [row("teacher", 32, 1.0, 1.0, 0.50), row("ptq", 4, 0.95, 0.80, 0.49), row("ptq (mse)", 4, 0.96, 0.85, 0.50),
-            row("qd", 4, 0.99, 0.92, 0.49), row("qd", 4, 0.995, 0.90, 0.495, seed=1)]
+            row("qd", 4, 0.99, 0.92, 0.49), row("qd", 4, 0.995, 0.90, 0.495, seed=1), row("qd (mse)", 4, 0.95, 0.85, 0.50)]
     lines = embedding.goals(rows, "test")
     assert "- 4 bits, cosine: qd 0.9925 above ptq 0.9500, ptq (mse) 0.9600" in lines
     assert any(line.startswith("- 4 bits, retrieval@1: qd 0.4925 not above") for line in lines)
-    assert "- 4 bits, cosine >= 0.99: met (0.9925)" in lines and "- 4 bits, neighbours@10 >= 0.9: met (0.9100)" in lines
-    assert any(line.startswith("- 4 bits, retrieval@1 within 1 point of the teacher's (0.5000): met (0.4925, +0.8 points)") for line in lines)
+    assert "- 4 bits, qd, cosine >= 0.99: met (0.9925)" in lines and "- 4 bits, qd, neighbours@10 >= 0.9: met (0.9100)" in lines
+    assert any(line.startswith("- 4 bits, qd, retrieval@1 within 1 point of the teacher's (0.5000): met (0.4925, +0.8 points)") for line in lines)
+    assert "- 4 bits, retrieval@1: qd (mse) 0.5000 level with ptq 0.4900, ptq (mse) 0.5000" in lines  # a tie is not above
+    assert "- 4 bits, cosine: qd (mse) 0.9500 not above ptq 0.9500, ptq (mse) 0.9600" in lines and "- 4 bits, qd (mse), cosine >= 0.99: not met (0.9500)" in lines
