@@ -154,7 +154,7 @@ def read_packed(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
                 raise QDistillError(f"{path}: {len(raw):,} bytes of metadata, more than a packed model has (crafted file?)")
             meta = json.loads(raw)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-            if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") not in READABLE:
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT or type(meta.get("version")) is not int or meta["version"] not in READABLE:
                 found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else type(meta).__name__
                 raise QDistillError(f"{path}: not a {FORMAT} file of version {' or '.join(map(str, READABLE))} (found {found}; a newer qdistill may read it)")
             intact = meta.get("sha256") == _digest({k: v for k, v in meta.items() if k != "sha256"}, tensors)
@@ -206,6 +206,8 @@ def check_layout(meta: dict, tensors: dict[str, torch.Tensor], path) -> None:
         if not (bucket is None or _int(bucket, 1, limit)):
             raise bad(f"{e['name']}: bucket {bucket!r}")
         opts = options(e)
+        if meta["version"] == 1 and any(k in e for k in OPTIONS):
+            raise bad(f"{e['name']}: quantizer options in a version-1 file, which has none")
         if opts["groups"] not in GROUPS or opts["zero_point"] not in ZERO_POINTS or opts["scale_dtype"] not in tuple(SCALE_DTYPES):
             raise bad(f"{e['name']}: unknown quantizer options {opts!r}")
         n_buckets = n_groups(shape, bucket, opts["groups"])

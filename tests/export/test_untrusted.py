@@ -241,6 +241,8 @@ OPTION_EDITS = [  # (name, metadata edit, tensor edit)
     ("zero point offset shifted", lambda m: m["quantized"][1].update(zero_points=m["quantized"][1]["zero_points"] + 1), None),
     ("learned with an integer zero point", lambda m: [e.update(kind="learned", points=0) for e in m["quantized"][:1]], lambda t: t.update(points=torch.zeros(8))),
     ("a version from the future", lambda m: m.update(version=3), None),
+    ("version true", lambda m: m.update(version=True), None),  # True == 1 in Python: not a version
+    ("options in a version-1 file", lambda m: m.update(version=1), None),
 ]
 
 
