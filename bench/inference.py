@@ -6,9 +6,12 @@ For each width (4096 and 1024 by default), a stack of `--layers` Linear layers w
 
   fp32 dense    load_packed(file): today's loader, float32 weights
   bf16 dense    the same weights cast to bfloat16, bfloat16 inputs
-  int4 kernel   load_packed(file, runtime="kernels") at 4 bits, and at 2 bits (the same kernel, 4-bit memory)
-  tuned         the same, with tune_batch=32: the layer shapes that run faster dense at 32 rows are decoded
-  per-call      4 bits in groups of 100, which no kernel takes: decoded to float32 at each call
+  qdistill      load_packed(file, runtime="kernels") at 4 and 2 bits: qdistill's own kernel (float32, codes
+                at their width in memory)
+  torch int4    the same with that kernel left out: torch's int4 kernel (bf16 activations; 2 bits in 4-bit memory)
+  tuned         runtime="kernels", tune_batch=32: each layer shape on whichever of the two kernels and a
+                dense matmul ran fastest at 32 rows while loading
+  per-call      4 bits in groups of 100, which no kernel takes, and 8 bits (no kernel either): decoded to float32 at each call
   onnx runtime  the file exported by `qdistill export --format onnx` (integer zero points: MatMulNBits'
                 fast path) run by ONNX Runtime at 4 and 2 bits, with float activations (accuracy_level 0)
                 and with int8 ones (accuracy_level 4)
@@ -33,6 +36,7 @@ machine. Writes bench/results/inference-<tag>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import json
@@ -42,26 +46,29 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
 
 RESULTS = Path(__file__).parent / "results"
-ROWS = {  # name: (bits, bucket, zero point, runtime, dtype); runtime "kernels@N": tune_batch N; "onnx-N": ONNX Runtime at accuracy_level N
+ROWS = {  # name: (bits, bucket, zero point, runtime, dtype); "kernels": qdistill's kernel where it builds; "kernels-int4": torch's
+    # int4 kernel instead; "kernels@N": tune_batch N; "onnx-N": ONNX Runtime at accuracy_level N
     "fp32 dense": (4, 128, "float", "dense", torch.float32),
     "bf16 dense": (4, 128, "float", "dense", torch.bfloat16),
-    "int4 kernel, 4 bits": (4, 128, "float", "kernels", torch.float32),
-    "int4 kernel, 2 bits": (2, 128, "float", "kernels", torch.float32),
-    "int4 kernel, 4 bits, tuned for batch 32": (4, 128, "float", "kernels@32", torch.float32),
+    "qdistill kernel, 4 bits": (4, 128, "float", "kernels", torch.float32),
+    "qdistill kernel, 2 bits": (2, 128, "float", "kernels", torch.float32),
+    "torch int4 kernel, 4 bits": (4, 128, "float", "kernels-int4", torch.float32),
+    "torch int4 kernel, 2 bits": (2, 128, "float", "kernels-int4", torch.float32),
+    "kernels, 4 bits, tuned for batch 32": (4, 128, "float", "kernels@32", torch.float32),
     "per-call decode, 4 bits": (4, 100, "float", "kernels", torch.float32),
+    "per-call decode, 8 bits": (8, 128, "float", "kernels", torch.float32),
     "onnx runtime, 4 bits": (4, 128, "int", "onnx-0", torch.float32),
     "onnx runtime, 2 bits": (2, 128, "int", "onnx-0", torch.float32),
     "onnx runtime, 4 bits, int8 activations": (4, 128, "int", "onnx-4", torch.float32),
     "onnx runtime, 2 bits, int8 activations": (2, 128, "int", "onnx-4", torch.float32),
 }
-
-
-MODEL_ROWS = ("fp32 dense", "bf16 dense", "int4 kernel, 4 bits", "int4 kernel, 4 bits, tuned for batch 32")
+MODEL_ROWS = ("fp32 dense", "bf16 dense", "qdistill kernel, 4 bits", "torch int4 kernel, 4 bits", "kernels, 4 bits, tuned for batch 32")
 MODELS = ("gpt-tiny", "lstm-tiny", "conv medium", "MiniLM")
 VOCAB, TOKENS, SENTENCE = 8192, 64, 32  # the language models' vocabulary and sequence length; MiniLM's sentence length
 
@@ -155,10 +162,13 @@ def onnx_session(path: str, threads: int):
 def load(path: str, name: str, kind: str, dtype: torch.dtype) -> nn.Module:
     """The file's model as the row loads it: the stack is the caller's architecture, the others the file's spec."""
     from qdistill import load_packed
+    from qdistill.export import runtime as kernels
 
     model = build(name)[0] if name.startswith("stack-") else None
     runtime, _, batch = kind.partition("@")
-    return load_packed(path, model=model, runtime=runtime, tune_batch=int(batch) if batch else None)[0].to(dtype)
+    without_ours = mock.patch.object(kernels, "lowbit_ready", lambda entry: False) if runtime == "kernels-int4" else contextlib.nullcontext()
+    with without_ours:
+        return load_packed(path, model=model, runtime=runtime.removesuffix("-int4"), tune_batch=int(batch) if batch else None)[0].to(dtype)
 
 
 def dense_output(path: Path, name: str) -> list[float]:
@@ -192,6 +202,7 @@ def idle_job(threads: int) -> dict:
 def run_job(row: str, path: str, name: str, threads: int, reps: int, budget_s: float) -> dict:
     """Load the file as `row` says, then its memory, latency at batch 1 and 32, and its output on the fixed input."""
     torch.set_num_threads(threads)
+    from qdistill.export import lowbit
     from qdistill.export.packed import release_freed_memory
     from qdistill.export.runtime import runtime_of
 
@@ -200,6 +211,7 @@ def run_job(row: str, path: str, name: str, threads: int, reps: int, budget_s: f
         importlib.import_module("onnxruntime")  # its import is not the model's memory
     else:
         build(name)  # once, unmeasured: the imports and one-time set-up that building the architecture brings (transformers)
+        lowbit.library()  # and the kernel's build or load
     gc.collect()
     release_freed_memory()
     before = anonymous_mib()

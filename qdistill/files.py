@@ -11,6 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 
+def cache_dir() -> Path:
+    """Where qdistill keeps what it makes once and reuses: data, teachers, cached targets, compiled kernels."""
+    return Path(os.environ.get("QDISTILL_CACHE", Path.home() / ".cache" / "qdistill"))
+
+
 def current_umask() -> int:
     """Read where Linux shows it; elsewhere set and restored at once (a thread creating a file in
     between would get mode 0666, so /proc is preferred)."""

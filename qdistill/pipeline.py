@@ -18,16 +18,13 @@ from torch import nn
 from qdistill.data import Dataset
 from qdistill.errors import Diverged, QDistillError
 from qdistill.export import inspect_packed, load_packed, save_packed
+from qdistill.files import cache_dir
 from qdistill.models import build_model, load_checkpoint, model_spec, save_checkpoint
 from qdistill.report import MetricsLog
 from qdistill.tasks import Task, as_task
 from qdistill.train import TrainConfig, distributed, train
 from qdistill.train.config import SPEED_ONLY
 from qdistill.ui import map_with_progress
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("QDISTILL_CACHE", Path.home() / ".cache" / "qdistill"))
 
 
 def new_run_dir(path: str | Path | None, prefix: str) -> Path:

@@ -496,18 +496,21 @@ def test_inference_job_and_ratios(tmp_path):
     path, lm = tmp_path / "m.safetensors", tmp_path / "lm.safetensors"
     inference.write_file(path, "stack-64-2", 4, 32, "int")
     onnx_path = inference.write_onnx(path, "stack-64-2", 0)
-    rows = [inference.run_job(row, str(path), "stack-64-2", torch.get_num_threads(), 2, 1.0) for row in ("fp32 dense", "int4 kernel, 4 bits")]
+    rows = [inference.run_job(row, str(path), "stack-64-2", torch.get_num_threads(), 2, 1.0) for row in ("fp32 dense", "torch int4 kernel, 4 bits")]
     rows.append(inference.run_job("onnx runtime, 4 bits", str(onnx_path), "stack-64-2", torch.get_num_threads(), 2, 1.0))
-    assert (rows[0]["int4"], rows[1]["int4"]) == (0, 2)
+    assert (rows[0]["int4"], rows[1]["int4"], rows[1]["lowbit"]) == (0, 2, 0)
+    from qdistill.export import runtime
+
+    assert runtime.lowbit_ready.__name__ == "lowbit_ready"  # the row's switch is undone
     reference = inference.dense_output(path, "stack-64-2")
     done = inference.with_ratios(rows, {"rss_mib": 1.0}, [reference, reference, reference])
     assert done[0]["max_rel_err"] == 0 and 0 < done[1]["max_rel_err"] < 2**-6 and done[2]["max_rel_err"] < 1e-5  # ONNX Runtime: the file's own levels
     assert done[1]["b32_speedup"] == rows[0]["b32_ms"] / rows[1]["b32_ms"] and done[1]["memory_ratio"] == rows[0]["held_mib"] / rows[1]["held_mib"]
     assert done[1]["of_file"] == rows[1]["held_mib"] / (path.stat().st_size / 2**20) and done[1]["mib"] == rows[1]["rss_mib"] - 1
-    assert "| stack-64-2 | int4 kernel, 4 bits |" in inference.markdown(done, "setup")
+    assert "| stack-64-2 | torch int4 kernel, 4 bits |" in inference.markdown(done, "setup")
     inference.write_file(lm, "gpt-tiny", 4, 128, "float")
-    tuned = inference.run_job("int4 kernel, 4 bits, tuned for batch 32", str(lm), "gpt-tiny", torch.get_num_threads(), 2, 1.0)
-    assert tuned["int4"] + tuned["packed"] > 0 and len(tuned["output"]) == inference.VOCAB * inference.TOKENS
+    tuned = inference.run_job("kernels, 4 bits, tuned for batch 32", str(lm), "gpt-tiny", torch.get_num_threads(), 2, 1.0)
+    assert tuned["packed"] > 0 and len(tuned["output"]) == inference.VOCAB * inference.TOKENS
     got, want = torch.tensor(tuned["output"]), torch.tensor(inference.dense_output(lm, "gpt-tiny"))
     assert (got - want).abs().max() <= 2**-6 * want.abs().max()
 

@@ -1,8 +1,11 @@
 """The low-bit inference runtime (`load_packed(path, runtime="kernels")`): quantized weights stay packed in memory.
 
-Each quantized tensor runs one of three ways (docs/inference.md):
-  int4    an nn.Linear whose groups tile its rows, in groups of 32 to 256, at 1 to 4 bits: replaced by
-          `Int4Linear`, torch's int4 weight-only CPU kernel (bf16 activations), within a stated tolerance;
+Each quantized tensor runs one of four ways (docs/inference.md):
+  lowbit  an nn.Linear at 1 to 4 bits whose groups tile its rows (2-bit codes: groups of 32k; 4-bit:
+          16k): `LowBitLinear`, qdistill's own kernel (`lowbit`, float32, codes at 2 or 4 bits in memory),
+          within float rounding of the dense layer, where that kernel builds on this machine;
+  int4    else such a layer in groups of 32 to 256: `Int4Linear`, torch's int4 weight-only CPU kernel
+          (bf16 activations), within a stated tolerance;
   packed  everything else: its bytes as in the file (`PackedTensor`), decoded for each forward call of
           its module, bit for bit the dense loader's weight;
   dense   tensors of fewer than `dense_below` values, and, with `tune_batch`, kernel layers of the shapes
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qdistill.export import lowbit
 from qdistill.export.packed import decode_entry, entry_indices, entry_params, entry_spans, options
 from qdistill.quant.base import row_group_size
 
@@ -104,6 +108,52 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def lowbit_ready(entry: dict) -> bool:
+    """Whether qdistill's own kernel can run this tensor (as the weight of an nn.Linear)."""
+    if entry["kind"] != "uniform" or entry["index_bits"] > 4 or len(entry["shape"]) != 2 or row_group(entry) is None:
+        return False
+    return lowbit.fits(entry["shape"][1], row_group(entry), entry["index_bits"]) and lowbit.library() is not None
+
+
+def lowbit_weights(entry: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel's codes and each group's scale and offset (w = code * scale + offset, float32, [out, groups]):
+    the file's step and minimum, -zero point * step, or a range's (max - min) / (2**b - 1) and minimum."""
+    out, length = entry["shape"]
+    bits, group = entry["index_bits"], row_group(entry)
+    p = entry_params(entry, tensors)
+    scale = p["step"] if "step" in p else (p["hi"] - p["lo"]) / (2**bits - 1)
+    offset = -p["zero"] * scale if "zero" in p else p["lo"]
+    codes = lowbit.pack_codes(entry_indices(entry, tensors).view(out, length), bits, group)
+    return codes, scale.view(out, length // group).contiguous(), offset.view(out, length // group).contiguous()
+
+
+class LowBitLinear(nn.Module):
+    """An nn.Linear whose weight stays as its 2- or 4-bit codes in memory (1- and 3-bit levels in the next
+    width), multiplied by qdistill's own kernel in float32 (`lowbit`), the bias added in the input's dtype."""
+
+    def __init__(self, linear: nn.Linear, entry: dict, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bits, self.group = entry["index_bits"], row_group(entry)
+        codes, scale, offset = lowbit_weights(entry, tensors)
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("scale", as_bits(scale), persistent=False)
+        self.register_buffer("offset", as_bits(offset), persistent=False)
+        self.register_parameter("bias", linear.bias)  # a kept tensor: loaded with the others
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group={self.group}, bias={self.bias is not None}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float()
+        y = lowbit.matmul(flat, self.codes, self.bits, self.group, self.scale.view(torch.float32), self.offset.view(torch.float32))
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+KERNELS = {"lowbit": LowBitLinear, "int4": Int4Linear}
+
+
 class PackedTensor(nn.Module):
     """One quantized tensor as the file stores it (bit-packed indices, group values in their own dtype);
     calling it decodes it exactly as the dense loader does (`decode_entry`)."""
@@ -146,9 +196,9 @@ def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
 
 
 def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], dense_below: int = 0, tune_batch: int | None = None) -> list[dict]:
-    """Make `model` hold its quantized tensors packed (int4 kernels, else `PackedTensor`); return the entries
-    left to decode dense: those under `dense_below` values, the int4-ready layers of shapes that run faster
-    dense at `tune_batch` rows (`dense_is_faster`: more memory, less time), and names the model lacks (the loader reports them).
+    """Make `model` hold its quantized tensors packed (low-bit kernels, else `PackedTensor`); return the entries
+    left to decode dense: those under `dense_below` values, the kernel-ready layers of shapes that run faster
+    dense at `tune_batch` rows (`fastest`: more memory, less time), and names the model lacks (the loader reports them).
 
     A tensor tied to other names (an embedding shared with the output layer) is one `PackedTensor` for all."""
     owners = {}
@@ -161,11 +211,13 @@ def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], 
         uses = uses_of[e["name"]]
         if math.prod(e["shape"]) < dense_below or not all(u in params for u in uses):
             dense.append(e)
-        elif len(uses) == 1 and (linear := int4_linear(model, e)) is not None:
-            if tune_batch and dense_is_faster(tuple(e["shape"]), row_group(e), tune_batch):
+        elif len(uses) == 1 and (linear := kernel_linear(model, e)) is not None:
+            ways = tuple(k for k, ready in (("lowbit", lowbit_ready), ("int4", int4_ready)) if ready(e))
+            way = fastest(tuple(e["shape"]), row_group(e), e["index_bits"], tune_batch, ways) if tune_batch else ways[0]
+            if way == "dense":
                 dense.append(e)
             else:
-                _replace(model, linear, Int4Linear(linear, e, tensors))
+                _replace(model, linear, KERNELS[way](linear, e, tensors))
         else:
             rest.append(e)
     for e in rest:  # after every int4 replacement: a quantized bias is attached to the module that runs it
@@ -176,16 +228,22 @@ def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], 
 
 
 @functools.cache
-def dense_is_faster(shape: tuple[int, int], group: int, batch: int) -> bool:
-    """Whether a dense float32 matmul of this layer shape beats the int4 kernel (as `Int4Linear` runs it) at
-    `batch` rows on this machine: timed once per shape, group and batch; small layers at large batches lose on the kernel."""
+def fastest(shape: tuple[int, int], group: int, bits: int, batch: int, ways: tuple[str, ...]) -> str:
+    """The fastest of the kernels `ways` and a dense float32 matmul ("dense") for this layer shape at `batch`
+    rows on this machine, timed once per shape, group, width and batch on random weights (small layers at
+    large batches can lose on a kernel)."""
     out, length = shape
-    rows = out + -out % INT4_ROWS
-    kernel_weight = int4_kernel()[0](torch.full((rows, length), 8, dtype=torch.int32), 2)
-    scales_and_zeros = torch.ones(length // group, rows, 2, dtype=torch.bfloat16)
-    x, weight = torch.randn(batch, length), torch.randn(out, length)
-    on_kernel = lambda: int4_kernel()[1](x.bfloat16(), kernel_weight, group, scales_and_zeros)[:, :out].float()  # noqa: E731
-    return median_s(lambda: F.linear(x, weight)) < median_s(on_kernel)
+    x = torch.randn(batch, length)
+    runs = {"dense": functools.partial(F.linear, x, torch.randn(out, length))}
+    if "lowbit" in ways:
+        codes = lowbit.pack_codes(torch.randint(0, 2**bits, (out, length)), bits, group)
+        runs["lowbit"] = functools.partial(lowbit.matmul, x, codes, bits, group, torch.rand(out, length // group), torch.rand(out, length // group))
+    if "int4" in ways:
+        rows = out + -out % INT4_ROWS
+        kernel_weight = int4_kernel()[0](torch.full((rows, length), 8, dtype=torch.int32), 2)
+        scales_and_zeros = torch.ones(length // group, rows, 2, dtype=torch.bfloat16)
+        runs["int4"] = lambda: int4_kernel()[1](x.bfloat16(), kernel_weight, group, scales_and_zeros)[:, :out].float()
+    return min(runs, key=lambda way: median_s(runs[way]))
 
 
 def median_s(fn, calls: int = 7) -> float:
@@ -200,14 +258,14 @@ def median_s(fn, calls: int = 7) -> float:
     return statistics.median(times)
 
 
-def int4_linear(model: nn.Module, entry: dict) -> nn.Linear | None:
-    """The nn.Linear whose weight `entry` is, where the int4 kernel takes it (not the model itself: not replaceable)."""
+def kernel_linear(model: nn.Module, entry: dict) -> nn.Linear | None:
+    """The nn.Linear whose weight `entry` is, where a kernel takes it (not the model itself: not replaceable)."""
     path, _, name = entry["name"].rpartition(".")
     module = model.get_submodule(path)
-    return module if path and type(module) is nn.Linear and name == "weight" and int4_ready(entry) else None
+    return module if path and type(module) is nn.Linear and name == "weight" and (lowbit_ready(entry) or int4_ready(entry)) else None
 
 
 def runtime_of(model: nn.Module) -> dict[str, int]:
-    """How many quantized tensors run each way: int4 (kernel) and packed (decoded per call)."""
+    """How many quantized tensors run each way: on qdistill's kernel (lowbit), on torch's (int4), and packed (decoded per call)."""
     kinds = [type(m) for m in model.modules()]
-    return {"int4": kinds.count(Int4Linear), "packed": kinds.count(PackedTensor)}
+    return {"lowbit": kinds.count(LowBitLinear), "int4": kinds.count(Int4Linear), "packed": kinds.count(PackedTensor)}

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 from qdistill import LearnedPointsQuantizer, QDistillError, UniformQuantizer, attach, load_packed, save_packed
 from qdistill.cli import main
-from qdistill.export import runtime
+from qdistill.export import lowbit, runtime
 from qdistill.export.packed import entry_spans, read_packed
 from qdistill.export.runtime import Int4Linear, runtime_of
 from qdistill.models import build_model, model_spec
@@ -39,6 +39,23 @@ class Mlp(nn.Sequential):
         super().__init__(nn.Linear(sizes[0], sizes[1]), nn.ReLU(), nn.Linear(sizes[1], sizes[2]))
 
 
+@pytest.fixture(autouse=True)
+def kernel_way(request, monkeypatch):
+    """Tests run torch's int4 kernel unless parametrized with way="lowbit" (qdistill's own kernel, skipped
+    where it does not build): the two kernels' layers are tested apart."""
+    way = request.node.callspec.params.get("way", "int4") if hasattr(request.node, "callspec") else "int4"
+    if way == "int4":
+        monkeypatch.setattr(runtime, "lowbit_ready", lambda entry: False)
+    elif lowbit.library() is None:
+        pytest.skip("qdistill's low-bit kernel does not build here (x86-64 with AVX2 and a C compiler)")
+    return way
+
+
+def counts(way: str, kernel: int, packed: int) -> dict[str, int]:
+    """runtime_of's answer with `kernel` layers on `way`."""
+    return {"lowbit": 0, "int4": 0, way: kernel, "packed": packed}
+
+
 def packed_mlp(tmp_path, quantizer, sizes=(256, 40, 64)):
     torch.manual_seed(0)
     model = Mlp(sizes)
@@ -59,7 +76,7 @@ def test_kernel_layer_within_tolerance_of_dense(tmp_path, bits, form):
     this test's read-out), outputs within 2**-5 * sum |x| * that, and in practice 2**-6 of the largest output."""
     path = packed_mlp(tmp_path, UniformQuantizer(bits, 32, groups="row", **FORMS[form]))
     dense, kernels = load_packed(path, model=Mlp())[0], load_packed(path, model=Mlp(), runtime="kernels")[0]
-    assert runtime_of(kernels) == {"int4": 1, "packed": 1}
+    assert runtime_of(kernels) == {"lowbit": 0, "int4": 1, "packed": 1}
     layer, weight = kernels[0], dense[0].weight.detach()
     assert isinstance(layer, Int4Linear)
     g = group_max(weight, 32)
@@ -104,7 +121,7 @@ def test_packed_fallback_is_exact(tmp_path, name):
     attach(model, QUANTIZERS[name])
     path = save_packed(model.eval(), model_spec("tiny"), tmp_path / "m.safetensors")
     dense, kernels = load_packed(path)[0], load_packed(path, runtime="kernels")[0]
-    assert runtime_of(kernels) == {"int4": 0, "packed": 6}
+    assert runtime_of(kernels) == {"lowbit": 0, "int4": 0, "packed": 6}
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(kernels(x), dense(x))
@@ -120,7 +137,7 @@ def test_lstm_and_tied_embedding_fallback_is_exact(tmp_path):
     attach(model, UniformQuantizer(4, 128, groups="row", scale_dtype="bfloat16"))
     path = save_packed(model.eval(), spec, tmp_path / "m.safetensors")
     dense, kernels = load_packed(path)[0], load_packed(path, runtime="kernels")[0]
-    assert runtime_of(kernels) == {"int4": 0, "packed": 3}  # the embedding (and head), two LSTM matrices
+    assert runtime_of(kernels) == {"lowbit": 0, "int4": 0, "packed": 3}  # the embedding (and head), two LSTM matrices
     assert kernels.embedding.weight_packed is kernels.head.weight_packed
     ids = torch.randint(0, 97, (3, 11))
     with torch.no_grad():
@@ -136,7 +153,7 @@ def test_kernel_model_holds_no_float_copy(tmp_path):
         meta, tensors = read_packed(path)
         in_file = sum(span * tensors[blob].element_size() for e in meta["quantized"] for _, blob, span in entry_spans(e) if span)
         model = load_packed(path, model=Mlp(sizes), runtime="kernels")[0]
-        assert runtime_of(model) == {"int4": int4, "packed": 2 - int4}
+        assert runtime_of(model) == {"lowbit": 0, "int4": int4, "packed": 2 - int4}
         held = [t for t in [*model.parameters(), *model.buffers()] if t is not model[0].bias and t is not model[2].bias]
         assert sum(t.numel() * t.element_size() for t in held) <= 1.2 * in_file
         assert not [t for t in held if t.is_floating_point() and t.numel() >= 96 * 256]
@@ -151,7 +168,7 @@ def test_without_a_working_kernel_everything_falls_back(tmp_path, monkeypatch, o
     try:
         path = packed_mlp(tmp_path, UniformQuantizer(4, 32, groups="row", scale_dtype="bfloat16"))
         dense, kernels = load_packed(path, model=Mlp())[0], load_packed(path, model=Mlp(), runtime="kernels")[0]
-        assert runtime.int4_kernel() is None and runtime_of(kernels) == {"int4": 0, "packed": 2}
+        assert runtime.int4_kernel() is None and runtime_of(kernels) == {"lowbit": 0, "int4": 0, "packed": 2}
         x = torch.randn(5, 256)
         with torch.no_grad():
             assert torch.equal(kernels(x), dense(x))
@@ -171,21 +188,23 @@ def test_dtype_casts_leave_the_packed_data_alone(tmp_path):
         assert torch.equal(model.float()(x), before)
 
 
-def test_runtime_model_pickles(tmp_path):
-    """Worker processes receive models pickled: both kinds of layers survive it."""
+@pytest.mark.parametrize("way", ["int4", "lowbit"])
+def test_runtime_model_pickles(tmp_path, way):
+    """Worker processes receive models pickled: every kind of layer survives it."""
     path = packed_mlp(tmp_path, UniformQuantizer(4, 32, groups="row", scale_dtype="bfloat16"))
     model = load_packed(path, model=Mlp(), runtime="kernels")[0]
     copy = pickle.loads(pickle.dumps(model))
-    assert runtime_of(copy) == {"int4": 1, "packed": 1}
+    assert runtime_of(copy) == counts(way, 1, 1)
     x = torch.randn(5, 256)
     with torch.no_grad():
         assert torch.equal(copy(x), model(x))
 
 
-def test_dense_below_decodes_small_tensors_once(tmp_path):
+@pytest.mark.parametrize("way", ["int4", "lowbit"])
+def test_dense_below_decodes_small_tensors_once(tmp_path, way):
     path = packed_mlp(tmp_path, UniformQuantizer(4, 32, groups="row", scale_dtype="bfloat16"))
     model = load_packed(path, model=Mlp(), runtime="kernels", dense_below=40 * 64 + 1)[0]
-    assert runtime_of(model) == {"int4": 1, "packed": 0} and model[2].weight.dtype == torch.float32
+    assert runtime_of(model) == counts(way, 1, 0) and model[2].weight.dtype == torch.float32
     assert torch.equal(model[2].weight, load_packed(path, model=Mlp())[0][2].weight)
 
 
@@ -226,13 +245,14 @@ def test_a_quantized_bias_stored_before_its_weight_runs_with_the_int4_layer(tmp_
     path = save_packed(model.eval(), SPEC, tmp_path / "m.safetensors")
     assert [e["name"] for e in read_packed(path)[0]["quantized"]][0] == "0.bias"
     dense, kernels = load_packed(path, model=Mlp())[0], load_packed(path, model=Mlp(), runtime="kernels")[0]
-    assert runtime_of(kernels) == {"int4": 1, "packed": 1}
+    assert runtime_of(kernels) == {"lowbit": 0, "int4": 1, "packed": 1}
     x = torch.randn(4, 256)
     with torch.no_grad():
         assert (kernels[0](x) - dense[0](x)).abs().max() < 0.1  # the bias (about 5) is there
 
 
-def test_classifier_accuracy_on_kernels_within_0_05_of_dense(tmp_path, capsys):
+@pytest.mark.parametrize("way", ["int4", "lowbit"])
+def test_classifier_accuracy_on_kernels_within_0_05_of_dense(tmp_path, capsys, way):
     """A trained 4-bit student (qat, kernel-ready options): the same accuracy on the int4 runtime, through
     the Python API and `qdistill eval --runtime kernels`."""
     data, spec = toy_dataset(), model_spec("tiny", num_classes=4)
@@ -241,7 +261,7 @@ def test_classifier_accuracy_on_kernels_within_0_05_of_dense(tmp_path, capsys):
     result = train(build_model(spec), data, cfg, quiet=True)
     path = save_packed(result.model, spec, tmp_path / "m.safetensors")
     dense, kernels = load_packed(path)[0], load_packed(path, runtime="kernels")[0]
-    assert runtime_of(kernels) == {"int4": 2, "packed": 4}  # both Linear layers (288 -> 32, 32 -> 4: padded rows)
+    assert runtime_of(kernels) == counts(way, 2, 4)  # both Linear layers (288 -> 32, 32 -> 4: int4 pads the rows)
     acc = as_task(data).evaluate(dense, "test")["acc"]
     assert acc > 60 and abs(as_task(data).evaluate(kernels, "test")["acc"] - acc) <= 0.05
     with torch.no_grad():  # and the logits, which an accuracy of 100 % hardly constrains (measured: 0.6 %)
@@ -267,7 +287,8 @@ def test_cli_runtime_kernels_needs_a_packed_file(tmp_path, capsys):
     assert "missing.safetensors does not exist" in capsys.readouterr().err
 
 
-def test_language_model_perplexity_on_kernels_within_0_05_of_dense(tmp_path):
+@pytest.mark.parametrize("way", ["int4", "lowbit"])
+def test_language_model_perplexity_on_kernels_within_0_05_of_dense(tmp_path, way):
     """gpt-tiny at 4 bits: attention and MLP projections on the kernel (344 outputs padded to 352), the
     down projections (344 inputs: no group size tiles them) and the tied embedding decoded per call."""
     pytest.importorskip("transformers")
@@ -277,32 +298,66 @@ def test_language_model_perplexity_on_kernels_within_0_05_of_dense(tmp_path):
     result = train(build_model(spec), task, cfg, quiet=True)
     path = save_packed(result.model, spec, tmp_path / "m.safetensors")
     dense, kernels = load_packed(path)[0], load_packed(path, runtime="kernels")[0]
-    assert runtime_of(kernels) == {"int4": 12, "packed": 3}
+    assert runtime_of(kernels) == counts(way, 12, 3)
     ppl = task.evaluate(dense, "test")["ppl"]
     assert ppl < 5 and abs(task.evaluate(kernels, "test")["ppl"] - ppl) <= 0.05  # uniform: 11
     ids = next(iter(task.ordered_batches("test", 64)))["x"]
     with torch.no_grad():  # the logits too: a kernel off by a step moves them by 3 %, the perplexity by less than 0.05
         want, got = dense(ids).logits, kernels(ids).logits
-    assert (got - want).abs().max() <= 2**-6 * want.abs().max()  # measured: 0.2 %
+    assert (got - want).abs().max() <= (2**-6 if way == "int4" else 1e-5) * want.abs().max()  # measured: 0.2 % on int4
 
 
+@pytest.mark.parametrize("way", ["int4", "lowbit"])
 @pytest.mark.parametrize("dense_wins", [True, False])
-def test_tune_batch_runs_dense_the_shapes_that_are_faster_dense(tmp_path, monkeypatch, dense_wins):
+def test_tune_batch_runs_dense_the_shapes_that_are_faster_dense(tmp_path, monkeypatch, dense_wins, way):
     path = packed_mlp(tmp_path, UniformQuantizer(4, 32, groups="row", scale_dtype="bfloat16"))
     asked = []
-    monkeypatch.setattr(runtime, "dense_is_faster", lambda shape, group, batch: asked.append((shape, group, batch)) or dense_wins)
+    monkeypatch.setattr(runtime, "fastest", lambda shape, group, bits, batch, ways: asked.append((shape, group, bits, batch, ways)) or ("dense" if dense_wins else ways[0]))
     model = load_packed(path, model=Mlp(), runtime="kernels", tune_batch=32)[0]
-    assert asked == [((40, 256), 32, 32)]  # the one int4-ready layer; the other is packed whatever the timing
-    assert runtime_of(model) == {"int4": 0 if dense_wins else 1, "packed": 1}
+    ways = ("lowbit", "int4") if way == "lowbit" else ("int4",)
+    assert asked == [((40, 256), 32, 4, 32, ways)]  # the one kernel-ready layer; the other is packed whatever the timing
+    assert runtime_of(model) == counts(way, 0 if dense_wins else 1, 1)
     if dense_wins:
         assert torch.equal(model[0].weight, load_packed(path, model=Mlp())[0][0].weight)
 
 
-def test_dense_is_faster_times_the_shape_on_this_machine():
-    runtime.dense_is_faster.cache_clear()
-    assert runtime.dense_is_faster((40, 256), 32, 4) in (True, False) and runtime.dense_is_faster.cache_info().misses == 1
-    runtime.dense_is_faster((40, 256), 32, 4)
-    assert runtime.dense_is_faster.cache_info().hits == 1  # once per shape, group and batch
+@pytest.mark.parametrize("way", ["lowbit"])
+def test_fastest_times_each_way_once_per_shape(way):
+    runtime.fastest.cache_clear()
+    assert runtime.fastest((40, 256), 32, 4, 4, ("lowbit", "int4")) in ("lowbit", "int4", "dense") and runtime.fastest.cache_info().misses == 1
+    runtime.fastest((40, 256), 32, 4, 4, ("lowbit", "int4"))
+    assert runtime.fastest.cache_info().hits == 1  # once per shape, group, width, batch and set of kernels
+
+
+@pytest.mark.parametrize("way", ["lowbit"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("bits, group", [(4, 32), (3, 64), (2, 32), (1, 64)])
+def test_lowbit_layer_within_float_rounding_of_dense(tmp_path, bits, group, form, way):
+    """qdistill's kernel computes in float32 from the file's own steps and offsets: outputs within 1e-5 of the
+    largest (rounding only, in any order of summation), at every batch size (8 input rows at a time, then one),
+    with codes held at 2 or 4 bits."""
+    path = packed_mlp(tmp_path, UniformQuantizer(bits, group, groups="row", **FORMS[form]))
+    dense, kernels = load_packed(path, model=Mlp())[0], load_packed(path, model=Mlp(), runtime="kernels")[0]
+    layer = kernels[0]
+    assert isinstance(layer, runtime.LowBitLinear) and layer.codes.numel() == 40 * 256 * lowbit.kernel_bits(bits) // 8
+    for rows in (1, 8, 13):
+        x = torch.randn(rows, 256)
+        with torch.no_grad():
+            want, got = dense[0](x), layer(x)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("way", ["lowbit"])
+def test_without_a_compiler_the_int4_kernel_runs(tmp_path, monkeypatch, way):
+    monkeypatch.setattr(lowbit.shutil, "which", lambda name: None)
+    lowbit.library.cache_clear()
+    try:
+        path = packed_mlp(tmp_path, UniformQuantizer(4, 32, groups="row", scale_dtype="bfloat16"))
+        assert lowbit.library() is None and runtime_of(load_packed(path, model=Mlp(), runtime="kernels")[0]) == counts("int4", 1, 1)
+    finally:
+        monkeypatch.undo()
+        lowbit.library.cache_clear()
+    assert lowbit.library() is not None
 
 
 @pytest.mark.parametrize("tune_batch, kind", [(0, "kernels"), (2.5, "kernels"), (8, "dense")])
@@ -343,3 +398,14 @@ def test_kernel_model_is_resident_at_about_its_packed_size(tmp_path):
 
     run = subprocess.run([sys.executable, "-c", RESIDENT, str(tmp_path / "m.safetensors")], capture_output=True, text=True, check=True)
     assert float(run.stdout) <= 1.5
+
+
+def test_lowbit_kernel_builds_and_agrees_where_it_can():
+    """On an x86-64 CPU with AVX2 and FMA and a C compiler (this machine and CI), the kernel must build and
+    pass its self-check: a broken kernel would otherwise only make the lowbit tests skip."""
+    import platform
+    import shutil
+
+    if platform.machine() != "x86_64" or not {"avx2", "fma"} <= lowbit.cpu_flags() or shutil.which("cc") is None:
+        pytest.skip("needs x86-64 with AVX2 and FMA, and a C compiler")
+    assert lowbit.library() is not None

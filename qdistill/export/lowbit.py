@@ -1,0 +1,105 @@
+"""qdistill's own 2- and 4-bit matmul for x86-64 CPUs with AVX2 and FMA (`lowbit.c`): compiled with the
+system's C compiler at first use into the cache (`QDISTILL_CACHE`/kernels, keyed by the source, the flags
+and the CPU), checked on a small case, and loaded with ctypes. Where any of that cannot be done
+(`library()` is None) the runtime uses torch's int4 kernel instead. The source is qdistill's own: nothing
+from a model file is compiled or loaded."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from qdistill.files import cache_dir
+
+SOURCE = Path(__file__).with_name("lowbit.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+ARGS = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+@functools.cache
+def library():
+    """The compiled `lowbit_linear` (a ctypes function), or None: not an x86-64 CPU with AVX2 and FMA, no C
+    compiler, or a build or a self-check that failed."""
+    flags = cpu_flags()
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= flags or compiler is None:
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + tuple(sorted(flags))).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"lowbit-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        if subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True).returncode:
+            partial.unlink(missing_ok=True)
+            return None
+        os.replace(partial, target)  # whole or absent, also with other processes compiling at once
+    try:
+        fn = ctypes.CDLL(str(target)).lowbit_linear
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = ARGS, None
+    return fn if _agrees(fn) else None
+
+
+def kernel_bits(bits: int) -> int:
+    """The code width a b-bit level is held in: 1 and 2 bits as 2, 3 and 4 bits as 4 (same level, same step)."""
+    return 2 if bits <= 2 else 4
+
+
+def fits(length: int, group: int, bits: int) -> bool:
+    """Whether rows of `length` inputs in groups of `group` run on the kernel: whole groups, 8-byte planes."""
+    return bits <= 4 and length % group == 0 and group % (64 // kernel_bits(bits)) == 0
+
+
+def pack_codes(codes: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """[out, in] levels as the kernel reads them: per group, byte i holds code i of each plane, lowest bits first."""
+    out, length = codes.shape
+    b = kernel_bits(bits)
+    planes = codes.to(torch.uint8).view(out, length // group, 8 // b, group * b // 8)
+    packed = torch.zeros(out, length // group, group * b // 8, dtype=torch.uint8)
+    for j in range(8 // b):
+        packed |= planes[:, :, j] << (b * j)
+    return packed.view(out, -1)
+
+
+def matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] float32 times the weights code * scale + offset ([out, in / group] each) transposed: [rows, out]."""
+    x = x.contiguous()
+    rows, length = x.shape
+    y = torch.empty(rows, codes.shape[0])
+    if rows:
+        library()(x.data_ptr(), rows, length, codes.data_ptr(), codes.shape[0], kernel_bits(bits), group, scale.data_ptr(), offset.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+def _agrees(fn) -> bool:
+    """The built kernel against float32 arithmetic on a small case of each width, 1 and 9 input rows."""
+    g = torch.Generator().manual_seed(0)
+    for bits, group in ((2, 32), (4, 16)):
+        codes = torch.randint(0, 2**bits, (5, 64), generator=g)
+        scale, offset = torch.rand(5, 64 // group, generator=g), torch.randn(5, 64 // group, generator=g)
+        weight = (codes.view(5, -1, group) * scale[..., None] + offset[..., None]).view(5, 64)
+        for rows in (1, 9):
+            x = torch.randn(rows, 64, generator=g)
+            y = torch.empty(rows, 5)
+            packed = pack_codes(codes, bits, group)
+            fn(x.data_ptr(), rows, 64, packed.data_ptr(), 5, bits, group, scale.data_ptr(), offset.data_ptr(), y.data_ptr(), 1)
+            if not torch.allclose(y, x @ weight.T, rtol=1e-4, atol=1e-4):
+                return False
+    return True
