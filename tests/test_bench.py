@@ -505,7 +505,7 @@ def test_inference_job_and_ratios(tmp_path):
     reference = inference.dense_output(path, "stack-64-2")
     done = inference.with_ratios(rows, {"rss_mib": 1.0}, [reference, reference, reference])
     assert done[0]["max_rel_err"] == 0 and 0 < done[1]["max_rel_err"] < 2**-6 and done[2]["max_rel_err"] < 1e-5  # ONNX Runtime: the file's own levels
-    assert done[1]["b32_speedup"] == rows[0]["b32_ms"] / rows[1]["b32_ms"] and done[1]["memory_ratio"] == rows[0]["held_mib"] / rows[1]["held_mib"]
+    assert done[1]["b32_speedup"] == rows[0]["b32_ms"] / rows[1]["b32_ms"] and done[1]["memory_ratio"] == (rows[0]["held_mib"] / rows[1]["held_mib"] if rows[1]["held_mib"] > 0 else None)  # in-process: freed memory may be reused
     assert done[1]["of_file"] == rows[1]["held_mib"] / (path.stat().st_size / 2**20) and done[1]["mib"] == rows[1]["rss_mib"] - 1
     assert "| stack-64-2 | torch int4 kernel, 4 bits |" in inference.markdown(done, "setup")
     inference.write_file(lm, "gpt-tiny", 4, 128, "float")
