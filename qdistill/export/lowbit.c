@@ -9,7 +9,6 @@
    each group's codes are widened once per 8 rows. Compiled at first use by qdistill.export.lowbit. */
 #include <immintrin.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 static inline float hsum(__m256 v) {
     __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -51,18 +50,12 @@ static inline __attribute__((always_inline)) void dot_rows(const float *restrict
     for (int r = 0; r < R; r++) out[r] = hsum(total[r]) + shift[r];
 }
 
-/* x [B, K] float32, codes [N, K * bits / 8], scale and offset [N, K / group] float32, y [B, N] float32.
-   Needs bits 2 or 4, K a multiple of group, and group * bits / 8 a multiple of 8. */
+/* x [B, K] float32, codes [N, K * bits / 8], scale and offset [N, K / group] float32, xsum [B, K / group]
+   float32 (each group's sum of x), y [B, N] float32. Needs bits 2 or 4, K a multiple of group, and
+   group * bits / 8 a multiple of 8. */
 void lowbit_linear(const float *restrict x, int B, int K, const uint8_t *restrict codes, int N, int bits, int group,
-                   const float *restrict scale, const float *restrict offset, float *restrict y, int threads) {
+                   const float *restrict scale, const float *restrict offset, const float *restrict xsum, float *restrict y, int threads) {
     int groups = K / group, seg = group * bits / 8;
-    float *xsum = malloc(sizeof(float) * (size_t)B * groups);
-    for (int b = 0; b < B; b++)
-        for (int g = 0; g < groups; g++) {
-            float s = 0;
-            for (int k = 0; k < group; k++) s += x[(long)b * K + (long)g * group + k];
-            xsum[(long)b * groups + g] = s;
-        }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int n = 0; n < N; n++) {
         const uint8_t *row = codes + (long)n * groups * seg;
@@ -80,5 +73,4 @@ void lowbit_linear(const float *restrict x, int B, int K, const uint8_t *restric
             y[(long)b * N + n] = out[0];
         }
     }
-    free(xsum);
 }

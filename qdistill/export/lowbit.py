@@ -13,6 +13,8 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -21,7 +23,8 @@ from qdistill.files import cache_dir
 
 SOURCE = Path(__file__).with_name("lowbit.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-ARGS = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+ARGS = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
+BUILDING = threading.Lock()
 
 
 def cpu_flags() -> set[str]:
@@ -35,24 +38,29 @@ def cpu_flags() -> set[str]:
 @functools.cache
 def library():
     """The compiled `lowbit_linear` (a ctypes function), or None: not an x86-64 CPU with AVX2 and FMA, no C
-    compiler, or a build or a self-check that failed."""
+    compiler, a cache that cannot be written, or a build or a self-check that failed."""
     flags = cpu_flags()
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= flags or compiler is None:
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + tuple(sorted(flags))).encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS, *sorted(flags))).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"lowbit-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-        if subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True).returncode:
-            partial.unlink(missing_ok=True)
+    with BUILDING:
+        try:
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".partial")
+                os.close(fd)
+                if subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True).returncode:
+                    os.unlink(partial)
+                    return None
+                os.replace(partial, target)  # whole or absent, also with other processes building at once
+            mode = target.stat()
+            if mode.st_uid != os.getuid() or mode.st_mode & 0o022:  # a library someone else could have put there
+                return None
+            fn = ctypes.CDLL(str(target)).lowbit_linear
+        except (OSError, AttributeError):
             return None
-        os.replace(partial, target)  # whole or absent, also with other processes compiling at once
-    try:
-        fn = ctypes.CDLL(str(target)).lowbit_linear
-    except (OSError, AttributeError):
-        return None
     fn.argtypes, fn.restype = ARGS, None
     return fn if _agrees(fn) else None
 
@@ -78,13 +86,28 @@ def pack_codes(codes: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     return packed.view(out, -1)
 
 
+def unpack_codes(packed: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """`pack_codes` undone: the [out, in] levels, for the decoding path."""
+    out = packed.shape[0]
+    b = kernel_bits(bits)
+    planes = packed.view(out, -1, 1, group * b // 8) >> (b * torch.arange(8 // b, dtype=torch.uint8)).view(1, 1, -1, 1)
+    return (planes & (2**b - 1)).view(out, -1)
+
+
 def matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """x [rows, in] float32 times the weights code * scale + offset ([out, in / group] each) transposed: [rows, out]."""
-    x = x.contiguous()
+    """x [rows, in] times the weights code * scale + offset ([out, in / group] each, float32) transposed, in
+    float32: [rows, out]. On the kernel where it is built; else (a model pickled to a process without it)
+    the weights are decoded for the call."""
+    x = x.to(torch.float32).contiguous()
     rows, length = x.shape
-    y = torch.empty(rows, codes.shape[0])
+    fn = library()
+    if fn is None:
+        weight = unpack_codes(codes, bits, group).view(codes.shape[0], -1, group) * scale[..., None] + offset[..., None]
+        return x @ weight.view(codes.shape[0], length).T
+    y = torch.empty(rows, codes.shape[0], dtype=torch.float32)
     if rows:
-        library()(x.data_ptr(), rows, length, codes.data_ptr(), codes.shape[0], kernel_bits(bits), group, scale.data_ptr(), offset.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        xsum = x.view(rows, length // group, group).sum(-1)
+        fn(x.data_ptr(), rows, length, codes.data_ptr(), codes.shape[0], kernel_bits(bits), group, scale.data_ptr(), offset.data_ptr(), xsum.data_ptr(), y.data_ptr(), torch.get_num_threads())
     return y
 
 
@@ -93,13 +116,13 @@ def _agrees(fn) -> bool:
     g = torch.Generator().manual_seed(0)
     for bits, group in ((2, 32), (4, 16)):
         codes = torch.randint(0, 2**bits, (5, 64), generator=g)
-        scale, offset = torch.rand(5, 64 // group, generator=g), torch.randn(5, 64 // group, generator=g)
+        scale, offset = torch.rand(5, 64 // group, generator=g, dtype=torch.float32), torch.randn(5, 64 // group, generator=g, dtype=torch.float32)
         weight = (codes.view(5, -1, group) * scale[..., None] + offset[..., None]).view(5, 64)
         for rows in (1, 9):
-            x = torch.randn(rows, 64, generator=g)
-            y = torch.empty(rows, 5)
-            packed = pack_codes(codes, bits, group)
-            fn(x.data_ptr(), rows, 64, packed.data_ptr(), 5, bits, group, scale.data_ptr(), offset.data_ptr(), y.data_ptr(), 1)
+            x = torch.randn(rows, 64, generator=g, dtype=torch.float32)
+            y = torch.empty(rows, 5, dtype=torch.float32)
+            packed, xsum = pack_codes(codes, bits, group), x.view(rows, -1, group).sum(-1)
+            fn(x.data_ptr(), rows, 64, packed.data_ptr(), 5, bits, group, scale.data_ptr(), offset.data_ptr(), xsum.data_ptr(), y.data_ptr(), 1)
             if not torch.allclose(y, x @ weight.T, rtol=1e-4, atol=1e-4):
                 return False
     return True

@@ -354,6 +354,7 @@ def load_packed(
         from qdistill.export.runtime import keep_packed  # imports this module
 
         dense = keep_packed(model, meta, tensors, dense_below, tune_batch)
+        model.requires_grad_(False)  # an inference model: plain calls need no torch.no_grad()
     state = {e["name"]: decode_entry(e, tensors) for e in dense}
     for e in meta["kept"]:
         state[e["name"]] = tensors[e["blob"]][e["offset"] : e["offset"] + math.prod(e["shape"])].view(e["shape"])

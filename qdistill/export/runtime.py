@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qdistill.errors import QDistillError
 from qdistill.export import lowbit
 from qdistill.export.packed import decode_entry, entry_indices, entry_params, entry_spans, options
 from qdistill.quant.base import row_group_size
@@ -145,6 +146,8 @@ class LowBitLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group={self.group}, bias={self.bias is not None}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+            raise QDistillError("the kernels runtime runs inference on the CPU: keep the model on the CPU, under torch.no_grad(), or load it dense to train or move it")
         flat = x.reshape(-1, self.in_features).float()
         y = lowbit.matmul(flat, self.codes, self.bits, self.group, self.scale.view(torch.float32), self.offset.view(torch.float32))
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -237,7 +240,8 @@ def fastest(shape: tuple[int, int], group: int, bits: int, batch: int, ways: tup
     runs = {"dense": functools.partial(F.linear, x, torch.randn(out, length))}
     if "lowbit" in ways:
         codes = lowbit.pack_codes(torch.randint(0, 2**bits, (out, length)), bits, group)
-        runs["lowbit"] = functools.partial(lowbit.matmul, x, codes, bits, group, torch.rand(out, length // group), torch.rand(out, length // group))
+        scale, offset = torch.rand(out, length // group, dtype=torch.float32), torch.rand(out, length // group, dtype=torch.float32)
+        runs["lowbit"] = functools.partial(lowbit.matmul, x, codes, bits, group, scale, offset)
     if "int4" in ways:
         rows = out + -out % INT4_ROWS
         kernel_weight = int4_kernel()[0](torch.full((rows, length), 8, dtype=torch.int32), 2)

@@ -409,3 +409,18 @@ def test_lowbit_kernel_builds_and_agrees_where_it_can():
     if platform.machine() != "x86_64" or not {"avx2", "fma"} <= lowbit.cpu_flags() or shutil.which("cc") is None:
         pytest.skip("needs x86-64 with AVX2 and FMA, and a C compiler")
     assert lowbit.library() is not None
+
+
+@pytest.mark.parametrize("way", ["lowbit"])
+def test_lowbit_layer_without_its_library_decodes_and_refuses_what_it_cannot_run(tmp_path, monkeypatch, way):
+    """A model pickled to a process where the kernel does not build decodes the codes for each call (same
+    result); a strided input is fine; an input that needs gradients is refused (inference only)."""
+    path = packed_mlp(tmp_path, UniformQuantizer(2, 32, groups="row", scale_dtype="bfloat16"))
+    model = load_packed(path, model=Mlp(), runtime="kernels")[0]
+    x = torch.randn(13, 512)[:, ::2]  # not contiguous
+    want = model(x)  # no torch.no_grad(): the runtime model's parameters do not require gradients
+    assert not want.requires_grad and torch.allclose(want, load_packed(path, model=Mlp())[0](x).detach(), rtol=0, atol=1e-5 * want.abs().max().item())
+    monkeypatch.setattr(lowbit, "library", lambda: None)
+    assert torch.allclose(pickle.loads(pickle.dumps(model))(x), want, rtol=0, atol=1e-5 * want.abs().max().item())
+    with pytest.raises(QDistillError, match="runs inference on the CPU"):
+        model(x.requires_grad_())
