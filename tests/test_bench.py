@@ -463,6 +463,9 @@ def test_embedding_table_smoke_and_resume(tmp_path, monkeypatch):
     assert all(r["sentences_per_s"] > 0 for r in saved["rows"])
     monkeypatch.setattr(embedding, "sentences_per_s", lambda *a: pytest.fail("measured a finished job's speed again"))
     embedding.main(args)
+    embedding.main(args + ["--bits", "4", "2", "--methods", "ptq", "qd (mse)", "--done-only"])  # runs nothing: tabulates what was done
+    saved = json.loads((tmp_path / "out" / "embedding-t.json").read_text())
+    assert [(r["method"], r["bits"]) for r in saved["rows"]] == [("teacher", 32), ("ptq", 4)]
     ran = []  # more bits, the rest the same: only the new jobs run
     monkeypatch.setattr(embedding, "run_job", lambda method, bits, seed, *a: ran.append((method, bits)) or {**rows[method], "bits": bits})
     embedding.main([*args[:args.index("--bits") + 2], "2", *args[args.index("--bits") + 2:], "--no-speed"])
