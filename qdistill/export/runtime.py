@@ -223,7 +223,7 @@ def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], 
                 _replace(model, linear, KERNELS[way](linear, e, tensors))
         else:
             rest.append(e)
-    for e in rest:  # after every int4 replacement: a quantized bias is attached to the module that runs it
+    for e in rest:  # after every kernel replacement: a quantized bias is attached to the module that runs it
         store = PackedTensor(e, tensors)
         for use in uses_of[e["name"]]:
             store.attach(model.get_submodule(use.rpartition(".")[0]), use.rpartition(".")[2])
