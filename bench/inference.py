@@ -116,20 +116,13 @@ def first_tensor(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out[0]
 
 
-def anonymous_mib() -> float:
-    """The process's own resident data (RssAnon, Linux): RSS less the pages of mapped files and libraries."""
+def status_mib(key: str) -> float:
+    """A memory line of /proc/self/status (Linux), now: VmRSS (resident) or RssAnon (the process's own data:
+    RSS less the pages of mapped files and libraries)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no RssAnon in /proc/self/status")
-
-
-def rss_mib() -> float:
-    """Resident memory now (not the peak): VmRSS from /proc (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
 def write_file(path: Path, name: str, bits: int, bucket: int, zero_point: str) -> None:
@@ -196,7 +189,7 @@ def idle_job(threads: int) -> dict:
 
     gc.collect()
     release_freed_memory()
-    return {"row": "idle", "rss_mib": rss_mib(), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"row": "idle", "rss_mib": status_mib("VmRSS"), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def run_job(row: str, path: str, name: str, threads: int, reps: int, budget_s: float) -> dict:
@@ -214,7 +207,7 @@ def run_job(row: str, path: str, name: str, threads: int, reps: int, budget_s: f
         lowbit.library()  # and the kernel's build or load
     gc.collect()
     release_freed_memory()
-    before = anonymous_mib()
+    before = status_mib("RssAnon")
     start = time.perf_counter()
     if kind.startswith("onnx"):
         session, model = onnx_session(path, threads)
@@ -224,7 +217,7 @@ def run_job(row: str, path: str, name: str, threads: int, reps: int, budget_s: f
         counts = runtime_of(model)
     load_s = time.perf_counter() - start
     gc.collect()
-    out = {"row": row, "model": name, "load_s": load_s, "rss_mib": rss_mib(), "held_mib": anonymous_mib() - before, "file_mib": Path(path).stat().st_size / 2**20, **counts}
+    out = {"row": row, "model": name, "load_s": load_s, "rss_mib": status_mib("VmRSS"), "held_mib": status_mib("RssAnon") - before, "file_mib": Path(path).stat().st_size / 2**20, **counts}
     cast = lambda batch: tuple(t.to(dtype) if t.is_floating_point() else t for t in batch)  # noqa: E731
     with torch.inference_mode():
         for batch in (1, 32):
@@ -296,12 +289,11 @@ def main(argv: list[str] | None = None) -> None:
         for name, row_names in tables:
             files = {}
             for row in row_names:
-                bits, bucket, zero, kind, _ = ROWS[row]
-                path = files.get((bits, bucket, zero)) or Path(tmp) / f"{name}-b{bits}-g{bucket}-{zero}.safetensors".replace(" ", "-")
-                if (bits, bucket, zero) not in files:
-                    write_file(path, name, bits, bucket, zero)
-                    files[bits, bucket, zero] = path
-                runs.append((row, path, name))
+                layout = ROWS[row][:3]  # bits, bucket, zero point: one file per layout
+                if layout not in files:
+                    files[layout] = Path(tmp) / f"{name}-b{layout[0]}-g{layout[1]}-{layout[2]}.safetensors".replace(" ", "-")
+                    write_file(files[layout], name, *layout)
+                runs.append((row, files[layout], name))
         references = [dense_output(path, name) for _, path, name in runs]  # each row against its own packed file, loaded dense
         runs = [(row, write_onnx(path, name, int(ROWS[row][3][5:])) if ROWS[row][3].startswith("onnx") else path, name) for row, path, name in runs]
         jobs = [(idle_job, threads)] + [(run_job, row, str(path), name, threads, args.reps, args.budget) for row, path, name in runs]

@@ -57,7 +57,7 @@ def byte_level_bpe(vocab: int, path: Path) -> Path:
     return path
 
 
-def check(layout: str, seed: int, vocab: int, length: int, work: Path) -> dict:
+def check(layout: str, seed: int, vocab: int, length: int, tokenizer: Path, work: Path) -> dict:
     import qdistill
     from qdistill.export.gguf import export_gguf
     from qdistill.models import build_model, model_spec
@@ -67,7 +67,7 @@ def check(layout: str, seed: int, vocab: int, length: int, work: Path) -> dict:
     model = build_model(spec)
     qdistill.attach(model, qdistill.UniformQuantizer(4, **LAYOUTS[layout]))
     path = qdistill.save_packed(model, spec, work / f"{layout}-{seed}.safetensors")
-    counts = export_gguf(path, work / f"{layout}-{seed}.gguf", byte_level_bpe(vocab, work / "tokenizer.json"))
+    counts = export_gguf(path, work / f"{layout}-{seed}.gguf", tokenizer)
     tokens = torch.randint(vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
     with torch.no_grad():
         out = qdistill.load_packed(path)[0](torch.tensor([tokens]))
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     from qdistill.report import markdown_table
 
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [check(layout, seed, args.vocab, args.length, Path(tmp)) for layout in LAYOUTS for seed in args.seeds]
+        tokenizer = byte_level_bpe(args.vocab, Path(tmp) / "tokenizer.json")
+        rows = [check(layout, seed, args.vocab, args.length, tokenizer, Path(tmp)) for layout in LAYOUTS for seed in args.seeds]
     for r in rows:
         print(json.dumps(r))
     version = json.loads((HERE / "llama_cpp" / "node_modules" / "node-llama-cpp" / "package.json").read_text())["version"]

@@ -104,10 +104,16 @@ def matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: t
     if fn is None:
         weight = unpack_codes(codes, bits, group).view(codes.shape[0], -1, group) * scale[..., None] + offset[..., None]
         return x @ weight.view(codes.shape[0], length).T
+    return run(fn, x, codes, bits, group, scale, offset, torch.get_num_threads())
+
+
+def run(fn, x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, threads: int) -> torch.Tensor:
+    """One call of the compiled `fn` on contiguous float32 `x` (the group sums of x computed here)."""
+    rows, length = x.shape
     y = torch.empty(rows, codes.shape[0], dtype=torch.float32)
     if rows:
         xsum = x.view(rows, length // group, group).sum(-1)
-        fn(x.data_ptr(), rows, length, codes.data_ptr(), codes.shape[0], kernel_bits(bits), group, scale.data_ptr(), offset.data_ptr(), xsum.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        fn(x.data_ptr(), rows, length, codes.data_ptr(), codes.shape[0], kernel_bits(bits), group, scale.data_ptr(), offset.data_ptr(), xsum.data_ptr(), y.data_ptr(), threads)
     return y
 
 
@@ -120,9 +126,6 @@ def _agrees(fn) -> bool:
         weight = (codes.view(5, -1, group) * scale[..., None] + offset[..., None]).view(5, 64)
         for rows in (1, 9):
             x = torch.randn(rows, 64, generator=g, dtype=torch.float32)
-            y = torch.empty(rows, 5, dtype=torch.float32)
-            packed, xsum = pack_codes(codes, bits, group), x.view(rows, -1, group).sum(-1)
-            fn(x.data_ptr(), rows, 64, packed.data_ptr(), 5, bits, group, scale.data_ptr(), offset.data_ptr(), xsum.data_ptr(), y.data_ptr(), 1)
-            if not torch.allclose(y, x @ weight.T, rtol=1e-4, atol=1e-4):
+            if not torch.allclose(run(fn, x, pack_codes(codes, bits, group), bits, group, scale, offset, 1), x @ weight.T, rtol=1e-4, atol=1e-4):
                 return False
     return True

@@ -334,8 +334,9 @@ def load_packed(
     preset, rebuilt from data alone, or, only with `trust_code`, a factory the file names.
     `runtime="kernels"` keeps the quantized tensors packed in memory and runs them on low-bit kernels
     where they fit, decoding the others at each call (CPU, float32: `qdistill.export.runtime`); tensors
-    of fewer than `dense_below` values are decoded once instead, and so are the kernel layers whose shape
-    runs faster dense at `tune_batch` rows, timed while loading (more memory for those, less time).
+    of fewer than `dense_below` values are decoded once instead. With `tune_batch`, each kernel layer's
+    shape is timed at that many rows while loading and runs the fastest way: on a kernel, or decoded once
+    (more memory for those, less time).
     Heap memory freed while loading is handed back to the system (`release_freed_memory`)."""
     check_choice("runtime", runtime, RUNTIMES)
     if tune_batch is not None and (runtime != "kernels" or type(tune_batch) is not int or tune_batch < 1):

@@ -214,8 +214,7 @@ def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], 
         uses = uses_of[e["name"]]
         if math.prod(e["shape"]) < dense_below or not all(u in params for u in uses):
             dense.append(e)
-        elif len(uses) == 1 and (linear := kernel_linear(model, e)) is not None:
-            ways = tuple(k for k, ready in (("lowbit", lowbit_ready), ("int4", int4_ready)) if ready(e))
+        elif len(uses) == 1 and (linear := linear_of(model, e)) is not None and (ways := tuple(k for k, ready in (("lowbit", lowbit_ready), ("int4", int4_ready)) if ready(e))):
             way = fastest(tuple(e["shape"]), row_group(e), e["index_bits"], tune_batch, ways) if tune_batch else ways[0]
             if way == "dense":
                 dense.append(e)
@@ -262,11 +261,11 @@ def median_s(fn, calls: int = 7) -> float:
     return statistics.median(times)
 
 
-def kernel_linear(model: nn.Module, entry: dict) -> nn.Linear | None:
-    """The nn.Linear whose weight `entry` is, where a kernel takes it (not the model itself: not replaceable)."""
+def linear_of(model: nn.Module, entry: dict) -> nn.Linear | None:
+    """The nn.Linear whose weight `entry` is (not the model itself: not replaceable), else None."""
     path, _, name = entry["name"].rpartition(".")
     module = model.get_submodule(path)
-    return module if path and type(module) is nn.Linear and name == "weight" and (lowbit_ready(entry) or int4_ready(entry)) else None
+    return module if path and type(module) is nn.Linear and name == "weight" else None
 
 
 def runtime_of(model: nn.Module) -> dict[str, int]:
