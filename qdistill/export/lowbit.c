@@ -1,14 +1,33 @@
 /* qdistill's own low-bit matmul for the CPU (AVX2 and FMA): y = x W^T with W held as 2- or 4-bit codes.
 
-   W[n, k] = code[n, k] * scale[n, g] + offset[n, g], g = k / group. Each group of `group` codes takes
-   group * bits / 8 bytes; byte i of a group holds code i of each of its 8 / bits planes, lowest bits
-   first (plane j: the group's weights j * group * bits / 8 + i). A plane is 8 consecutive weights per 8
-   bytes read, so codes widen to float32 lanes with one shift and one mask. Per group, the sum of code * x
-   is accumulated in float32, multiplied by the scale, and offset * sum(x) is added: no weight is ever
-   written out. Output rows are shared among `threads` OpenMP threads; input rows go 8 at a time, so
-   each group's codes are widened once per 8 rows. Compiled at first use by qdistill.export.lowbit. */
+   W[n, k] = code[n, k] * scale[n, g] + offset[n, g], g = k / group. Output rows go in panels of 8, one
+   per float32 lane: for each k, a panel's 8 codes take `bits` bytes, lane l in byte l * bits / 8 from bit
+   (l * bits) % 8 up. One 32-bit broadcast, a per-lane shift and a mask widen them to a vector (2-bit
+   codes: two k at once). Scales and offsets are [panel, group, 8].
+
+   A few input rows (B < BATCH_ROWS): per row and group, the sums of code * x are accumulated, multiplied
+   by the scale, and offset * sum(x) is added; no weight is written out. More rows: two panels' weights
+   are decoded to float32 a block of k at a time in a small buffer, then multiplied with up to 6 input
+   rows at once from registers. Panels are shared among `threads` OpenMP threads. Compiled at first use
+   by qdistill.export.lowbit. */
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
+
+#define BATCH_ROWS 4 /* from this many input rows on, weights are decoded to a buffer first */
+#define PANELS 4     /* panels read at once for a few rows */
+#define BLOCK 256    /* k per decoded block */
+#define TILE 6       /* input rows per register tile */
+
+static inline __m256i broadcast32(const uint8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+static inline __m256 widen(__m256i c, __m256i shifts, __m256i mask) {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(c, shifts), mask));
+}
 
 static inline float hsum(__m256 v) {
     __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -17,60 +36,144 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(a);
 }
 
-/* R input rows (1 or 8) against one output row; bits and R are constants once inlined. */
-static inline __attribute__((always_inline)) void dot_rows(const float *restrict x, long K, const uint8_t *restrict codes, int groups, int seg,
-                                                           const int bits, const int R, const float *restrict scale,
-                                                           const float *restrict offset, const float *restrict xsum, float *out) {
-    const int planes = 8 / bits;
+/* One input row against P panels starting at `codes` (panel stride K * bits bytes): 8 * P outputs. */
+static inline __attribute__((always_inline)) void row_panels(const float *restrict x, int K, const uint8_t *restrict codes, const int bits, int group,
+                                                             const int P, const float *restrict scale, const float *restrict offset,
+                                                             const float *restrict xsum, float *restrict y) {
+    const int groups = K / group;
     const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
-    __m256 total[8];
-    float shift[8];
-    for (int r = 0; r < R; r++) {
-        total[r] = _mm256_setzero_ps();
-        shift[r] = 0;
-    }
+    const __m256i lo = bits == 4 ? _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28) : _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m256i hi = _mm256_add_epi32(lo, _mm256_set1_epi32(16));
+    __m256 total[PANELS];
+    for (int p = 0; p < P; p++) total[p] = _mm256_setzero_ps();
     for (int g = 0; g < groups; g++) {
-        __m256 acc[8];
-        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-        const uint8_t *cg = codes + (long)g * seg;
-        const float *xg = x + (long)g * seg * planes;
-        for (int i = 0; i < seg; i += 8) {
-            __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(cg + i)));
-            for (int j = 0; j < planes; j++) {
-                __m256 w = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, bits * j), mask));
-                for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xg + r * K + j * seg + i), acc[r]);
+        __m256 even[PANELS], odd[PANELS];
+        for (int p = 0; p < P; p++) even[p] = odd[p] = _mm256_setzero_ps();
+        for (int k = g * group; k < (g + 1) * group; k += 2) {
+            __m256 x0 = _mm256_set1_ps(x[k]), x1 = _mm256_set1_ps(x[k + 1]);
+            for (int p = 0; p < P; p++) {
+                const uint8_t *c = codes + ((long)p * K + k) * bits;
+                if (bits == 4) {
+                    even[p] = _mm256_fmadd_ps(widen(broadcast32(c), lo, mask), x0, even[p]);
+                    odd[p] = _mm256_fmadd_ps(widen(broadcast32(c + 4), lo, mask), x1, odd[p]);
+                } else {
+                    __m256i both = broadcast32(c);
+                    even[p] = _mm256_fmadd_ps(widen(both, lo, mask), x0, even[p]);
+                    odd[p] = _mm256_fmadd_ps(widen(both, hi, mask), x1, odd[p]);
+                }
             }
         }
-        __m256 s = _mm256_set1_ps(scale[g]);
-        for (int r = 0; r < R; r++) {
-            total[r] = _mm256_fmadd_ps(s, acc[r], total[r]);
-            shift[r] += offset[g] * xsum[(long)r * groups + g];
+        __m256 xs = _mm256_set1_ps(xsum[g]);
+        for (int p = 0; p < P; p++) {
+            const long at = ((long)p * groups + g) * 8;
+            total[p] = _mm256_fmadd_ps(_mm256_loadu_ps(scale + at), _mm256_add_ps(even[p], odd[p]), total[p]);
+            total[p] = _mm256_fmadd_ps(_mm256_loadu_ps(offset + at), xs, total[p]);
         }
     }
-    for (int r = 0; r < R; r++) out[r] = hsum(total[r]) + shift[r];
+    for (int p = 0; p < P; p++) _mm256_storeu_ps(y + 8 * p, total[p]);
 }
 
-/* x [B, K] float32, codes [N, K * bits / 8], scale and offset [N, K / group] float32, xsum [B, K / group]
-   float32 (each group's sum of x), y [B, N] float32. Needs bits 2 or 4, K a multiple of group, and
-   group * bits / 8 a multiple of 8. */
+/* Two panels' weights for k in [k0, k0 + n) as float32, [k][16], into `w`. */
+static inline __attribute__((always_inline)) void decode_pair(const uint8_t *restrict codes, int K, const int bits, int group, const float *restrict scale,
+                                                              const float *restrict offset, int k0, int n, float *restrict w) {
+    const int groups = K / group;
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+    const __m256i lo = bits == 4 ? _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28) : _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m256i hi = _mm256_add_epi32(lo, _mm256_set1_epi32(16));
+    for (int p = 0; p < 2; p++) {
+        const uint8_t *c = codes + (long)p * K * bits;
+        for (int k = k0; k < k0 + n; k += 2) {
+            const long at = ((long)p * groups + k / group) * 8;
+            __m256 s = _mm256_loadu_ps(scale + at), o = _mm256_loadu_ps(offset + at);
+            __m256 q0, q1;
+            if (bits == 4) {
+                q0 = widen(broadcast32(c + (long)k * 4), lo, mask);
+                q1 = widen(broadcast32(c + (long)k * 4 + 4), lo, mask);
+            } else {
+                __m256i both = broadcast32(c + (long)k * 2);
+                q0 = widen(both, lo, mask);
+                q1 = widen(both, hi, mask);
+            }
+            _mm256_store_ps(w + (k - k0) * 16 + 8 * p, _mm256_fmadd_ps(q0, s, o));
+            _mm256_store_ps(w + (k + 1 - k0) * 16 + 8 * p, _mm256_fmadd_ps(q1, s, o));
+        }
+    }
+}
+
+/* R (<= TILE) input rows times decoded weights w [n][16], added to (or, `first`, written to) y's 16 columns. */
+static inline __attribute__((always_inline)) void tile(const float *restrict x, int K, const int R, const float *restrict w, int n, float *restrict y, int N,
+                                                       int first) {
+    __m256 acc[TILE][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int k = 0; k < n; k++) {
+        __m256 w0 = _mm256_load_ps(w + 16 * k), w1 = _mm256_load_ps(w + 16 * k + 8);
+        for (int r = 0; r < R; r++) {
+            __m256 xb = _mm256_broadcast_ss(x + (long)r * K + k);
+            acc[r][0] = _mm256_fmadd_ps(w0, xb, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(w1, xb, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float *yr = y + (long)r * N;
+        if (!first) {
+            acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_loadu_ps(yr));
+            acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_loadu_ps(yr + 8));
+        }
+        _mm256_storeu_ps(yr, acc[r][0]);
+        _mm256_storeu_ps(yr + 8, acc[r][1]);
+    }
+}
+
+static inline __attribute__((always_inline)) void batch_pair(const float *restrict x, int B, int K, const uint8_t *restrict codes, const int bits, int group,
+                                                             const float *restrict scale, const float *restrict offset, float *restrict y, int N) {
+    float w[BLOCK * 16] __attribute__((aligned(32)));
+    for (int k0 = 0; k0 < K; k0 += BLOCK) {
+        int n = K - k0 < BLOCK ? K - k0 : BLOCK;
+        decode_pair(codes, K, bits, group, scale, offset, k0, n, w);
+        int b = 0;
+        for (; b + TILE <= B; b += TILE) tile(x + (long)b * K + k0, K, TILE, w, n, y + (long)b * N, N, k0 == 0);
+        switch (B - b) {
+#define REST(r) \
+    case r: tile(x + (long)b * K + k0, K, r, w, n, y + (long)b * N, N, k0 == 0); break;
+            REST(1) REST(2) REST(3) REST(4) REST(5)
+        }
+    }
+}
+
+/* x [B, K] float32, codes [N / 8, K, bits] bytes, scale and offset [N / 8, K / group, 8] float32, xsum
+   [B, K / group] float32 (each group's sum of x), y [B, N] float32. Needs bits 2 or 4, N a multiple of 16,
+   K a multiple of group and group even. */
 void lowbit_linear(const float *restrict x, int B, int K, const uint8_t *restrict codes, int N, int bits, int group,
                    const float *restrict scale, const float *restrict offset, const float *restrict xsum, float *restrict y, int threads) {
-    int groups = K / group, seg = group * bits / 8;
+    const int groups = K / group, panels = N / 8;
+    const long panel_bytes = (long)K * bits, panel_params = (long)groups * 8;
+    if (B < BATCH_ROWS) {
+        const int sets = (panels + PANELS - 1) / PANELS;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int n = 0; n < N; n++) {
-        const uint8_t *row = codes + (long)n * groups * seg;
-        const float *sc = scale + (long)n * groups, *of = offset + (long)n * groups;
-        float out[8];
-        int b = 0;
-        for (; b + 8 <= B; b += 8) {
-            if (bits == 4) dot_rows(x + (long)b * K, K, row, groups, seg, 4, 8, sc, of, xsum + (long)b * groups, out);
-            else dot_rows(x + (long)b * K, K, row, groups, seg, 2, 8, sc, of, xsum + (long)b * groups, out);
-            for (int r = 0; r < 8; r++) y[(long)(b + r) * N + n] = out[r];
+        for (int s = 0; s < sets; s++) {
+            for (int b = 0; b < B; b++) {
+                const float *xb = x + (long)b * K, *xs = xsum + (long)b * groups;
+                float *yb = y + (long)b * N;
+                for (int p = s * PANELS; p < (s + 1) * PANELS && p < panels;) {
+                    const uint8_t *c = codes + p * panel_bytes;
+                    const float *sc = scale + p * panel_params, *of = offset + p * panel_params;
+                    if (p + PANELS <= panels) {
+                        if (bits == 4) row_panels(xb, K, c, 4, group, PANELS, sc, of, xs, yb + 8 * p);
+                        else row_panels(xb, K, c, 2, group, PANELS, sc, of, xs, yb + 8 * p);
+                        p += PANELS;
+                    } else {
+                        if (bits == 4) row_panels(xb, K, c, 4, group, 1, sc, of, xs, yb + 8 * p);
+                        else row_panels(xb, K, c, 2, group, 1, sc, of, xs, yb + 8 * p);
+                        p += 1;
+                    }
+                }
+            }
         }
-        for (; b < B; b++) {
-            if (bits == 4) dot_rows(x + (long)b * K, K, row, groups, seg, 4, 1, sc, of, xsum + (long)b * groups, out);
-            else dot_rows(x + (long)b * K, K, row, groups, seg, 2, 1, sc, of, xsum + (long)b * groups, out);
-            y[(long)b * N + n] = out[0];
-        }
+        return;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int p = 0; p < panels; p += 2) {
+        if (bits == 4) batch_pair(x, B, K, codes + p * panel_bytes, 4, group, scale + p * panel_params, offset + p * panel_params, y + 8 * p, N);
+        else batch_pair(x, B, K, codes + p * panel_bytes, 2, group, scale + p * panel_params, offset + p * panel_params, y + 8 * p, N);
     }
 }

@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from qdistill.files import cache_dir
 
@@ -71,61 +72,82 @@ def kernel_bits(bits: int) -> int:
 
 
 def fits(length: int, group: int, bits: int) -> bool:
-    """Whether rows of `length` inputs in groups of `group` run on the kernel: whole groups, 8-byte planes."""
-    return bits <= 4 and length % group == 0 and group % (64 // kernel_bits(bits)) == 0
+    """Whether rows of `length` inputs in groups of `group` run on the kernel: whole groups of an even size."""
+    return bits <= 4 and length % group == 0 and group % 2 == 0
 
 
-def pack_codes(codes: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """[out, in] levels as the kernel reads them: per group, byte i holds code i of each plane, lowest bits first."""
+def padded(out: int) -> int:
+    """Output rows as the kernel holds them: panels of 8 in pairs, so a multiple of 16 (the rest are zeros)."""
+    return out + -out % 16
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """[out, in] levels as the kernel reads them, [padded(out) / 8, in, b] bytes (b = kernel_bits(bits)): for
+    each panel of 8 output rows and each input, lane l's code in byte l * b / 8 from bit (l * b) % 8 up."""
     out, length = codes.shape
     b = kernel_bits(bits)
-    planes = codes.to(torch.uint8).view(out, length // group, 8 // b, group * b // 8)
-    packed = torch.zeros(out, length // group, group * b // 8, dtype=torch.uint8)
+    lanes = F.pad(codes.to(torch.uint8), (0, 0, 0, padded(out) - out)).view(-1, 8, length).transpose(1, 2)
+    lanes = lanes.reshape(-1, length, b, 8 // b)
+    packed = torch.zeros(lanes.shape[:3], dtype=torch.uint8)
     for j in range(8 // b):
-        packed |= planes[:, :, j] << (b * j)
-    return packed.view(out, -1)
+        packed |= lanes[..., j] << (b * j)
+    return packed
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+def unpack_codes(packed: torch.Tensor, bits: int, out: int) -> torch.Tensor:
     """`pack_codes` undone: the [out, in] levels, for the decoding path."""
-    out = packed.shape[0]
     b = kernel_bits(bits)
-    planes = packed.view(out, -1, 1, group * b // 8) >> (b * torch.arange(8 // b, dtype=torch.uint8)).view(1, 1, -1, 1)
-    return (planes & (2**b - 1)).view(out, -1)
+    lanes = (packed[..., None] >> (b * torch.arange(8 // b, dtype=torch.uint8))) & (2**b - 1)
+    return lanes.view(packed.shape[0], packed.shape[1], 8).transpose(1, 2).reshape(-1, packed.shape[1])[:out]
 
 
-def matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """x [rows, in] times the weights code * scale + offset ([out, in / group] each, float32) transposed, in
-    float32: [rows, out]. On the kernel where it is built; else (a model pickled to a process without it)
-    the weights are decoded for the call."""
+def pack_params(values: torch.Tensor) -> torch.Tensor:
+    """[out, groups] float32 scales or offsets as the kernel reads them: [padded(out) / 8, groups, 8]."""
+    out, groups = values.shape
+    return F.pad(values.float(), (0, 0, 0, padded(out) - out)).view(-1, 8, groups).transpose(1, 2).contiguous()
+
+
+def unpack_params(values: torch.Tensor, out: int) -> torch.Tensor:
+    return values.transpose(1, 2).reshape(-1, values.shape[1])[:out]
+
+
+def matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, out: int) -> torch.Tensor:
+    """x [rows, in] times the `out` rows of weights code * scale + offset (as `pack_codes` and `pack_params`
+    hold them) transposed, in float32: [rows, out]. On the kernel where it is built; else (a model pickled
+    to a process without it) the weights are decoded for the call."""
     x = x.to(torch.float32).contiguous()
     rows, length = x.shape
     fn = library()
     if fn is None:
-        weight = unpack_codes(codes, bits, group).view(codes.shape[0], -1, group) * scale[..., None] + offset[..., None]
-        return x @ weight.view(codes.shape[0], length).T
-    return run(fn, x, codes, bits, group, scale, offset, torch.get_num_threads())
+        levels = unpack_codes(codes, bits, out).view(out, -1, group)
+        weight = levels * unpack_params(scale, out)[..., None] + unpack_params(offset, out)[..., None]
+        return x @ weight.view(out, length).T
+    return run(fn, x, codes, bits, group, scale, offset, torch.get_num_threads())[:, :out]
 
 
 def run(fn, x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, threads: int) -> torch.Tensor:
-    """One call of the compiled `fn` on contiguous float32 `x` (the group sums of x computed here)."""
+    """One call of the compiled `fn` on contiguous float32 `x` (the group sums of x computed here): [rows, padded(out)]."""
     rows, length = x.shape
-    y = torch.empty(rows, codes.shape[0], dtype=torch.float32)
+    y = torch.empty(rows, codes.shape[0] * 8, dtype=torch.float32)
     if rows:
         xsum = x.view(rows, length // group, group).sum(-1)
-        fn(x.data_ptr(), rows, length, codes.data_ptr(), codes.shape[0], kernel_bits(bits), group, scale.data_ptr(), offset.data_ptr(), xsum.data_ptr(), y.data_ptr(), threads)
+        fn(x.data_ptr(), rows, length, codes.data_ptr(), y.shape[1], kernel_bits(bits), group, scale.data_ptr(), offset.data_ptr(), xsum.data_ptr(), y.data_ptr(), threads)
     return y
 
 
 def _agrees(fn) -> bool:
-    """The built kernel against float32 arithmetic on a small case of each width, 1 and 9 input rows."""
+    """The built kernel against float32 arithmetic on a small case of each width: 40 outputs (whole and
+    partial sets of panels, padding), 320 inputs (two blocks of k), 1, 3 and 9 input rows (both paths)."""
     g = torch.Generator().manual_seed(0)
-    for bits, group in ((2, 32), (4, 16)):
-        codes = torch.randint(0, 2**bits, (5, 64), generator=g)
-        scale, offset = torch.rand(5, 64 // group, generator=g, dtype=torch.float32), torch.randn(5, 64 // group, generator=g, dtype=torch.float32)
-        weight = (codes.view(5, -1, group) * scale[..., None] + offset[..., None]).view(5, 64)
-        for rows in (1, 9):
-            x = torch.randn(rows, 64, generator=g, dtype=torch.float32)
-            if not torch.allclose(run(fn, x, pack_codes(codes, bits, group), bits, group, scale, offset, 1), x @ weight.T, rtol=1e-4, atol=1e-4):
+    out, length = 40, 320
+    for bits, group in ((2, 32), (4, 64)):
+        codes = torch.randint(0, 2**bits, (out, length), generator=g)
+        scale = torch.rand(out, length // group, generator=g, dtype=torch.float32)
+        offset = torch.randn(out, length // group, generator=g, dtype=torch.float32)
+        weight = (codes.view(out, -1, group) * scale[..., None] + offset[..., None]).view(out, length)
+        for rows in (1, 3, 9):
+            x = torch.randn(rows, length, generator=g, dtype=torch.float32)
+            y = run(fn, x, pack_codes(codes, bits), bits, group, pack_params(scale), pack_params(offset), 2)[:, :out]
+            if not torch.allclose(y, x @ weight.T, rtol=1e-4, atol=1e-4):
                 return False
     return True

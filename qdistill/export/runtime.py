@@ -1,8 +1,8 @@
 """The low-bit inference runtime (`load_packed(path, runtime="kernels")`): quantized weights stay packed in memory.
 
 Each quantized tensor runs one of four ways (docs/inference.md):
-  lowbit  an nn.Linear at 1 to 4 bits whose groups tile its rows (2-bit codes: groups of 32k; 4-bit:
-          16k): `LowBitLinear`, qdistill's own kernel (`lowbit`, float32, codes at 2 or 4 bits in memory),
+  lowbit  an nn.Linear at 1 to 4 bits whose groups tile its rows, of an even size: `LowBitLinear`,
+          qdistill's own kernel (`lowbit`, float32, codes at 2 or 4 bits in memory),
           within float rounding of the dense layer, where that kernel builds on this machine;
   int4    else such a layer in groups of 32 to 256: `Int4Linear`, torch's int4 weight-only CPU kernel
           (bf16 activations), within a stated tolerance;
@@ -117,15 +117,15 @@ def lowbit_ready(entry: dict) -> bool:
 
 
 def lowbit_weights(entry: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kernel's codes and each group's scale and offset (w = code * scale + offset, float32, [out, groups]):
+    """The kernel's codes and each group's scale and offset (w = code * scale + offset, float32) as it holds them:
     the file's step and minimum, -zero point * step, or a range's (max - min) / (2**b - 1) and minimum."""
     out, length = entry["shape"]
     bits, group = entry["index_bits"], row_group(entry)
     p = entry_params(entry, tensors)
     scale = p["step"] if "step" in p else (p["hi"] - p["lo"]) / (2**bits - 1)
     offset = -p["zero"] * scale if "zero" in p else p["lo"]
-    codes = lowbit.pack_codes(entry_indices(entry, tensors).view(out, length), bits, group)
-    return codes, scale.view(out, length // group).contiguous(), offset.view(out, length // group).contiguous()
+    codes = lowbit.pack_codes(entry_indices(entry, tensors).view(out, length), bits)
+    return codes, lowbit.pack_params(scale.view(out, length // group)), lowbit.pack_params(offset.view(out, length // group))
 
 
 class LowBitLinear(nn.Module):
@@ -149,7 +149,7 @@ class LowBitLinear(nn.Module):
         if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
             raise QDistillError("the kernels runtime runs inference on the CPU: keep the model on the CPU, under torch.no_grad(), or load it dense to train or move it")
         flat = x.reshape(-1, self.in_features).float()
-        y = lowbit.matmul(flat, self.codes, self.bits, self.group, self.scale.view(torch.float32), self.offset.view(torch.float32))
+        y = lowbit.matmul(flat, self.codes, self.bits, self.group, self.scale.view(torch.float32), self.offset.view(torch.float32), self.out_features)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -238,9 +238,9 @@ def fastest(shape: tuple[int, int], group: int, bits: int, batch: int, ways: tup
     x = torch.randn(batch, length)
     runs = {"dense": functools.partial(F.linear, x, torch.randn(out, length))}
     if "lowbit" in ways:
-        codes = lowbit.pack_codes(torch.randint(0, 2**bits, (out, length)), bits, group)
-        scale, offset = torch.rand(out, length // group, dtype=torch.float32), torch.rand(out, length // group, dtype=torch.float32)
-        runs["lowbit"] = functools.partial(lowbit.matmul, x, codes, bits, group, scale, offset)
+        codes = lowbit.pack_codes(torch.randint(0, 2**bits, (out, length)), bits)
+        scale, offset = (lowbit.pack_params(torch.rand(out, length // group)) for _ in range(2))
+        runs["lowbit"] = functools.partial(lowbit.matmul, x, codes, bits, group, scale, offset, out)
     if "int4" in ways:
         rows = out + -out % INT4_ROWS
         kernel_weight = int4_kernel()[0](torch.full((rows, length), 8, dtype=torch.int32), 2)
