@@ -1,6 +1,7 @@
 /* qdistill's own low-bit matmul for the CPU (AVX2 and FMA): y = x W^T with W held as 2- or 4-bit codes.
 
-   W[n, k] = code[n, k] * scale[n, g] + offset[n, g], g = k / group. Output rows go in panels of 8, one
+   W[n, k] = level(code[n, k]) * scale[n, g] + offset[n, g], g = k / group, where level(c) is c itself
+   (uniform levels) or points[c] (learned points, a table of 4 or 16 floats: one or two lane permutes). Output rows go in panels of 8, one
    per float32 lane: for each k, a panel's 8 codes take `bits` bytes, lane l in byte l * bits / 8 from bit
    (l * bits) % 8 up. One 32-bit broadcast, a per-lane shift and a mask widen them to a vector (2-bit
    codes: two k at once). Scales and offsets are [panel, group, 8].
@@ -25,8 +26,13 @@ static inline __m256i broadcast32(const uint8_t *p) {
     return _mm256_set1_epi32(v);
 }
 
-static inline __m256 widen(__m256i c, __m256i shifts, __m256i mask) {
-    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(c, shifts), mask));
+/* The levels of 8 codes; `table` (lut) holds points[0..7] and points[8..15]. */
+static inline __attribute__((always_inline)) __m256 widen(__m256i c, __m256i shifts, __m256i mask, const int bits, const int lut, const __m256 *table) {
+    __m256i q = _mm256_and_si256(_mm256_srlv_epi32(c, shifts), mask);
+    if (!lut) return _mm256_cvtepi32_ps(q);
+    __m256 low = _mm256_permutevar8x32_ps(table[0], q);
+    if (bits == 2) return low;
+    return _mm256_blendv_ps(low, _mm256_permutevar8x32_ps(table[1], q), _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
 }
 
 static inline float hsum(__m256 v) {
@@ -37,13 +43,15 @@ static inline float hsum(__m256 v) {
 }
 
 /* One input row against P panels starting at `codes` (panel stride K * bits bytes): 8 * P outputs. */
-static inline __attribute__((always_inline)) void row_panels(const float *restrict x, int K, const uint8_t *restrict codes, const int bits, int group,
-                                                             const int P, const float *restrict scale, const float *restrict offset,
+static inline __attribute__((always_inline)) void row_panels(const float *restrict x, int K, const uint8_t *restrict codes, const int bits, const int lut,
+                                                             const float *restrict points, int group, const int P, const float *restrict scale, const float *restrict offset,
                                                              const float *restrict xsum, float *restrict y) {
     const int groups = K / group;
     const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
     const __m256i lo = bits == 4 ? _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28) : _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
     const __m256i hi = _mm256_add_epi32(lo, _mm256_set1_epi32(16));
+    __m256 table[2];
+    if (lut) table[0] = _mm256_loadu_ps(points), table[1] = _mm256_loadu_ps(points + 8);
     __m256 total[PANELS];
     for (int p = 0; p < P; p++) total[p] = _mm256_setzero_ps();
     for (int g = 0; g < groups; g++) {
@@ -54,12 +62,12 @@ static inline __attribute__((always_inline)) void row_panels(const float *restri
             for (int p = 0; p < P; p++) {
                 const uint8_t *c = codes + ((long)p * K + k) * bits;
                 if (bits == 4) {
-                    even[p] = _mm256_fmadd_ps(widen(broadcast32(c), lo, mask), x0, even[p]);
-                    odd[p] = _mm256_fmadd_ps(widen(broadcast32(c + 4), lo, mask), x1, odd[p]);
+                    even[p] = _mm256_fmadd_ps(widen(broadcast32(c), lo, mask, bits, lut, table), x0, even[p]);
+                    odd[p] = _mm256_fmadd_ps(widen(broadcast32(c + 4), lo, mask, bits, lut, table), x1, odd[p]);
                 } else {
                     __m256i both = broadcast32(c);
-                    even[p] = _mm256_fmadd_ps(widen(both, lo, mask), x0, even[p]);
-                    odd[p] = _mm256_fmadd_ps(widen(both, hi, mask), x1, odd[p]);
+                    even[p] = _mm256_fmadd_ps(widen(both, lo, mask, bits, lut, table), x0, even[p]);
+                    odd[p] = _mm256_fmadd_ps(widen(both, hi, mask, bits, lut, table), x1, odd[p]);
                 }
             }
         }
@@ -74,12 +82,15 @@ static inline __attribute__((always_inline)) void row_panels(const float *restri
 }
 
 /* Two panels' weights for k in [k0, k0 + n) as float32, [k][16], into `w`. */
-static inline __attribute__((always_inline)) void decode_pair(const uint8_t *restrict codes, int K, const int bits, int group, const float *restrict scale,
-                                                              const float *restrict offset, int k0, int n, float *restrict w) {
+static inline __attribute__((always_inline)) void decode_pair(const uint8_t *restrict codes, int K, const int bits, const int lut, const float *restrict points,
+                                                              int group, const float *restrict scale, const float *restrict offset, int k0, int n,
+                                                              float *restrict w) {
     const int groups = K / group;
     const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
     const __m256i lo = bits == 4 ? _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28) : _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
     const __m256i hi = _mm256_add_epi32(lo, _mm256_set1_epi32(16));
+    __m256 table[2];
+    if (lut) table[0] = _mm256_loadu_ps(points), table[1] = _mm256_loadu_ps(points + 8);
     for (int p = 0; p < 2; p++) {
         const uint8_t *c = codes + (long)p * K * bits;
         for (int k = k0; k < k0 + n; k += 2) {
@@ -87,12 +98,12 @@ static inline __attribute__((always_inline)) void decode_pair(const uint8_t *res
             __m256 s = _mm256_loadu_ps(scale + at), o = _mm256_loadu_ps(offset + at);
             __m256 q0, q1;
             if (bits == 4) {
-                q0 = widen(broadcast32(c + (long)k * 4), lo, mask);
-                q1 = widen(broadcast32(c + (long)k * 4 + 4), lo, mask);
+                q0 = widen(broadcast32(c + (long)k * 4), lo, mask, bits, lut, table);
+                q1 = widen(broadcast32(c + (long)k * 4 + 4), lo, mask, bits, lut, table);
             } else {
                 __m256i both = broadcast32(c + (long)k * 2);
-                q0 = widen(both, lo, mask);
-                q1 = widen(both, hi, mask);
+                q0 = widen(both, lo, mask, bits, lut, table);
+                q1 = widen(both, hi, mask, bits, lut, table);
             }
             _mm256_store_ps(w + (k - k0) * 16 + 8 * p, _mm256_fmadd_ps(q0, s, o));
             _mm256_store_ps(w + (k + 1 - k0) * 16 + 8 * p, _mm256_fmadd_ps(q1, s, o));
@@ -124,12 +135,13 @@ static inline __attribute__((always_inline)) void tile(const float *restrict x, 
     }
 }
 
-static inline __attribute__((always_inline)) void batch_pair(const float *restrict x, int B, int K, const uint8_t *restrict codes, const int bits, int group,
-                                                             const float *restrict scale, const float *restrict offset, float *restrict y, int N) {
+static inline __attribute__((always_inline)) void batch_pair(const float *restrict x, int B, int K, const uint8_t *restrict codes, const int bits, const int lut,
+                                                             const float *restrict points, int group, const float *restrict scale,
+                                                             const float *restrict offset, float *restrict y, int N) {
     float w[BLOCK * 16] __attribute__((aligned(32)));
     for (int k0 = 0; k0 < K; k0 += BLOCK) {
         int n = K - k0 < BLOCK ? K - k0 : BLOCK;
-        decode_pair(codes, K, bits, group, scale, offset, k0, n, w);
+        decode_pair(codes, K, bits, lut, points, group, scale, offset, k0, n, w);
         int b = 0;
         for (; b + TILE <= B; b += TILE) tile(x + (long)b * K + k0, K, TILE, w, n, y + (long)b * N, N, k0 == 0);
         switch (B - b) {
@@ -140,11 +152,9 @@ static inline __attribute__((always_inline)) void batch_pair(const float *restri
     }
 }
 
-/* x [B, K] float32, codes [N / 8, K, bits] bytes, scale and offset [N / 8, K / group, 8] float32, xsum
-   [B, K / group] float32 (each group's sum of x), y [B, N] float32. Needs bits 2 or 4, N a multiple of 16,
-   K a multiple of group and group even. */
-void lowbit_linear(const float *restrict x, int B, int K, const uint8_t *restrict codes, int N, int bits, int group,
-                   const float *restrict scale, const float *restrict offset, const float *restrict xsum, float *restrict y, int threads) {
+static inline __attribute__((always_inline)) void linear(const float *restrict x, int B, int K, const uint8_t *restrict codes, int N, const int bits,
+                                                         const int lut, const float *restrict points, int group, const float *restrict scale,
+                                                         const float *restrict offset, const float *restrict xsum, float *restrict y, int threads) {
     const int groups = K / group, panels = N / 8;
     const long panel_bytes = (long)K * bits, panel_params = (long)groups * 8;
     if (B < BATCH_ROWS) {
@@ -158,12 +168,10 @@ void lowbit_linear(const float *restrict x, int B, int K, const uint8_t *restric
                     const uint8_t *c = codes + p * panel_bytes;
                     const float *sc = scale + p * panel_params, *of = offset + p * panel_params;
                     if (p + PANELS <= panels) {
-                        if (bits == 4) row_panels(xb, K, c, 4, group, PANELS, sc, of, xs, yb + 8 * p);
-                        else row_panels(xb, K, c, 2, group, PANELS, sc, of, xs, yb + 8 * p);
+                        row_panels(xb, K, c, bits, lut, points, group, PANELS, sc, of, xs, yb + 8 * p);
                         p += PANELS;
                     } else {
-                        if (bits == 4) row_panels(xb, K, c, 4, group, 1, sc, of, xs, yb + 8 * p);
-                        else row_panels(xb, K, c, 2, group, 1, sc, of, xs, yb + 8 * p);
+                        row_panels(xb, K, c, bits, lut, points, group, 1, sc, of, xs, yb + 8 * p);
                         p += 1;
                     }
                 }
@@ -172,8 +180,18 @@ void lowbit_linear(const float *restrict x, int B, int K, const uint8_t *restric
         return;
     }
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int p = 0; p < panels; p += 2) {
-        if (bits == 4) batch_pair(x, B, K, codes + p * panel_bytes, 4, group, scale + p * panel_params, offset + p * panel_params, y + 8 * p, N);
-        else batch_pair(x, B, K, codes + p * panel_bytes, 2, group, scale + p * panel_params, offset + p * panel_params, y + 8 * p, N);
-    }
+    for (int p = 0; p < panels; p += 2)
+        batch_pair(x, B, K, codes + p * panel_bytes, bits, lut, points, group, scale + p * panel_params, offset + p * panel_params, y + 8 * p, N);
+}
+
+/* x [B, K] float32, codes [N / 8, K, bits] bytes, scale and offset [N / 8, K / group, 8] float32, points
+   NULL (uniform levels) or 16 floats, xsum [B, K / group] float32 (each group's sum of x), y [B, N] float32.
+   Needs bits 2 or 4, N a multiple of 16, K a multiple of group and group even. */
+void lowbit_linear(const float *restrict x, int B, int K, const uint8_t *restrict codes, int N, int bits, int group,
+                   const float *restrict scale, const float *restrict offset, const float *restrict points, const float *restrict xsum,
+                   float *restrict y, int threads) {
+    if (points == 0 && bits == 4) linear(x, B, K, codes, N, 4, 0, points, group, scale, offset, xsum, y, threads);
+    else if (points == 0) linear(x, B, K, codes, N, 2, 0, points, group, scale, offset, xsum, y, threads);
+    else if (bits == 4) linear(x, B, K, codes, N, 4, 1, points, group, scale, offset, xsum, y, threads);
+    else linear(x, B, K, codes, N, 2, 1, points, group, scale, offset, xsum, y, threads);
 }

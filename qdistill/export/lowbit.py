@@ -24,7 +24,7 @@ from qdistill.files import cache_dir
 
 SOURCE = Path(__file__).with_name("lowbit.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-ARGS = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
+ARGS = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int]
 BUILDING = threading.Lock()
 
 
@@ -111,43 +111,55 @@ def unpack_params(values: torch.Tensor, out: int) -> torch.Tensor:
     return values.transpose(1, 2).reshape(-1, values.shape[1])[:out]
 
 
-def matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, out: int) -> torch.Tensor:
-    """x [rows, in] times the `out` rows of weights code * scale + offset (as `pack_codes` and `pack_params`
-    hold them) transposed, in float32: [rows, out]. On the kernel where it is built; else (a model pickled
-    to a process without it) the weights are decoded for the call."""
+def table(points: torch.Tensor) -> torch.Tensor:
+    """Learned points (at most 16) as the kernel reads them: 16 float32, the unused ones 0."""
+    return F.pad(points.float(), (0, 16 - len(points)))
+
+
+def matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, out: int, points: torch.Tensor | None = None) -> torch.Tensor:
+    """x [rows, in] times the `out` rows of weights level * scale + offset (as `pack_codes` and `pack_params`
+    hold them; the level is the code, or `points[code]` with a `table` of learned points) transposed, in
+    float32: [rows, out]. On the kernel where it is built; else (a model pickled to a process without it)
+    the weights are decoded for the call."""
     x = x.to(torch.float32).contiguous()
     rows, length = x.shape
     fn = library()
     if fn is None:
-        levels = unpack_codes(codes, bits, out).view(out, -1, group)
+        codes = unpack_codes(codes, bits, out)
+        levels = (codes.float() if points is None else points[codes.long()]).view(out, -1, group)
         weight = levels * unpack_params(scale, out)[..., None] + unpack_params(offset, out)[..., None]
         return x @ weight.view(out, length).T
-    return run(fn, x, codes, bits, group, scale, offset, torch.get_num_threads())[:, :out]
+    return run(fn, x, codes, bits, group, scale, offset, points, torch.get_num_threads())[:, :out]
 
 
-def run(fn, x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, threads: int) -> torch.Tensor:
+def run(fn, x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None, threads: int) -> torch.Tensor:
     """One call of the compiled `fn` on contiguous float32 `x` (the group sums of x computed here): [rows, padded(out)]."""
     rows, length = x.shape
     y = torch.empty(rows, codes.shape[0] * 8, dtype=torch.float32)
     if rows:
         xsum = x.view(rows, length // group, group).sum(-1)
-        fn(x.data_ptr(), rows, length, codes.data_ptr(), y.shape[1], kernel_bits(bits), group, scale.data_ptr(), offset.data_ptr(), xsum.data_ptr(), y.data_ptr(), threads)
+        table_ptr = None if points is None else points.data_ptr()
+        fn(x.data_ptr(), rows, length, codes.data_ptr(), y.shape[1], kernel_bits(bits), group, scale.data_ptr(), offset.data_ptr(), table_ptr, xsum.data_ptr(), y.data_ptr(), threads)
     return y
 
 
 def _agrees(fn) -> bool:
-    """The built kernel against float32 arithmetic on a small case of each width: 40 outputs (whole and
-    partial sets of panels, padding), 320 inputs (two blocks of k), 1, 3 and 9 input rows (both paths)."""
+    """The built kernel against float32 arithmetic on a small case of each width, with uniform levels and with
+    learned points: 40 outputs (whole and partial sets of panels, padding), 320 inputs (two blocks of k), 1,
+    3 and 9 input rows (both paths)."""
     g = torch.Generator().manual_seed(0)
     out, length = 40, 320
     for bits, group in ((2, 32), (4, 64)):
         codes = torch.randint(0, 2**bits, (out, length), generator=g)
         scale = torch.rand(out, length // group, generator=g, dtype=torch.float32)
         offset = torch.randn(out, length // group, generator=g, dtype=torch.float32)
-        weight = (codes.view(out, -1, group) * scale[..., None] + offset[..., None]).view(out, length)
-        for rows in (1, 3, 9):
-            x = torch.randn(rows, length, generator=g, dtype=torch.float32)
-            y = run(fn, x, pack_codes(codes, bits), bits, group, pack_params(scale), pack_params(offset), 2)[:, :out]
-            if not torch.allclose(y, x @ weight.T, rtol=1e-4, atol=1e-4):
-                return False
+        for points in (None, torch.rand(2**bits, generator=g, dtype=torch.float32)):
+            levels = codes.float() if points is None else points[codes]
+            weight = (levels.view(out, -1, group) * scale[..., None] + offset[..., None]).view(out, length)
+            for rows in (1, 3, 9):
+                x = torch.randn(rows, length, generator=g, dtype=torch.float32)
+                lut = None if points is None else table(points)
+                y = run(fn, x, pack_codes(codes, bits), bits, group, pack_params(scale), pack_params(offset), lut, 2)[:, :out]
+                if not torch.allclose(y, x @ weight.T, rtol=1e-4, atol=1e-4):
+                    return False
     return True

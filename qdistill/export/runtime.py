@@ -1,11 +1,13 @@
 """The low-bit inference runtime (`load_packed(path, runtime="kernels")`): quantized weights stay packed in memory.
 
-Each quantized tensor runs one of four ways (docs/inference.md):
-  lowbit  an nn.Linear at 1 to 4 bits whose groups tile its rows, of an even size: `LowBitLinear`,
-          qdistill's own kernel (`lowbit`, float32, codes at 2 or 4 bits in memory),
-          within float rounding of the dense layer, where that kernel builds on this machine;
-  int4    else such a layer in groups of 32 to 256: `Int4Linear`, torch's int4 weight-only CPU kernel
-          (bf16 activations), within a stated tolerance;
+Each quantized tensor runs one of these ways (docs/inference.md):
+  lowbit  an nn.Linear at 1 to 4 bits, uniform levels or learned points (dq: by table lookup), whose groups
+          tile its rows, of an even size: `LowBitLinear`, qdistill's own kernel (`lowbit`, float32, codes at
+          2 or 4 bits in memory), within float rounding of the dense layer, where that kernel builds here;
+  int4    else such a layer (uniform) in groups of 32 to 256: `Int4Linear`, torch's int4 weight-only CPU
+          kernel (bf16 activations), within a stated tolerance;
+  lookup  an nn.Embedding whose weight that kernel's layout holds: `LowBitEmbedding`, which decodes only the
+          rows it looks up; tied to a lowbit layer (an output layer), it shares that layer's codes;
   packed  everything else: its bytes as in the file (`PackedTensor`), decoded for each forward call of
           its module, bit for bit the dense loader's weight;
   dense   tensors of fewer than `dense_below` values, and, with `tune_batch`, kernel layers of the shapes
@@ -109,49 +111,113 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def lowbit_fits(entry: dict) -> bool:
+    """Whether qdistill's kernel layout holds this tensor: a 2-D weight at 1 to 4 bits, uniform levels or
+    learned points, in row groups of an even size."""
+    if entry["kind"] not in ("uniform", "learned") or entry["index_bits"] > 4 or len(entry["shape"]) != 2 or row_group(entry) is None:
+        return False
+    return lowbit.fits(entry["shape"][1], row_group(entry), entry["index_bits"])
+
+
 def lowbit_ready(entry: dict) -> bool:
     """Whether qdistill's own kernel can run this tensor (as the weight of an nn.Linear)."""
-    if entry["kind"] != "uniform" or entry["index_bits"] > 4 or len(entry["shape"]) != 2 or row_group(entry) is None:
-        return False
-    return lowbit.fits(entry["shape"][1], row_group(entry), entry["index_bits"]) and lowbit.library() is not None
+    return lowbit_fits(entry) and lowbit.library() is not None
 
 
-def lowbit_weights(entry: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kernel's codes and each group's scale and offset (w = code * scale + offset, float32) as it holds them:
-    the file's step and minimum, -zero point * step, or a range's (max - min) / (2**b - 1) and minimum."""
+def lowbit_weights(entry: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The kernel's codes, each group's scale and offset, and for learned points their table, as it holds them
+    (w = level * scale + offset in float32, the level being the code or its point): the file's step and
+    minimum, -zero point * step, or a range's max - min over the top level (2**b - 1, or 1 for points) and min."""
     out, length = entry["shape"]
-    bits, group = entry["index_bits"], row_group(entry)
+    bits, group, learned = entry["index_bits"], row_group(entry), entry["kind"] == "learned"
     p = entry_params(entry, tensors)
-    scale = p["step"] if "step" in p else (p["hi"] - p["lo"]) / (2**bits - 1)
+    scale = p["step"] if "step" in p else (p["hi"] - p["lo"]) / (1 if learned else 2**bits - 1)
     offset = -p["zero"] * scale if "zero" in p else p["lo"]
-    codes = lowbit.pack_codes(entry_indices(entry, tensors).view(out, length), bits)
-    return codes, lowbit.pack_params(scale.view(out, length // group)), lowbit.pack_params(offset.view(out, length // group))
+    weights = {
+        "codes": lowbit.pack_codes(entry_indices(entry, tensors).view(out, length), bits),
+        "scale": lowbit.pack_params(scale.view(out, length // group)),
+        "offset": lowbit.pack_params(offset.view(out, length // group)),
+    }
+    if learned:
+        weights["points"] = lowbit.table(tensors["points"][entry["points"] : entry["points"] + entry["n_points"]])
+    return weights
+
+
+class LowBitWeights(nn.Module):
+    """A weight as qdistill's kernel holds it (`lowbit_weights`), possibly shared by a layer and the embeddings
+    tied to it: float buffers are kept as their bits, which model.to(dtype) leaves alone."""
+
+    def __init__(self, entry: dict, weights: dict[str, torch.Tensor]):
+        super().__init__()
+        self.rows, self.bits, self.group = entry["shape"][0], entry["index_bits"], row_group(entry)
+        for key, value in weights.items():
+            self.register_buffer(key, as_bits(value), persistent=False)
+        self.learned = "points" in weights
+
+    def float_buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        points = self.points.view(torch.float32) if self.learned else None
+        return self.scale.view(torch.float32), self.offset.view(torch.float32), points
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        scale, offset, points = self.float_buffers()
+        return lowbit.matmul(x, self.codes, self.bits, self.group, scale, offset, self.rows, points)
+
+    def rows_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """The weight's rows `ids` (flat, in range) decoded to float32: only those rows are read."""
+        scale, offset, points = self.float_buffers()
+        b = lowbit.kernel_bits(self.bits)
+        panel, lane = ids // 8, ids % 8
+        codes = (self.codes[panel, :, lane * b // 8] >> ((lane * b) % 8)[:, None].to(torch.uint8)) & (2**b - 1)
+        levels = codes.float() if points is None else points[codes.long()]
+        values = levels.view(len(ids), -1, self.group) * scale[panel, :, lane][..., None] + offset[panel, :, lane][..., None]
+        return values.view(len(ids), -1)
+
+
+def refuse_training(x: torch.Tensor) -> None:
+    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+        raise QDistillError("the kernels runtime runs inference on the CPU: keep the model on the CPU, under torch.no_grad(), or load it dense to train or move it")
 
 
 class LowBitLinear(nn.Module):
     """An nn.Linear whose weight stays as its 2- or 4-bit codes in memory (1- and 3-bit levels in the next
-    width), multiplied by qdistill's own kernel in float32 (`lowbit`), the bias added in the input's dtype."""
+    width; learned points by table lookup), multiplied by qdistill's own kernel in float32 (`lowbit`), the
+    bias added in the input's dtype."""
 
     def __init__(self, linear: nn.Linear, entry: dict, tensors: dict[str, torch.Tensor]):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.bits, self.group = entry["index_bits"], row_group(entry)
-        codes, scale, offset = lowbit_weights(entry, tensors)
-        self.register_buffer("codes", codes, persistent=False)
-        self.register_buffer("scale", as_bits(scale), persistent=False)
-        self.register_buffer("offset", as_bits(offset), persistent=False)
+        self.weight_lowbit = LowBitWeights(entry, lowbit_weights(entry, tensors))
         self.register_parameter("bias", linear.bias)  # a kept tensor: loaded with the others
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group={self.group}, bias={self.bias is not None}"
+        w = self.weight_lowbit
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={w.bits}, group={w.group}, learned={w.learned}, bias={self.bias is not None}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
-            raise QDistillError("the kernels runtime runs inference on the CPU: keep the model on the CPU, under torch.no_grad(), or load it dense to train or move it")
-        flat = x.reshape(-1, self.in_features).float()
-        y = lowbit.matmul(flat, self.codes, self.bits, self.group, self.scale.view(torch.float32), self.offset.view(torch.float32), self.out_features)
+        refuse_training(x)
+        y = self.weight_lowbit.matmul(x.reshape(-1, self.in_features).float())
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+class LowBitEmbedding(nn.Module):
+    """An nn.Embedding whose weight stays in qdistill's kernel layout (shared with the output layer it is tied
+    to, if any): a lookup decodes only the rows it reads."""
+
+    def __init__(self, embedding: nn.Embedding, weights: LowBitWeights):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.weight_lowbit = weights
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.weight_lowbit.bits}, group={self.weight_lowbit.group}"
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        refuse_training(ids)
+        flat = ids.reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            raise IndexError("index out of range in self")  # as nn.Embedding says it
+        return self.weight_lowbit.rows_of(flat).view(*ids.shape, self.embedding_dim)
 
 
 KERNELS = {"lowbit": LowBitLinear, "int4": Int4Linear}
@@ -203,7 +269,8 @@ def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], 
     left to decode dense: those under `dense_below` values, the kernel-ready layers of shapes that run faster
     dense at `tune_batch` rows (`fastest`: more memory, less time), and names the model lacks (the loader reports them).
 
-    A tensor tied to other names (an embedding shared with the output layer) is one `PackedTensor` for all."""
+    An embedding in the kernel layout looks up its rows (`LowBitEmbedding`); tied to an nn.Linear on qdistill's
+    kernel, it shares that layer's codes. Any other tensor tied to other names is one `PackedTensor` for all."""
     owners = {}
     for alias, name in meta.get("aliases", {}).items():
         owners.setdefault(name, []).append(alias)
@@ -214,12 +281,23 @@ def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], 
         uses = uses_of[e["name"]]
         if math.prod(e["shape"]) < dense_below or not all(u in params for u in uses):
             dense.append(e)
-        elif len(uses) == 1 and (linear := linear_of(model, e)) is not None and (ways := tuple(k for k, ready in (("lowbit", lowbit_ready), ("int4", int4_ready)) if ready(e))):
+            continue
+        linears = [m for m in (weight_of(model, use, nn.Linear) for use in uses) if m is not None]
+        embeddings = [m for m in (weight_of(model, use, nn.Embedding) for use in uses) if m is not None and m.max_norm is None]
+        as_layers = len(linears) + len(embeddings) == len(uses) and len(linears) <= 1
+        ways = tuple(k for k, ready in (("lowbit", lowbit_ready), ("int4", int4_ready)) if ready(e) and (k == "lowbit" or not embeddings)) if linears and as_layers else ()
+        if ways:
             way = fastest(tuple(e["shape"]), row_group(e), e["index_bits"], tune_batch, ways) if tune_batch else ways[0]
             if way == "dense":
                 dense.append(e)
-            else:
-                _replace(model, linear, KERNELS[way](linear, e, tensors))
+                continue
+            _replace(model, linears[0], layer := KERNELS[way](linears[0], e, tensors))
+            for embedding in embeddings:
+                _replace(model, embedding, LowBitEmbedding(embedding, layer.weight_lowbit))
+        elif as_layers and not linears and lowbit_fits(e):
+            weights = LowBitWeights(e, lowbit_weights(e, tensors))
+            for embedding in embeddings:
+                _replace(model, embedding, LowBitEmbedding(embedding, weights))
         else:
             rest.append(e)
     for e in rest:  # after every kernel replacement: a quantized bias is attached to the module that runs it
@@ -261,14 +339,16 @@ def median_s(fn, calls: int = 7) -> float:
     return statistics.median(times)
 
 
-def linear_of(model: nn.Module, entry: dict) -> nn.Linear | None:
-    """The nn.Linear whose weight `entry` is (not the model itself: not replaceable), else None."""
-    path, _, name = entry["name"].rpartition(".")
+def weight_of(model: nn.Module, name: str, kind: type) -> nn.Module | None:
+    """The module of exactly type `kind` whose weight `name` is (not the model itself: not replaceable), else None."""
+    path, _, param = name.rpartition(".")
     module = model.get_submodule(path)
-    return module if path and type(module) is nn.Linear and name == "weight" else None
+    return module if path and type(module) is kind and param == "weight" else None
 
 
 def runtime_of(model: nn.Module) -> dict[str, int]:
-    """How many quantized tensors run each way: on qdistill's kernel (lowbit), on torch's (int4), and packed (decoded per call)."""
+    """How many quantized tensors run each way: on qdistill's kernel (lowbit), on torch's (int4), packed (decoded
+    per call); and how many embeddings look up their rows in the kernel layout (lookup; a tied one shares a
+    lowbit layer's codes)."""
     kinds = [type(m) for m in model.modules()]
-    return {"lowbit": kinds.count(LowBitLinear), "int4": kinds.count(Int4Linear), "packed": kinds.count(PackedTensor)}
+    return {"lowbit": kinds.count(LowBitLinear), "int4": kinds.count(Int4Linear), "lookup": kinds.count(LowBitEmbedding), "packed": kinds.count(PackedTensor)}

@@ -53,7 +53,7 @@ def kernel_way(request, monkeypatch):
 
 def counts(way: str, kernel: int, packed: int) -> dict[str, int]:
     """runtime_of's answer with `kernel` layers on `way`."""
-    return {"lowbit": 0, "int4": 0, way: kernel, "packed": packed}
+    return {"lowbit": 0, "int4": 0, "lookup": 0, way: kernel, "packed": packed}
 
 
 def packed_mlp(tmp_path, quantizer, sizes=(256, 40, 64)):
@@ -76,7 +76,7 @@ def test_kernel_layer_within_tolerance_of_dense(tmp_path, bits, form):
     this test's read-out), outputs within 2**-5 * sum |x| * that, and in practice 2**-6 of the largest output."""
     path = packed_mlp(tmp_path, UniformQuantizer(bits, 32, groups="row", **FORMS[form]))
     dense, kernels = load_packed(path, model=Mlp())[0], load_packed(path, model=Mlp(), runtime="kernels")[0]
-    assert runtime_of(kernels) == {"lowbit": 0, "int4": 1, "packed": 1}
+    assert runtime_of(kernels) == {"lowbit": 0, "int4": 1, "lookup": 0, "packed": 1}
     layer, weight = kernels[0], dense[0].weight.detach()
     assert isinstance(layer, Int4Linear)
     g = group_max(weight, 32)
@@ -121,7 +121,7 @@ def test_packed_fallback_is_exact(tmp_path, name):
     attach(model, QUANTIZERS[name])
     path = save_packed(model.eval(), model_spec("tiny"), tmp_path / "m.safetensors")
     dense, kernels = load_packed(path)[0], load_packed(path, runtime="kernels")[0]
-    assert runtime_of(kernels) == {"lowbit": 0, "int4": 0, "packed": 6}
+    assert runtime_of(kernels) == {"lowbit": 0, "int4": 0, "lookup": 0, "packed": 6}
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(kernels(x), dense(x))
@@ -137,7 +137,7 @@ def test_lstm_and_tied_embedding_fallback_is_exact(tmp_path):
     attach(model, UniformQuantizer(4, 128, groups="row", scale_dtype="bfloat16"))
     path = save_packed(model.eval(), spec, tmp_path / "m.safetensors")
     dense, kernels = load_packed(path)[0], load_packed(path, runtime="kernels")[0]
-    assert runtime_of(kernels) == {"lowbit": 0, "int4": 0, "packed": 3}  # the embedding (and head), two LSTM matrices
+    assert runtime_of(kernels) == {"lowbit": 0, "int4": 0, "lookup": 0, "packed": 3}  # the embedding (and head), two LSTM matrices
     assert kernels.embedding.weight_packed is kernels.head.weight_packed
     ids = torch.randint(0, 97, (3, 11))
     with torch.no_grad():
@@ -153,7 +153,7 @@ def test_kernel_model_holds_no_float_copy(tmp_path):
         meta, tensors = read_packed(path)
         in_file = sum(span * tensors[blob].element_size() for e in meta["quantized"] for _, blob, span in entry_spans(e) if span)
         model = load_packed(path, model=Mlp(sizes), runtime="kernels")[0]
-        assert runtime_of(model) == {"lowbit": 0, "int4": int4, "packed": 2 - int4}
+        assert runtime_of(model) == {"lowbit": 0, "int4": int4, "lookup": 0, "packed": 2 - int4}
         held = [t for t in [*model.parameters(), *model.buffers()] if t is not model[0].bias and t is not model[2].bias]
         assert sum(t.numel() * t.element_size() for t in held) <= 1.2 * in_file
         assert not [t for t in held if t.is_floating_point() and t.numel() >= 96 * 256]
@@ -168,7 +168,7 @@ def test_without_a_working_kernel_everything_falls_back(tmp_path, monkeypatch, o
     try:
         path = packed_mlp(tmp_path, UniformQuantizer(4, 32, groups="row", scale_dtype="bfloat16"))
         dense, kernels = load_packed(path, model=Mlp())[0], load_packed(path, model=Mlp(), runtime="kernels")[0]
-        assert runtime.int4_kernel() is None and runtime_of(kernels) == {"lowbit": 0, "int4": 0, "packed": 2}
+        assert runtime.int4_kernel() is None and runtime_of(kernels) == {"lowbit": 0, "int4": 0, "lookup": 0, "packed": 2}
         x = torch.randn(5, 256)
         with torch.no_grad():
             assert torch.equal(kernels(x), dense(x))
@@ -245,7 +245,7 @@ def test_a_quantized_bias_stored_before_its_weight_runs_with_the_int4_layer(tmp_
     path = save_packed(model.eval(), SPEC, tmp_path / "m.safetensors")
     assert [e["name"] for e in read_packed(path)[0]["quantized"]][0] == "0.bias"
     dense, kernels = load_packed(path, model=Mlp())[0], load_packed(path, model=Mlp(), runtime="kernels")[0]
-    assert runtime_of(kernels) == {"lowbit": 0, "int4": 1, "packed": 1}
+    assert runtime_of(kernels) == {"lowbit": 0, "int4": 1, "lookup": 0, "packed": 1}
     x = torch.randn(4, 256)
     with torch.no_grad():
         assert (kernels[0](x) - dense[0](x)).abs().max() < 0.1  # the bias (about 5) is there
@@ -290,7 +290,9 @@ def test_cli_runtime_kernels_needs_a_packed_file(tmp_path, capsys):
 @pytest.mark.parametrize("way", ["int4", "lowbit"])
 def test_language_model_perplexity_on_kernels_within_0_05_of_dense(tmp_path, way):
     """gpt-tiny at 4 bits: attention and MLP projections on the kernel (344 outputs padded to 352), the
-    down projections (344 inputs: no group size tiles them) and the tied embedding decoded per call."""
+    down projections (344 inputs: groups of 32 do not tile them) decoded per call; the embedding tied to the
+    output layer decoded per call on torch's kernel, and on qdistill's the output layer's codes, which the
+    embedding looks up."""
     pytest.importorskip("transformers")
     task, spec = LanguageModelling(corpus(n_train=2000, n_test=500), seq_len=16), model_spec("gpt-tiny", num_classes=11)
     torch.manual_seed(0)
@@ -298,7 +300,9 @@ def test_language_model_perplexity_on_kernels_within_0_05_of_dense(tmp_path, way
     result = train(build_model(spec), task, cfg, quiet=True)
     path = save_packed(result.model, spec, tmp_path / "m.safetensors")
     dense, kernels = load_packed(path)[0], load_packed(path, runtime="kernels")[0]
-    assert runtime_of(kernels) == counts(way, 12, 3)
+    assert runtime_of(kernels) == (counts(way, 12, 3) if way == "int4" else {"lowbit": 13, "int4": 0, "lookup": 1, "packed": 2})
+    if way == "lowbit":
+        assert kernels.model.embed_tokens.weight_lowbit is kernels.lm_head.weight_lowbit  # one copy
     ppl = task.evaluate(dense, "test")["ppl"]
     assert ppl < 5 and abs(task.evaluate(kernels, "test")["ppl"] - ppl) <= 0.05  # uniform: 11
     ids = next(iter(task.ordered_batches("test", 64)))["x"]
@@ -339,12 +343,67 @@ def test_lowbit_layer_within_float_rounding_of_dense(tmp_path, bits, group, form
     path = packed_mlp(tmp_path, UniformQuantizer(bits, group, groups="row", **FORMS[form]))
     dense, kernels = load_packed(path, model=Mlp())[0], load_packed(path, model=Mlp(), runtime="kernels")[0]
     layer = kernels[0]
-    assert isinstance(layer, runtime.LowBitLinear) and layer.codes.numel() == 48 * 256 * lowbit.kernel_bits(bits) // 8
+    assert isinstance(layer, runtime.LowBitLinear) and layer.weight_lowbit.codes.numel() == 48 * 256 * lowbit.kernel_bits(bits) // 8
     for rows in (1, 3, 4, 13):
         x = torch.randn(rows, 256)
         with torch.no_grad():
             want, got = dense[0](x), layer(x)
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("way", ["lowbit"])
+@pytest.mark.parametrize("bits, n_points", [(4, None), (3, None), (2, None), (4, 11)])
+def test_learned_points_run_on_the_lowbit_kernel_by_table_lookup(tmp_path, bits, n_points, way):
+    """dq's learned points: each code's point looked up in a 16-entry table on the kernel, outputs within float
+    rounding of the dense layer at every batch size."""
+    path = packed_mlp(tmp_path, LearnedPointsQuantizer(bits, 32, groups="row", n_points=n_points))
+    dense, kernels = load_packed(path, model=Mlp())[0], load_packed(path, model=Mlp(), runtime="kernels")[0]
+    assert runtime_of(kernels) == counts("lowbit", 1, 1) and kernels[0].weight_lowbit.learned
+    for rows in (1, 3, 4, 13):
+        x = torch.randn(rows, 256)
+        with torch.no_grad():
+            want, got = dense[0](x), kernels[0](x)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+class Lookup(nn.Module):
+    """An embedding and an output layer, tied or not."""
+
+    def __init__(self, tied: bool = False):
+        super().__init__()
+        self.embedding, self.head = nn.Embedding(100, 64), nn.Linear(64, 100, bias=False)
+        if tied:
+            self.head.weight = self.embedding.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embedding(ids))
+
+
+@pytest.mark.parametrize("way", ["int4", "lowbit"])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("quantizer", [UniformQuantizer(4, 32, groups="row", scale_dtype="bfloat16"), LearnedPointsQuantizer(2, 32, groups="row")])
+def test_embeddings_look_up_only_their_rows(tmp_path, way, tied, quantizer):
+    """An embedding in the kernel layout decodes just the rows it looks up (same values as the dense loader's,
+    within float rounding); tied to an output layer on qdistill's kernel it shares that layer's codes, and on
+    torch's kernel (another layout) both stay one packed tensor. Ids out of range fail as nn.Embedding's do."""
+    torch.manual_seed(0)
+    model = Lookup(tied)
+    attach(model, quantizer)
+    path = save_packed(model.eval(), SPEC, tmp_path / "m.safetensors")
+    dense, kernels = load_packed(path, model=Lookup(tied))[0], load_packed(path, model=Lookup(tied), runtime="kernels")[0]
+    head = int(way == "lowbit" or (not tied and isinstance(quantizer, UniformQuantizer)))  # no int4 kernel for learned points
+    lookup = int(way == "lowbit" or not tied)
+    assert runtime_of(kernels) == {"lowbit": 0, "int4": 0, way: head, "lookup": lookup, "packed": 1 - head + (not tied) * (1 - lookup)}
+    if tied and way == "lowbit":
+        assert kernels.embedding.weight_lowbit is kernels.head.weight_lowbit
+    ids = torch.tensor([[0, 99, 7, 7], [8, 15, 16, 63]])
+    with torch.no_grad():
+        want, got = dense.embedding(ids), kernels.embedding(ids)
+        assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+        want, got = dense(ids), kernels(ids)
+        assert (got - want).abs().max() <= (2**-6 if head and way == "int4" else 1e-5) * want.abs().max()
+        with pytest.raises(IndexError):
+            kernels(torch.tensor([[3, 100]]))
 
 
 @pytest.mark.parametrize("way", ["lowbit"])
