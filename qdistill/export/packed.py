@@ -310,11 +310,17 @@ def entry_indices(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor
     return ((raw[:, None] >> shifts) & (2**bits - 1)).reshape(-1)[:count].long()
 
 
-def decode_entry(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The tensor's quantized values; entries come from a layout `check_layout` accepted."""
-    idx = entry_indices(entry, tensors).view(entry["shape"])
+def checked_indices(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`entry_indices`, refused if one names a point the entry does not have (a crafted file)."""
+    idx = entry_indices(entry, tensors)
     if int(idx.max()) >= entry["n_points"]:
         raise QDistillError(f"{entry['name']}: a level index exceeds its {entry['n_points']} points (damaged or crafted file)")
+    return idx
+
+
+def decode_entry(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tensor's quantized values; entries come from a layout `check_layout` accepted."""
+    idx = checked_indices(entry, tensors).view(entry["shape"])
     if entry["kind"] == "learned":
         points = tensors["points"][entry["points"] : entry["points"] + entry["n_points"]]
     else:

@@ -28,7 +28,7 @@ from torch import nn
 
 from qdistill.errors import QDistillError
 from qdistill.export import lowbit
-from qdistill.export.packed import decode_entry, entry_indices, entry_params, entry_spans, options
+from qdistill.export.packed import checked_indices, decode_entry, entry_indices, entry_params, entry_spans, options
 from qdistill.quant.base import row_group_size
 
 INT4_OPS = ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")
@@ -134,7 +134,7 @@ def lowbit_weights(entry: dict, tensors: dict[str, torch.Tensor]) -> dict[str, t
     scale = p["step"] if "step" in p else (p["hi"] - p["lo"]) / (1 if learned else 2**bits - 1)
     offset = -p["zero"] * scale if "zero" in p else p["lo"]
     weights = {
-        "codes": lowbit.pack_codes(entry_indices(entry, tensors).view(out, length), bits),
+        "codes": lowbit.pack_codes(checked_indices(entry, tensors).view(out, length), bits),
         "scale": lowbit.pack_params(scale.view(out, length // group)),
         "offset": lowbit.pack_params(offset.view(out, length // group)),
     }

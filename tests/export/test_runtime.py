@@ -208,14 +208,17 @@ def test_dense_below_decodes_small_tensors_once(tmp_path, way):
     assert torch.equal(model[2].weight, load_packed(path, model=Mlp())[0][2].weight)
 
 
-def test_runtime_refuses_what_the_dense_loader_refuses(tmp_path):
+@pytest.mark.parametrize("way", ["int4", "lowbit"])
+def test_runtime_refuses_what_the_dense_loader_refuses(tmp_path, way):
+    """Learned points, on qdistill's kernel (by table lookup) or decoded per call: an index past the points is refused."""
     from tests.export.test_untrusted import rewrite
 
-    path = packed_mlp(tmp_path, LearnedPointsQuantizer(2, 32, n_points=3))  # 2-bit indices, 3 points
+    sizes = (256, 64, 64)  # both layers on a kernel where one takes them
+    path = packed_mlp(tmp_path, LearnedPointsQuantizer(2, 32, n_points=3), sizes)  # 2-bit indices, 3 points
     crafted = rewrite(path, tmp_path / "crafted.safetensors", edit_tensors=lambda t: t["indices"].fill_(0xFF))  # index 3
     for kind in ("dense", "kernels"):
         with pytest.raises(QDistillError, match="exceeds its 3 points"):
-            load_packed(crafted, model=Mlp(), runtime=kind)
+            load_packed(crafted, model=Mlp(sizes), runtime=kind)
     with pytest.raises(QDistillError, match="runtime must be one of dense, kernels"):
         load_packed(path, model=Mlp(), runtime="int4")
 
