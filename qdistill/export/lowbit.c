@@ -1,12 +1,13 @@
 /* qdistill's own low-bit matmul for the CPU (AVX2 and FMA): y = x W^T with W held as 2- or 4-bit codes.
 
    W[n, k] = level(code[n, k]) * scale[n, g] + offset[n, g], g = k / group, where level(c) is c itself
-   (uniform levels) or points[c] (learned points, a table of 4 or 16 floats: one or two lane permutes). Output rows go in panels of 8, one
-   per float32 lane: for each k, a panel's 8 codes take `bits` bytes, lane l in byte l * bits / 8 from bit
-   (l * bits) % 8 up. One 32-bit broadcast, a per-lane shift and a mask widen them to a vector (2-bit
-   codes: two k at once). Scales and offsets are [panel, group, 8].
+   (uniform levels) or points[c] (learned points: a table of 16 floats, read by one lane permute for
+   2-bit codes, two and a blend for 4-bit ones). Output rows go in panels of 8, one per float32 lane: for
+   each k, a panel's 8 codes take `bits` bytes, lane l in byte l * bits / 8 from bit (l * bits) % 8 up.
+   One 32-bit broadcast, a per-lane shift and a mask widen them to a vector (2-bit codes: two k at once).
+   Scales and offsets are [panel, group, 8].
 
-   A few input rows (B < BATCH_ROWS): per row and group, the sums of code * x are accumulated, multiplied
+   A few input rows (B < BATCH_ROWS): per row and group, the sums of level * x are accumulated, multiplied
    by the scale, and offset * sum(x) is added; no weight is written out. More rows: two panels' weights
    are decoded to float32 a block of k at a time in a small buffer, then multiplied with up to 6 input
    rows at once from registers. Panels are shared among `threads` OpenMP threads. Compiled at first use
@@ -45,7 +46,7 @@ static inline float hsum(__m256 v) {
 /* One input row against P panels starting at `codes` (panel stride K * bits bytes): 8 * P outputs. */
 static inline __attribute__((always_inline)) void row_panels(const float *restrict x, int K, const uint8_t *restrict codes, const int bits, const int lut,
                                                              const float *restrict points, int group, const int P, const float *restrict scale, const float *restrict offset,
-                                                             const float *restrict xsum, float *restrict y) {
+                                                             float *restrict y) {
     const int groups = K / group;
     const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
     const __m256i lo = bits == 4 ? _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28) : _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
@@ -71,7 +72,11 @@ static inline __attribute__((always_inline)) void row_panels(const float *restri
                 }
             }
         }
-        __m256 xs = _mm256_set1_ps(xsum[g]);
+        __m256 sum = _mm256_setzero_ps();
+        for (int k = g * group; k + 8 <= (g + 1) * group; k += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(x + k));
+        float xsum = hsum(sum);
+        for (int k = (g + 1) * group - group % 8; k < (g + 1) * group; k++) xsum += x[k];
+        __m256 xs = _mm256_set1_ps(xsum);
         for (int p = 0; p < P; p++) {
             const long at = ((long)p * groups + g) * 8;
             total[p] = _mm256_fmadd_ps(_mm256_loadu_ps(scale + at), _mm256_add_ps(even[p], odd[p]), total[p]);
@@ -154,7 +159,7 @@ static inline __attribute__((always_inline)) void batch_pair(const float *restri
 
 static inline __attribute__((always_inline)) void linear(const float *restrict x, int B, int K, const uint8_t *restrict codes, int N, const int bits,
                                                          const int lut, const float *restrict points, int group, const float *restrict scale,
-                                                         const float *restrict offset, const float *restrict xsum, float *restrict y, int threads) {
+                                                         const float *restrict offset, float *restrict y, int threads) {
     const int groups = K / group, panels = N / 8;
     const long panel_bytes = (long)K * bits, panel_params = (long)groups * 8;
     if (B < BATCH_ROWS) {
@@ -162,16 +167,16 @@ static inline __attribute__((always_inline)) void linear(const float *restrict x
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int s = 0; s < sets; s++) {
             for (int b = 0; b < B; b++) {
-                const float *xb = x + (long)b * K, *xs = xsum + (long)b * groups;
+                const float *xb = x + (long)b * K;
                 float *yb = y + (long)b * N;
                 for (int p = s * PANELS; p < (s + 1) * PANELS && p < panels;) {
                     const uint8_t *c = codes + p * panel_bytes;
                     const float *sc = scale + p * panel_params, *of = offset + p * panel_params;
                     if (p + PANELS <= panels) {
-                        row_panels(xb, K, c, bits, lut, points, group, PANELS, sc, of, xs, yb + 8 * p);
+                        row_panels(xb, K, c, bits, lut, points, group, PANELS, sc, of, yb + 8 * p);
                         p += PANELS;
                     } else {
-                        row_panels(xb, K, c, bits, lut, points, group, 1, sc, of, xs, yb + 8 * p);
+                        row_panels(xb, K, c, bits, lut, points, group, 1, sc, of, yb + 8 * p);
                         p += 1;
                     }
                 }
@@ -185,13 +190,12 @@ static inline __attribute__((always_inline)) void linear(const float *restrict x
 }
 
 /* x [B, K] float32, codes [N / 8, K, bits] bytes, scale and offset [N / 8, K / group, 8] float32, points
-   NULL (uniform levels) or 16 floats, xsum [B, K / group] float32 (each group's sum of x), y [B, N] float32.
+   NULL (uniform levels) or 16 floats, y [B, N] float32.
    Needs bits 2 or 4, N a multiple of 16, K a multiple of group and group even. */
 void lowbit_linear(const float *restrict x, int B, int K, const uint8_t *restrict codes, int N, int bits, int group,
-                   const float *restrict scale, const float *restrict offset, const float *restrict points, const float *restrict xsum,
-                   float *restrict y, int threads) {
-    if (points == 0 && bits == 4) linear(x, B, K, codes, N, 4, 0, points, group, scale, offset, xsum, y, threads);
-    else if (points == 0) linear(x, B, K, codes, N, 2, 0, points, group, scale, offset, xsum, y, threads);
-    else if (bits == 4) linear(x, B, K, codes, N, 4, 1, points, group, scale, offset, xsum, y, threads);
-    else linear(x, B, K, codes, N, 2, 1, points, group, scale, offset, xsum, y, threads);
+                   const float *restrict scale, const float *restrict offset, const float *restrict points, float *restrict y, int threads) {
+    if (points == 0 && bits == 4) linear(x, B, K, codes, N, 4, 0, points, group, scale, offset, y, threads);
+    else if (points == 0) linear(x, B, K, codes, N, 2, 0, points, group, scale, offset, y, threads);
+    else if (bits == 4) linear(x, B, K, codes, N, 4, 1, points, group, scale, offset, y, threads);
+    else linear(x, B, K, codes, N, 2, 1, points, group, scale, offset, y, threads);
 }

@@ -24,7 +24,7 @@ from qdistill.files import cache_dir
 
 SOURCE = Path(__file__).with_name("lowbit.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-ARGS = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int]
+ARGS = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
 BUILDING = threading.Lock()
 
 
@@ -133,23 +133,22 @@ def matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: t
 
 
 def run(fn, x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None, threads: int) -> torch.Tensor:
-    """One call of the compiled `fn` on contiguous float32 `x` (the group sums of x computed here): [rows, padded(out)]."""
+    """One call of the compiled `fn` on contiguous float32 `x`: [rows, padded(out)]."""
     rows, length = x.shape
     y = torch.empty(rows, codes.shape[0] * 8, dtype=torch.float32)
     if rows:
-        xsum = x.view(rows, length // group, group).sum(-1)
-        table_ptr = None if points is None else points.data_ptr()
-        fn(x.data_ptr(), rows, length, codes.data_ptr(), y.shape[1], kernel_bits(bits), group, scale.data_ptr(), offset.data_ptr(), table_ptr, xsum.data_ptr(), y.data_ptr(), threads)
+        lut = None if points is None else points.data_ptr()
+        fn(x.data_ptr(), rows, length, codes.data_ptr(), y.shape[1], kernel_bits(bits), group, scale.data_ptr(), offset.data_ptr(), lut, y.data_ptr(), threads)
     return y
 
 
 def _agrees(fn) -> bool:
     """The built kernel against float32 arithmetic on a small case of each width, with uniform levels and with
-    learned points: 40 outputs (whole and partial sets of panels, padding), 320 inputs (two blocks of k), 1,
-    3 and 9 input rows (both paths)."""
+    learned points: 40 outputs (whole and partial sets of panels, padding), 320 inputs (two blocks of k), groups
+    of whole and partial vectors, 1, 3 and 9 input rows (both paths)."""
     g = torch.Generator().manual_seed(0)
     out, length = 40, 320
-    for bits, group in ((2, 32), (4, 64)):
+    for bits, group in ((2, 32), (4, 64), (4, 10)):
         codes = torch.randint(0, 2**bits, (out, length), generator=g)
         scale = torch.rand(out, length // group, generator=g, dtype=torch.float32)
         offset = torch.randn(out, length // group, generator=g, dtype=torch.float32)
