@@ -7,11 +7,12 @@ For each width (4096 and 1024 by default), a stack of `--layers` Linear layers w
   fp32 dense    load_packed(file): today's loader, float32 weights
   bf16 dense    the same weights cast to bfloat16, bfloat16 inputs
   qdistill      load_packed(file, runtime="kernels") at 4 and 2 bits: qdistill's own kernel (float32, codes
-                at their width in memory), uniform levels and learned points (dq's, looked up in a table)
+                at their width in memory), uniform levels and learned points (dq's, looked up in a table);
+                and at 8 bits (uniform)
   torch int4    the same with that kernel left out: torch's int4 kernel (bf16 activations; 2 bits in 4-bit memory)
   tuned         runtime="kernels", tune_batch=32: each layer shape on whichever of the two kernels and a
                 dense matmul ran fastest at 32 rows while loading
-  per-call      4 bits in groups of 100, which no kernel takes, and 8 bits (no kernel either): decoded to float32 at each call
+  per-call      4 bits in groups of 100, which no kernel takes (they do not tile 4096 or 1024): decoded to float32 at each call
   onnx runtime  the file exported by `qdistill export --format onnx` (integer zero points: MatMulNBits'
                 fast path) run by ONNX Runtime at 4 and 2 bits, with float activations (accuracy_level 0)
                 and with int8 ones (accuracy_level 4)
@@ -61,11 +62,11 @@ ROWS = {  # name: (bits, bucket, levels: "float" or "int" zero point, or "learne
     "qdistill kernel, 2 bits": (2, 128, "float", "kernels", torch.float32),
     "qdistill kernel, 4 bits, learned points": (4, 128, "learned", "kernels", torch.float32),
     "qdistill kernel, 2 bits, learned points": (2, 128, "learned", "kernels", torch.float32),
+    "qdistill kernel, 8 bits": (8, 128, "float", "kernels", torch.float32),
     "torch int4 kernel, 4 bits": (4, 128, "float", "kernels-int4", torch.float32),
     "torch int4 kernel, 2 bits": (2, 128, "float", "kernels-int4", torch.float32),
     "kernels, 4 bits, tuned for batch 32": (4, 128, "float", "kernels@32", torch.float32),
     "per-call decode, 4 bits": (4, 100, "float", "kernels", torch.float32),
-    "per-call decode, 8 bits": (8, 128, "float", "kernels", torch.float32),
     "onnx runtime, 4 bits": (4, 128, "int", "onnx-0", torch.float32),
     "onnx runtime, 2 bits": (2, 128, "int", "onnx-0", torch.float32),
     "onnx runtime, 4 bits, int8 activations": (4, 128, "int", "onnx-4", torch.float32),

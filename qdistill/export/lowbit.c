@@ -1,11 +1,11 @@
-/* qdistill's own low-bit matmul for the CPU (AVX2 and FMA): y = x W^T with W held as 2- or 4-bit codes.
+/* qdistill's own low-bit matmul for the CPU (AVX2 and FMA): y = x W^T with W held as 2-, 4- or 8-bit codes.
 
    W[n, k] = level(code[n, k]) * scale[n, g] + offset[n, g], g = k / group, where level(c) is c itself
-   (uniform levels) or points[c] (learned points: a table of 16 floats, read by one lane permute for
-   2-bit codes, two and a blend for 4-bit ones). Output rows go in panels of 8, one per float32 lane: for
-   each k, a panel's 8 codes take `bits` bytes, lane l in byte l * bits / 8 from bit (l * bits) % 8 up.
-   One 32-bit broadcast, a per-lane shift and a mask widen them to a vector (2-bit codes: two k at once).
-   Scales and offsets are [panel, group, 8].
+   (uniform levels) or points[c] (learned points, at 2 and 4 bits: a table of 16 floats, read by one lane
+   permute for 2-bit codes, two and a blend for 4-bit ones). Output rows go in panels of 8, one per float32
+   lane: for each k, a panel's 8 codes take `bits` bytes, lane l in byte l * bits / 8 from bit
+   (l * bits) % 8 up. One 32-bit broadcast, a per-lane shift and a mask widen them to a vector (2-bit codes:
+   two k at once; 8-bit codes: one zero-extending load). Scales and offsets are [panel, group, 8].
 
    A few input rows (B < BATCH_ROWS): per row and group, the sums of level * x are accumulated, multiplied
    by the scale, and offset * sum(x) is added; no weight is written out. More rows: two panels' weights
@@ -27,13 +27,29 @@ static inline __m256i broadcast32(const uint8_t *p) {
     return _mm256_set1_epi32(v);
 }
 
-/* The levels of 8 codes; `table` (lut) holds points[0..7] and points[8..15]. */
-static inline __attribute__((always_inline)) __m256 widen(__m256i c, __m256i shifts, __m256i mask, const int bits, const int lut, const __m256 *table) {
-    __m256i q = _mm256_and_si256(_mm256_srlv_epi32(c, shifts), mask);
+/* The levels of 8 codes (`bits` 2 or 4); `table` (lut) holds points[0..7] and points[8..15]. */
+static inline __attribute__((always_inline)) __m256 widen(__m256i c, __m256i shifts, const int bits, const int lut, const __m256 *table) {
+    __m256i q = _mm256_and_si256(_mm256_srlv_epi32(c, shifts), _mm256_set1_epi32((1 << bits) - 1));
     if (!lut) return _mm256_cvtepi32_ps(q);
     __m256 low = _mm256_permutevar8x32_ps(table[0], q);
     if (bits == 2) return low;
     return _mm256_blendv_ps(low, _mm256_permutevar8x32_ps(table[1], q), _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
+}
+
+/* The levels of one panel's codes at k and k + 1; `c` points at k's. 8-bit codes are uniform levels only. */
+static inline __attribute__((always_inline)) void levels_at(const uint8_t *c, const int bits, const int lut, const __m256 *table, __m256 *q0, __m256 *q1) {
+    if (bits == 8) {
+        *q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)c)));
+        *q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c + 8))));
+    } else if (bits == 4) {
+        const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+        *q0 = widen(broadcast32(c), shifts, 4, lut, table);
+        *q1 = widen(broadcast32(c + 4), shifts, 4, lut, table);
+    } else {
+        const __m256i both = broadcast32(c), shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+        *q0 = widen(both, shifts, 2, lut, table);
+        *q1 = widen(both, _mm256_add_epi32(shifts, _mm256_set1_epi32(16)), 2, lut, table);
+    }
 }
 
 static inline float hsum(__m256 v) {
@@ -48,9 +64,6 @@ static inline __attribute__((always_inline)) void row_panels(const float *restri
                                                              const float *restrict points, int group, const int P, const float *restrict scale, const float *restrict offset,
                                                              float *restrict y) {
     const int groups = K / group;
-    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
-    const __m256i lo = bits == 4 ? _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28) : _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-    const __m256i hi = _mm256_add_epi32(lo, _mm256_set1_epi32(16));
     __m256 table[2];
     if (lut) table[0] = _mm256_loadu_ps(points), table[1] = _mm256_loadu_ps(points + 8);
     __m256 total[PANELS];
@@ -61,15 +74,10 @@ static inline __attribute__((always_inline)) void row_panels(const float *restri
         for (int k = g * group; k < (g + 1) * group; k += 2) {
             __m256 x0 = _mm256_set1_ps(x[k]), x1 = _mm256_set1_ps(x[k + 1]);
             for (int p = 0; p < P; p++) {
-                const uint8_t *c = codes + ((long)p * K + k) * bits;
-                if (bits == 4) {
-                    even[p] = _mm256_fmadd_ps(widen(broadcast32(c), lo, mask, bits, lut, table), x0, even[p]);
-                    odd[p] = _mm256_fmadd_ps(widen(broadcast32(c + 4), lo, mask, bits, lut, table), x1, odd[p]);
-                } else {
-                    __m256i both = broadcast32(c);
-                    even[p] = _mm256_fmadd_ps(widen(both, lo, mask, bits, lut, table), x0, even[p]);
-                    odd[p] = _mm256_fmadd_ps(widen(both, hi, mask, bits, lut, table), x1, odd[p]);
-                }
+                __m256 q0, q1;
+                levels_at(codes + ((long)p * K + k) * bits, bits, lut, table, &q0, &q1);
+                even[p] = _mm256_fmadd_ps(q0, x0, even[p]);
+                odd[p] = _mm256_fmadd_ps(q1, x1, odd[p]);
             }
         }
         __m256 sum = _mm256_setzero_ps();
@@ -91,9 +99,6 @@ static inline __attribute__((always_inline)) void decode_pair(const uint8_t *res
                                                               int group, const float *restrict scale, const float *restrict offset, int k0, int n,
                                                               float *restrict w) {
     const int groups = K / group;
-    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
-    const __m256i lo = bits == 4 ? _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28) : _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-    const __m256i hi = _mm256_add_epi32(lo, _mm256_set1_epi32(16));
     __m256 table[2];
     if (lut) table[0] = _mm256_loadu_ps(points), table[1] = _mm256_loadu_ps(points + 8);
     for (int p = 0; p < 2; p++) {
@@ -102,14 +107,7 @@ static inline __attribute__((always_inline)) void decode_pair(const uint8_t *res
             const long at = ((long)p * groups + k / group) * 8;
             __m256 s = _mm256_loadu_ps(scale + at), o = _mm256_loadu_ps(offset + at);
             __m256 q0, q1;
-            if (bits == 4) {
-                q0 = widen(broadcast32(c + (long)k * 4), lo, mask, bits, lut, table);
-                q1 = widen(broadcast32(c + (long)k * 4 + 4), lo, mask, bits, lut, table);
-            } else {
-                __m256i both = broadcast32(c + (long)k * 2);
-                q0 = widen(both, lo, mask, bits, lut, table);
-                q1 = widen(both, hi, mask, bits, lut, table);
-            }
+            levels_at(c + (long)k * bits, bits, lut, table, &q0, &q1);
             _mm256_store_ps(w + (k - k0) * 16 + 8 * p, _mm256_fmadd_ps(q0, s, o));
             _mm256_store_ps(w + (k + 1 - k0) * 16 + 8 * p, _mm256_fmadd_ps(q1, s, o));
         }
@@ -191,10 +189,11 @@ static inline __attribute__((always_inline)) void linear(const float *restrict x
 
 /* x [B, K] float32, codes [N / 8, K, bits] bytes, scale and offset [N / 8, K / group, 8] float32, points
    NULL (uniform levels) or 16 floats, y [B, N] float32.
-   Needs bits 2 or 4, N a multiple of 16, K a multiple of group and group even. */
+   Needs bits 2, 4 or 8 (8: points NULL), N a multiple of 16, K a multiple of group and group even. */
 void lowbit_linear(const float *restrict x, int B, int K, const uint8_t *restrict codes, int N, int bits, int group,
                    const float *restrict scale, const float *restrict offset, const float *restrict points, float *restrict y, int threads) {
-    if (points == 0 && bits == 4) linear(x, B, K, codes, N, 4, 0, points, group, scale, offset, y, threads);
+    if (points == 0 && bits == 8) linear(x, B, K, codes, N, 8, 0, points, group, scale, offset, y, threads);
+    else if (points == 0 && bits == 4) linear(x, B, K, codes, N, 4, 0, points, group, scale, offset, y, threads);
     else if (points == 0) linear(x, B, K, codes, N, 2, 0, points, group, scale, offset, y, threads);
     else if (bits == 4) linear(x, B, K, codes, N, 4, 1, points, group, scale, offset, y, threads);
     else linear(x, B, K, codes, N, 2, 1, points, group, scale, offset, y, threads);

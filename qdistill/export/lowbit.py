@@ -1,4 +1,4 @@
-"""qdistill's own 2- and 4-bit matmul for x86-64 CPUs with AVX2 and FMA (`lowbit.c`): compiled with the
+"""qdistill's own 2-, 4- and 8-bit matmul for x86-64 CPUs with AVX2 and FMA (`lowbit.c`): compiled with the
 system's C compiler at first use into the cache (`QDISTILL_CACHE`/kernels, keyed by the source, the flags
 and the CPU), checked on a small case, and loaded with ctypes. Where any of that cannot be done
 (`library()` is None) the runtime uses torch's int4 kernel instead. The source is qdistill's own: nothing
@@ -26,6 +26,7 @@ SOURCE = Path(__file__).with_name("lowbit.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 ARGS = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
 BUILDING = threading.Lock()
+SERIAL_WORK = 2**19  # multiply-adds per thread below which extra threads cost more than they save (a few tens of µs)
 
 
 def cpu_flags() -> set[str]:
@@ -67,13 +68,14 @@ def library():
 
 
 def kernel_bits(bits: int) -> int:
-    """The code width a b-bit level is held in: 1 and 2 bits as 2, 3 and 4 bits as 4 (same level, same step)."""
-    return 2 if bits <= 2 else 4
+    """The code width a b-bit level is held in: 1 and 2 bits as 2, 3 and 4 bits as 4, 5 to 8 as 8 (same level, same step)."""
+    return 2 if bits <= 2 else 4 if bits <= 4 else 8
 
 
-def fits(length: int, group: int, bits: int) -> bool:
-    """Whether rows of `length` inputs in groups of `group` run on the kernel: whole groups of an even size."""
-    return bits <= 4 and length % group == 0 and group % 2 == 0
+def fits(length: int, group: int, bits: int, learned: bool = False) -> bool:
+    """Whether rows of `length` inputs in groups of `group` run on the kernel: whole groups of an even size, at
+    most 8 bits (learned points: 4, the size of its table)."""
+    return bits <= (4 if learned else 8) and length % group == 0 and group % 2 == 0
 
 
 def padded(out: int) -> int:
@@ -129,12 +131,15 @@ def matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: t
         levels = (codes.float() if points is None else points[codes.long()]).view(out, -1, group)
         weight = levels * unpack_params(scale, out)[..., None] + unpack_params(offset, out)[..., None]
         return x @ weight.view(out, length).T
-    return run(fn, x, codes, bits, group, scale, offset, points, torch.get_num_threads())[:, :out]
+    threads = max(1, min(torch.get_num_threads(), rows * out * length // SERIAL_WORK))
+    return run(fn, x, codes, bits, group, scale, offset, points, threads)[:, :out]
 
 
 def run(fn, x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None, threads: int) -> torch.Tensor:
     """One call of the compiled `fn` on contiguous float32 `x`: [rows, padded(out)]."""
     rows, length = x.shape
+    if length != codes.shape[1]:
+        raise ValueError(f"{length} inputs for weights of {codes.shape[1]}")
     y = torch.empty(rows, codes.shape[0] * 8, dtype=torch.float32)
     if rows:
         lut = None if points is None else points.data_ptr()
@@ -143,16 +148,16 @@ def run(fn, x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: 
 
 
 def _agrees(fn) -> bool:
-    """The built kernel against float32 arithmetic on a small case of each width, with uniform levels and with
-    learned points: 40 outputs (whole and partial sets of panels, padding), 320 inputs (two blocks of k), groups
+    """The built kernel against float32 arithmetic on a small case of each width, with uniform levels and (2 and
+    4 bits) with learned points: 40 outputs (whole and partial sets of panels, padding), 320 inputs (two blocks of k), groups
     of whole and partial vectors, 1, 3 and 9 input rows (both paths)."""
     g = torch.Generator().manual_seed(0)
     out, length = 40, 320
-    for bits, group in ((2, 32), (4, 64), (4, 10)):
+    for bits, group in ((2, 32), (4, 64), (4, 10), (8, 32)):
         codes = torch.randint(0, 2**bits, (out, length), generator=g)
         scale = torch.rand(out, length // group, generator=g, dtype=torch.float32)
         offset = torch.randn(out, length // group, generator=g, dtype=torch.float32)
-        for points in (None, torch.rand(2**bits, generator=g, dtype=torch.float32)):
+        for points in (None, torch.rand(2**bits, generator=g, dtype=torch.float32))[: 1 if bits == 8 else 2]:
             levels = codes.float() if points is None else points[codes]
             weight = (levels.view(out, -1, group) * scale[..., None] + offset[..., None]).view(out, length)
             for rows in (1, 3, 9):

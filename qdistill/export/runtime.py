@@ -1,10 +1,11 @@
 """The low-bit inference runtime (`load_packed(path, runtime="kernels")`): quantized weights stay packed in memory.
 
 Each quantized tensor runs one of these ways (docs/inference.md):
-  lowbit  an nn.Linear at 1 to 4 bits, uniform levels or learned points (dq: by table lookup), whose groups
-          tile its rows, of an even size: `LowBitLinear`, qdistill's own kernel (`lowbit`, float32, codes at
-          2 or 4 bits in memory), within float rounding of the dense layer, where that kernel builds here;
-  int4    else such a layer (uniform) in groups of 32 to 256: `Int4Linear`, torch's int4 weight-only CPU
+  lowbit  an nn.Linear, uniform levels at 1 to 8 bits or learned points (dq: by table lookup) at 1 to 4,
+          whose groups tile its rows, of an even size: `LowBitLinear`, qdistill's own kernel (`lowbit`,
+          float32, codes at 2, 4 or 8 bits in memory), within float rounding of the dense layer, where that
+          kernel builds here;
+  int4    else such a layer (uniform, 1 to 4 bits) in groups of 32 to 256: `Int4Linear`, torch's int4 weight-only CPU
           kernel (bf16 activations), within a stated tolerance;
   lookup  an nn.Embedding whose weight that kernel's layout holds: `LowBitEmbedding`, which decodes only the
           rows it looks up; tied to a lowbit layer (an output layer), it shares that layer's codes;
@@ -112,11 +113,11 @@ class Int4Linear(nn.Module):
 
 
 def lowbit_fits(entry: dict) -> bool:
-    """Whether qdistill's kernel layout holds this tensor: a 2-D weight at 1 to 4 bits, uniform levels or
-    learned points, in row groups of an even size."""
-    if entry["kind"] not in ("uniform", "learned") or entry["index_bits"] > 4 or len(entry["shape"]) != 2 or row_group(entry) is None:
+    """Whether qdistill's kernel layout holds this tensor: a 2-D weight in row groups of an even size, uniform
+    levels at 1 to 8 bits or learned points at 1 to 4."""
+    if entry["kind"] not in ("uniform", "learned") or len(entry["shape"]) != 2 or row_group(entry) is None:
         return False
-    return lowbit.fits(entry["shape"][1], row_group(entry), entry["index_bits"])
+    return lowbit.fits(entry["shape"][1], row_group(entry), entry["index_bits"], entry["kind"] == "learned")
 
 
 def lowbit_ready(entry: dict) -> bool:
@@ -169,8 +170,9 @@ class LowBitWeights(nn.Module):
         panel, lane = ids // 8, ids % 8
         codes = (self.codes[panel, :, lane * b // 8] >> ((lane * b) % 8)[:, None].to(torch.uint8)) & (2**b - 1)
         levels = codes.float() if points is None else points[codes.long()]
-        values = levels.view(len(ids), -1, self.group) * scale[panel, :, lane][..., None] + offset[panel, :, lane][..., None]
-        return values.view(len(ids), -1)
+        length = self.codes.shape[1]
+        values = levels.view(len(ids), length // self.group, self.group) * scale[panel, :, lane][..., None] + offset[panel, :, lane][..., None]
+        return values.view(len(ids), length)
 
 
 def refuse_training(x: torch.Tensor) -> None:
@@ -179,9 +181,9 @@ def refuse_training(x: torch.Tensor) -> None:
 
 
 class LowBitLinear(nn.Module):
-    """An nn.Linear whose weight stays as its 2- or 4-bit codes in memory (1- and 3-bit levels in the next
-    width; learned points by table lookup), multiplied by qdistill's own kernel in float32 (`lowbit`), the
-    bias added in the input's dtype."""
+    """An nn.Linear whose weight stays as its 2-, 4- or 8-bit codes in memory (other widths in the next one up;
+    learned points by table lookup), multiplied by qdistill's own kernel in float32 (`lowbit`), the bias
+    added in the input's dtype."""
 
     def __init__(self, linear: nn.Linear, entry: dict, tensors: dict[str, torch.Tensor]):
         super().__init__()
@@ -287,7 +289,7 @@ def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], 
         as_layers = len(linears) + len(embeddings) == len(uses) and len(linears) <= 1
         ways = tuple(k for k, ready in (("lowbit", lowbit_ready), ("int4", int4_ready)) if ready(e) and (k == "lowbit" or not embeddings)) if linears and as_layers else ()
         if ways:
-            way = fastest(tuple(e["shape"]), row_group(e), e["index_bits"], tune_batch, ways) if tune_batch else ways[0]
+            way = fastest(tuple(e["shape"]), row_group(e), e["index_bits"], e["kind"] == "learned", tune_batch, ways) if tune_batch else ways[0]
             if way == "dense":
                 dense.append(e)
                 continue
@@ -308,17 +310,18 @@ def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], 
 
 
 @functools.cache
-def fastest(shape: tuple[int, int], group: int, bits: int, batch: int, ways: tuple[str, ...]) -> str:
+def fastest(shape: tuple[int, int], group: int, bits: int, learned: bool, batch: int, ways: tuple[str, ...]) -> str:
     """The fastest of the kernels `ways` and a dense float32 matmul ("dense") for this layer shape at `batch`
-    rows on this machine, timed once per shape, group, width and batch on random weights (small layers at
-    large batches can lose on a kernel)."""
+    rows on this machine, timed once per shape, group, width, kind of levels and batch on random weights
+    (small layers at large batches can lose on a kernel)."""
     out, length = shape
     x = torch.randn(batch, length)
     runs = {"dense": functools.partial(F.linear, x, torch.randn(out, length))}
     if "lowbit" in ways:
         codes = lowbit.pack_codes(torch.randint(0, 2**bits, (out, length)), bits)
         scale, offset = (lowbit.pack_params(torch.rand(out, length // group)) for _ in range(2))
-        runs["lowbit"] = functools.partial(lowbit.matmul, x, codes, bits, group, scale, offset, out)
+        points = lowbit.table(torch.rand(2**bits)) if learned else None
+        runs["lowbit"] = functools.partial(lowbit.matmul, x, codes, bits, group, scale, offset, out, points)
     if "int4" in ways:
         rows = out + -out % INT4_ROWS
         kernel_weight = int4_kernel()[0](torch.full((rows, length), 8, dtype=torch.int32), 2)

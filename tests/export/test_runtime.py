@@ -114,8 +114,8 @@ QUANTIZERS = {
 
 @pytest.mark.parametrize("name", QUANTIZERS)
 def test_packed_fallback_is_exact(tmp_path, name):
-    """No kernel fits (flat buckets that straddle rows, learned points, 8 bits, groups the kernel refuses,
-    convolutions): each weight is decoded at each call, bit for bit the dense loader's."""
+    """Torch's kernel (qdistill's left out) fits none of these (flat buckets that straddle rows, learned points,
+    8 bits, groups it refuses, convolutions): each weight is decoded at each call, bit for bit the dense loader's."""
     torch.manual_seed(0)
     model = build_model(model_spec("tiny"))
     attach(model, QUANTIZERS[name])
@@ -319,10 +319,10 @@ def test_language_model_perplexity_on_kernels_within_0_05_of_dense(tmp_path, way
 def test_tune_batch_runs_dense_the_shapes_that_are_faster_dense(tmp_path, monkeypatch, dense_wins, way):
     path = packed_mlp(tmp_path, UniformQuantizer(4, 32, groups="row", scale_dtype="bfloat16"))
     asked = []
-    monkeypatch.setattr(runtime, "fastest", lambda shape, group, bits, batch, ways: asked.append((shape, group, bits, batch, ways)) or ("dense" if dense_wins else ways[0]))
+    monkeypatch.setattr(runtime, "fastest", lambda shape, group, bits, learned, batch, ways: asked.append((shape, group, bits, learned, batch, ways)) or ("dense" if dense_wins else ways[0]))
     model = load_packed(path, model=Mlp(), runtime="kernels", tune_batch=32)[0]
     ways = ("lowbit", "int4") if way == "lowbit" else ("int4",)
-    assert asked == [((40, 256), 32, 4, 32, ways)]  # the one kernel-ready layer; the other is packed whatever the timing
+    assert asked == [((40, 256), 32, 4, False, 32, ways)]  # the one kernel-ready layer; the other is packed whatever the timing
     assert runtime_of(model) == counts(way, 0 if dense_wins else 1, 1)
     if dense_wins:
         assert torch.equal(model[0].weight, load_packed(path, model=Mlp())[0][0].weight)
@@ -331,18 +331,18 @@ def test_tune_batch_runs_dense_the_shapes_that_are_faster_dense(tmp_path, monkey
 @pytest.mark.parametrize("way", ["lowbit"])
 def test_fastest_times_each_way_once_per_shape(way):
     runtime.fastest.cache_clear()
-    assert runtime.fastest((40, 256), 32, 4, 4, ("lowbit", "int4")) in ("lowbit", "int4", "dense") and runtime.fastest.cache_info().misses == 1
-    runtime.fastest((40, 256), 32, 4, 4, ("lowbit", "int4"))
-    assert runtime.fastest.cache_info().hits == 1  # once per shape, group, width, batch and set of kernels
+    assert runtime.fastest((40, 256), 32, 4, False, 4, ("lowbit", "int4")) in ("lowbit", "int4", "dense") and runtime.fastest.cache_info().misses == 1
+    runtime.fastest((40, 256), 32, 4, False, 4, ("lowbit", "int4"))
+    assert runtime.fastest.cache_info().hits == 1  # once per shape, group, width, kind of levels, batch and set of kernels
 
 
 @pytest.mark.parametrize("way", ["lowbit"])
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("bits, group", [(4, 32), (3, 64), (2, 32), (1, 64)])
+@pytest.mark.parametrize("bits, group", [(8, 32), (5, 64), (4, 32), (3, 64), (2, 32), (1, 64)])
 def test_lowbit_layer_within_float_rounding_of_dense(tmp_path, bits, group, form, way):
     """qdistill's kernel computes in float32 from the file's own steps and offsets: outputs within 1e-5 of the
     largest (rounding only, in any order of summation), at every batch size (1 to 3 rows summed per group; from 4 on, decoded
-    weights times 6 rows at a time, then the rest), with codes held at 2 or 4 bits (40 output rows padded to 48)."""
+    weights times 6 rows at a time, then the rest), with codes held at 2, 4 or 8 bits (40 output rows padded to 48)."""
     path = packed_mlp(tmp_path, UniformQuantizer(bits, group, groups="row", **FORMS[form]))
     dense, kernels = load_packed(path, model=Mlp())[0], load_packed(path, model=Mlp(), runtime="kernels")[0]
     layer = kernels[0]
@@ -405,8 +405,10 @@ def test_embeddings_look_up_only_their_rows(tmp_path, way, tied, quantizer):
         assert (got - want).abs().max() <= 1e-6 * want.abs().max()
         want, got = dense(ids), kernels(ids)
         assert (got - want).abs().max() <= (2**-6 if head and way == "int4" else 1e-5) * want.abs().max()
-        with pytest.raises(IndexError):
-            kernels(torch.tensor([[3, 100]]))
+        assert kernels.embedding(torch.zeros(2, 0, dtype=torch.long)).shape == dense.embedding(torch.zeros(2, 0, dtype=torch.long)).shape
+        for wrong in (100, -1):
+            with pytest.raises(IndexError):
+                kernels(torch.tensor([[3, wrong]]))
 
 
 @pytest.mark.parametrize("way", ["lowbit"])
