@@ -511,6 +511,7 @@ def test_inference_job_and_ratios(tmp_path):
     assert done[1]["b32_speedup"] == rows[0]["b32_ms"] / rows[1]["b32_ms"] and done[1]["memory_ratio"] == (rows[0]["held_mib"] / rows[1]["held_mib"] if rows[1]["held_mib"] > 0 else None)  # in-process: freed memory may be reused
     assert done[1]["of_file"] == rows[1]["held_mib"] / (path.stat().st_size / 2**20) and done[1]["mib"] == rows[1]["rss_mib"] - 1
     assert "| stack-64-2 | torch int4 kernel, 4 bits |" in inference.markdown(done, "setup")
+    assert inference.best_of([{"b1_ms": 3.0, "b32_ms": 5.0, "held_mib": 1.0}, {"b1_ms": 2.0, "b32_ms": 6.0, "held_mib": 9.0}]) == {"b1_ms": 2.0, "b32_ms": 5.0, "held_mib": 1.0}
     inference.write_file(lm, "gpt-tiny", 4, 128, "float")
     tuned = inference.run_job("kernels, 4 bits, tuned for batch 32", str(lm), "gpt-tiny", torch.get_num_threads(), 2, 1.0)
     assert tuned["packed"] > 0 and len(tuned["output"]) == inference.VOCAB * inference.TOKENS
