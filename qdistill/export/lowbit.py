@@ -97,21 +97,22 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return packed
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, out: int) -> torch.Tensor:
-    """`pack_codes` undone: the [out, in] levels, for the decoding path."""
-    b = kernel_bits(bits)
-    lanes = (packed[..., None] >> (b * torch.arange(8 // b, dtype=torch.uint8))) & (2**b - 1)
-    return lanes.view(packed.shape[0], packed.shape[1], 8).transpose(1, 2).reshape(-1, packed.shape[1])[:out]
-
-
 def pack_params(values: torch.Tensor) -> torch.Tensor:
     """[out, groups] float32 scales or offsets as the kernel reads them: [padded(out) / 8, groups, 8]."""
     out, groups = values.shape
     return F.pad(values.float(), (0, 0, 0, padded(out) - out)).view(-1, 8, groups).transpose(1, 2).contiguous()
 
 
-def unpack_params(values: torch.Tensor, out: int) -> torch.Tensor:
-    return values.transpose(1, 2).reshape(-1, values.shape[1])[:out]
+def decode_rows(codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` (flat, in range) of the weights level * scale + offset, as `pack_codes`, `pack_params` and
+    `table` hold them, in float32 [len(ids), in]: only those rows are read."""
+    b = kernel_bits(bits)
+    panel, lane = ids // 8, ids % 8
+    levels = (codes[panel, :, lane * b // 8] >> ((lane * b) % 8)[:, None].to(torch.uint8)) & (2**b - 1)
+    levels = levels.float() if points is None else points[levels.long()]
+    length = codes.shape[1]
+    values = levels.view(len(ids), length // group, group) * scale[panel, :, lane][..., None] + offset[panel, :, lane][..., None]
+    return values.view(len(ids), length)
 
 
 def table(points: torch.Tensor) -> torch.Tensor:
@@ -128,10 +129,7 @@ def matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: t
     rows, length = x.shape
     fn = library()
     if fn is None:
-        codes = unpack_codes(codes, bits, out)
-        levels = (codes.float() if points is None else points[codes.long()]).view(out, -1, group)
-        weight = levels * unpack_params(scale, out)[..., None] + unpack_params(offset, out)[..., None]
-        return x @ weight.view(out, length).T
+        return x @ decode_rows(codes, bits, group, scale, offset, points, torch.arange(out)).T
     threads = max(1, min(torch.get_num_threads(), rows * out * length // SERIAL_WORK))
     return run(fn, x, codes, bits, group, scale, offset, points, threads)[:, :out]
 

@@ -165,14 +165,7 @@ class LowBitWeights(nn.Module):
 
     def rows_of(self, ids: torch.Tensor) -> torch.Tensor:
         """The weight's rows `ids` (flat, in range) decoded to float32: only those rows are read."""
-        scale, offset, points = self.float_buffers()
-        b = lowbit.kernel_bits(self.bits)
-        panel, lane = ids // 8, ids % 8
-        codes = (self.codes[panel, :, lane * b // 8] >> ((lane * b) % 8)[:, None].to(torch.uint8)) & (2**b - 1)
-        levels = codes.float() if points is None else points[codes.long()]
-        length = self.codes.shape[1]
-        values = levels.view(len(ids), length // self.group, self.group) * scale[panel, :, lane][..., None] + offset[panel, :, lane][..., None]
-        return values.view(len(ids), length)
+        return lowbit.decode_rows(self.codes, self.bits, self.group, *self.float_buffers(), ids)
 
 
 def refuse_training(x: torch.Tensor) -> None:
