@@ -7,15 +7,18 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
 import torch
 import yaml
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from safetensors import safe_open
 from torch import nn
 
@@ -23,8 +26,9 @@ from qdistill.data import load_dataset
 from qdistill.errors import QDistillError
 from qdistill.export import export_hf, inspect_packed, is_packed, load_packed
 from qdistill.export.packed import RUNTIMES, read_packed
+from qdistill.files import replaced_whole, write_text
 from qdistill.models import HF_FACTORY, LM_PRESETS, build_model, hf_spec, is_language_model, load_checkpoint, load_hf, model_spec, vocab_size_of
-from qdistill.pipeline import cache_dir, new_run_dir, run_method
+from qdistill.pipeline import cache_dir, new_run_dir, run_in, run_method
 from qdistill.report import markdown_table, plot_history, result_columns
 from qdistill.tasks import TASKS, ImageClassification, LanguageModelling, SentenceEmbedding, generate
 from qdistill.train import METHODS, TrainConfig, distributed, read_yaml
@@ -33,6 +37,15 @@ from qdistill.train.state import Checkpoint, check_intervals
 from qdistill.train.config import CHOICES
 
 out = Console()
+
+
+def shown(text, lines: bool = False) -> str:
+    """`text` as the terminal may show it: control characters (escape sequences that clear the screen or
+    move the cursor, carriage returns that overwrite a line) written as \\x.. escapes; give it to rich as a
+    `Text`, never as markup. Names and text from a file (tensor names, a model's output) are someone else's.
+    `lines`: keep newlines and tabs."""
+    keep = "\n\t" if lines else ""
+    return "".join(c if c in keep or unicodedata.category(c)[0] != "C" else c.encode("unicode_escape").decode("ascii") for c in str(text))
 
 
 def bucket_arg(text: str):
@@ -104,9 +117,20 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+DATA_SIZES = {"train_subset": 1, "test_subset": 1, "val_size": 0, "seq_len": 1}  # the least each may be
+
+
+def check_data_sizes(args) -> None:
+    """The data options' sizes, before any data are read (0 would otherwise read as "all")."""
+    for name, least in DATA_SIZES.items():
+        value = getattr(args, name, None)
+        if value is not None and not least <= value <= 1 << 40:
+            raise QDistillError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+
+
 def data_from(args):
     data = load_dataset(args.dataset, args.data_dir, args.val_size)
-    if args.train_subset or args.test_subset:
+    if args.train_subset is not None or args.test_subset is not None:
         data = data.subset(args.train_subset, args.test_subset)
     return data
 
@@ -146,6 +170,7 @@ DEFAULT_MODELS = {"classification": ("tiny", "resnet-small"), "lm": ("lstm-tiny"
 def task_from(args, name: str, reference: nn.Module | None = None):
     """The task a command runs: Fashion-MNIST (or a dataset hook), a token corpus cut into windows, or the
     sentences of a text folder embedded as the `reference` encoder embeds them."""
+    check_data_sizes(args)
     if name == "classification":
         return ImageClassification(data_from(args))
     if name == "embedding":
@@ -163,7 +188,7 @@ def task_from(args, name: str, reference: nn.Module | None = None):
         corpus = load_text_folder(args.text_dir, cache_dir(), vocab_size, quiet=args.quiet)
     else:
         corpus = load_python_docs(cache_dir(), vocab_size, quiet=args.quiet)
-    if args.train_subset or args.test_subset:
+    if args.train_subset is not None or args.test_subset is not None:
         corpus = corpus.subset(args.train_subset, args.test_subset)
     return LanguageModelling(corpus, 128 if args.seq_len is None else args.seq_len)
 
@@ -205,14 +230,17 @@ def cmd_train_teacher(args) -> None:
         raise QDistillError("an embedding task's teacher is a pretrained sentence encoder: pass it to distill as --teacher hf:DIR")
     args.model = args.model or DEFAULT_MODELS[name][1]
     cfg = config_from(args, defaults=TASKS[name], method="fp")
+    resolve_device(cfg.device)  # before any work: a device this machine lacks
     with distributed.main_first():  # under torchrun rank 0 prepares (and caches) the data, the others read it
         task = task_from(args, name)
-    run_dir = distributed.on_main(new_run_dir, args.run_dir, "teacher")
     spec = model_spec(args.model, **task.spec_args(), hf_head=args.hf_head)
-    row, _ = run_method("teacher", spec, task, cfg, run_dir, quiet=args.quiet)
+    made = not (args.run_dir and os.path.lexists(args.run_dir))
+    run_dir = distributed.on_main(new_run_dir, args.run_dir, "teacher")
+    with run_in(run_dir, made):
+        row, _ = run_method("teacher", spec, task, cfg, run_dir, quiet=args.quiet)
     if not distributed.is_main():  # under torchrun rank 0 writes the results
         return
-    (run_dir / "results.json").write_text(json.dumps({"rows": [row], "config": cfg.to_dict()}, indent=1))
+    write_text(run_dir / "results.json", json.dumps({"rows": [row], "config": cfg.to_dict()}, indent=1))
     plot_history(run_dir / "metrics.jsonl", run_dir / "training.png", f"teacher {args.model}", task.metric)
     show_rows([row], f"teacher {args.model}", task.metric)
     out.print(f"teacher saved to {run_dir / row['file']}")
@@ -223,20 +251,66 @@ FILE_ARGS = ("teacher", "init", "config", "data_dir", "text_dir", "tokenizer", "
 MODEL_ARGS = ("student", "teacher_model")  # presets, or hf: directories (files)
 
 
-def resumed_args(run_dir: Path) -> tuple[argparse.Namespace, TrainConfig]:
-    """The arguments and config of the killed run in `run_dir`; a finished or foreign directory is refused."""
+def distill_options() -> dict[str, argparse.Action]:
+    """The options of `qdistill distill`, by destination."""
+    parser = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["distill"]
+    return {a.dest: a for a in parser._actions if a.dest != "help"}
+
+
+def fits_option(action: argparse.Action, value) -> bool:
+    """Whether `value` is one the option could hold after argparse read a command line: run.json is data
+    from whoever wrote the directory, checked as a command line would be."""
+    if value is None:
+        return True
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+        return isinstance(value, bool)
+    if action.nargs is not None or isinstance(action, argparse._AppendAction):
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if action.type is int or action.type is bucket_arg:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if action.type is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, str) and (action.choices is None or value in action.choices)
+
+
+def named_code(args: argparse.Namespace) -> list[str]:
+    """What in a distill run's arguments would import or run code: a model factory, a dataset hook, --trust-code."""
+    code = [f"--{key.replace('_', '-')} {args_value}" for key in ("student", "teacher_model") if (args_value := getattr(args, key)) and ":" in args_value and not args_value.startswith("hf:")]
+    if args.dataset != "fashion-mnist":
+        code.append(f"--dataset {args.dataset}")
+    return code + (["--trust-code (factories named in its model files)"] if args.trust_code else [])
+
+
+def resumed_args(run_dir: Path, trust_code: bool) -> tuple[argparse.Namespace, TrainConfig]:
+    """The arguments and config of the killed run in `run_dir`; a finished or foreign directory is refused.
+
+    A run directory may come from someone else (a colleague's preempted job, a downloaded checkpoint): its
+    run.json is read as data, each value checked as the command line would check it, and code it names (a
+    factory, a dataset hook, --trust-code) runs only with the resuming user's own --trust-code."""
     if not (run_dir / RUN_ARGS).is_file() or not (run_dir / "config.yaml").is_file():
         raise QDistillError(f"{run_dir} is not the directory of a `qdistill distill` run (no {RUN_ARGS}): nothing to resume")
-    if (run_dir / "results.json").exists():
+    if os.path.lexists(run_dir / "results.json"):
         raise QDistillError(f"{run_dir} holds a finished run (results.json): nothing to resume; start a new run with another --run-dir")
+    damaged = QDistillError(f"{run_dir / RUN_ARGS} is damaged or not written by qdistill distill: cannot resume")
     try:
         saved = json.loads((run_dir / RUN_ARGS).read_text())
-        if saved.pop("command") != "distill":
-            raise ValueError
-        defaults = vars(build_parser().parse_args(["distill"]))  # an option added since keeps its default
-        return argparse.Namespace(**{**defaults, **saved, "resume": str(run_dir)}), TrainConfig.from_dict(read_yaml(run_dir / "config.yaml"))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise QDistillError(f"{run_dir / RUN_ARGS} is damaged or not written by qdistill distill: cannot resume") from None
+    except (OSError, ValueError, RecursionError):
+        raise damaged from None
+    options = distill_options()
+    if not isinstance(saved, dict) or saved.pop("command", None) != "distill" or set(saved) - set(options) - {"func"}:
+        raise damaged
+    asked_trust = saved.get("trust_code") is True
+    saved = {k: v for k, v in saved.items() if k not in ("func", "resume", "trust_code", "run_dir")}
+    wrong = next((k for k, v in saved.items() if not fits_option(options[k], v)), None)
+    if wrong is not None:
+        raise QDistillError(f"{run_dir / RUN_ARGS}: {wrong} is {saved[wrong]!r}, not a value of --{wrong.replace('_', '-')}: a damaged or crafted run directory, cannot resume")
+    defaults = {k: a.default for k, a in options.items() if a.default is not argparse.SUPPRESS}  # an option added since keeps its default
+    args = argparse.Namespace(**{**defaults, **saved, "resume": str(run_dir), "run_dir": str(run_dir), "trust_code": asked_trust})
+    code = named_code(args)
+    args.trust_code = trust_code
+    if code and not trust_code:
+        raise QDistillError(f"{run_dir / RUN_ARGS} asks to run code: {'; '.join(code)}. Resume with --trust-code only if you trust whoever wrote {run_dir}")
+    return args, TrainConfig.from_dict(read_yaml(run_dir / "config.yaml"))
 
 
 def resolved(path):
@@ -250,11 +324,11 @@ def resolved(path):
 def start_distill_run(args, cfg: TrainConfig) -> Path:
     """A new run directory holding what the run was asked to do (for --resume)."""
     run_dir = new_run_dir(args.run_dir, f"distill-{cfg.method}")
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     saved = {k: v for k, v in vars(args).items() if k not in ("func", "resume")}
     saved.update({k: resolved(saved[k]) for k in FILE_ARGS if saved.get(k)})
     saved.update({k: resolved(saved[k]) for k in MODEL_ARGS if (saved.get(k) or "").startswith("hf:")})
-    (run_dir / RUN_ARGS).write_text(json.dumps({"command": "distill", **saved}, indent=1))
+    write_text(run_dir / RUN_ARGS, json.dumps({"command": "distill", **saved}, indent=1))
     return run_dir
 
 
@@ -262,11 +336,12 @@ def cmd_distill(args) -> None:
     check_intervals(args.checkpoint_steps, args.checkpoint_minutes)  # before any work
     if args.resume:
         run_dir = Path(args.resume)
-        args, cfg = resumed_args(run_dir)
+        args, cfg = resumed_args(run_dir, args.trust_code)
     files = [f if f.startswith("hf:") else saved_task(f) for f in (args.init, args.teacher) if f]  # an hf: directory's config says
     name = task_name(args, args.student, args.teacher_model, *files)
     if not args.resume:
         cfg = config_from(args, defaults=TASKS[name], method=args.method)
+    resolve_device(cfg.device)  # before any work: a device this machine lacks
     reference = init = spec = None
     if name == "embedding" and args.teacher:  # the task scores against the teacher; the student is its copy unless told
         reference, reference_spec = load_any(args.teacher, None, args.trust_code, args.hf_head)
@@ -288,21 +363,23 @@ def cmd_distill(args) -> None:
             raise QDistillError(f"method {cfg.method} distills from a teacher: give --teacher FILE (from `qdistill train-teacher`)")
         teacher_spec = model_spec(args.teacher_model, **task.spec_args(), hf_head=args.hf_head) if args.teacher_model else None
         teacher = reference or load_any(args.teacher, teacher_spec, args.trust_code, args.hf_head)[0]
+    made = not args.resume and not (args.run_dir and os.path.lexists(args.run_dir))
     if not args.resume:
         run_dir = distributed.on_main(start_distill_run, args, cfg)
     state = run_dir / "state.pt"
-    checkpoint = Checkpoint(state, args.checkpoint_steps, args.checkpoint_minutes, log_path=run_dir / "metrics.jsonl")
-    row, _ = run_method(cfg.method, spec, task, cfg, run_dir, teacher=teacher, init=init, quiet=args.quiet, checkpoint=checkpoint)
+    with contextlib.nullcontext() if args.resume else run_in(run_dir, made):
+        checkpoint = Checkpoint(state, args.checkpoint_steps, args.checkpoint_minutes, log_path=run_dir / "metrics.jsonl")
+        row, _ = run_method(cfg.method, spec, task, cfg, run_dir, teacher=teacher, init=init, quiet=args.quiet, checkpoint=checkpoint)
     if not distributed.is_main():  # under torchrun rank 0 writes the results
         return
-    (run_dir / "results.json").write_text(json.dumps({"rows": [row], "config": cfg.to_dict()}, indent=1))
+    write_text(run_dir / "results.json", json.dumps({"rows": [row], "config": cfg.to_dict()}, indent=1))
     state.unlink(missing_ok=True)  # finished: the results and the model are what is kept
     title = f"{cfg.method} on {model_name(spec)}"
     plot = plot_history(run_dir / "metrics.jsonl", run_dir / "training.png", title, task.metric)
     report = f"# qdistill distill --method {cfg.method}\n\n" + markdown_table([row], result_columns(task.metric)) + "\n"
     if plot:
         report += "\n![training](training.png)\n"
-    (run_dir / "report.md").write_text(report)
+    write_text(run_dir / "report.md", report)
     show_rows([row], title, task.metric)
     out.print(f"model saved to {run_dir / row['file']}")
 
@@ -375,8 +452,8 @@ def cmd_eval(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    for name, low, high in (("tokens", 1, 100_000), ("samples", 1, 1000), ("top_k", 0, 1 << 20)):
-        if not low <= getattr(args, name) <= high:
+    for name, low, high in (("tokens", 1, 100_000), ("samples", 1, 1000), ("top_k", 0, 1 << 20), ("temperature", 0, 100), ("seed", 0, 2**32 - 1001)):
+        if not low <= getattr(args, name) <= high:  # (a NaN is no number from low to high)
             raise QDistillError(f"--{name.replace('_', '-')} must be from {low} to {high}, got {getattr(args, name)}")
     model, task = model_and_task(args, require_lm=True)
     tokenizer = task.corpus.tokenizer()
@@ -385,7 +462,7 @@ def cmd_generate(args) -> None:
         raise QDistillError("the prompt is empty: give some text with --prompt")
     for i in range(args.samples):
         ids = generate(model, prompt, args.tokens, args.temperature, args.top_k, seed=args.seed + i, context=task.seq_len)
-        out.print(f"[bold]{args.prompt}[/bold]" + tokenizer.decode(ids[len(prompt) :]), highlight=False, markup=True)
+        out.print(Text.assemble((shown(args.prompt, lines=True), "bold"), shown(tokenizer.decode(ids[len(prompt) :]), lines=True)), highlight=False)
 
 
 def cmd_inspect(args) -> None:
@@ -393,7 +470,7 @@ def cmd_inspect(args) -> None:
     if args.json:
         print(json.dumps(info, indent=1))
         return
-    table = Table(title=f"{args.file}", show_header=False)
+    table = Table(title=Text(shown(args.file)), show_header=False)
     fmt = {
         "fp32_bytes": "{:,} B", "disk_bytes": "{:,} B", "theoretical_bytes": "{:,} B", "huffman_bytes": "{:,} B",
         "overhead_pct": "{:.2f} %", "ratio_vs_fp32": "{:.2f}x", "nominal_ratio_quantized": "{:.2f}x",
@@ -401,7 +478,7 @@ def cmd_inspect(args) -> None:
     }
     for key, value in info.items():
         if key not in ("file", "info"):
-            table.add_row(key, fmt.get(key, "{}").format(value))
+            table.add_row(key, Text(shown(fmt.get(key, "{}").format(value))))
     out.print(table)
 
 
@@ -419,16 +496,16 @@ def cmd_export(args) -> None:
 
 @contextlib.contextmanager
 def written_in_place(target: Path, overwrite: bool):
-    """A temporary path beside `target`, renamed to it when the block ends without error (else removed):
+    """A temporary path beside `target` (`replaced_whole`), renamed to it when the block ends without error:
     an existing `target` is refused unless `overwrite`, and a failed export leaves it as it was."""
-    if target.exists() and not overwrite:
+    if os.path.lexists(target) and not overwrite:
         raise QDistillError(f"{target} exists: give another path or --overwrite (nothing was written)")
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
+    if target.is_dir():
+        raise QDistillError(f"{target} is a directory: give the path of the file to write (nothing was written)")
+    if not target.parent.is_dir():
+        raise QDistillError(f"{target.parent} is not a directory: make it first, or write elsewhere (nothing was written)")
+    with replaced_whole(target) as tmp:
         yield tmp
-        tmp.replace(target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 ONNX_TOLERANCE = 1e-4  # ONNX Runtime against the packed model, relative to the largest output (measured: 1e-6 and under)
@@ -592,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     except QDistillError as e:
         rank = distributed.launched_rank()  # under torchrun: rank 0 prints, another rank only an error of its own
         if rank == 0 or not isinstance(e, distributed.RelayedError):
-            print(f"qdistill: error: {e}" if rank == 0 else f"qdistill: error (rank {rank}): {e}", file=sys.stderr)
+            print(f"qdistill: error: {shown(e)}" if rank == 0 else f"qdistill: error (rank {rank}): {shown(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qdistill: interrupted", file=sys.stderr)

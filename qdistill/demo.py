@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from qdistill.export import is_packed, load_packed
+from qdistill.files import write_text
 from qdistill.models import count_parameters, load_checkpoint, model_spec, save_checkpoint
 from qdistill.pipeline import LOW_BIT_METHODS, compare_methods, get_teacher
 from qdistill.report import accuracy_cell, markdown_table, plot_results, result_columns, summarize
@@ -92,12 +93,12 @@ def write_samples(task: LanguageModelling, run_dir: Path, rows: list[dict], teac
     lines = ["# Samples", "", f"Each model continues {SAMPLE_PROMPT!r} (40 tokens, temperature 0.8, top-k 50, seed 0).", ""]
     for name, text in samples:
         lines += [f"## {name}", "", "```", SAMPLE_PROMPT + text, "```", ""]
-    (run_dir / "samples.md").write_text("\n".join(lines))
+    write_text(run_dir / "samples.md", "\n".join(lines))
     return samples
 
 
 def write_report(table: list[dict], rows: list[dict], run_dir: Path, title: str, cfg: TrainConfig, seconds: float, seeds, metric: str = "acc", samples=()) -> Path:
-    (run_dir / "results.json").write_text(json.dumps({"table": table, "rows": rows, "config": cfg.to_dict(), "wall_s": seconds}, indent=1))
+    write_text(run_dir / "results.json", json.dumps({"table": table, "rows": rows, "config": cfg.to_dict(), "wall_s": seconds}, indent=1))
     plots = plot_results(table, run_dir, title, metric)
     if len(seeds) == 1:
         body = markdown_table(table, result_columns(metric))
@@ -127,5 +128,5 @@ def write_report(table: list[dict], rows: list[dict], run_dir: Path, title: str,
         lines += ["## Samples", "", f"Each model continues {SAMPLE_PROMPT!r} (40 tokens, temperature 0.8, seed 0):", ""]
         lines += [f"- **{name}**: {SAMPLE_PROMPT}{text!r}" for name, text in samples] + [""]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path

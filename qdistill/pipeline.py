@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -18,7 +19,7 @@ from torch import nn
 from qdistill.data import Dataset
 from qdistill.errors import Diverged, QDistillError
 from qdistill.export import inspect_packed, load_packed, save_packed
-from qdistill.files import cache_dir
+from qdistill.files import cache_dir, check_cache_entry
 from qdistill.models import build_model, load_checkpoint, model_spec, save_checkpoint
 from qdistill.report import MetricsLog
 from qdistill.tasks import Task, as_task
@@ -34,6 +35,24 @@ def new_run_dir(path: str | Path | None, prefix: str) -> Path:
         raise QDistillError(f"run directory {path} already holds files; choose another --run-dir (nothing was overwritten)")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def run_in(run_dir: Path, made: bool):
+    """Run a block in a run directory; if it fails before any step was taken (no state.pt, nothing logged:
+    a bad device, unreadable data), remove what the run wrote there, and the directory if this run `made`
+    it, so that the same command can be given again. A run that trained is kept, for --resume."""
+    try:
+        yield
+    except BaseException:
+        metrics = run_dir / "metrics.jsonl"
+        if distributed.is_main() and not os.path.lexists(run_dir / "state.pt") and not (metrics.is_file() and metrics.stat().st_size):
+            for name in ("run.json", "config.yaml", "metrics.jsonl"):
+                if os.path.lexists(run_dir / name):
+                    os.unlink(run_dir / name)
+            if made and not any(run_dir.iterdir()):
+                run_dir.rmdir()
+        raise
 
 
 # Options added after teachers were cached and shipped, at the values that train exactly as before.
@@ -63,16 +82,23 @@ def get_teacher(data: Dataset | Task, preset: str, cfg: TrainConfig, quiet: bool
     name = teacher_file_name(data, preset, cfg)
     cached = cache_dir() / "teachers" / name
     for path in (SHIPPED_TEACHERS / name, cached):
-        if path.exists():
+        if os.path.lexists(path):
             try:
+                if path is cached:  # (a shipped teacher is installed with qdistill, not written to the cache)
+                    check_cache_entry(path)
                 return load_checkpoint(path)[0]
             except QDistillError as e:
-                print(f"warning: retraining the teacher, the cached one is unreadable: {e}")
+                print(f"warning: retraining the teacher, the cached one cannot be used: {e}")
     cfg = cfg.fp_only()
     torch.manual_seed(cfg.seed)
     teacher = build_model(spec)
     result = train(teacher, data, cfg, quiet=quiet)
-    save_checkpoint(teacher, spec, cached, extra={"test": result.test, "task": as_task(data).describe()})
+    cached.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        save_checkpoint(teacher, spec, cached, extra={"test": result.test, "task": as_task(data).describe()})
+        os.chmod(cached, 0o600)  # saved with the umask's mode: a group-writable teacher would not be trusted
+    except OSError as e:
+        raise QDistillError(f"cannot replace the cached teacher {cached} ({e.strerror}); remove it or set QDISTILL_CACHE to a folder of your own") from None
     return teacher
 
 

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from qdistill.files import open_unlinked, replaced_whole  # noqa: E402
+
 
 class MetricsLog:
     """Appends one JSON object per line; the file is flushed after each record so a killed run keeps its log."""
@@ -19,7 +21,7 @@ class MetricsLog:
         self.path = path
 
     def __call__(self, record: dict) -> None:
-        with open(self.path, "a") as f:
+        with open_unlinked(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
@@ -160,7 +162,8 @@ def plot_history(metrics: Path, path: Path, title: str, metric: str = "acc") -> 
     loss_ax.set_yscale("log")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with replaced_whole(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path
 
@@ -192,7 +195,8 @@ def plot_results(rows: list[dict], out_dir: Path, title: str, metric: str = "acc
         ax.legend(fontsize=7, loc="lower right" if metric == "acc" else "upper right")
         fig.tight_layout()
         path = out_dir / name
-        fig.savefig(path, dpi=120)
+        with replaced_whole(path) as tmp:
+            fig.savefig(tmp, dpi=120)
         plt.close(fig)
         paths.append(path)
     return paths

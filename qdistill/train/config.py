@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,6 +128,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        self.check_types()
         if self.method not in METHODS:
             raise QDistillError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         self.make_quantizer("uniform")  # checks bits and bucket
@@ -160,6 +162,31 @@ class TrainConfig:
             raise QDistillError(f"parallel=fsdp shards weights as they train; method {self.method} learns quantization points of frozen weights: use parallel ddp")
         if self.zero_point == "int" and "dq" in (self.method, self.spec.then):
             raise QDistillError(f"zero_point=int applies to the uniform quantizer (ptq, qat, qd), not to method {self.method}: learned points keep each group's float min and max (use zero_point float)")
+
+    def check_types(self) -> None:
+        """Each field's value is of its declared type (a YAML file or a saved run can hold anything): an
+        integer for an int (not a bool), a finite number for a float, a list of strings for a list."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), f.type.removesuffix(" | None")
+            if value is None and f.type.endswith(" | None"):
+                continue
+            ok = {
+                "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+                "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                "bool": lambda v: isinstance(v, bool),
+                "str": lambda v: isinstance(v, str),
+                "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+            }[kind](value)
+            if not ok:
+                what = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string", "list[str]": "a list of strings"}[kind]
+                raise QDistillError(f"{f.name} must be {what}{' or null' if f.type.endswith(' | None') else ''}, got {value!r}")
+        if not 0 <= self.seed < 2**32:
+            raise QDistillError(f"seed must be from 0 to {2**32 - 1}, got {self.seed}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise QDistillError(f"unknown device {self.device!r}: auto, cpu, cuda or cuda:N") from None
 
     def fp_only(self) -> "TrainConfig":
         """Method fp with this config's full-precision training settings and every other setting at its default."""
@@ -208,8 +235,12 @@ def read_yaml(path: str | Path) -> dict:
         values = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise QDistillError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise QDistillError(f"config file {path} is not valid YAML: {e}") from e
+    except IsADirectoryError:
+        raise QDistillError(f"config file {path} is a directory: give the YAML file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise QDistillError(f"cannot read config file {path}: {type(e).__name__}") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise QDistillError(f"config file {path} is not valid YAML: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if not isinstance(values, dict):
         raise QDistillError(f"config file {path} must hold a mapping of option: value")
     return values

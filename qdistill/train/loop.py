@@ -50,9 +50,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as e:
         raise QDistillError(f"unknown device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available() or device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise QDistillError(f"device {name!r}: torch finds no such CUDA device here: use --device cpu (or auto)")
+    return device
 
 
 evaluate = accuracy  # top-1 accuracy in percent over tensors (x, y): image classification's metric

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from qdistill.errors import QDistillError
+from qdistill.files import open_unlinked, replaced_whole
 from qdistill.train import distributed
 
 
@@ -72,7 +73,7 @@ def _int(value) -> bool:
 
 
 def check_intervals(every_steps: int | None, every_minutes: float | None) -> None:
-    if every_steps is not None and every_steps <= 0 or every_minutes is not None and every_minutes <= 0:
+    if every_steps is not None and not every_steps > 0 or every_minutes is not None and not 0 < every_minutes < float("inf"):
         raise QDistillError(f"checkpoint intervals must be positive, got {every_steps} steps and {every_minutes} minutes")
 
 
@@ -101,7 +102,8 @@ class Checkpoint:
                 raise QDistillError(f"{self.path} is damaged: this run cannot be resumed (start a new one)") from None
         self.writer = distributed.is_main()  # under torchrun rank 0 writes; every rank reads the state to resume
         if self.writer and self.log_path is not None and self.log_path.exists():  # what a killed run logged after its last save is logged again
-            os.truncate(self.log_path, min(self.saved["log_bytes"], self.log_path.stat().st_size))
+            with open_unlinked(self.log_path, "r+") as log:
+                log.truncate(min(self.saved["log_bytes"], os.fstat(log.fileno()).st_size))
         self.last_save = time.monotonic()
 
     def finished(self, phase: str) -> dict | None:
@@ -132,10 +134,8 @@ class Checkpoint:
         if not self.writer:
             return
         self.saved["log_bytes"] = self.log_path.stat().st_size if self.log_path is not None and self.log_path.exists() else 0
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with replaced_whole(self.path) as tmp, open(tmp, "wb") as f:
             torch.save(self.saved, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.path)
         self.last_save = time.monotonic()

@@ -111,7 +111,7 @@ def test_killed_under_torchrun_resumes_in_one_process(setup, single, parallel):
     assert killed.returncode != 0 and (run / "state.pt").exists() and not (run / "results.json").exists()
     saved = torch.load(run / "state.pt", weights_only=True)["current"]
     assert saved["loop"]["step"] == 20 and saved.get("full", False) == (parallel == "fsdp")  # fsdp: gathered from the ranks' shards
-    resumed = qdistill(setup, "distill", "--resume", str(run))
+    resumed = qdistill(setup, "distill", "--resume", str(run), "--trust-code")  # the run names factories of its own
     assert resumed.returncode == 0, resumed.stderr
     assert_same_model(packed(single), packed(run))
     assert len(losses(run)) == 2 * 17  # the steps after the save were logged once, by the resumed run

@@ -103,7 +103,9 @@ def test_cli_resume_refuses_finished_foreign_and_damaged_runs(tmp_path, capsys):
     # a run killed before it finished: its results are gone, its state is there
     (run_dir / "results.json").unlink()
     (run_dir / "state.pt").write_bytes(b"\0" * 10)
-    assert main(["distill", "--resume", str(run_dir)]) == 2
+    assert main(["distill", "--resume", str(run_dir)]) == 2  # the run names code: refused before anything is read
+    assert "asks to run code: --student tests.conftest:toy_net; --dataset tests.train.test_resume:toy_hook; --trust-code" in capsys.readouterr().err
+    assert main(["distill", "--resume", str(run_dir), "--trust-code"]) == 2
     assert "state.pt is damaged" in capsys.readouterr().err
 
 
@@ -124,7 +126,7 @@ def test_cli_resume_continues_a_killed_run(tmp_path):
     assert subprocess.run([*cli, *common, "--run-dir", str(tmp_path / "a")], env=env, cwd=root, timeout=300).returncode == 0
     killed = subprocess.run([*cli, *common, "--run-dir", str(tmp_path / "b")], env={**env, "KILL_AT": "11"}, cwd=root, timeout=300)
     assert killed.returncode == -signal.SIGKILL and (tmp_path / "b" / "state.pt").exists()
-    assert subprocess.run([*cli, "distill", "--resume", str(tmp_path / "b")], env=env, cwd=root, timeout=300).returncode == 0
+    assert subprocess.run([*cli, "distill", "--resume", str(tmp_path / "b"), "--trust-code"], env=env, cwd=root, timeout=300).returncode == 0
     rows = [json.loads((tmp_path / d / "results.json").read_text())["rows"][0] for d in "ab"]
     assert rows[0]["test_acc"] == rows[1]["test_acc"]
     assert (tmp_path / "a" / rows[0]["file"]).read_bytes() == (tmp_path / "b" / rows[1]["file"]).read_bytes()
