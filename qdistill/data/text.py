@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from qdistill.errors import QDistillError
+from qdistill.files import check_cache_entry
 
 FORMAT = 1  # bump when the cached files or the way they are built change: old caches are then ignored
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")  # Debian package python3.11-doc
@@ -25,6 +26,8 @@ EOT = "<|endoftext|>"  # id 0: separates documents in the token streams
 MIN_VOCAB, MAX_VOCAB = 260, 1 << 20
 CHUNK = 1 << 22  # tokens per chunk when token files are checked
 BATCH_BYTES = 4 << 20  # text encoded per encode_batch call
+CACHED = ("meta.json", "tokenizer.json", *(f"{s}.npy" for s in SPLITS))  # the files of a cached corpus
+PROBE = "Hello, world: a naïve café, 3.14 and <|endoftext|>.\n"  # encoded and decoded by every tokenizer loaded
 
 
 @dataclass
@@ -53,7 +56,7 @@ class TokenCorpus:
         so decode(encode(s)) == s for any string."""
         if self.tokenizer_path is None:
             raise QDistillError(f"corpus {self.name} has no tokenizer (raw token files); pass a tokenizer.json with the token files")
-        tok = _tokenizers().Tokenizer.from_file(str(self.tokenizer_path))
+        tok = load_tokenizer(self.tokenizer_path)
         tok.encode_special_tokens = True
         return tok
 
@@ -85,6 +88,22 @@ def _tokenizers():
     except ImportError as e:
         raise QDistillError("text corpora need the tokenizers library: pip install tokenizers") from e
     return tokenizers
+
+
+def load_tokenizer(path: Path):
+    """A tokenizer.json (which may come from anyone) as a `tokenizers.Tokenizer`, tried on a sample text; any
+    failure is one QDistillError. The library panics on some crafted files (a template naming a token it
+    lacks): pyo3's PanicException derives from BaseException, so `except Exception` would let it through."""
+    tk = _tokenizers()
+    try:
+        tok = tk.Tokenizer.from_file(str(path))
+        tok.decode(tok.encode(PROBE).ids)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise QDistillError(f"{path} is not a tokenizer.json the tokenizers library can use ({reason}); pass the tokenizer.json the token ids were made with") from None
+    return tok
 
 
 def python_docs_dir() -> Path:
@@ -213,16 +232,20 @@ def _build(folder: Path, splits: dict[str, list[str]], vocab_size: int, name: st
         tokens[s], nbytes[s] = _encode_split(tok, [folder / rel for rel in splits[s]], dest / f"{s}.npy", _dtype(vocab))
     meta = {"format": FORMAT, "name": name, "key": key, "vocab_size": vocab, "tokens": tokens, "bytes": nbytes, "files": splits}
     (dest / "meta.json").write_text(json.dumps(meta, indent=1))
+    for file in CACHED:
+        (dest / file).chmod(0o600)  # written with the umask's mode: a group-writable cache would not be trusted
 
 
 def _open(path: Path, name: str, key: str) -> TokenCorpus:
-    """The cached corpus in `path`; raises on any damage (unreadable meta, tokenizer or arrays, wrong dtype or length)."""
+    """The cached corpus in `path`; raises on any damage (unreadable meta, tokenizer or arrays, wrong dtype or
+    length) and on files someone else could have written."""
+    check_cache_entry(path, *(path / file for file in CACHED))
     meta = json.loads((path / "meta.json").read_text())
     if meta["format"] != FORMAT or meta["key"] != key:
         raise ValueError("meta.json belongs to another corpus or format")
     vocab = int(meta["vocab_size"])
     tok_path = path / "tokenizer.json"
-    if _tokenizers().Tokenizer.from_file(str(tok_path)).get_vocab_size() != vocab:
+    if load_tokenizer(tok_path).get_vocab_size() != vocab:
         raise ValueError("tokenizer.json does not match meta.json's vocab_size")
     arrays = {}
     for s in SPLITS:
@@ -234,13 +257,16 @@ def _open(path: Path, name: str, key: str) -> TokenCorpus:
 
 
 def _discard(path: Path) -> None:
-    """Move a damaged cache aside (atomic), then delete it; another process may have done so already."""
+    """Move a damaged or foreign cache aside (atomic), then delete it; another process may have done so already."""
     trash = Path(tempfile.mkdtemp(prefix=f".trash-{path.name}-", dir=path.parent))
     try:
         os.replace(path, trash / path.name)
     except FileNotFoundError:
         pass
-    shutil.rmtree(trash, ignore_errors=True)
+    except OSError as e:
+        raise QDistillError(f"cannot replace the cached token corpus {path} ({e.strerror}); remove it or set QDISTILL_CACHE to a folder of your own") from None
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_text_folder(folder, cache_dir, vocab_size: int = 8192, name: str | None = None, quiet: bool = True) -> TokenCorpus:
@@ -258,9 +284,9 @@ def load_text_folder(folder, cache_dir, vocab_size: int = 8192, name: str | None
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", name or folder.resolve().name or "text")
     key = _folder_key(folder, rels, vocab_size)
     final = Path(cache_dir) / "corpora" / f"{name}-{key}"
-    final.parent.mkdir(parents=True, exist_ok=True)
+    final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     for _ in range(3):
-        if final.exists():
+        if os.path.lexists(final):
             try:
                 return _open(final, name, key)
             except Exception as e:  # whatever the damage (json, numpy, tokenizers errors), the cure is a rebuild
@@ -326,25 +352,27 @@ def load_token_files(train, val, test, vocab_size: int, tokenizer=None) -> Token
     arrays = {}
     for s, path in zip(SPLITS, (train, val, test)):
         a = arrays[s] = _token_file(Path(path))
+        largest = 0
         for i in range(0, len(a), CHUNK):
             c = np.asarray(a[i : i + CHUNK])
-            bad = np.flatnonzero((c < 0) | (c >= vocab_size))
-            if len(bad):
-                j = int(bad[0])
-                raise QDistillError(
-                    f"{path}: token id {int(c[j])} at position {i + j} is outside the vocabulary [0, {vocab_size}); "
-                    "pass the vocabulary size the ids were made with"
-                )
+            negative = np.flatnonzero(c < 0)
+            if len(negative):
+                j = int(negative[0])
+                raise QDistillError(f"{path}: token id {int(c[j])} at position {i + j} is negative; token ids must be from 0 to {vocab_size - 1}")
+            largest = max(largest, int(c.max()))
             h.update(c.astype("<u4").tobytes())  # the same ids hash alike whatever the file's dtype
+        if largest >= vocab_size:  # the largest, not the first: the vocabulary size the ids need
+            raise QDistillError(
+                f"{path}: token id {largest} (its largest) is outside the vocabulary [0, {vocab_size}); "
+                f"pass the vocabulary size the ids were made with (more than {largest}), or ids made with the model's own tokenizer"
+            )
         h.update(f"\0{s}\0".encode())
     tok_path = None
     if tokenizer is not None:
         tok_path = Path(tokenizer)
-        try:
-            tok = _tokenizers().Tokenizer.from_file(str(tok_path))
-        except Exception as e:  # the tokenizers library raises a bare Exception for a missing or corrupt file
-            raise QDistillError(f"cannot load the tokenizer {tok_path} ({e}); pass a tokenizer.json of the tokenizers library") from e
-        if tok.get_vocab_size() > vocab_size:
-            raise QDistillError(f"tokenizer {tok_path} has {tok.get_vocab_size()} tokens, more than vocab_size {vocab_size}")
+        tok = load_tokenizer(tok_path)
+        top = max(tok.get_vocab().values(), default=0)  # its largest id, not its count: ids may skip numbers
+        if top >= vocab_size:
+            raise QDistillError(f"tokenizer {tok_path} has token ids up to {top}, more than vocab_size {vocab_size} holds (ids 0 to {vocab_size - 1})")
         h.update(tok_path.read_bytes())
     return TokenCorpus("tokens", vocab_size, **arrays, split_bytes={s: None for s in SPLITS}, tokenizer_path=tok_path, key=h.hexdigest()[:16])

@@ -11,6 +11,7 @@ A teacher is called with a batch (a dict of tensors, see `qdistill.tasks`) and r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,6 +26,9 @@ from torch import nn
 
 from qdistill.distill.loss import TopKTarget
 from qdistill.errors import QDistillError
+from qdistill.files import check_cache_entry
+
+TOPK_FILES = ("logprobs.npy", "indices.npy")  # a top-k cache folder's arrays, memory-mapped
 
 
 def tensor_digest(*tensors: torch.Tensor) -> str:
@@ -89,20 +93,25 @@ class CachedTeacher:
         if cache_dir is not None:
             key = hashlib.sha256((model_digest(model) + tensor_digest(x)).encode()).hexdigest()[:24]
             path = Path(cache_dir) / f"teacher-logits-{key}.safetensors"
-            if path.exists():
+            if os.path.lexists(path):
                 try:
+                    check_cache_entry(path)
                     logits = load_file(path)["logits"]
-                except Exception as e:  # a truncated cache is recomputed, not trusted
-                    print(f"warning: ignoring unreadable teacher-logit cache {path}: {e}")
+                except Exception as e:  # a truncated cache, or one someone else could have written, is recomputed, not trusted
+                    print(f"warning: ignoring the teacher-logit cache {path}: {e}")
                 else:
                     if logits.shape[0] == len(x):
                         return cls(logits)
         logits = predict(model, x, device=device, progress=progress)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # parallel builders do not share a temporary file
-            save_file({"logits": logits.contiguous()}, tmp)
-            tmp.replace(path)
+            save_file({"logits": logits.contiguous()}, tmp)  # mode 0600 whatever the umask
+            try:
+                tmp.replace(path)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise QDistillError(f"cannot replace the teacher-logit cache {path} ({e.strerror}); remove it or set QDISTILL_CACHE to a folder of your own") from None
         return cls(logits)
 
 
@@ -135,12 +144,14 @@ class TopKTeacher:
         cached = _load_topk(folder, (n, length, k), dtypes)
         if cached is not None:
             return cls(*cached, temperature, device)
-        shutil.rmtree(folder, ignore_errors=True)  # an unreadable or mismatched earlier cache
-        folder.parent.mkdir(parents=True, exist_ok=True)
+        if folder.is_symlink():  # an unreadable, mismatched or foreign earlier cache: a link is removed, not followed
+            folder.unlink()
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.tmp"))
         try:
-            lp = np.lib.format.open_memmap(tmp / "logprobs.npy", mode="w+", dtype=dtypes[0], shape=(n, length, k))
-            ix = np.lib.format.open_memmap(tmp / "indices.npy", mode="w+", dtype=dtypes[1], shape=(n, length, k))
+            lp = np.lib.format.open_memmap(tmp / TOPK_FILES[0], mode="w+", dtype=dtypes[0], shape=(n, length, k))
+            ix = np.lib.format.open_memmap(tmp / TOPK_FILES[1], mode="w+", dtype=dtypes[1], shape=(n, length, k))
             was_training = model.training
             model.eval()
             task = progress.add_task("teacher top-k targets", total=n, status="") if progress is not None else None
@@ -154,6 +165,8 @@ class TopKTeacher:
             model.train(was_training)
             lp.flush(), ix.flush()
             del lp, ix
+            for name in TOPK_FILES:
+                (tmp / name).chmod(0o600)  # numpy follows the umask: a group-writable cache would not be trusted
             try:
                 tmp.replace(folder)
             except OSError:  # another process stored the same targets first: theirs are used
@@ -162,17 +175,22 @@ class TopKTeacher:
             shutil.rmtree(tmp, ignore_errors=True)
         cached = _load_topk(folder, (n, length, k), dtypes)
         if cached is None:
+            with contextlib.suppress(FileNotFoundError):
+                check_cache_entry(folder, *(folder / name for name in TOPK_FILES))  # someone else's, which could not be replaced
             raise QDistillError(f"the teacher's top-k targets in {folder} could not be read back after writing them; check the disk")
         return cls(*cached, temperature, device)
 
 
 def _load_topk(folder: Path, shape: tuple, dtypes: tuple) -> tuple[np.ndarray, np.ndarray] | None:
-    """The cached (log-probabilities, indices), or None when absent or not what was asked for (then rebuilt)."""
-    if not folder.exists():
+    """The cached (log-probabilities, indices), or None when absent, not what was asked for or not this user's
+    own (then rebuilt)."""
+    if not os.path.lexists(folder):
         return None
+    paths = [folder / name for name in TOPK_FILES]
     try:
-        arrays = [np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in ("logprobs", "indices")]
-    except (OSError, ValueError, EOFError) as e:
+        check_cache_entry(folder, *paths)
+        arrays = [np.load(path, mmap_mode="r", allow_pickle=False) for path in paths]
+    except (OSError, ValueError, EOFError, QDistillError) as e:
         print(f"warning: recomputing the teacher's top-k targets, the cache {folder} is unreadable: {e}")
         return None
     if all(a.shape == shape and a.dtype == d for a, d in zip(arrays, dtypes)):

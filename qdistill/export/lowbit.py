@@ -1,18 +1,22 @@
 """qdistill's own 2-, 4- and 8-bit matmul for x86-64 CPUs with AVX2 and FMA (`lowbit.c`): compiled with the
 system's C compiler at first use into the cache (`QDISTILL_CACHE`/kernels, keyed by the source, the flags
-and the CPU), checked on a small case, and loaded with ctypes. Where any of that cannot be done
-(`library()` is None) the runtime runs those layers on torch's int4 kernel (uniform, 1 to 4 bits) or decodes
-them per call; an embedding not tied to such a layer is looked up in this layout either way. The source is
-qdistill's own: nothing from a model file is compiled or loaded."""
+and the CPU), checked on a small case, and loaded with ctypes (only a file of this user's own, through the
+descriptor that was checked). Where any of that cannot be done (`library()` is None) the runtime runs those
+layers on torch's int4 kernel (uniform, 1 to 4 bits) or decodes them per call; an embedding not tied to such
+a layer is looked up in this layout either way. The source is qdistill's own: nothing from a model file is
+compiled or loaded."""
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -27,6 +31,7 @@ SOURCE = Path(__file__).with_name("lowbit.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 ARGS = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
 BUILDING = threading.Lock()
+log = logging.getLogger(__name__)
 SERIAL_WORK = 2**19  # multiply-adds per thread below which extra threads cost more than they save (a few tens of µs)
 
 
@@ -41,7 +46,8 @@ def cpu_flags() -> set[str]:
 @functools.cache
 def library():
     """The compiled `lowbit_linear` (a ctypes function), or None: not an x86-64 CPU with AVX2 and FMA, no C
-    compiler, a cache that cannot be written, or a build or a self-check that failed."""
+    compiler, a cache that cannot be written, a library that is not this user's own, or a build or a
+    self-check that failed."""
     flags = cpu_flags()
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= flags or compiler is None:
@@ -50,22 +56,59 @@ def library():
     target = cache_dir() / "kernels" / f"lowbit-{key}.so"
     with BUILDING:
         try:
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".partial")
-                os.close(fd)
-                if subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True).returncode:
-                    os.unlink(partial)
-                    return None
-                os.replace(partial, target)  # whole or absent, also with other processes building at once
-            mode = target.stat()
-            if mode.st_uid != os.getuid() or mode.st_mode & 0o022:  # a library someone else could have put there
-                return None
-            fn = ctypes.CDLL(str(target)).lowbit_linear
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            fd = _open_own(target, folder, compiler)
+        finally:
+            os.close(folder)
+        if fd is None:
+            return None
+        try:
+            # The descriptor's file is the one checked, whatever the path names by now. It stays open: glibc
+            # knows a loaded library by the name it was opened with, so a later dlopen of this fd number
+            # would be handed this library if the number were reused.
+            fn = ctypes.CDLL(f"/proc/self/fd/{fd}").lowbit_linear
         except (OSError, AttributeError):
+            os.close(fd)
             return None
     fn.argtypes, fn.restype = ARGS, None
     return fn if _agrees(fn) else None
+
+
+def _open_own(target: Path, folder: int, compiler: str) -> int | None:
+    """A read-only descriptor of the library `target` in the open kernels `folder` (built there if absent), or
+    None where it cannot be built or opened or could be someone else's: a symbolic link (to a system library,
+    say), a file not this user's or writable by others, or a folder others can write to.
+
+    The folder must be this user's (or root's) and writable by no one else, sticky or not: qdistill makes it
+    0700, and where others may add names, a name not built yet can be taken first (by a hard link to another
+    of this user's libraries where links are not protected)."""
+    st = os.fstat(folder)
+    if st.st_uid not in (os.getuid(), 0) or st.st_mode & 0o022:
+        log.warning("not loading qdistill's kernel: %s is not this user's folder or others can write to it; remove it or set QDISTILL_CACHE to a folder of your own", target.parent)
+        return None
+    try:
+        if not target.exists():
+            fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".partial")
+            os.close(fd)
+            if subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True).returncode:
+                os.unlink(partial)
+                return None
+            os.replace(partial, target)  # whole or absent, also with other processes building at once
+        fd = os.open(target.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            log.warning("not loading qdistill's kernel: %s is a symbolic link; remove it", target)
+        return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        log.warning("not loading qdistill's kernel: %s is not this user's file or others can write to it; remove it", target)
+        os.close(fd)
+        return None
+    return fd
 
 
 def kernel_bits(bits: int) -> int:

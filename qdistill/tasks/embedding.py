@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -20,7 +21,10 @@ from torch import nn
 
 from qdistill.distill.teacher import CachedTeacher, LiveTeacher, model_digest
 from qdistill.errors import QDistillError
+from qdistill.files import check_cache_entry
 from qdistill.tasks.classification import epoch_order
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
@@ -80,16 +84,12 @@ class SentenceEmbedding:
         """The sentences of a folder of reST files (the Python docs: `data.text.python_docs_dir()`) split by
         file, tokenized with the reference's own tokenizer.json; the first `train_subset` training and
         `eval_subset` validation and test sentences where given."""
-        from tokenizers import Tokenizer
-
         from qdistill.data.sentences import load_sections, load_sentences
+        from qdistill.data.text import load_tokenizer
 
         if not Path(tokenizer_json).is_file():
             raise QDistillError(f"no tokenizer for the embedding task ({tokenizer_json} not found): give --tokenizer TOKENIZER.JSON (the teacher's own)")
-        try:
-            tokenizer = Tokenizer.from_file(str(tokenizer_json))
-        except Exception as e:  # the tokenizers library raises its own exception type
-            raise QDistillError(f"{tokenizer_json} is not a tokenizer.json the tokenizers library reads: {str(e).splitlines()[0][:200]}") from None
+        tokenizer = load_tokenizer(Path(tokenizer_json))
         folder = Path(folder)
         sentences = {s: load_sentences(folder, s)[: train_subset if s == "train" else eval_subset] for s in SPLITS}
         sections = {s: load_sections(folder, s) for s in ("val", "test")}
@@ -97,9 +97,14 @@ class SentenceEmbedding:
 
     def _encode(self, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids [N, max_len] (padded) and lengths [N]."""
-        tokenizer.enable_truncation(self.max_len)
-        tokenizer.no_padding()
-        encodings = tokenizer.encode_batch(texts)
+        try:
+            tokenizer.enable_truncation(self.max_len)
+            tokenizer.no_padding()
+            encodings = tokenizer.encode_batch(texts)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # pyo3's PanicException, on a crafted tokenizer.json, is no Exception
+            raise QDistillError(f"the tokenizer failed on the sentences ({(str(e).splitlines() or [type(e).__name__])[0][:200]}): give the teacher's own tokenizer.json") from None
         ids = torch.full((len(texts), self.max_len), self.pad_id, dtype=torch.long)
         lengths = torch.tensor([len(e.ids) for e in encodings], dtype=torch.long)
         for i, e in enumerate(encodings):
@@ -194,11 +199,12 @@ class SentenceEmbedding:
             return LiveTeacher(model, self.forward)
         key = hashlib.sha256(f"{model_digest(model)}-{self.data_key()}".encode()).hexdigest()[:24]
         path = Path(cache_dir) / f"teacher-embeddings-{key}.npy"
-        if path.exists():
+        if os.path.lexists(path):
             try:
+                check_cache_entry(path)  # whoever can write it chooses the targets
                 cached = np.load(path, allow_pickle=False)
-            except (OSError, ValueError) as e:  # a damaged cache is recomputed, not trusted
-                print(f"warning: ignoring unreadable teacher-embedding cache {path}: {e}")
+            except (OSError, ValueError, QDistillError) as e:  # a damaged or foreign cache is recomputed, not trusted
+                log.warning("ignoring the teacher-embedding cache %s: %s", path, e)
             else:
                 if cached.shape[0] == self.train_size():
                     return CachedTeacher(torch.from_numpy(cached.astype(np.float32)))
@@ -206,5 +212,6 @@ class SentenceEmbedding:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
         np.save(tmp, embeddings.numpy())
+        os.chmod(tmp, 0o600)  # private whatever the umask: a cache others may write is not read back
         tmp.replace(path)
         return CachedTeacher(embeddings)

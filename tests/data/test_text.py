@@ -1,6 +1,8 @@
+import errno
 import json
 import os
 import random
+import shutil
 import time
 
 import numpy as np
@@ -161,10 +163,47 @@ def damage(corpus_dir, what):
         np.save(corpus_dir / "test.npy", np.array([1, None], dtype=object), allow_pickle=True)
     elif what == "missing":
         (corpus_dir / "test.npy").unlink()
+    elif what == "panicking tokenizer":
+        broken_tokenizer(corpus_dir / "tokenizer.json", corpus_dir / "tokenizer.json", "panic")
+    else:  # other ids of the right length and dtype, in a file or folder someone else could have written
+        train = corpus_dir / "train.npy"
+        np.save(train, np.zeros_like(np.load(train)))
+        if what == "link":
+            os.replace(train, corpus_dir.parent / "planted.npy")
+            train.symlink_to(corpus_dir.parent / "planted.npy")
+        elif what == "owner":
+            os.chown(train, 12345, 12345)
+        elif what == "writable":
+            train.chmod(0o666)
+        else:
+            corpus_dir.chmod(0o777)
 
 
-@pytest.mark.parametrize("what", ["meta", "tokenizer", "truncated", "dtype", "pickle", "missing"])
+def broken_tokenizer(good, path, how):
+    """`good` (a tokenizer.json) made one the tokenizers library fails on: a Split pre-tokenizer whose regex
+    does not compile (an Exception when loaded), or a template naming a token it lacks (a panic, pyo3's
+    PanicException, a BaseException, at each encode)."""
+    spec = json.loads(good.read_text())
+    if how == "bad regex":
+        spec["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "(("}, "behavior": "Isolated", "invert": False}
+    else:
+        spec["post_processor"] = {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
+            "special_tokens": {},
+        }
+    path.write_text(json.dumps(spec))
+    return path
+
+
+FOREIGN = ["link", "owner", "writable", "folder"]
+
+
+@pytest.mark.parametrize("what", ["meta", "tokenizer", "truncated", "dtype", "pickle", "missing", "panicking tokenizer", *FOREIGN])
 def test_a_damaged_cache_is_rebuilt(tmp_path, capsys, what):
+    if what == "owner" and os.geteuid() != 0:
+        pytest.skip("only root can give a file to another user")
     folder = tiny_folder(tmp_path / "docs")
     first = load_text_folder(folder, tmp_path / "cache", vocab_size=300)
     expected = {s: np.array(first.split(s)) for s in SPLITS}
@@ -253,15 +292,57 @@ def test_token_files_load_memory_mapped(tmp_path, built):
     assert with_tok.tokenizer().get_vocab_size() == built[2].vocab_size and with_tok.tokenizer_path == tok_path
     with pytest.raises(QDistillError, match="more than vocab_size"):
         load_token_files(*write_splits(tmp_path / "npy", ids), vocab_size=7, tokenizer=tok_path)
-    with pytest.raises(QDistillError, match="cannot load the tokenizer"):
+    with pytest.raises(QDistillError, match="is not a tokenizer.json the tokenizers library can use"):
         load_token_files(*write_splits(tmp_path / "npy", ids), vocab_size=7, tokenizer=tmp_path / "npy" / "train.npy")
+
+
+@pytest.mark.parametrize("how", ["bad regex", "panic"])
+def test_a_tokenizer_json_the_library_fails_on_is_refused(tmp_path, built, how):
+    ids = [np.array([1, 2, 3])] * 3
+    bad = broken_tokenizer(built[2].tokenizer_path, tmp_path / "tokenizer.json", how)
+    with pytest.raises(QDistillError, match=f"{bad} is not a tokenizer.json the tokenizers library can use"):
+        load_token_files(*write_splits(tmp_path / "npy", ids), vocab_size=300, tokenizer=bad)
+    shutil.copy(built[2].tokenizer_path, bad)
+    corpus = load_token_files(*write_splits(tmp_path / "npy", ids), vocab_size=300, tokenizer=bad)
+    broken_tokenizer(built[2].tokenizer_path, bad, how)  # changed after the ids were loaded, as for `generate`
+    with pytest.raises(QDistillError, match="is not a tokenizer.json the tokenizers library can use"):
+        corpus.tokenizer()
+
+
+def test_cache_files_are_private_whatever_the_umask(tmp_path, capsys):
+    """Files written with a umask of 002 would be group-writable, and then not trusted: rebuilt every time."""
+    folder = tiny_folder(tmp_path / "docs")
+    old = os.umask(0o002)
+    try:
+        first = load_text_folder(folder, tmp_path / "cache", vocab_size=300)
+    finally:
+        os.umask(old)
+    corpus_dir = first.tokenizer_path.parent
+    assert {p.name: p.stat().st_mode & 0o777 for p in corpus_dir.iterdir()} == dict.fromkeys(text.CACHED, 0o600)
+    assert (corpus_dir.parent.stat().st_mode & 0o777, corpus_dir.stat().st_mode & 0o777) == (0o700, 0o700)
+    load_text_folder(folder, tmp_path / "cache", vocab_size=300)
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_a_foreign_cache_that_cannot_be_moved_is_an_error(tmp_path, monkeypatch):
+    folder = tiny_folder(tmp_path / "docs")
+    first = load_text_folder(folder, tmp_path / "cache", vocab_size=300)
+    first.tokenizer_path.parent.chmod(0o777)
+
+    def refused(*args):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(text.os, "replace", refused)  # as for another user's folder in a sticky one
+    with pytest.raises(QDistillError, match=r"cannot replace the cached token corpus .*remove it or set QDISTILL_CACHE to a folder of your own"):
+        load_text_folder(folder, tmp_path / "cache", vocab_size=300)
 
 
 @pytest.mark.parametrize(
     "bad, match",
     [
-        (np.array([1, 2, 7]), r"token id 7 at position 2 is outside the vocabulary \[0, 7\)"),
-        (np.array([1, -1, 2]), r"token id -1 at position 1"),
+        (np.array([1, 2, 7]), r"val.npy: token id 7 \(its largest\) is outside the vocabulary \[0, 7\)"),
+        (np.array([1, 9, 2, 30, 8]), r"val.npy: token id 30 \(its largest\) is outside the vocabulary \[0, 7\); .*\(more than 30\)"),
+        (np.array([1, -1, 2]), r"token id -1 at position 1 is negative"),
         (np.array([1, None, 2], dtype=object), r"cannot be read as token ids"),
         (np.zeros((2, 3), np.int64), r"shape \(2, 3\), token ids must be 1-D"),
         (np.array([1.0, 2.0]), r"float64 values, token ids must be integers"),
@@ -281,7 +362,7 @@ def test_bad_raw_and_missing_token_files(tmp_path):
     with pytest.raises(QDistillError, match="odd number of bytes"):
         load_token_files(*paths, vocab_size=7)
     paths[1].write_bytes(b"\x07\x00")
-    with pytest.raises(QDistillError, match="token id 7 at position 0"):
+    with pytest.raises(QDistillError, match=r"val.bin: token id 7 \(its largest\)"):
         load_token_files(*paths, vocab_size=7)
     paths[0].with_suffix(".pt").write_bytes(b"\x01\x00")
     with pytest.raises(QDistillError, match="must end in .npy or .bin"):
@@ -310,3 +391,16 @@ def test_python_docs_corpus(tmp_path):
     tok = corpus.tokenizer()
     s = "def f(x):\n    return x ** 2  # naïve ✓\n"
     assert tok.decode(tok.encode(s).ids) == s
+
+
+def test_a_tokenizer_is_checked_by_its_largest_id_not_its_count(tmp_path):
+    """Three tokens whose ids reach 500: the ids it encodes need a vocabulary of 501, whatever its size says."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 500}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    paths = write_splits(tmp_path / "npy", [np.array([0, 1, 2])] * 3)
+    with pytest.raises(QDistillError, match=r"has token ids up to 500, more than vocab_size 300 holds \(ids 0 to 299\)"):
+        load_token_files(*paths, vocab_size=300, tokenizer=tmp_path / "tokenizer.json")
+    assert load_token_files(*paths, vocab_size=501, tokenizer=tmp_path / "tokenizer.json").tokenizer().encode("world").ids == [500]

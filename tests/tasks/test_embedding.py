@@ -87,6 +87,38 @@ def test_teacher_embeddings_are_cached_once(tmp_path, monkeypatch):
     assert torch.equal(first.logits, again.logits) and first.logits.shape == (256, 32)
 
 
+@pytest.mark.parametrize("how", ["link", "writable"])
+def test_a_cache_others_could_write_is_not_read(tmp_path, how):
+    """Whoever can write the cached embeddings chooses the training targets: such an entry is recomputed."""
+    reference = bert()
+    t = task(reference)
+    first = t.teacher(reference, TrainConfig(), tmp_path)
+    cached = next(tmp_path.glob("teacher-embeddings-*.npy"))
+    import numpy as np
+
+    planted = tmp_path / "planted.npy"
+    np.save(planted, np.zeros((256, 32), dtype=np.float32))
+    cached.unlink()
+    if how == "link":
+        cached.symlink_to(planted)
+    else:
+        planted.rename(cached)
+        cached.chmod(0o666)
+    again = t.teacher(reference, TrainConfig(), tmp_path)
+    assert torch.equal(first.logits, again.logits)
+
+
+def test_a_tokenizer_that_panics_is_one_error(tmp_path):
+    from tests.data.test_text import broken_tokenizer
+
+    good = tmp_path / "good.json"
+    tokenizer().save(str(good))
+    t = task(bert())
+    t.tokenizer = tokenizers.Tokenizer.from_file(str(broken_tokenizer(good, tmp_path / "bad.json", "panic")))
+    with pytest.raises(QDistillError, match="the tokenizer failed"):
+        t._encode(t.tokenizer, ["the list"])
+
+
 def test_a_method_without_a_teacher_is_refused():
     reference = bert()
     with pytest.raises(QDistillError, match="teacher"):
