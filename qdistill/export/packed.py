@@ -29,6 +29,7 @@ from qdistill.errors import QDistillError
 from qdistill.export.huffman import mean_code_length
 from qdistill.files import write_safetensors
 from qdistill.models import build_model, load_state
+from qdistill.models.hf import Held
 from qdistill.quant import LearnedPointsQuantizer, pack_bits, packed_bytes, quantized_tensors, unpack_bits
 from qdistill.quant.base import FORMS, GROUPS, SCALE_DTYPES, Encoded, check_choice, dequantize, form, group_bits, kernel_ready, n_groups, row_view
 from qdistill.quant.uniform import ZERO_POINTS
@@ -198,30 +199,30 @@ def check_layout(meta: dict, tensors: dict[str, torch.Tensor], path) -> None:
         names.add(e["name"])
         shape = e.get("shape")
         if not isinstance(shape, list) or len(shape) > 8 or not all(_int(d, 0, limit) for d in shape):
-            raise bad(f"{e['name']}: shape {shape!r}")
+            raise bad(f"{e['name']!r}: shape {shape!r}")
         count = math.prod(shape)
         bits, bucket = e.get("index_bits"), e.get("bucket")
         if not _int(bits, 1, 8) or count * bits > limit:
-            raise bad(f"{e['name']}: {count} weights of {bits!r} bits")
+            raise bad(f"{e['name']!r}: {count} weights of {bits!r} bits")
         if not (bucket is None or _int(bucket, 1, limit)):
-            raise bad(f"{e['name']}: bucket {bucket!r}")
+            raise bad(f"{e['name']!r}: bucket {bucket!r}")
         opts = options(e)
         if meta["version"] == 1 and any(k in e for k in OPTIONS):
-            raise bad(f"{e['name']}: quantizer options in a version-1 file, which has none")
+            raise bad(f"{e['name']!r}: quantizer options in a version-1 file, which has none")
         if opts["groups"] not in GROUPS or opts["zero_point"] not in ZERO_POINTS or opts["scale_dtype"] not in tuple(SCALE_DTYPES):
-            raise bad(f"{e['name']}: unknown quantizer options {opts!r}")
+            raise bad(f"{e['name']!r}: unknown quantizer options {opts!r}")
         n_buckets = n_groups(shape, bucket, opts["groups"])
         if e.get("kind") not in ("uniform", "learned") or not _int(e.get("n_buckets"), n_buckets, n_buckets) or count == 0:
-            raise bad(f"{e['name']}: kind {e.get('kind')!r}, {e.get('n_buckets')!r} groups for {count} weights in {opts['groups']} groups of {bucket}")
+            raise bad(f"{e['name']!r}: kind {e.get('kind')!r}, {e.get('n_buckets')!r} groups for {count} weights in {opts['groups']} groups of {bucket}")
         learned = e["kind"] == "learned"
         if learned and opts["zero_point"] != "float":
-            raise bad(f"{e['name']}: learned points with an integer zero point")
+            raise bad(f"{e['name']!r}: learned points with an integer zero point")
         n_points = e.get("n_points")
         if not _int(n_points, 2 if learned else 2**bits, 2**bits):
-            raise bad(f"{e['name']}: {n_points!r} points for {bits}-bit indices")
+            raise bad(f"{e['name']!r}: {n_points!r} points for {bits}-bit indices")
         for key, blob, span in entry_spans(e):  # each tensor's data follow the previous one's in each blob
             if not (_int(e.get(key), offsets[blob], offsets[blob]) if span else e.get(key) is None):
-                raise bad(f"{e['name']}: {key} offset {e.get(key)!r}, expected {offsets[blob] if span else None}")
+                raise bad(f"{e['name']!r}: {key} offset {e.get(key)!r}, expected {offsets[blob] if span else None}")
             offsets[blob] += span
     for key, used in offsets.items():
         size = tensors[key].numel() if key in tensors else 0
@@ -234,15 +235,18 @@ def check_layout(meta: dict, tensors: dict[str, torch.Tensor], path) -> None:
         names.add(e["name"])
         blob, shape, offset = e.get("blob"), e.get("shape"), e.get("offset")
         if not isinstance(blob, str) or not blob.startswith("fp.") or blob not in tensors or tensors[blob].dim() != 1:
-            raise bad(f"{e['name']}: blob {blob!r}")
+            raise bad(f"{e['name']!r}: blob {blob!r}")
         size, start = tensors[blob].numel(), used.get(blob, 0)
         if not isinstance(shape, list) or len(shape) > 8 or not all(_int(d, 0, size) for d in shape) or not _int(offset, start, start):
-            raise bad(f"{e['name']}: shape {shape!r} at {offset!r}, expected at {start}")
+            raise bad(f"{e['name']!r}: shape {shape!r} at {offset!r}, expected at {start}")
         used[blob] = start + math.prod(shape)
         if used[blob] > size:
-            raise bad(f"{e['name']}: {math.prod(shape)} values at {offset} overrun its blob of {size}")
+            raise bad(f"{e['name']!r}: {math.prod(shape)} values at {offset} overrun its blob of {size}")
     if any(used.get(k, 0) != t.numel() for k, t in tensors.items() if k.startswith("fp.")):
         raise bad("a full-precision blob holds values no tensor uses")
+    for key, t in tensors.items():  # a blob is named by its dtype: values of another would be cast without a word
+        if key.startswith("fp.") and f"fp.{str(t.dtype).removeprefix('torch.')}" != key:
+            raise bad(f"blob {key!r} holds {str(t.dtype).removeprefix('torch.')} values")
     aliases = meta.get("aliases", {})
     if not isinstance(aliases, dict) or not all(isinstance(a, str) and a not in names and isinstance(target, str) and target in names for a, target in aliases.items()):
         raise bad("'aliases' must map new names to stored tensors")
@@ -252,16 +256,20 @@ def check_layout(meta: dict, tensors: dict[str, torch.Tensor], path) -> None:
     for key in ("points", *SCALE_BLOBS.values()):
         if key in tensors and not bool(torch.isfinite(tensors[key]).all()):
             raise bad(f"non-finite values in {key!r}")
+    for e in meta["kept"]:
+        values = tensors[e["blob"]][e["offset"] : e["offset"] + math.prod(e["shape"])]
+        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+            raise QDistillError(f"{path}: the tensor {e['name']!r} holds NaN or infinite values (a damaged file, or a training run that diverged): it cannot be used")
     for e in meta["quantized"]:  # the layout holds: each tensor's stored values can be read
         params = entry_params(e, tensors)
         if "step" in params and not bool((params["step"] > 0).all()):
-            raise bad(f"{e['name']}: a step that is not positive")
+            raise bad(f"{e['name']!r}: a step that is not positive")
         if "zero" in params and int(params["zero"].max()) >= 2 ** e["index_bits"]:
-            raise bad(f"{e['name']}: a zero point over {2 ** e['index_bits'] - 1}")
+            raise bad(f"{e['name']!r}: a zero point over {2 ** e['index_bits'] - 1}")
         last = 1.0 if "hi" in params else 2 ** e["index_bits"] - 1.0  # the range form's levels are points in [0, 1]
         ends = dequantize(torch.tensor([[0.0], [last]]), **{k: v.view(1, -1) for k, v in params.items()})
         if not bool(torch.isfinite(ends).all() and torch.isfinite(params.get("hi", ends) - params.get("lo", ends)).all()):
-            raise bad(f"{e['name']}: stored values whose levels overflow float32")
+            raise bad(f"{e['name']!r}: stored values whose levels overflow float32")
 
 
 def options(entry: dict) -> dict:
@@ -331,6 +339,12 @@ def decode_entry(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return Encoded(idx, points, entry["index_bits"], **entry_params(entry, tensors)).decode(entry["shape"], bucket, groups)
 
 
+def held(meta: dict) -> Held:
+    """The tensors of a layout `check_layout` accepted, and their values (a tied use, an alias, holds none of its own)."""
+    entries = meta["quantized"] + meta["kept"]
+    return Held(len(entries), sum(math.prod(e["shape"]) for e in entries))
+
+
 def load_packed(
     path: str | Path, model: nn.Module | None = None, trust_code: bool = False, runtime: str = "dense", dense_below: int = 0, tune_batch: int | None = None
 ) -> tuple[nn.Module, dict]:
@@ -349,13 +363,16 @@ def load_packed(
         raise QDistillError(f"tune_batch (--tune-batch) is a number of rows, 1 or more, for the kernels runtime (--runtime kernels); got {tune_batch!r} with runtime {runtime}")
     meta, tensors = read_packed(path)
     if model is None:
-        model = build_model(meta.get("spec"), trust_code=trust_code, source=str(path))
+        model = build_model(meta.get("spec"), trust_code=trust_code, source=str(path), held=held(meta))
     expected = model.state_dict()
     shapes = {e["name"]: e["shape"] for e in meta["quantized"] + meta["kept"]}
     shapes |= {alias: shapes[name] for alias, name in meta.get("aliases", {}).items()}  # a tied use has its tensor's shape
     for name, shape in shapes.items():  # before decoding: the file's shapes must be the model's
         if name in expected and list(expected[name].shape) != shape:
             raise QDistillError(f"weights in {path} do not fit the model {type(model).__name__}: {name} is {shape}, the model's {list(expected[name].shape)}")
+    for e in meta["kept"]:  # kept as stored, never cast: float weights in an integer blob are a crafted file
+        if e["name"] in expected and tensors[e["blob"]].dtype != expected[e["name"]].dtype:
+            raise QDistillError(f"{path}: {e['name']!r} is stored as {tensors[e['blob']].dtype}, the model's is {expected[e['name']].dtype}: a damaged or crafted file")
     dense = meta["quantized"]
     if runtime == "kernels":
         from qdistill.export.runtime import keep_packed  # imports this module

@@ -18,7 +18,7 @@ from qdistill.data.dataset import load_object
 from qdistill.errors import QDistillError
 from qdistill.files import write_safetensors
 from qdistill.models.convnet import STUDENT_PRESETS, ConvStudent, conv_student
-from qdistill.models.hf import HF_FACTORY, check_hf_kwargs, hf_model, hf_spec, load_hf
+from qdistill.models.hf import HF_FACTORY, Held, build_hf, check_build, check_hf_kwargs, hf_model, hf_spec, load_hf
 from qdistill.models.lm import LSTM_PRESETS, TRANSFORMER_PRESETS, LSTMLanguageModel, lstm_lm, transformer_lm
 from qdistill.models.resnet import TEACHER_PRESETS, PreActResNet, resnet_teacher
 
@@ -99,22 +99,25 @@ PRESET_FACTORIES = {
     "qdistill.models:resnet_teacher": (resnet_teacher, _preset_kwargs(TEACHER_PRESETS)),
     "qdistill.models:lstm_lm": (lstm_lm, _lm_kwargs(LSTM_PRESETS)),
     "qdistill.models:transformer_lm": (transformer_lm, _lm_kwargs(TRANSFORMER_PRESETS)),
-    HF_FACTORY: (hf_model, check_hf_kwargs),  # transformers' own classes, from the config as data
+    HF_FACTORY: (build_hf, check_hf_kwargs),  # hf_model's build: transformers' own classes, from the config as data
 }
 
 
-def build_model(spec: dict, trust_code: bool = True, source: str = "the spec") -> nn.Module:
+def build_model(spec: dict, trust_code: bool = True, source: str = "the spec", held: Held | None = None) -> nn.Module:
     """Build the model a spec describes.
 
-    A preset is rebuilt from its data alone. Any other factory is imported and called only with
-    `trust_code`: callers pass False for specs read from a file (`source` names it), so opening a
-    file never runs code it names."""
+    A preset is rebuilt from its data alone, once a build on the meta device has passed `check_build`:
+    within what the file it came from `held` (its tensors), so a crafted spec allocates nothing. Any other
+    factory is imported and called only with `trust_code`: callers pass False for specs read from a file
+    (`source` names it), so opening a file never runs code it names."""
     if not isinstance(spec, dict) or not isinstance(spec.get("factory"), str) or not isinstance(spec.get("kwargs", {}), dict):
         raise QDistillError(f"{source} holds a malformed model spec (expected {{'factory': str, 'kwargs': dict}})")
     name, kwargs = spec["factory"], spec.get("kwargs", {})
     if name in PRESET_FACTORIES:
         factory, check = PRESET_FACTORIES[name]
-        return factory(**check(kwargs))
+        kwargs = check(kwargs)
+        check_build(lambda: factory(**kwargs), held, source)
+        return factory(**kwargs)
     if not trust_code:
         raise QDistillError(
             f"{source} names the model factory {name!r}, code outside qdistill, which is not run when a file is opened: "
@@ -153,12 +156,15 @@ def _first_names(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """A state dict and its safetensors metadata, or one QDistillError naming the file (never torch's own advice)."""
+    """A state dict and its safetensors metadata, or one QDistillError naming the file (never torch's own advice).
+    A NaN or infinite float is refused, naming its tensor: such a model would load and predict garbage."""
     try:
+        meta = {}
         if path.suffix == ".safetensors":
             with safe_open(str(path), "pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-        state = torch.load(path, map_location="cpu", weights_only=True)
+                state, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         # torch.load's message suggests weights_only=False, i.e. unpickling the file: never pass that on
         raise QDistillError(
@@ -166,7 +172,10 @@ def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         ) from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise QDistillError(f"{path} is not a state dict (a mapping of names to tensors)")
-    return state, {}
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise QDistillError(f"{path}: the tensor {name!r} holds NaN or infinite values (a damaged file, or a training run that diverged): it cannot be used")
+    return state, meta
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], path, what: str) -> nn.Module:
@@ -204,7 +213,7 @@ def load_checkpoint(path: str | Path, spec: dict | None = None, model: nn.Module
                 spec = json.loads(meta["spec"])
             except (ValueError, RecursionError):
                 raise QDistillError(f"{path} has a damaged model spec in its metadata") from None
-            model = build_model(spec, trust_code=trust_code, source=str(path))
+            model = build_model(spec, trust_code=trust_code, source=str(path), held=Held(len(state), sum(t.numel() for t in state.values())))
         elif spec is None:
             raise QDistillError(f"{path} does not say which model it holds: give the model (a preset or package.module:factory)")
         else:

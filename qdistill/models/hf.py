@@ -4,17 +4,28 @@ A spec {"factory": "qdistill.models:hf_model", "kwargs": {"head": "causal-lm" | 
 holds the model's config as JSON. It is rebuilt with transformers' own classes for that model type
 (`trust_remote_code=False` always), so a packed student reopens from its file without running code
 the file names: a config asking for code (`auto_map`), for hub kernels or for a quantization library
-is refused, and so is one whose sizes would allocate more than a model qdistill can train.
+is refused, and so is one whose sizes would allocate more than a model qdistill can train, or, for a spec
+read from a file, more than the file's weights can fill (`check_build`).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
 from qdistill.errors import QDistillError
 from qdistill.models.lm import quiet_optional_backends
@@ -23,6 +34,12 @@ HF_FACTORY = "qdistill.models:hf_model"
 HEADS = ("causal-lm", "encoder")  # AutoModelForCausalLM, or AutoModel (the bare model: hidden states out)
 MAX_CONFIG_BYTES = 16 << 20
 MAX_PARAMETERS = 10**10  # parameters and buffers: 40 GB in float32, past a 7B teacher
+# What a model built from a file's spec may take, as (times, plus) what the file holds. Values: twice its values, for
+# buffers the config sizes and no file stores (causal masks, rotary tables: up to 0.3 times the weights in the 570
+# transformers architectures, built with 2 layers). Modules, parameters and buffers registered: 8 per tensor (those
+# architectures register 1.5 to 4.2). The pluses leave tiny models room.
+HELD_VALUES = (2, 1 << 22)
+HELD_REGISTRATIONS = (8, 1024)
 # Bounds checked before transformers sees the config: some configs build lists as long as their layer count.
 SIZE_LIMITS = {
     "vocab_size": 1 << 20,
@@ -140,20 +157,63 @@ def _message(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-def checked_config(head: str, config: dict):
-    """The transformers config of checked kwargs, once a build on the meta device (which allocates
-    nothing) has shown that its parameters and buffers stay within MAX_PARAMETERS values."""
-    check_hf_kwargs({"head": head, "config": config})
+class Held(NamedTuple):
+    """What a file holds: how many tensors, and their values in all; a model built from its spec is filled from them."""
+
+    tensors: int
+    values: int
+
+
+@contextmanager
+def _counted(held: Held, source: str) -> Iterator[None]:
+    """Counts the modules, parameters and buffers this thread registers (torch's global registration hooks, other
+    threads' builds ignored), raising QDistillError past what `held` allows: a crafted layer count stops early."""
+    times, plus = HELD_REGISTRATIONS
+    limit, thread, count = times * held.tensors + plus, threading.get_ident(), 0
+
+    def count_one(*_):
+        nonlocal count
+        if threading.get_ident() == thread:
+            count += 1
+            if count > limit:
+                raise QDistillError(f"{source}: its spec registers more than {limit:,} modules, parameters and buffers but its weights hold {held.tensors:,} tensors: a damaged or crafted file (nothing was built)")
+
+    hooks = [register(count_one) for register in (register_module_module_registration_hook, register_module_parameter_registration_hook, register_module_buffer_registration_hook)]
     try:
-        with torch.device("meta"):
-            shell = _auto_class(head).from_config(_config(config), dtype=torch.float32)
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def check_build(build: Callable[[], nn.Module], held: Held | None = None, source: str = "the spec") -> None:
+    """Runs `build` on the meta device, which allocates nothing, and raises QDistillError unless its parameters
+    and buffers stay within MAX_PARAMETERS values and, for a spec read from a file, within what the file `held`:
+    a small file whose spec describes a huge model is refused before anything is built for real."""
+    with _counted(held, source) if held is not None else nullcontext(), torch.device("meta"):
+        model = build()
+    values = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+    if values > MAX_PARAMETERS:
+        raise QDistillError(f"{source} describes {values:,} parameters and buffers, more than the {MAX_PARAMETERS:,} qdistill builds")
+    times, plus = HELD_VALUES
+    if held is not None and values > times * held.values + plus:
+        raise QDistillError(f"{source}: its spec describes a model of {values:,} values but its weights hold {held.values:,}: a damaged or crafted file (nothing was built)")
+
+
+def build_hf(head: str, config: dict) -> nn.Module:
+    """The transformers model of kwargs `check_hf_kwargs` passed, with fresh weights in float32."""
+    try:
+        return _auto_class(head).from_config(_config(config), dtype=torch.float32)
     except QDistillError:
         raise
     except Exception as e:  # transformers' own refusal of an inconsistent config (heads not dividing the width, ...)
         raise QDistillError(f"transformers cannot build a {head} {config['model_type']} model from this config: {_message(e)}") from None
-    values = sum(t.numel() for t in (*shell.parameters(), *shell.buffers()))
-    if values > MAX_PARAMETERS:
-        raise QDistillError(f"the {config['model_type']} config describes {values:,} parameters and buffers, more than the {MAX_PARAMETERS:,} qdistill builds")
+
+
+def checked_config(head: str, config: dict, held: Held | None = None, source: str | None = None):
+    """The transformers config of checked kwargs, once `check_build` has passed its model (`held`: the file's)."""
+    check_hf_kwargs({"head": head, "config": config})
+    check_build(lambda: build_hf(head, config), held, source or f"the {config['model_type']} config")
     return _config(config)
 
 
@@ -206,12 +266,27 @@ def hf_spec(source, head: str | None = None) -> dict:
     return {"factory": HF_FACTORY, "kwargs": check_hf_kwargs({"head": head, "config": config})}
 
 
+def _held(directory: Path) -> Held:
+    """The tensors in a directory's safetensors files, from their headers (which safetensors checks against the data)."""
+    tensors = values = 0
+    try:
+        for path in sorted(directory.glob("*.safetensors")):
+            with safe_open(str(path), "pt") as f:
+                shapes = [f.get_slice(k).get_shape() for k in f.keys()]
+            tensors, values = tensors + len(shapes), values + sum(math.prod(shape) for shape in shapes)
+    except (OSError, SafetensorError) as e:
+        raise QDistillError(f"cannot load the weights in hf:{directory}: {_message(e)}") from None
+    if not tensors:
+        raise QDistillError(f"cannot load the weights in hf:{directory}: no tensors in .safetensors files there (qdistill loads safetensors weights only)")
+    return Held(tensors, values)
+
+
 def load_hf(directory, head: str | None = None) -> tuple[nn.Module, dict]:
     """A save_pretrained directory's model with its own weights (safetensors only, local files only, no
     remote code), and its spec. Weights the directory lacks are refused: they would be random."""
     spec = hf_spec(directory, head)
     head = spec["kwargs"]["head"]
-    config = checked_config(head, spec["kwargs"]["config"])  # the checks a file's spec gets, sizes included
+    config = checked_config(head, spec["kwargs"]["config"], _held(Path(directory)), f"hf:{directory}")  # as a file's spec
     try:
         model, info = _auto_class(head).from_pretrained(
             directory, config=config, dtype=torch.float32, local_files_only=True, trust_remote_code=False, use_safetensors=True, output_loading_info=True

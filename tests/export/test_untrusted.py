@@ -2,6 +2,9 @@
 
 import json
 import math
+import re
+import signal
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -10,11 +13,12 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn.modules.module import register_module_parameter_registration_hook
 
 from qdistill import QDistillError, UniformQuantizer, attach, load_packed, save_packed
 from qdistill.cli import main
 from qdistill.export.packed import _digest
-from qdistill.models import load_checkpoint, model_spec, save_checkpoint
+from qdistill.models import build_model, load_checkpoint, model_spec, save_checkpoint
 from tests.export.test_packed import quantized_model
 
 
@@ -31,6 +35,46 @@ def rewrite(path, out, edit_meta=None, edit_tensors=None):
     meta["sha256"] = _digest(meta, tensors)
     save_file(tensors, str(out), metadata={"qdistill": json.dumps(meta)})
     return out
+
+
+class Hung(BaseException):
+    """Not an Exception, so that no `except Exception` in the code under test makes it a QDistillError."""
+
+
+@contextmanager
+def deadline(seconds):
+    """Raises Hung in the main thread once `seconds` have passed (pytest-timeout may not be installed)."""
+
+    def hang(*_):
+        raise Hung(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class BuiltForReal(BaseException):
+    """A parameter registered off the meta device while a test watches."""
+
+
+@contextmanager
+def nothing_built_for_real():
+    """Raises BuiltForReal when a module registers a parameter off the meta device: before its values are
+    written, so a test of a huge crafted model fails without filling gigabytes."""
+
+    def refuse(module, name, param):
+        if param is not None and param.device.type != "meta":
+            raise BuiltForReal(f"{type(module).__name__}.{name} of {param.numel():,} values was built for real")
+
+    hook = register_module_parameter_registration_hook(refuse)
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +106,36 @@ def test_checkpoint_naming_code_does_not_run_it(tmp_path, capsys):
         load_checkpoint(path)
     assert main(["distill", "--method", "kd", "--teacher", str(path), "--run-dir", str(tmp_path / "r"), "--dataset", "tests.export.test_untrusted:never_loaded"]) == 2
     assert not marker.exists()
+
+
+OUTGROWN = "its spec describes a model of [0-9,]+ values but its weights hold [0-9,]+: a damaged or crafted file \\(nothing was built\\)"
+
+
+def test_a_checkpoint_whose_spec_outgrows_its_weights_is_refused_before_building(tmp_path):
+    """A small file's spec names a preset far larger than its tensors: refused from a build on the meta device."""
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(build_model(model_spec("tiny")), model_spec("lstm-teacher", num_classes=8192), path)  # 8.4M values for 25k
+    with nothing_built_for_real(), pytest.raises(QDistillError, match=f"{re.escape(str(path))}: {OUTGROWN}"):
+        load_checkpoint(path)
+
+
+def test_a_packed_file_whose_spec_outgrows_its_weights_is_refused_before_building(packed, tmp_path, capsys):
+    evil = rewrite(packed, tmp_path / "evil.safetensors", lambda m: m.update(spec=model_spec("lstm-teacher", num_classes=8192)))
+    with nothing_built_for_real(), pytest.raises(QDistillError, match=OUTGROWN):
+        load_packed(evil)
+    assert main(["eval", str(evil)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qdistill: error:") and err.count("\n") == 1 and "nothing was built" in err
+
+
+@pytest.mark.parametrize("preset", ["small", "resnet-small", "lstm-tiny", "gpt-tiny"])
+def test_presets_from_their_own_files_still_load(tmp_path, preset):
+    """The bound on a file's spec leaves every preset room, tied weights stored once and buffers included."""
+    spec = model_spec(preset, num_classes=97)
+    model = build_model(spec)
+    save_checkpoint(model, spec, tmp_path / "m.safetensors")
+    loaded = load_checkpoint(tmp_path / "m.safetensors")[0]
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 
 
 def never_loaded():  # the distill above must fail on the teacher before any data is read... or on the data, not by running code
@@ -304,3 +378,82 @@ def test_stored_values_whose_levels_overflow_are_refused(tmp_path):
 
     with pytest.raises(QDistillError, match="overflow float32"):
         load_packed(rewrite(path, tmp_path / "x.safetensors", edit_tensors=edit))
+
+
+def one_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("qdistill: error: ") and err.count("\n") == 1 and "\x1b" not in err, err
+    return err
+
+
+ODD_NAME = "classifier.0.weight\x1b]0;owned\x07\x1b[2J"  # a terminal title and a screen clear, were it printed raw
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_checkpoint_with_non_finite_weights_is_refused_naming_the_tensor(tmp_path, capsys, value, suffix):
+    """NaN weights would load and evaluate at chance: the file is refused, naming the tensor, quoted."""
+    state = build_model(model_spec("tiny")).state_dict()
+    state["classifier.0.weight"][3, 1] = value
+    path = tmp_path / f"m{suffix}"
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
+    assert main(["eval", str(path), "--model", "tiny", "--dataset", "tests.conftest:toy_dataset"]) == 2
+    assert "the tensor 'classifier.0.weight' holds NaN or infinite values" in one_error(capsys)
+    state[ODD_NAME] = state.pop("classifier.0.weight")
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
+    assert main(["eval", str(path), "--model", "tiny", "--dataset", "tests.conftest:toy_dataset"]) == 2
+    assert f"the tensor {ODD_NAME!r} holds NaN or infinite values" in one_error(capsys)
+
+
+def test_a_packed_file_with_non_finite_full_precision_values_is_refused_naming_the_tensor(packed, tmp_path, capsys):
+    kept = json.loads(safe_open(str(packed), "pt").metadata()["qdistill"])["kept"]
+    first = next(e for e in kept if e["blob"] == "fp.float32")
+
+    def nan(tensors):
+        values = tensors["fp.float32"].clone()
+        values[first["offset"] + 1] = float("nan")
+        tensors["fp.float32"] = values
+
+    evil = rewrite(packed, tmp_path / "x.safetensors", lambda m: m["kept"][kept.index(first)].update(name=ODD_NAME), nan)
+    assert main(["eval", str(evil), "--dataset", "tests.export.test_untrusted:never_loaded"]) == 2
+    assert f"the tensor {ODD_NAME!r} holds NaN or infinite values" in one_error(capsys)
+
+
+BLOB_DTYPES = [  # a blob whose values are not of the dtype its name (or the format) says
+    ("float weights as uint8", lambda t: t.update({"fp.float32": t["fp.float32"].to(torch.uint8)})),
+    ("float weights as float64", lambda t: t.update({"fp.float32": t["fp.float32"].double()})),
+    ("a batch count as float32", lambda t: t.update({"fp.int64": t["fp.int64"].float()})),
+    ("indices as float32", lambda t: t.update(indices=t["indices"].float())),
+    ("scales as float64", lambda t: t.update(scales=t["scales"].double())),
+]
+
+
+@pytest.mark.parametrize("edit", [e for _, e in BLOB_DTYPES], ids=[n for n, _ in BLOB_DTYPES])
+def test_a_blob_of_another_dtype_is_refused_not_cast(packed, tmp_path, capsys, edit):
+    evil = rewrite(packed, tmp_path / "x.safetensors", edit_tensors=edit)
+    with pytest.raises(QDistillError, match="damaged or crafted"):
+        load_packed(evil)
+    assert main(["eval", str(evil), "--dataset", "tests.export.test_untrusted:never_loaded"]) == 2
+    assert "damaged or crafted metadata" in one_error(capsys)
+
+
+def test_tensor_names_in_layout_errors_are_quoted(packed, tmp_path, capsys):
+    evil = rewrite(packed, tmp_path / "x.safetensors", lambda m: m["quantized"][0].update(name=ODD_NAME, shape=[-8, 9]))
+    assert main(["eval", str(evil), "--dataset", "tests.export.test_untrusted:never_loaded"]) == 2
+    assert f"({ODD_NAME!r}: shape [-8, 9])" in one_error(capsys)
+
+
+def test_float_weights_moved_into_an_integer_blob_are_refused_not_cast(packed, tmp_path):
+    """The kept float tensors rewritten as whole numbers into a well-typed blob fp.uint8 (once cast silently)."""
+
+    def move(meta):
+        for entry in meta["kept"]:
+            if entry["blob"] == "fp.float32":
+                entry["blob"] = "fp.uint8"
+
+    def retype(tensors):
+        tensors["fp.uint8"] = tensors.pop("fp.float32").abs().round().clamp(max=255).to(torch.uint8)
+
+    evil = rewrite(packed, tmp_path / "x.safetensors", edit_meta=move, edit_tensors=retype)
+    with pytest.raises(QDistillError, match="is stored as torch.uint8, the model's is torch.float32"):
+        load_packed(evil)

@@ -3,8 +3,10 @@ file alone, crafted specs refused, export to save_pretrained, and the command li
 
 import copy
 import json
+import shutil
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,16 +14,16 @@ import torch
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModel, AutoModelForCausalLM, BertConfig, GPT2Config, LlamaConfig  # noqa: E402
+from transformers import AutoModel, AutoModelForCausalLM, BertConfig, GPT2Config, LlamaConfig, T5Config  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from qdistill import QDistillError, UniformQuantizer, attach, detach, load_packed, quantized_tensors, save_packed  # noqa: E402
 from qdistill.cli import main  # noqa: E402
 from qdistill.export import export_hf, save_pretrained_dir  # noqa: E402
 from qdistill.models import build_model, hf_spec, load_hf, model_spec  # noqa: E402
-from qdistill.models.hf import MAX_PARAMETERS  # noqa: E402
+from qdistill.models.hf import MAX_PARAMETERS, Held, check_build  # noqa: E402
 from qdistill.train import TrainConfig  # noqa: E402
-from tests.export.test_untrusted import rewrite  # noqa: E402
+from tests.export.test_untrusted import OUTGROWN, deadline, nothing_built_for_real, rewrite  # noqa: E402
 from tests.test_cli import text_folder  # noqa: E402
 
 VOCAB = 97
@@ -399,3 +401,76 @@ def test_damaged_weights_in_a_directory_are_one_clear_error(pretrained, tmp_path
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(QDistillError, match="cannot load the weights"):
         load_hf(tmp_path / "m")
+
+
+LLAMA_7B = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 32, "max_position_embeddings": 4096, "tie_word_embeddings": False}  # 6.7e9 values: within MAX_PARAMETERS
+
+
+def edit_config(directory, **changes):
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_a_small_file_whose_spec_is_a_7b_llama_is_refused_before_anything_is_built(packed, pretrained, tmp_path, capsys):
+    """A packed file or an hf: directory of 20k values whose config describes a 7B model: refused from the
+    build on the meta device, not built (27 GB) and then found not to fit."""
+    evil = rewrite(packed("llama")[1], tmp_path / "evil.safetensors", lambda m: m["spec"]["kwargs"]["config"].update(LLAMA_7B))
+    shutil.copytree(pretrained("llama")[0], tmp_path / "dir")
+    edit_config(tmp_path / "dir", **LLAMA_7B)
+    with deadline(60), nothing_built_for_real():
+        with pytest.raises(QDistillError, match=OUTGROWN):
+            load_packed(evil)
+        with pytest.raises(QDistillError, match=f"hf:.*dir: {OUTGROWN}"):
+            load_hf(tmp_path / "dir")
+        capsys.readouterr()
+        assert main(["export", str(evil), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qdistill: error:") and err.count("\n") == 1 and "nothing was built" in err
+    assert not (tmp_path / "out").exists()
+
+
+def t5_config(**changes):
+    return T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, decoder_start_token_id=0, **changes)
+
+
+def registration_hooks():
+    from torch.nn.modules import module
+
+    return [len(h) for h in (module._global_module_registration_hooks, module._global_parameter_registration_hooks, module._global_buffer_registration_hooks)]
+
+
+def test_a_t5_of_ten_million_decoder_layers_is_refused_quickly(tmp_path):
+    """No size limit names T5's num_decoder_layers: the build stops after a bounded number of modules per
+    tensor in the file, from a directory or a packed file, where the tiny T5 itself loads."""
+    torch.manual_seed(0)
+    AutoModel.from_config(t5_config()).save_pretrained(tmp_path / "dir")
+    spec = hf_spec(t5_config(), "encoder")
+    model = build_model(spec)
+    attach(model, UniformQuantizer(4, 64))
+    path = save_packed(model, spec, tmp_path / "t5.safetensors")
+    assert type(load_hf(tmp_path / "dir")[0]).__name__ == type(load_packed(path)[0]).__name__ == "T5Model"
+    edit_config(tmp_path / "dir", num_decoder_layers=10**7)
+    evil = rewrite(path, tmp_path / "evil.safetensors", lambda m: m["spec"]["kwargs"]["config"].update(num_decoder_layers=10**7))
+    hooks = registration_hooks()
+    refused = "its spec registers more than [0-9,]+ modules, parameters and buffers but its weights hold [0-9,]+ tensors: a damaged or crafted file"
+    with deadline(30):
+        with pytest.raises(QDistillError, match=refused):
+            load_hf(tmp_path / "dir")
+        with pytest.raises(QDistillError, match=refused):
+            load_packed(evil)
+    assert registration_hooks() == hooks  # the counting hooks are gone
+
+
+def test_modules_built_by_another_thread_are_not_counted():
+    """The registration hooks are global: a build on another thread at the same time neither counts nor is refused."""
+    others = []
+
+    def build():
+        thread = threading.Thread(target=lambda: others.extend(nn.Linear(2, 2) for _ in range(2000)))
+        thread.start()
+        thread.join()
+        return nn.Linear(2, 2)
+
+    check_build(build, Held(tensors=2, values=6), "test")
+    assert len(others) == 2000 and others[0].weight.device.type == "cpu"
