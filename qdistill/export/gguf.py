@@ -60,6 +60,7 @@ def export_gguf(path: str | Path, out: str | Path, tokenizer_json: str | Path | 
     config = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
     if config.get("model_type") != "llama":
         raise QDistillError(f"{path} is not a LLaMA-architecture language model (a gpt-* preset or an hf: LLaMA student): GGUF export takes those")
+    tokenizer = read_tokenizer(Path(tokenizer_json), config["vocab_size"]) if tokenizer_json is not None else None  # refused before anything is written
     dense = model.state_dict()
     n_layers, n_head = config["num_hidden_layers"], config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head
@@ -75,8 +76,8 @@ def export_gguf(path: str | Path, out: str | Path, tokenizer_json: str | Path | 
     writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_vocab_size(config["vocab_size"])
-    if tokenizer_json is not None:
-        add_tokenizer(writer, Path(tokenizer_json), config["vocab_size"])
+    if tokenizer is not None:
+        add_tokenizer(writer, *tokenizer)
     quantized = {e["name"]: e for e in meta["quantized"]}
     counts = {"q4_1": 0, "float32": 0}
     for name, value in dense.items():
@@ -101,22 +102,50 @@ def export_gguf(path: str | Path, out: str | Path, tokenizer_json: str | Path | 
     return counts
 
 
-def add_tokenizer(writer, tokenizer_json: Path, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer.json as llama.cpp's "gpt2" tokenizer: the tokens by id and the merges."""
+def shown(value) -> str:
+    """A value from a file, quoted (escape sequences and newlines escaped) and cut short, for a message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def read_tokenizer(tokenizer_json: Path, vocab_size: int) -> tuple[list[str], list[str]]:
+    """A byte-level BPE tokenizer.json's tokens by id and its merges, as llama.cpp's "gpt2" tokenizer takes them.
+    The file may come from anyone: its ids must be the model's, 0 to vocab_size - 1, each once (llama.cpp reads a
+    token's id from its place in the list, so a gap or a repeat would shift every token after it)."""
+    what = f"{tokenizer_json} is not a byte-level BPE tokenizer.json (model.vocab, a mapping of tokens to ids, and model.merges, a list)"
     try:
         model = json.loads(tokenizer_json.read_text())["model"]
         vocab, merges = model["vocab"], model["merges"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise QDistillError(f"{tokenizer_json} is not a byte-level BPE tokenizer.json (model.vocab and model.merges)") from None
-    tokens = sorted(vocab, key=vocab.get)
-    if len(tokens) != vocab_size:
-        raise QDistillError(f"{tokenizer_json} has {len(tokens)} tokens, the model {vocab_size}: give the model's own tokenizer")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        raise QDistillError(what) from None
+    if not isinstance(vocab, dict) or not isinstance(merges, list):
+        raise QDistillError(what)
+    fix = "give the model's own tokenizer"
+    by_id = {}
+    for token, i in vocab.items():
+        if type(i) is not int:  # json's true, 1.0 and "1" are not ids
+            raise QDistillError(f"{tokenizer_json}: the token {shown(token)} has the id {shown(i)}, not an integer; {fix}")
+        if not 0 <= i < vocab_size:
+            raise QDistillError(f"{tokenizer_json}: the token {shown(token)} has the id {shown(i)}, outside the model's vocabulary [0, {vocab_size}); {fix}")
+        if i in by_id:
+            raise QDistillError(f"{tokenizer_json}: the tokens {shown(by_id[i])} and {shown(token)} both have the id {i}; {fix}")
+        by_id[i] = token
+    if len(by_id) != vocab_size:
+        raise QDistillError(f"{tokenizer_json} has {len(by_id)} tokens, the model {vocab_size}: {fix}")
     if not merges:
         raise QDistillError(f"{tokenizer_json} has no merges, and llama.cpp refuses a gpt2 tokenizer without them: give the model's own byte-level BPE tokenizer")
+    for m in merges:
+        if not (isinstance(m, str) or isinstance(m, list) and len(m) == 2 and all(isinstance(part, str) for part in m)):
+            raise QDistillError(f"{tokenizer_json}: the merge {shown(m)} is neither \"a b\" nor [\"a\", \"b\"]; {fix}")
+    return [by_id[i] for i in range(vocab_size)], [m if isinstance(m, str) else " ".join(m) for m in merges]
+
+
+def add_tokenizer(writer, tokens: list[str], merges: list[str]) -> None:
+    """`read_tokenizer`'s tokens and merges as llama.cpp's "gpt2" tokenizer."""
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(tokens)
     writer.add_token_types([1] * len(tokens))
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_token_merges(merges)
 
 
 def read_gguf_weights(out: str | Path) -> dict[str, np.ndarray]:

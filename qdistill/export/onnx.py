@@ -11,7 +11,8 @@ loader's value. `accuracy_level` 4 lets ONNX Runtime quantize the activations to
 exact: docs/inference.md).
 
 The graph is traced by torch.onnx's TorchScript exporter from the dense model with those Linear layers
-swapped for `NBitsLinear`, whose symbolic emits the MatMulNBits node.
+swapped for `NBitsLinear`, whose symbolic emits the MatMulNBits node, and its adaptive pooling for
+`SlicedAdaptivePool` (the exporter refuses an output size that does not divide the input's: a conv student's).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from qdistill.errors import QDistillError
 from qdistill.export.packed import entry_indices, entry_params, load_packed, options, read_packed
@@ -94,6 +96,27 @@ class NBitsLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class SlicedAdaptivePool(nn.Module):
+    """nn.AdaptiveMaxPool2d or AdaptiveAvgPool2d as slices of its input, each reduced: torch.onnx's exporter
+    refuses adaptive pooling whose output size does not divide the input's (a conv student's 3x3 from 7x7 at 28
+    pixels). Exact; the windows are those of the traced input's size, as the exporter's own pooling nodes are."""
+
+    def __init__(self, pool: nn.Module):
+        super().__init__()
+        self.output_size = pool.output_size
+        self.pool, self.reduce = (F.adaptive_max_pool2d, torch.amax) if isinstance(pool, nn.AdaptiveMaxPool2d) else (F.adaptive_avg_pool2d, torch.mean)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sizes = [(dim, x.shape[dim], x.shape[dim] if out is None else out) for dim, out in zip((-2, -1), _pair(self.output_size))]
+        if all(n % out == 0 for _, n, out in sizes):
+            return self.pool(x, self.output_size)  # the exporter's own nodes
+        for dim, n, out in sizes:  # torch's windows [floor(i n / out), ceil((i + 1) n / out)); a rectangle's max or mean is separable
+            starts = [i * n // out for i in range(out)]
+            ends = [((i + 1) * n + out - 1) // out for i in range(out)]  # ceil without a negative //, which the exporter truncates
+            x = torch.cat([self.reduce(x.narrow(dim, start, end - start), dim, keepdim=True) for start, end in zip(starts, ends)], dim)
+        return x
+
+
 class Exported(nn.Module):
     """What the ONNX graph computes from its inputs: `head(model(*inputs))` (logits, pooled embeddings)."""
 
@@ -122,6 +145,9 @@ def export_onnx(path: str | Path, out: str | Path, sample: tuple[torch.Tensor, .
         if type(module) is nn.Linear and name == "weight" and entry["name"] not in aliases and nbits_ready(entry):
             _replace(dense, module, NBitsLinear(module, nbits_weights(entry, tensors), accuracy_level))
             low_bit += 1
+    for module in list(dense.modules()):
+        if type(module) in (nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d) and not getattr(module, "return_indices", False):
+            _replace(dense, module, SlicedAdaptivePool(module))
     graph = Exported(dense, head or (lambda m, *inputs: m(*inputs))).eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +155,7 @@ def export_onnx(path: str | Path, out: str | Path, sample: tuple[torch.Tensor, .
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice and tracer warnings: the graph is checked below, by running it
             torch.onnx.export(graph, sample, str(out), dynamo=False, opset_version=OPSET, input_names=list(input_names), output_names=[output_name],
-                              dynamic_axes=dynamic or {}, custom_opsets={"com.microsoft": 1})
+                              dynamic_axes=dynamic or {}, custom_opsets={"com.microsoft": 1} if low_bit else None)
     except Exception as e:  # the tracer's own errors: a model it cannot follow
         raise QDistillError(f"torch.onnx could not export {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
     return {"matmul_nbits": low_bit, "float32": len(meta["quantized"]) - low_bit, "bytes": out.stat().st_size}

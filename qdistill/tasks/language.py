@@ -29,6 +29,21 @@ def logits_of(output) -> torch.Tensor:
     return getattr(output, "logits", output)
 
 
+def embedded_tokens(model: nn.Module) -> int | None:
+    """How many token ids the model has input embeddings for: a Hugging Face model's input embeddings, else its
+    one embedding table (nn.Embedding, the kernel runtime's LowBitEmbedding); None when that is unclear (several)."""
+    get = getattr(model, "get_input_embeddings", None)
+    tables = [get()] if callable(get) else [m for m in model.modules() if isinstance(getattr(m, "num_embeddings", None), int)]
+    return tables[0].num_embeddings if len(tables) == 1 and tables[0] is not None else None
+
+
+def vocabulary_mismatch(what: str, tokens: int, vocab_size: int) -> QDistillError:
+    return QDistillError(
+        f"the model {what} {tokens} tokens, the data have a vocabulary of {vocab_size}: "
+        "give token files made with the model's tokenizer and its size (--token-files ... --vocab-size N)"
+    )
+
+
 class LanguageModelling:
     name = "lm"
     metric = "ppl"
@@ -78,13 +93,14 @@ class LanguageModelling:
 
     def forward(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """The logits; a model whose vocabulary is not the data's is refused (a Hugging Face model brings its
-        own: a wider one would also overflow the teacher cache's 16-bit token ids)."""
+        own: a wider one would also overflow the teacher cache's 16-bit token ids). A narrower embedding table is
+        refused before the model runs: the data's ids would index past it (an IndexError, on a GPU a device assert)."""
+        rows = embedded_tokens(model)
+        if rows is not None and rows < self.corpus.vocab_size:
+            raise vocabulary_mismatch("embeds", rows, self.corpus.vocab_size)
         logits = logits_of(model(batch["x"]))
         if logits.shape[-1] != self.corpus.vocab_size:
-            raise QDistillError(
-                f"the model predicts {logits.shape[-1]} tokens, the data have a vocabulary of {self.corpus.vocab_size}: "
-                "give token files made with the model's tokenizer and its size (--token-files ... --vocab-size N)"
-            )
+            raise vocabulary_mismatch("predicts", logits.shape[-1], self.corpus.vocab_size)
         return logits
 
     def loss(self, out: torch.Tensor, target, batch: dict, cfg) -> torch.Tensor:
@@ -136,7 +152,8 @@ class LanguageModelling:
 def generate(model: nn.Module, prompt: list[int], new_tokens: int, temperature: float = 0.8, top_k: int | None = 50, seed: int = 0, context: int = 256) -> list[int]:
     """Sample `new_tokens` token ids after `prompt` (at least one id), seeing the last `context` tokens each step.
 
-    With temperature 0 the most likely token is taken (greedy)."""
+    With temperature 0 the most likely token is taken (greedy). A prompt id the model has no token for (a
+    tokenizer that is not the model's) is refused before it indexes past the model's tables."""
     if not prompt:
         raise QDistillError("the prompt must hold at least one token")
     device = next(model.parameters()).device
@@ -144,14 +161,21 @@ def generate(model: nn.Module, prompt: list[int], new_tokens: int, temperature: 
     was_training = model.training
     model.eval()
     ids = list(prompt)
-    with parametrize.cached():
-        for _ in range(new_tokens):
-            logits = logits_of(model(torch.tensor([ids[-context:]], device=device)))[0, -1].float()
-            if temperature <= 0:
-                ids.append(int(logits.argmax()))
-                continue
-            if top_k:
-                logits[logits < logits.topk(min(top_k, len(logits))).values[-1]] = -math.inf
-            ids.append(int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)))
-    model.train(was_training)
+    try:
+        with parametrize.cached():
+            vocab = embedded_tokens(model) or logits_of(model(torch.zeros(1, 1, dtype=torch.long, device=device))).shape[-1]  # else what it predicts
+            bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab]
+            if bad:
+                raise QDistillError(f"the prompt holds token id {bad[0]!r}, outside the model's vocabulary of {vocab} (ids 0 to {vocab - 1}): "
+                                    "encode it with the model's own tokenizer (--tokenizer: the tokenizer.json its training ids were made with)")
+            for _ in range(new_tokens):
+                logits = logits_of(model(torch.tensor([ids[-context:]], device=device)))[0, -1].float()
+                if temperature <= 0:
+                    ids.append(int(logits.argmax()))
+                    continue
+                if top_k:
+                    logits[logits < logits.topk(min(top_k, len(logits))).values[-1]] = -math.inf
+                ids.append(int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)))
+    finally:
+        model.train(was_training)
     return ids

@@ -76,3 +76,37 @@ def test_a_tokenizer_without_merges_is_refused(tmp_path, capsys):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {f"t{i}": i for i in range(64)}, "merges": []}}))
     assert main(["export", str(path), str(tmp_path / "m.gguf"), "--format", "gguf", "--tokenizer", str(tmp_path / "tokenizer.json")]) == 2
     assert "has no merges" in capsys.readouterr().err and not (tmp_path / "m.gguf").exists()
+
+
+GOOD_VOCAB = {f"t{i}": i for i in range(64)}
+BAD_TOKENIZERS = [  # (model.vocab, model.merges, what the error says)
+    ([f"t{i}" for i in range(64)], ["t 1"], "model.vocab, a mapping of tokens to ids"),
+    (GOOD_VOCAB, "t 1", "model.merges, a list"),
+    ({f"t{i}": i + 1 for i in range(64)}, ["t 1"], "the token 't63' has the id 64, outside the model's vocabulary [0, 64)"),
+    ({**GOOD_VOCAB, "t0": -1}, ["t 1"], "the token 't0' has the id -1, outside the model's vocabulary [0, 64)"),
+    ({**GOOD_VOCAB, "t1": 0}, ["t 1"], "the tokens 't0' and 't1' both have the id 0"),
+    ({**GOOD_VOCAB, "t3": "3"}, ["t 1"], "the token 't3' has the id '3', not an integer"),
+    ({**GOOD_VOCAB, "t3": 3.0}, ["t 1"], "the token 't3' has the id 3.0, not an integer"),
+    ({**GOOD_VOCAB, "t1": True}, ["t 1"], "the token 't1' has the id True, not an integer"),
+    ({**GOOD_VOCAB, "\x1b[2Jt": 10**30}, ["t 1"], r"the token '\x1b[2Jt' has the id 1000000000000000000000000000000, outside"),
+    ({k: v for k, v in GOOD_VOCAB.items() if v != 5}, ["t 1"], "has 63 tokens, the model 64"),
+    (GOOD_VOCAB, [["t", 1]], "the merge ['t', 1] is neither"),
+]
+
+
+@pytest.fixture(scope="module")
+def q4_1_llama(tmp_path_factory):
+    return packed_llama(tmp_path_factory.mktemp("llama"), 4, bucket=32, groups="row", scale_dtype="float16")
+
+
+@pytest.mark.parametrize("vocab, merges, message", BAD_TOKENIZERS)
+def test_a_tokenizer_whose_ids_are_not_the_models_is_refused_before_anything_is_written(q4_1_llama, tmp_path, capsys, vocab, merges, message):
+    """llama.cpp takes a token's id from its place in the list: a gap, a repeat or a stray id would shift the tokens."""
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": merges}}))
+    assert main(["export", str(q4_1_llama), str(tmp_path / "m.gguf"), "--format", "gguf", "--tokenizer", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qdistill: error: ") and err.count("\n") == 1 and message in err, err
+    assert "\x1b" not in err and [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]
+    with pytest.raises(QDistillError, match="tokenizer.json"):
+        export_gguf(q4_1_llama, tmp_path / "direct.gguf", tmp_path / "tokenizer.json")
+    assert not (tmp_path / "direct.gguf").exists()

@@ -11,6 +11,7 @@ from torch import nn
 import qdistill
 from qdistill.cli import main
 from qdistill.export.onnx import check_with_onnxruntime, export_onnx, pack_rows
+from qdistill.models import STUDENT_PRESETS, TEACHER_PRESETS, build_model, model_spec
 from qdistill.quant import attach
 
 SPEC = {"factory": "torch.nn:Identity", "kwargs": {}}  # the architecture is passed in: the file's spec is not used
@@ -80,3 +81,32 @@ def test_command_line_export_checks_itself_and_never_overwrites(tmp_path, capsys
     assert main(argv) == 2 and "exists" in capsys.readouterr().err and onnx_file.read_bytes() == before
     assert main([*argv, "--overwrite", "--accuracy-level", "7"]) == 2 and "accuracy_level must be 0 to 4" in capsys.readouterr().err
     assert onnx_file.read_bytes() == before
+
+
+@pytest.mark.parametrize("preset", [*STUDENT_PRESETS, *TEACHER_PRESETS])
+def test_every_conv_preset_exports_at_the_default_image_size(tmp_path, capsys, preset):
+    """A conv student pools 7x7 features to 3x3 at 28 pixels, which torch.onnx's own adaptive pooling refuses."""
+    torch.manual_seed(0)
+    spec = model_spec(preset)
+    model = build_model(spec)
+    attach(model, qdistill.UniformQuantizer(bits=4, bucket=16, groups="row"))
+    packed = qdistill.save_packed(model, spec, tmp_path / "m.safetensors")
+    assert main(["export", str(packed), str(tmp_path / "m.onnx"), "--format", "onnx"]) == 0, capsys.readouterr().err
+    images = torch.randn(3, 1, 28, 28)
+    expected = qdistill.load_packed(packed)[0](images).detach()
+    torch.testing.assert_close(check_with_onnxruntime(tmp_path / "m.onnx", (images,), ("images",)), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("pool, pooled", [(nn.AdaptiveMaxPool2d(3), 9), (nn.AdaptiveAvgPool2d((3, 2)), 6), (nn.AdaptiveMaxPool2d((None, 4)), 28), (nn.AdaptiveAvgPool2d(1), 1)])
+def test_adaptive_pooling_of_any_output_size_exports_exactly(tmp_path, pool, pooled):
+    def net():  # 7x9 features from 9x11 images
+        return nn.Sequential(nn.Conv2d(2, 4, 3), pool, nn.Flatten(), nn.Linear(4 * pooled, 5))
+
+    torch.manual_seed(0)
+    model = net()
+    attach(model, qdistill.UniformQuantizer(bits=4))
+    path = qdistill.save_packed(model, SPEC, tmp_path / "m.safetensors")
+    x = torch.randn(3, 2, 9, 11)
+    export_onnx(path, tmp_path / "m.onnx", (torch.zeros(1, 2, 9, 11),), model=net(), dynamic={"x": {0: "batch"}})
+    expected = qdistill.load_packed(path, model=net())[0](x).detach()
+    torch.testing.assert_close(check_with_onnxruntime(tmp_path / "m.onnx", (x,)), expected, rtol=1e-5, atol=1e-6)

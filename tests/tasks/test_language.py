@@ -165,3 +165,90 @@ def test_generate_is_seeded_and_greedy_follows_the_model():
     greedy = generate(model, [1], 3, temperature=0)
     with torch.no_grad():
         assert greedy[1] == int(model(torch.tensor([[1]]))[0, -1].argmax())
+
+
+def test_a_model_with_fewer_embeddings_than_the_data_is_refused_before_it_runs():
+    class Narrow(TinyLM):
+        def forward(self, x):
+            assert int(x.max()) < self.emb.num_embeddings, "ran on ids past its embeddings"
+            return super().forward(x)
+
+    model = Narrow()
+    model.emb = nn.Embedding(VOCAB - 4, 16)  # the corpus holds every id up to VOCAB - 1
+    with pytest.raises(QDistillError, match=f"the model embeds {VOCAB - 4} tokens, the data have a vocabulary of {VOCAB}"):
+        LanguageModelling(corpus(), seq_len=8).evaluate(model, "test")
+
+
+@pytest.mark.parametrize("tables", [1, 2])
+def test_generate_refuses_prompt_ids_outside_the_model_vocabulary(tables):
+    """One embedding table gives the vocabulary; with several (token and position), what the model predicts does."""
+
+    class Positional(TinyLM):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Embedding(64, 16)
+
+    model = TinyLM() if tables == 1 else Positional()
+    model.train()
+    for prompt, bad in (([1, VOCAB], VOCAB), ([-1, 2], -1), ([1, 2.0], 2.0)):
+        with pytest.raises(QDistillError, match=f"the prompt holds token id {bad}, outside the model's vocabulary of {VOCAB}"):
+            generate(model, prompt, 3)
+        assert model.training  # left as it was
+    assert len(generate(model, [VOCAB - 1], 3)) == 4
+
+
+def lm_file(folder, vocab=300):
+    """An lstm-tiny checkpoint of `vocab` tokens that says it was trained on token files with that vocabulary."""
+    from qdistill.models import build_model, model_spec, save_checkpoint
+
+    torch.manual_seed(0)
+    spec = model_spec("lstm-tiny", num_classes=vocab)
+    path = folder / "lm.safetensors"
+    save_checkpoint(build_model(spec), spec, path, extra={"task": {"task": "lm", "vocab_size": vocab, "seq_len": 16, "corpus": "tokens"}})
+    return path
+
+
+def token_files(folder, top, suffix=".npy"):
+    """Train, val and test ids 0 to `top` (uint16), as .npy or raw .bin."""
+    paths = []
+    for s in ("train", "val", "test"):
+        ids = (np.arange(400) * 7 % (top + 1)).astype("<u2")
+        path = folder / f"{s}{suffix}"
+        np.save(path, ids) if suffix == ".npy" else path.write_bytes(ids.tobytes())
+        paths.append(str(path))
+    return paths
+
+
+def one_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("qdistill: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".bin"])
+def test_command_line_token_ids_past_the_model_vocabulary_are_one_error(tmp_path, capsys, suffix):
+    from qdistill.cli import main
+
+    model, files = lm_file(tmp_path), token_files(tmp_path, 994, suffix)
+    assert main(["eval", str(model), "--token-files", *files, "--quiet"]) == 2  # the vocabulary is the model's own
+    assert f"{files[0]}: token id 994 (its largest) is outside the vocabulary [0, 300)" in one_error(capsys)
+    assert main(["eval", str(model), "--token-files", *files, "--vocab-size", "1000", "--quiet"]) == 2
+    assert "the model embeds 300 tokens, the data have a vocabulary of 1000" in one_error(capsys)
+    distill = ["distill", "--method", "qd", "--student", "lstm-tiny", "--teacher", str(model), "--epochs", "1", "--run-dir", str(tmp_path / "run")]
+    assert main([*distill, "--token-files", *files, "--vocab-size", "1000", "--seq-len", "16", "--quiet"]) == 2
+    assert "the model embeds 300 tokens, the data have a vocabulary of 1000" in one_error(capsys)
+
+
+def test_command_line_generate_refuses_a_tokenizer_wider_than_the_model(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from qdistill.cli import main
+
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, **{f"w{i}": i for i in range(1, 400)}}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    model, files = lm_file(tmp_path), token_files(tmp_path, 299)  # ids the model knows, from a tokenizer of 400
+    argv = ["generate", str(model), "--token-files", *files, "--vocab-size", "400", "--tokenizer", str(tmp_path / "tokenizer.json"), "--tokens", "2"]
+    assert main([*argv, "--prompt", "w1 w350"]) == 2
+    assert "the prompt holds token id 350, outside the model's vocabulary of 300" in one_error(capsys)
+    assert main([*argv, "--prompt", "w1 w299"]) == 0
