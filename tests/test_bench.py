@@ -534,3 +534,10 @@ def test_embedding_goals_are_read_from_the_rows():
     assert any(line.startswith("- 4 bits, qd, retrieval@1 within 1 point of the teacher's (0.5000): met (0.4925, +0.8 points)") for line in lines)
     assert "- 4 bits, retrieval@1: qd (mse) 0.5000 level with ptq 0.4900, ptq (mse) 0.5000" in lines  # a tie is not above
     assert "- 4 bits, cosine: qd (mse) 0.9500 not above ptq 0.9500, ptq (mse) 0.9600" in lines and "- 4 bits, qd (mse), cosine >= 0.99: not met (0.9500)" in lines
+
+
+def test_every_bad_input_of_the_bench_is_handled(tmp_path):
+    """bench/bad_inputs.py's cases (crafted run dirs, configs, flags, token files, packed files, tokenizers,
+    Hugging Face folders, exports): each one `qdistill: error:` line, nothing run or written outside."""
+    rows = load("bad_inputs").main(["--out", str(tmp_path / "bad.md")])
+    assert len(rows) >= 80 and [r for r in rows if r[2] != "handled"] == []

@@ -4,11 +4,13 @@ memory-mapped, so a corpus is never held in memory whole; or the user's own toke
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,14 +92,30 @@ def _tokenizers():
     return tokenizers
 
 
+@contextlib.contextmanager
+def rust_panics_unprinted():
+    """Standard error (the descriptor: Rust's panic hook writes there directly, with a backtrace) sent to
+    /dev/null for the block, so that a crafted file's panic reaches the user as one error line."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def load_tokenizer(path: Path):
     """A tokenizer.json (which may come from anyone) as a `tokenizers.Tokenizer`, tried on a sample text; any
     failure is one QDistillError. The library panics on some crafted files (a template naming a token it
     lacks): pyo3's PanicException derives from BaseException, so `except Exception` would let it through."""
     tk = _tokenizers()
     try:
-        tok = tk.Tokenizer.from_file(str(path))
-        tok.decode(tok.encode(PROBE).ids)
+        with rust_panics_unprinted():
+            tok = tk.Tokenizer.from_file(str(path))
+            tok.decode(tok.encode(PROBE).ids)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:
