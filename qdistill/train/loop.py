@@ -107,6 +107,8 @@ def fit(model, params, task: Task, teacher, cfg: TrainConfig, epochs: int, lr: f
     total = epochs * steps_per_epoch
     schedule = make_schedule(opt, cfg.schedule, total, cfg.warmup)
     tracker = PhaseTracker(name, model, opt, schedule, cfg, task, steps_per_epoch, log, checkpoint)
+    if tracker.step > total:  # a damaged or crafted state.pt: the untrained model would be saved as finished
+        raise QDistillError(f"the saved run state is at step {tracker.step} of a phase of {total} steps: it is not this run's; start a new run")
     bar = progress.add_task(name, total=total, completed=tracker.step, status="")
     net = distributed.wrap(model)  # under torchrun: DDP, which averages the ranks' gradients
     while tracker.step < total:

@@ -72,6 +72,17 @@ def _int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _well_formed(saved) -> bool:
+    """The checkpoint's own structure, before any of it is used: a state.pt may be damaged, or come from someone else."""
+    phases = [*saved["done"].values(), *([saved["current"]] if saved.get("current") is not None else [])] if isinstance(saved, dict) and isinstance(saved.get("done"), dict) else None
+    return (
+        phases is not None and _int(saved.get("log_bytes"))
+        and all(isinstance(p, dict) and isinstance(p.get("model"), dict) and isinstance(p.get("rng"), torch.Tensor) for p in phases)
+        and all(isinstance(p.get("result"), dict) for p in saved["done"].values())
+        and (saved.get("current") is None or isinstance(saved["current"].get("phase"), str) and isinstance(saved["current"].get("loop"), dict) and _int(saved["current"]["loop"].get("step")))
+    )
+
+
 def check_intervals(every_steps: int | None, every_minutes: float | None) -> None:
     if every_steps is not None and not every_steps > 0 or every_minutes is not None and not 0 < every_minutes < float("inf"):
         raise QDistillError(f"checkpoint intervals must be positive, got {every_steps} steps and {every_minutes} minutes")
@@ -96,7 +107,7 @@ class Checkpoint:
         if self.path.exists():
             try:
                 self.saved = torch.load(self.path, map_location="cpu", weights_only=True)
-                if not (isinstance(self.saved, dict) and isinstance(self.saved.get("done"), dict) and _int(self.saved.get("log_bytes"))):
+                if not _well_formed(self.saved):
                     raise ValueError
             except Exception:
                 raise QDistillError(f"{self.path} is damaged: this run cannot be resumed (start a new one)") from None

@@ -10,7 +10,7 @@ import time
 
 from torch import nn
 
-from qdistill.errors import Diverged
+from qdistill.errors import Diverged, QDistillError
 from qdistill.train import distributed
 from qdistill.train.config import TrainConfig
 from qdistill.train.guard import DivergenceGuard
@@ -29,7 +29,9 @@ class PhaseTracker:
         self.run = {"step": 0, "seconds": 0.0, "seen": 0, "loss_sum": 0.0, "records": [], "grad_clip": cfg.grad_clip, "rollbacks": 0, "guard": self.guard.state()}
         resumed = checkpoint.running(name) if checkpoint else None
         if resumed is not None:  # a killed run's state: continue from there
-            self.run = restore(resumed, model, opt, schedule)
+            fresh, self.run = self.run, restore(resumed, model, opt, schedule)
+            if set(self.run) != set(fresh) or any(not isinstance(self.run[k], type(v)) for k, v in fresh.items() if v is not None) or not isinstance(self.run["guard"].get("recent"), list):
+                raise QDistillError("the saved run state's counters are damaged or not this version's; start a new run")
             self.guard.load(self.run["guard"])
         self.good = capture(model, opt, schedule, self.run) if cfg.guard == "rollback" else None  # the rollback point
         self.status = ""

@@ -135,3 +135,44 @@ def test_cli_resume_continues_a_killed_run(tmp_path):
 def test_damaged_interval_is_refused(tmp_path):
     with pytest.raises(QDistillError, match="positive"):
         Checkpoint(tmp_path / "s.pt", every_steps=0)
+
+
+def crafted_state(path, **loop):
+    """A state.pt as a killed qat run leaves it, with its loop counters changed."""
+    from qdistill.train.guard import DivergenceGuard
+    from qdistill.train.state import capture
+    from tests.conftest import toy_net
+
+    from qdistill import TrainConfig, attach
+
+    model = toy_net()
+    attach(model, TrainConfig(method="qat", bits=2).make_quantizer("uniform"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    counters = {"step": 2, "seconds": 0.0, "seen": 100, "loss_sum": 0.0, "records": [], "grad_clip": None, "rollbacks": 0, "guard": DivergenceGuard("qat 2b", 4.0).state(), **loop}
+    Checkpoint(path).save_running("qat 2b", capture(model, opt, schedule, counters))
+
+
+@pytest.mark.parametrize(
+    "loop, message",
+    [({"step": 10**12}, "at step 1000000000000 of a phase of"), ({"seen": "x"}, "counters are damaged"), ({"guard": {}}, "counters are damaged")],
+)
+def test_a_state_whose_counters_are_damaged_or_crafted_is_refused(tmp_path, loop, message):
+    """Before, a step past the phase's end saved the untrained model as finished."""
+    from qdistill import TrainConfig, train
+    from tests.conftest import toy_net
+
+    crafted_state(tmp_path / "state.pt", **loop)
+    with pytest.raises(QDistillError, match=message):
+        train(toy_net(), toy_hook(), TrainConfig(method="qat", bits=2, epochs=1, batch_size=50), quiet=True, checkpoint=Checkpoint(tmp_path / "state.pt"))
+
+
+@pytest.mark.parametrize("edit", [lambda s: s.update(current=[1]), lambda s: s["current"].update(phase=3), lambda s: s["current"].pop("rng"),
+                                  lambda s: s["done"].update(x=None), lambda s: s.update(log_bytes=-1)])
+def test_a_state_file_with_damaged_fields_is_refused_when_opened(tmp_path, edit):
+    crafted_state(tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    edit(state)
+    torch.save(state, tmp_path / "state.pt")
+    with pytest.raises(QDistillError, match="is damaged"):
+        Checkpoint(tmp_path / "state.pt")
