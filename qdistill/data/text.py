@@ -341,8 +341,8 @@ def _token_file(path: Path) -> np.ndarray:
     if suffix == ".bin":
         if path.stat().st_size % 2:
             raise QDistillError(f"{path} has an odd number of bytes, so it is not raw uint16 token ids; {fix}")
-        if path.stat().st_size == 0:
-            raise QDistillError(f"token file {path} is empty")
+        if path.stat().st_size < 4:  # a window needs a token and the one after it
+            raise QDistillError(f"token file {path} holds {path.stat().st_size // 2} token ids: a split needs at least 2")
         return np.memmap(path, dtype="<u2", mode="r")
     if suffix != ".npy":
         raise QDistillError(f"token file {path} must end in .npy or .bin; {fix}")
@@ -356,8 +356,8 @@ def _token_file(path: Path) -> np.ndarray:
         raise QDistillError(f"{path} holds an array of shape {a.shape}, token ids must be 1-D; {fix}")
     if not np.issubdtype(a.dtype, np.integer):
         raise QDistillError(f"{path} holds {a.dtype} values, token ids must be integers; {fix}")
-    if len(a) == 0:
-        raise QDistillError(f"token file {path} is empty")
+    if len(a) < 2:  # a window needs a token and the one after it
+        raise QDistillError(f"token file {path} holds {len(a)} token ids: a split needs at least 2")
     return a
 
 

@@ -347,7 +347,7 @@ def test_a_foreign_cache_that_cannot_be_moved_is_an_error(tmp_path, monkeypatch)
         (np.zeros((2, 3), np.int64), r"shape \(2, 3\), token ids must be 1-D"),
         (np.array([1.0, 2.0]), r"float64 values, token ids must be integers"),
         (np.array([True, False]), r"bool values"),
-        (np.zeros(0, np.int64), r"is empty"),
+        (np.zeros(0, np.int64), r"holds 0 token ids"),
     ],
 )
 def test_bad_token_files_are_refused(tmp_path, bad, match):
@@ -361,7 +361,7 @@ def test_bad_raw_and_missing_token_files(tmp_path):
     paths[1].write_bytes(b"\x01\x00\x02")
     with pytest.raises(QDistillError, match="odd number of bytes"):
         load_token_files(*paths, vocab_size=7)
-    paths[1].write_bytes(b"\x07\x00")
+    paths[1].write_bytes(b"\x07\x00\x01\x00")
     with pytest.raises(QDistillError, match=r"val.bin: token id 7 \(its largest\)"):
         load_token_files(*paths, vocab_size=7)
     paths[0].with_suffix(".pt").write_bytes(b"\x01\x00")
