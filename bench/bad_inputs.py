@@ -15,6 +15,7 @@ import io
 import json
 import os
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,15 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 import qdistill.cli
 from qdistill import TrainConfig, UniformQuantizer, attach, save_packed
-from qdistill.export.packed import _digest
 from qdistill.models import build_model, model_spec, save_checkpoint
 
 RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository: its tests' file crafting
+
+from tests.crafted import rewrite  # noqa: E402
 
 
 class Hang(BaseException):
@@ -45,21 +47,6 @@ def ran(*args, **kwargs):
     """What a crafted run directory names as its model factory or dataset hook: it leaves CODE-RAN behind."""
     Path(os.environ["QDISTILL_BENCH_DIR"], "CODE-RAN").write_text("ran")
     raise SystemExit(3)
-
-
-def rewrite(path: Path, out: Path, edit_meta=None, edit_tensors=None) -> Path:
-    """A packed file with edited metadata or tensors and a recomputed checksum, as an attacker would make it."""
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["qdistill"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta.pop("sha256")
-    if edit_meta:
-        edit_meta(meta)
-    if edit_tensors:
-        edit_tensors(tensors)
-    meta["sha256"] = _digest(meta, tensors)
-    save_file(tensors, str(out), metadata={"qdistill": json.dumps(meta)})
-    return out
 
 
 def fixtures(d: Path) -> dict:

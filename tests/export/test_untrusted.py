@@ -17,24 +17,9 @@ from torch.nn.modules.module import register_module_parameter_registration_hook
 
 from qdistill import QDistillError, UniformQuantizer, attach, load_packed, save_packed
 from qdistill.cli import main
-from qdistill.export.packed import _digest
 from qdistill.models import build_model, load_checkpoint, model_spec, save_checkpoint
+from tests.crafted import rewrite
 from tests.export.test_packed import quantized_model
-
-
-def rewrite(path, out, edit_meta=None, edit_tensors=None):
-    """Copy a packed file with edited metadata or tensors and a *recomputed* checksum, as an attacker would."""
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["qdistill"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta.pop("sha256")
-    if edit_meta:
-        edit_meta(meta)
-    if edit_tensors:
-        edit_tensors(tensors)
-    meta["sha256"] = _digest(meta, tensors)
-    save_file(tensors, str(out), metadata={"qdistill": json.dumps(meta)})
-    return out
 
 
 class Hung(BaseException):
