@@ -93,14 +93,20 @@ def _tokenizers():
 
 
 @contextlib.contextmanager
-def rust_panics_unprinted():
-    """Standard error (the descriptor: Rust's panic hook writes there directly, with a backtrace) sent to
-    /dev/null for the block, so that a crafted file's panic reaches the user as one error line."""
+def tokenizer_failures(message):
+    """The tokenizers library's failures in the block as one QDistillError, `message(reason)`. It panics on some
+    crafted files (a template naming a token it lacks): pyo3's PanicException derives from BaseException, so
+    `except Exception` would let it through, and Rust's panic hook writes a backtrace to the standard error
+    descriptor itself, which is sent to /dev/null for the block so that the user reads one error line."""
     sys.stderr.flush()
     saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 2)
     try:
         yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        raise QDistillError(message((str(e).splitlines() or [type(e).__name__])[0][:200])) from None
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -109,18 +115,11 @@ def rust_panics_unprinted():
 
 def load_tokenizer(path: Path):
     """A tokenizer.json (which may come from anyone) as a `tokenizers.Tokenizer`, tried on a sample text; any
-    failure is one QDistillError. The library panics on some crafted files (a template naming a token it
-    lacks): pyo3's PanicException derives from BaseException, so `except Exception` would let it through."""
+    failure, a panic included, is one QDistillError (`tokenizer_failures`)."""
     tk = _tokenizers()
-    try:
-        with rust_panics_unprinted():
-            tok = tk.Tokenizer.from_file(str(path))
-            tok.decode(tok.encode(PROBE).ids)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise QDistillError(f"{path} is not a tokenizer.json the tokenizers library can use ({reason}); pass the tokenizer.json the token ids were made with") from None
+    with tokenizer_failures(lambda reason: f"{path} is not a tokenizer.json the tokenizers library can use ({reason}); pass the tokenizer.json the token ids were made with"):
+        tok = tk.Tokenizer.from_file(str(path))
+        tok.decode(tok.encode(PROBE).ids)
     return tok
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qdistill.data.text import load_tokenizer, tokenizer_failures
 from qdistill.distill.teacher import CachedTeacher, LiveTeacher, model_digest
 from qdistill.errors import QDistillError
 from qdistill.files import check_cache_entry
@@ -85,7 +86,6 @@ class SentenceEmbedding:
         file, tokenized with the reference's own tokenizer.json; the first `train_subset` training and
         `eval_subset` validation and test sentences where given."""
         from qdistill.data.sentences import load_sections, load_sentences
-        from qdistill.data.text import load_tokenizer
 
         if not Path(tokenizer_json).is_file():
             raise QDistillError(f"no tokenizer for the embedding task ({tokenizer_json} not found): give --tokenizer TOKENIZER.JSON (the teacher's own)")
@@ -97,14 +97,10 @@ class SentenceEmbedding:
 
     def _encode(self, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids [N, max_len] (padded) and lengths [N]."""
-        try:
+        with tokenizer_failures(lambda reason: f"the tokenizer failed on the sentences ({reason}): give the teacher's own tokenizer.json"):
             tokenizer.enable_truncation(self.max_len)
             tokenizer.no_padding()
             encodings = tokenizer.encode_batch(texts)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:  # pyo3's PanicException, on a crafted tokenizer.json, is no Exception
-            raise QDistillError(f"the tokenizer failed on the sentences ({(str(e).splitlines() or [type(e).__name__])[0][:200]}): give the teacher's own tokenizer.json") from None
         ids = torch.full((len(texts), self.max_len), self.pad_id, dtype=torch.long)
         lengths = torch.tensor([len(e.ids) for e in encodings], dtype=torch.long)
         for i, e in enumerate(encodings):
