@@ -102,7 +102,7 @@ def export_gguf(path: str | Path, out: str | Path, tokenizer_json: str | Path | 
     return counts
 
 
-def shown(value) -> str:
+def quoted(value) -> str:
     """A value from a file, quoted (escape sequences and newlines escaped) and cut short, for a message."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -124,11 +124,11 @@ def read_tokenizer(tokenizer_json: Path, vocab_size: int) -> tuple[list[str], li
     by_id = {}
     for token, i in vocab.items():
         if type(i) is not int:  # json's true, 1.0 and "1" are not ids
-            raise QDistillError(f"{tokenizer_json}: the token {shown(token)} has the id {shown(i)}, not an integer; {fix}")
+            raise QDistillError(f"{tokenizer_json}: the token {quoted(token)} has the id {quoted(i)}, not an integer; {fix}")
         if not 0 <= i < vocab_size:
-            raise QDistillError(f"{tokenizer_json}: the token {shown(token)} has the id {shown(i)}, outside the model's vocabulary [0, {vocab_size}); {fix}")
+            raise QDistillError(f"{tokenizer_json}: the token {quoted(token)} has the id {quoted(i)}, outside the model's vocabulary [0, {vocab_size}); {fix}")
         if i in by_id:
-            raise QDistillError(f"{tokenizer_json}: the tokens {shown(by_id[i])} and {shown(token)} both have the id {i}; {fix}")
+            raise QDistillError(f"{tokenizer_json}: the tokens {quoted(by_id[i])} and {quoted(token)} both have the id {i}; {fix}")
         by_id[i] = token
     if len(by_id) != vocab_size:
         raise QDistillError(f"{tokenizer_json} has {len(by_id)} tokens, the model {vocab_size}: {fix}")
@@ -136,7 +136,7 @@ def read_tokenizer(tokenizer_json: Path, vocab_size: int) -> tuple[list[str], li
         raise QDistillError(f"{tokenizer_json} has no merges, and llama.cpp refuses a gpt2 tokenizer without them: give the model's own byte-level BPE tokenizer")
     for m in merges:
         if not (isinstance(m, str) or isinstance(m, list) and len(m) == 2 and all(isinstance(part, str) for part in m)):
-            raise QDistillError(f"{tokenizer_json}: the merge {shown(m)} is neither \"a b\" nor [\"a\", \"b\"]; {fix}")
+            raise QDistillError(f"{tokenizer_json}: the merge {quoted(m)} is neither \"a b\" nor [\"a\", \"b\"]; {fix}")
     return [by_id[i] for i in range(vocab_size)], [m if isinstance(m, str) else " ".join(m) for m in merges]
 
 

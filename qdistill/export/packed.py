@@ -28,7 +28,7 @@ from torch import nn
 from qdistill.errors import QDistillError
 from qdistill.export.huffman import mean_code_length
 from qdistill.files import write_safetensors
-from qdistill.models import build_model, load_state
+from qdistill.models import build_model, check_finite, load_state
 from qdistill.models.hf import Held
 from qdistill.quant import LearnedPointsQuantizer, pack_bits, packed_bytes, quantized_tensors, unpack_bits
 from qdistill.quant.base import FORMS, GROUPS, SCALE_DTYPES, Encoded, check_choice, dequantize, form, group_bits, kernel_ready, n_groups, row_view
@@ -257,9 +257,7 @@ def check_layout(meta: dict, tensors: dict[str, torch.Tensor], path) -> None:
         if key in tensors and not bool(torch.isfinite(tensors[key]).all()):
             raise bad(f"non-finite values in {key!r}")
     for e in meta["kept"]:
-        values = tensors[e["blob"]][e["offset"] : e["offset"] + math.prod(e["shape"])]
-        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
-            raise QDistillError(f"{path}: the tensor {e['name']!r} holds NaN or infinite values (a damaged file, or a training run that diverged): it cannot be used")
+        check_finite(tensors[e["blob"]][e["offset"] : e["offset"] + math.prod(e["shape"])], e["name"], path)
     for e in meta["quantized"]:  # the layout holds: each tensor's stored values can be read
         params = entry_params(e, tensors)
         if "step" in params and not bool((params["step"] > 0).all()):

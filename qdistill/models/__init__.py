@@ -155,6 +155,12 @@ def _first_names(model: nn.Module) -> dict[str, torch.Tensor]:
     return first
 
 
+def check_finite(t: torch.Tensor, name: str, path) -> None:
+    """A float tensor of a model file holds no NaN or infinity: such a model would load and predict garbage."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise QDistillError(f"{path}: the tensor {name!r} holds NaN or infinite values (a damaged file, or a training run that diverged): it cannot be used")
+
+
 def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """A state dict and its safetensors metadata, or one QDistillError naming the file (never torch's own advice).
     A NaN or infinite float is refused, naming its tensor: such a model would load and predict garbage."""
@@ -173,8 +179,7 @@ def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise QDistillError(f"{path} is not a state dict (a mapping of names to tensors)")
     for name, t in state.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise QDistillError(f"{path}: the tensor {name!r} holds NaN or infinite values (a damaged file, or a training run that diverged): it cannot be used")
+        check_finite(t, name, path)
     return state, meta
 
 
