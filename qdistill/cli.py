@@ -125,7 +125,7 @@ def check_data_sizes(args) -> None:
     for name, least in DATA_SIZES.items():
         value = getattr(args, name, None)
         if value is not None and not least <= value <= 1 << 40:
-            raise QDistillError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+            raise QDistillError(f"--{name.replace('_', '-')} must be at least {least} (and at most 2**40), got {value}")
 
 
 def data_from(args):
@@ -273,12 +273,13 @@ def fits_option(action: argparse.Action, value) -> bool:
     return isinstance(value, str) and (action.choices is None or value in action.choices)
 
 
-def named_code(args: argparse.Namespace) -> list[str]:
-    """What in a distill run's arguments would import or run code: a model factory, a dataset hook, --trust-code."""
+def named_code(args: argparse.Namespace, trust_code: bool) -> list[str]:
+    """What in a distill run's arguments would import or run code: a model factory, a dataset hook, and
+    `trust_code` (the run's --trust-code: factories its model files name)."""
     code = [f"--{key.replace('_', '-')} {args_value}" for key in ("student", "teacher_model") if (args_value := getattr(args, key)) and ":" in args_value and not args_value.startswith("hf:")]
     if args.dataset != "fashion-mnist":
         code.append(f"--dataset {args.dataset}")
-    return code + (["--trust-code (factories named in its model files)"] if args.trust_code else [])
+    return code + (["--trust-code (factories named in its model files)"] if trust_code else [])
 
 
 def resumed_args(run_dir: Path, trust_code: bool) -> tuple[argparse.Namespace, TrainConfig]:
@@ -305,9 +306,8 @@ def resumed_args(run_dir: Path, trust_code: bool) -> tuple[argparse.Namespace, T
     if wrong is not None:
         raise QDistillError(f"{run_dir / RUN_ARGS}: {wrong} is {saved[wrong]!r}, not a value of --{wrong.replace('_', '-')}: a damaged or crafted run directory, cannot resume")
     defaults = {k: a.default for k, a in options.items() if a.default is not argparse.SUPPRESS}  # an option added since keeps its default
-    args = argparse.Namespace(**{**defaults, **saved, "resume": str(run_dir), "run_dir": str(run_dir), "trust_code": asked_trust})
-    code = named_code(args)
-    args.trust_code = trust_code
+    args = argparse.Namespace(**{**defaults, **saved, "resume": str(run_dir), "run_dir": str(run_dir), "trust_code": trust_code})
+    code = named_code(args, asked_trust)
     if code and not trust_code:
         raise QDistillError(f"{run_dir / RUN_ARGS} asks to run code: {'; '.join(code)}. Resume with --trust-code only if you trust whoever wrote {run_dir}")
     return args, TrainConfig.from_dict(read_yaml(run_dir / "config.yaml"))
@@ -363,7 +363,7 @@ def cmd_distill(args) -> None:
             raise QDistillError(f"method {cfg.method} distills from a teacher: give --teacher FILE (from `qdistill train-teacher`)")
         teacher_spec = model_spec(args.teacher_model, **task.spec_args(), hf_head=args.hf_head) if args.teacher_model else None
         teacher = reference or load_any(args.teacher, teacher_spec, args.trust_code, args.hf_head)[0]
-    made = not args.resume and not (args.run_dir and os.path.lexists(args.run_dir))
+    made = not (args.run_dir and os.path.lexists(args.run_dir))  # (a resumed run's directory is never removed)
     if not args.resume:
         run_dir = distributed.on_main(start_distill_run, args, cfg)
     state = run_dir / "state.pt"

@@ -63,6 +63,16 @@ SPEED_ONLY = ("memory_format", "guard", "guard_factor", "parallel")
 FP_SETTINGS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup", "grad_clip", "augment", "seed", "device", "memory_format", "guard", "guard_factor", "parallel")
 
 
+# A declared field type: how a value is named in an error, and the test it must pass.
+FIELD_TYPES = {
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "list[str]": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+}
+
+
 @dataclass
 class TrainConfig:
     method: str = "qd"
@@ -170,15 +180,8 @@ class TrainConfig:
             value, kind = getattr(self, f.name), f.type.removesuffix(" | None")
             if value is None and f.type.endswith(" | None"):
                 continue
-            ok = {
-                "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-                "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-                "bool": lambda v: isinstance(v, bool),
-                "str": lambda v: isinstance(v, str),
-                "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-            }[kind](value)
-            if not ok:
-                what = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string", "list[str]": "a list of strings"}[kind]
+            what, ok = FIELD_TYPES[kind]
+            if not ok(value):
                 raise QDistillError(f"{f.name} must be {what}{' or null' if f.type.endswith(' | None') else ''}, got {value!r}")
         if not 0 <= self.seed < 2**32:
             raise QDistillError(f"seed must be from 0 to {2**32 - 1}, got {self.seed}")
