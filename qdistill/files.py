@@ -46,17 +46,18 @@ def current_umask() -> int:
 
 
 @contextlib.contextmanager
-def replaced_whole(path: str | Path):
+def replaced_whole(path: str | Path, mode: int | None = None):
     """A fresh temporary path beside `path`, of an unpredictable name (`tempfile`), put in place of `path` by
     one rename when the block ends without error, else removed: a kill leaves the old file or the new one,
     never half of one, and a link planted at `path` (or at a fixed temporary name) is replaced, never
-    written through. The file gets the permissions of any file the user creates."""
+    written through. The file gets the permissions of any file the user creates, or `mode` (caches: 0600,
+    since one others could write is not read back)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")  # the suffix: writers that read the format from it
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())
+        os.chmod(tmp, 0o666 & ~current_umask() if mode is None else mode)
         os.replace(tmp, path)
     finally:
         if os.path.lexists(tmp):  # left only when writing failed

@@ -26,7 +26,7 @@ from torch import nn
 
 from qdistill.distill.loss import TopKTarget
 from qdistill.errors import QDistillError
-from qdistill.files import check_cache_entry
+from qdistill.files import check_cache_entry, replaced_whole
 
 TOPK_FILES = ("logprobs.npy", "indices.npy")  # a top-k cache folder's arrays, memory-mapped
 
@@ -105,12 +105,10 @@ class CachedTeacher:
         logits = predict(model, x, device=device, progress=progress)
         if path is not None:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # parallel builders do not share a temporary file
-            save_file({"logits": logits.contiguous()}, tmp)  # mode 0600 whatever the umask
             try:
-                tmp.replace(path)
+                with replaced_whole(path, mode=0o600) as tmp:  # parallel builders do not share a temporary file
+                    save_file({"logits": logits.contiguous()}, tmp)
             except OSError as e:
-                tmp.unlink(missing_ok=True)
                 raise QDistillError(f"cannot replace the teacher-logit cache {path} ({e.strerror}); remove it or set QDISTILL_CACHE to a folder of your own") from None
         return cls(logits)
 

@@ -22,7 +22,7 @@ from torch import nn
 from qdistill.data.text import load_tokenizer, tokenizer_failures
 from qdistill.distill.teacher import CachedTeacher, LiveTeacher, model_digest
 from qdistill.errors import QDistillError
-from qdistill.files import check_cache_entry
+from qdistill.files import check_cache_entry, replaced_whole
 from qdistill.tasks.classification import epoch_order
 
 log = logging.getLogger(__name__)
@@ -206,8 +206,6 @@ class SentenceEmbedding:
                     return CachedTeacher(torch.from_numpy(cached.astype(np.float32)))
         embeddings = self.embed(model, self.sentences["train"], progress)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, embeddings.numpy())
-        os.chmod(tmp, 0o600)  # private whatever the umask: a cache others may write is not read back
-        tmp.replace(path)
+        with replaced_whole(path, mode=0o600) as tmp:
+            np.save(tmp, embeddings.numpy())
         return CachedTeacher(embeddings)

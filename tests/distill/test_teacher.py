@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+import qdistill.files
 from qdistill import CachedTeacher, LiveTeacher, QDistillError
 from qdistill.distill import check_compatible, teacher
 from qdistill.distill.teacher import TopKTeacher
@@ -93,7 +94,7 @@ def test_a_logit_cache_that_cannot_be_replaced_is_an_error(tmp_path, monkeypatch
     model, x = nn.Linear(6, 3), torch.randn(50, 6)
     CachedTeacher.build(model, x, tmp_path)
     make_foreign(next(tmp_path.iterdir()), "writable")
-    monkeypatch.setattr(teacher.Path, "replace", refused)  # as for another user's file in a sticky folder
+    monkeypatch.setattr(qdistill.files.os, "replace", refused)  # as for another user's file in a sticky folder
     with pytest.raises(QDistillError, match="cannot replace the teacher-logit cache .*remove it or set QDISTILL_CACHE to a folder of your own"):
         CachedTeacher.build(model, x, tmp_path)
 
