@@ -1,10 +1,18 @@
-"""The paper's Huffman estimate: mean code length of one Huffman code built over all level indices."""
+"""The paper's Huffman estimate: mean code length of one Huffman code built over all level indices, plus the
+table a decoder needs to rebuild that (canonical) code."""
 
 from __future__ import annotations
 
 import heapq
 
 import numpy as np
+
+LENGTH_BITS = 8  # per symbol in the table: a Huffman code over at most 256 symbols is at most 255 bits long
+
+
+def table_bits(symbols: int) -> int:
+    """Bits of a canonical code's table: one LENGTH_BITS code length (0: unused) for each of `symbols` symbols."""
+    return LENGTH_BITS * symbols
 
 
 def code_lengths(counts: np.ndarray) -> dict[int, int]:

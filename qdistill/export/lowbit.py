@@ -169,6 +169,8 @@ def matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: t
     float32: [rows, out]. On the kernel where it is built; else (a model pickled to a process without it)
     the weights are decoded for the call."""
     x = x.to(torch.float32).contiguous()
+    if codes.dim() != 3 or padded(out) != codes.shape[0] * 8:
+        raise ValueError(f"codes of shape {list(codes.shape)} do not hold {out} output rows in panels of 8 (padded to 16)")
     rows, length = x.shape
     fn = library()
     if fn is None:
@@ -177,11 +179,35 @@ def matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: t
     return run(fn, x, codes, bits, group, scale, offset, points, threads)[:, :out]
 
 
-def run(fn, x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None, threads: int) -> torch.Tensor:
-    """One call of the compiled `fn` on contiguous float32 `x`: [rows, padded(out)]."""
-    rows, length = x.shape
+def check(x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None, threads: int) -> None:
+    """Raise ValueError unless the operands are what `lowbit_linear` reads through raw pointers, which it cannot
+    check: contiguous CPU tensors, x float32 [rows, K], codes uint8 [N / 8, K, kernel_bits(bits)] with N a
+    multiple of 16, scale and offset float32 [N / 8, K / group, 8] with an even group dividing K, points None or
+    16 float32 (bits at most 4), sizes that fit a C int."""
+    if x.dim() != 2 or codes.dim() != 3:
+        raise ValueError(f"the lowbit kernel needs x [rows, in] and codes [panels, in, bytes], got {list(x.shape)} and {list(codes.shape)}")
+    (rows, length), panels = x.shape, codes.shape[0]
     if length != codes.shape[1]:
         raise ValueError(f"{length} inputs for weights of {codes.shape[1]}")
+    if bits not in range(1, 5 if points is not None else 9):
+        raise ValueError(f"the lowbit kernel runs 1 to 8 bits (learned points: 1 to 4), got {bits!r}")
+    if not isinstance(group, int) or group <= 0 or group % 2 or length % group:
+        raise ValueError(f"the lowbit kernel needs an even group size dividing the {length} inputs, got {group!r}")
+    if panels % 2 or not isinstance(threads, int) or threads < 1 or max(rows, length, panels * 8) >= 2**31:
+        raise ValueError(f"the lowbit kernel needs output rows in pairs of panels of 8, sizes under 2**31 and threads >= 1, got {panels} panels, {rows} x {length} inputs, {threads!r} threads")
+    wanted = [("x", x, torch.float32, (rows, length)), ("codes", codes, torch.uint8, (panels, length, kernel_bits(bits)))]
+    wanted += [(name, t, torch.float32, (panels, length // group, 8)) for name, t in (("scale", scale), ("offset", offset))]
+    wanted += [] if points is None else [("points", points, torch.float32, (16,))]
+    for name, t, dtype, shape in wanted:
+        if t.dtype != dtype or t.shape != shape or t.device.type != "cpu" or not t.is_contiguous():
+            got = f"{'' if t.is_contiguous() else 'non-contiguous '}{t.device.type} {t.dtype} {list(t.shape)}"
+            raise ValueError(f"the lowbit kernel needs {name} as a contiguous cpu {dtype} {list(shape)}, got {got}")
+
+
+def run(fn, x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None, threads: int) -> torch.Tensor:
+    """One call of the compiled `fn` on contiguous float32 `x`: [rows, padded(out)], the operands `check`ed first."""
+    check(x, codes, bits, group, scale, offset, points, threads)
+    rows, length = x.shape
     y = torch.empty(rows, codes.shape[0] * 8, dtype=torch.float32)
     if rows:
         lut = None if points is None else points.data_ptr()

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from torch import nn
 
 from qdistill.errors import QDistillError
-from qdistill.export.huffman import mean_code_length
+from qdistill.export.huffman import mean_code_length, table_bits
 from qdistill.files import write_safetensors
 from qdistill.models import build_model, check_finite, load_state
 from qdistill.models.hf import Held
@@ -407,7 +407,11 @@ def stored_metadata_bytes(path: Path) -> int:
 
 
 def inspect_packed(path: str | Path) -> dict:
-    """Sizes: fp32, on disk, the theoretical payload, the paper's nominal ratio and Huffman estimate."""
+    """Sizes: fp32, on disk, the theoretical payload, the paper's nominal ratio and Huffman estimate.
+
+    Both count what a file needs besides the indices: the nominal ratio each group's stored values and the float32
+    codebook of learned points (as `Quantizer.size_bits`); the Huffman size every stored value and kept tensor,
+    and the code's table: one 8-bit code length per symbol, 2**b symbols for the widest b (one code for all tensors)."""
     path = Path(path)
     meta, tensors = read_packed(path)
     meta_bytes = stored_metadata_bytes(path)
@@ -423,8 +427,14 @@ def inspect_packed(path: str | Path) -> dict:
     huffman_bits = mean_code_length(counts)
     fp32 = 4 * (q_numel + kept_numel)
     theoretical = index_bytes + side_bytes + kept_bytes + meta_bytes
-    nominal_bits = sum(math.prod(e["shape"]) * e["index_bits"] + group_bits(entry_form(e), o["scale_dtype"]) * e["n_buckets"] for e, o in opts)
-    huffman_bytes = math.ceil(q_numel * huffman_bits / 8) + side_bytes + kept_bytes
+    nominal_bits = sum(
+        math.prod(e["shape"]) * e["index_bits"]
+        + group_bits(entry_form(e), o["scale_dtype"]) * e["n_buckets"]
+        + 32 * e["n_points"] * (e["kind"] == "learned")  # the float32 codebook
+        for e, o in opts
+    )
+    code_table = table_bits(2 ** max(e["index_bits"] for e in meta["quantized"]))
+    huffman_bytes = math.ceil((q_numel * huffman_bits + code_table) / 8) + side_bytes + kept_bytes
     disk = path.stat().st_size
     return {
         "file": str(path),

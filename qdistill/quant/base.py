@@ -220,17 +220,33 @@ class Quantizer(nn.Module):
     def codebook_bits(self) -> int:
         return 0
 
-    def after_step(self) -> None:
-        """Hook run after each optimizer step (learned points re-sort themselves)."""
+    def after_step(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Hook run after each step of `optimizer` (learned points re-sort themselves and its state)."""
+
+
+PACK_CHUNK = 1 << 16  # indices packed at a time, a multiple of 8: bounds pack_bits' temporaries to about 1 MiB
 
 
 def pack_bits(indices: torch.Tensor, bits: int) -> np.ndarray:
-    """Pack non-negative integers below 2**bits into bytes, `bits` bits each, little-endian bit order."""
-    idx = indices.reshape(-1).to(torch.int64).cpu().numpy()
-    if idx.size and (idx.min() < 0 or idx.max() >= 1 << bits):
-        raise ValueError(f"indices do not fit in {bits} bits")
-    planes = ((idx[:, None] >> np.arange(bits)) & 1).astype(np.uint8)
-    return np.packbits(planes.reshape(-1), bitorder="little")
+    """Pack non-negative integers below 2**bits into bytes, `bits` bits each, little-endian bit order.
+
+    Chunk by chunk, every 8 indices are shifted into one little-endian 64-bit word whose low `bits` bytes
+    are theirs: a few bytes of temporaries per index of one chunk, not 8 bytes per bit of the whole input."""
+    flat = indices.reshape(-1)
+    out = np.empty(packed_bytes(flat.numel(), bits), dtype=np.uint8)
+    for start in range(0, flat.numel(), PACK_CHUNK):
+        idx = flat[start : start + PACK_CHUNK].to(torch.int64).cpu().numpy()
+        if idx.min() < 0 or idx.max() >= 1 << bits:
+            raise ValueError(f"indices do not fit in {bits} bits")
+        narrow = np.zeros(-(-idx.size // 8) * 8, dtype=np.uint8)  # the last chunk padded with zeros, as np.packbits pads
+        narrow[: idx.size] = idx
+        words = np.zeros(narrow.size // 8, dtype="<u8")
+        for k in range(8):
+            words |= narrow[k::8].astype("<u8") << np.uint64(k * bits)
+        chunk = words.view(np.uint8).reshape(-1, 8)[:, :bits].reshape(-1)
+        at = start * bits // 8
+        out[at : at + chunk.size] = chunk[: out.size - at]
+    return out
 
 
 def unpack_bits(packed: np.ndarray, bits: int, count: int) -> torch.Tensor:

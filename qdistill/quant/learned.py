@@ -103,9 +103,16 @@ class LearnedPointsQuantizer(Quantizer):
         return q
 
     @torch.no_grad()
-    def after_step(self) -> None:
+    def after_step(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Clamp and re-sort the points; the `optimizer`'s per-point state (momenta) is permuted with them,
+        else two points that cross would swap momenta and the next steps would pull them back."""
         self.points.clamp_(0, 1)
-        self.points.copy_(self.points.sort().values)
+        values, order = self.points.sort(stable=True)
+        self.points.copy_(values)
+        state = optimizer.state.get(self.points, {}) if optimizer is not None else {}
+        for v in state.values():
+            if torch.is_tensor(v) and v.shape == values.shape:
+                v.copy_(v[order])
 
     def encode(self, w: torch.Tensor) -> Encoded:
         x, lo, hi = self.scaled(w)

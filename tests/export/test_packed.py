@@ -9,6 +9,7 @@ from qdistill import LearnedPointsQuantizer, QDistillError, UniformQuantizer, at
 from qdistill.export.huffman import mean_code_length
 from qdistill.export.packed import options
 from qdistill.models import build_model, model_spec
+from qdistill.quant import quantized_tensors
 
 
 def quantized_model(preset="tiny", quantizer=None, seed=0, memory_format=torch.contiguous_format):
@@ -254,6 +255,31 @@ def test_inspect_counts_the_stored_scales_at_their_own_size(tmp_path, opts, grou
         side = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys() if k.startswith(("scales", "zero_points")))
     assert side == group_bits * groups // 8
     assert info["kernel_ready_tensors"] == 2 and info["scale_dtypes"] == [opts.get("scale_dtype", "float32")]
+
+
+@pytest.mark.parametrize("quantizer", [UniformQuantizer(4, 32), LearnedPointsQuantizer(4, 32), LearnedPointsQuantizer(3, 32, n_points=5)])
+def test_inspect_nominal_ratio_counts_what_size_bits_counts(tmp_path, quantizer):
+    """A learned codebook is stored (float32 points): the nominal ratio counts it, as `Quantizer.size_bits` does."""
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 96))
+    attach(model, quantizer)
+    info = inspect_packed(save_packed(model, {"factory": "torch.nn:Linear", "kwargs": {}}, tmp_path / "m.safetensors"))
+    qts = quantized_tensors(model)
+    bits = sum(qt.quantizer.size_bits(qt.shadow.shape) for qt in qts)
+    assert info["nominal_ratio_quantized"] == pytest.approx(32 * sum(qt.shadow.numel() for qt in qts) / bits, rel=1e-12)
+
+
+def test_huffman_size_counts_its_code_table(tmp_path):
+    """Indices spread evenly over 16 levels: Huffman coding saves nothing, and its table (16 code lengths of 8 bits) costs 16 bytes."""
+    model = nn.Sequential(nn.Linear(64, 32))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.arange(16.0).repeat(32, 4))  # each group of 32 holds every level twice
+    attach(model, UniformQuantizer(4, 32))
+    path = save_packed(model, {"factory": "torch.nn:Linear", "kwargs": {}}, tmp_path / "m.safetensors")
+    info = inspect_packed(path)
+    with safe_open(str(path), "pt") as f:
+        rest = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys() if k != "indices")  # scales, the bias
+    assert info["huffman_bits_per_weight"] == 4.0
+    assert info["huffman_bytes"] == 64 * 32 * 4 // 8 + 16 + rest
 
 
 def test_inspect_tells_padded_row_groups_from_kernel_ready_ones(tmp_path):

@@ -54,9 +54,29 @@ def test_points_stay_sorted_and_in_range_after_steps():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        q.after_step()
+        q.after_step(opt)
         p = q.points.detach()
         assert torch.all(p[1:] >= p[:-1]) and p.min() >= 0 and p.max() <= 1
+
+
+@pytest.mark.parametrize("make_opt", [lambda p: torch.optim.Adam(p, lr=0.09), lambda p: torch.optim.SGD(p, lr=0.09, momentum=0.9)])
+def test_crossing_points_keep_their_optimizer_state(make_opt):
+    """Two points that cross and are re-sorted must move on as if they had been stored in sorted order all along."""
+
+    def run(start, grad):
+        q = LearnedPointsQuantizer(bits=1, bucket=None)
+        with torch.no_grad():
+            q.points.copy_(torch.tensor(start))
+        opt = make_opt([q.points])
+        for g in (grad, [0.0, 0.0]):  # a step in which they cross, then one with zero gradient
+            q.points.grad = torch.tensor(g)
+            opt.step()
+            q.after_step(opt)
+        return q.points.detach()
+
+    crossed = run([0.45, 0.55], [-1.0, 1.0])
+    assert torch.equal(crossed, run([0.55, 0.45], [1.0, -1.0]))  # the same moves, never crossing
+    assert crossed[0] < 0.46 and crossed[1] > 0.54  # each keeps moving its own way, not pulled back
 
 
 def test_quantile_initialization():
