@@ -36,10 +36,10 @@ from qdistill.data import load_dataset
 from qdistill.distill import CachedTeacher
 from qdistill.errors import Diverged
 from qdistill.models import load_checkpoint, model_spec, save_checkpoint
-from qdistill.pipeline import cache_dir, run_method, worker_pool
+from qdistill.pipeline import cache_dir, map_jobs, run_method, worker_pool
 from qdistill.report import accuracy_cell, markdown_table
 from qdistill.train import TrainConfig, evaluate
-from qdistill.ui import map_with_progress
+from qdistill.ui import progress_bars
 
 from accuracy import open_work_dir, work_teacher, write_json  # bench/accuracy.py, next to this script
 
@@ -75,7 +75,7 @@ def run_one(label: str, changes: dict, seed: int, base: dict, paths: dict, data_
     spec = model_spec(data_args["student"], data.train_x.shape[1], data.num_classes)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            row, model = run_method(label, spec, data, cfg, Path(tmp), teacher=teacher, init=init, quiet=True)
+            row, model = run_method(label, spec, data, cfg, Path(tmp), teacher=teacher, init=init)
         except Diverged as e:
             return {**mark, "diverged": e.record()}
     if (label, seed) in paths:
@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
             """The jobs' rows: those of finished runs read back from the work directory, the others run."""
             files = [work / "jobs" / f"{labels.index(label)}-{s}.json" for label, _, s in jobs]
             todo = [(str(f), *job, base.to_dict(), paths, data_args, threads) for f, job in zip(files, jobs) if not f.exists()]
-            map_with_progress(pool, finish, todo, description)
+            with progress_bars() as progress:
+                map_jobs(pool, finish, todo, description, progress)
             return [json.loads(f.read_text()) for f in files]
 
         first = [("kd", {"method": "kd"})] + [v for v in variants if v[0] in sources]

@@ -45,14 +45,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from qdistill.cli import task_from  # noqa: E402
 from qdistill.errors import Diverged  # noqa: E402
 from qdistill.models import TRANSFORMER_PRESETS, build_model, count_parameters, load_checkpoint, model_spec, save_checkpoint  # noqa: E402
-from qdistill.pipeline import LOW_BIT_METHODS, cache_teacher_targets, get_teacher, low_bit_steps, reference_steps, run_method, run_steps, worker_pool  # noqa: E402
+from qdistill.pipeline import LOW_BIT_METHODS, cache_teacher_targets, get_teacher, low_bit_steps, map_jobs, reference_steps, run_method, run_steps, worker_pool  # noqa: E402
 from qdistill.report import METRIC_LABELS, ORDER, accuracy_cell, markdown_table, summarize  # noqa: E402
 from qdistill.tasks import TASKS, LanguageModelling, as_task  # noqa: E402
 from qdistill.train import TrainConfig  # noqa: E402
-from qdistill.ui import map_with_progress  # noqa: E402
+from qdistill.tasks.build import build_task  # noqa: E402
+from qdistill.ui import progress_bars  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -60,8 +60,7 @@ RESULTS = Path(__file__).parent / "results"
 def make_task(data_args: dict):
     """The task as `qdistill distill` builds it from the same flags: Fashion-MNIST (or a dataset hook) in
     memory, or a token corpus (--task lm), cut to the subsets asked for."""
-    args = argparse.Namespace(**{"val_size": None, "token_files": None, "tokenizer": None, "quiet": True, **data_args})
-    return task_from(args, data_args.get("task", "classification"))
+    return build_task(data_args.get("task", "classification"), **{k: v for k, v in data_args.items() if k != "task" and v is not None})
 
 
 def run_job(student: str, seed: int, bits: int | None, base: dict, paths: dict, data_args: dict, threads: int, methods: dict) -> list[dict]:
@@ -76,13 +75,13 @@ def run_job(student: str, seed: int, bits: int | None, base: dict, paths: dict, 
     with tempfile.TemporaryDirectory() as tmp:
         if bits is None:
             models: dict = {}
-            rows = run_steps(reference_steps(cfg), spec, data, Path(tmp), teacher, models, quiet=True)
+            rows = run_steps(reference_steps(cfg), spec, data, Path(tmp), teacher, models)
             for m in ("fp", "kd"):
                 if models[m] is not None:
                     save_checkpoint(models[m], spec, paths[(m, student, seed)])
         else:
             models = {m: load_checkpoint(paths[(m, student, seed)])[0] for m in ("fp", "kd") if (m, student, seed) in paths}
-            rows = run_steps(low_bit_steps(cfg, bits, methods["methods"], methods["improved"]), spec, data, Path(tmp), teacher, models, quiet=True)
+            rows = run_steps(low_bit_steps(cfg, bits, methods["methods"], methods["improved"]), spec, data, Path(tmp), teacher, models)
             if "torchao" in methods.get("baselines", ()) and student in TRANSFORMER_PRESETS:
                 rows += torchao_rows(cfg, bits, spec, data, Path(tmp), teacher, models)
     return [{**row, "method": bucket_label(row, cfg.bucket), "student": student, "seed": seed} for row in rows]
@@ -118,7 +117,7 @@ def torchao_rows(cfg: TrainConfig, bits: int, spec: dict, data, run_dir: Path, t
         torch.manual_seed(run_cfg.seed)  # as run_method: the same initial weights as qd's
         model = torchao_prepare(copy.deepcopy(models[source]) if source else build_model(spec), bits)
         try:
-            row, _ = run_method(label, spec, data, run_cfg, run_dir, teacher=teacher, init=model, quiet=True)
+            row, _ = run_method(label, spec, data, run_cfg, run_dir, teacher=teacher, init=model)
         except Diverged as e:
             rows.append({"method": label, "bits": bits, "test_acc": None, "diverged": e.record(), "note": f"diverged at step {e.step}"})
             continue
@@ -164,7 +163,7 @@ def work_teacher(work: Path, data, preset: str, cfg: TrainConfig):
     path = work / "teacher.safetensors"
     if path.exists():
         return path, load_checkpoint(path)[0]
-    teacher = get_teacher(data, preset, cfg, quiet=True)
+    teacher = get_teacher(data, preset, cfg)
     save_checkpoint(teacher, model_spec(preset, **as_task(data).spec_args()), path)
     return path, teacher
 
@@ -267,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
             """The jobs' rows: those of finished jobs read back from the work directory, the others run."""
             files = [work / "jobs" / f"{s}-{seed}-{'fp-kd' if b is None else f'{b}b'}.json" for s, seed, b in jobs]
             todo = [(str(f), *job, base.to_dict(), paths, data_args, threads, methods) for f, job in zip(files, jobs) if not f.exists()]
-            map_with_progress(pool, finish, todo, description)
+            with progress_bars() as progress:
+                map_jobs(pool, finish, todo, description, progress)
             return [row for f in files for row in json.loads(f.read_text())]
 
         rows = run_all([(s, seed, None) for s in args.students for seed in args.seeds], paths, "fp and kd (student, seed)")

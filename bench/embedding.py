@@ -50,12 +50,11 @@ def minilm_dir() -> Path:
 
 def make_task(model_dir: Path, train_sentences: int | None, max_len: int, text_dir: str | None = None):
     """The teacher (with its spec) and the embedding task as `qdistill distill --teacher hf:DIR` builds it."""
-    from qdistill.cli import embedding_task
     from qdistill.models.hf import load_hf
+    from qdistill.tasks.build import embedding_task
 
     teacher, spec = load_hf(model_dir, "encoder")
-    flags = argparse.Namespace(teacher=f"hf:{model_dir}", tokenizer=None, text_dir=text_dir, train_subset=train_sentences, test_subset=None, seq_len=max_len)
-    return teacher, spec, embedding_task(flags, teacher)
+    return teacher, spec, embedding_task(teacher, f"hf:{model_dir}", text_dir=text_dir, train_subset=train_sentences, seq_len=max_len)
 
 
 def sentences_per_s(model_file: str | None, setting: dict, threads: int) -> float:
@@ -90,7 +89,7 @@ def run_job(method: str, bits: int | None, seed: int, setting: dict, threads: in
     if cfg.needs_teacher:
         task.teacher(teacher, cfg, cache_dir() / "logits")  # the teacher's embeddings, made once and cached: not part of train_s
     start = time.perf_counter()
-    result = train(copy.deepcopy(teacher), task, cfg, teacher=teacher, cache_dir=cache_dir() / "logits", quiet=True, final_eval=False)  # the packed file is scored below
+    result = train(copy.deepcopy(teacher), task, cfg, teacher=teacher, cache_dir=cache_dir() / "logits", final_eval=False)  # the packed file is scored below
     seconds = time.perf_counter() - start
     path = save_packed(result.model, spec, model_file, info={"method": method, "task": task.describe()}, overwrite=True)
     metrics = task.evaluate(load_packed(path)[0], split)

@@ -47,7 +47,7 @@ def make(train_tokens: int | None, eval_tokens: int | None):
 
     full = lm_task(600_000, None)
     base = TrainConfig(**{**TASKS["lm"], "lr": SCALE["lr"]}, epochs=1)
-    teacher = get_teacher(full, "lstm-small", base.replace(method="fp", epochs=2), quiet=True)  # the demo's: found in the cache
+    teacher = get_teacher(full, "lstm-small", base.replace(method="fp", epochs=2))  # the demo's: found in the cache
     return lm_task(train_tokens, eval_tokens), teacher, base
 
 
@@ -72,7 +72,7 @@ def throughput_job(model_name: str, method: str, train_tokens: int, eval_tokens:
     model = build_model(model_spec(model_name, **task.spec_args()))
     if cfg.spec.distill:  # the cached targets are built before the clock starts, as in every run after the first
         task.teacher(teacher, cfg, cache_dir() / "logits")
-    result = train(model, task, cfg, teacher=teacher if cfg.spec.distill else None, cache_dir=cache_dir() / "logits", quiet=True)
+    result = train(model, task, cfg, teacher=teacher if cfg.spec.distill else None, cache_dir=cache_dir() / "logits")
     task.evaluate(result.model, "val")  # warm: the first pass pays for one-time setup
     start = time.perf_counter()
     task.evaluate(result.model, "val")
@@ -100,7 +100,7 @@ def teacher_job(teacher_logits: str, topk: int, threads: int) -> dict:
         cache_bytes = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
         torch.manual_seed(0)
         model = build_model(model_spec("lstm-tiny", **task.spec_args()))
-        result = train(model, task, cfg, teacher=teacher, cache_dir=Path(tmp), quiet=True)
+        result = train(model, task, cfg, teacher=teacher, cache_dir=Path(tmp))
     return {
         "job": "teacher", "teacher_logits": teacher_logits, "topk": topk if teacher_logits == "cached" else None,
         "val_ppl": result.val["ppl"], "train_s": result.train_seconds,

@@ -58,7 +58,7 @@ class Stepper:
         loss.backward()
         self.opt.step()
         for q in self.quantizers:
-            q.after_step()
+            q.after_step(self.opt)
         sync(self.x.device)
         if record:
             self.times.append(time.perf_counter() - start)

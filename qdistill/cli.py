@@ -7,6 +7,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -22,21 +23,41 @@ from rich.text import Text
 from safetensors import safe_open
 from torch import nn
 
-from qdistill.data import load_dataset
 from qdistill.errors import QDistillError
 from qdistill.export import export_hf, inspect_packed, is_packed, load_packed
 from qdistill.export.packed import RUNTIMES, read_packed
 from qdistill.files import replaced_whole, write_text
 from qdistill.models import HF_FACTORY, LM_PRESETS, build_model, hf_spec, is_language_model, load_checkpoint, load_hf, model_spec, vocab_size_of
-from qdistill.pipeline import cache_dir, new_run_dir, run_in, run_method
+from qdistill.pipeline import new_run_dir, run_in, run_method
 from qdistill.report import markdown_table, plot_history, result_columns
-from qdistill.tasks import TASKS, ImageClassification, LanguageModelling, SentenceEmbedding, generate
+from qdistill.tasks import TASKS, generate
+from qdistill.tasks.build import NO_REFERENCE, build_task
 from qdistill.train import METHODS, TrainConfig, distributed, read_yaml
 from qdistill.train.loop import resolve_device
 from qdistill.train.state import Checkpoint, check_intervals
 from qdistill.train.config import CHOICES
+from qdistill.ui import console, progress_bars
 
 out = Console()
+
+
+class TerminalLog(logging.Handler):
+    """The library's log records as the terminal shows them: a line each on stderr, warnings marked so."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = shown(record.getMessage())
+        console.print(Text(f"warning: {line}" if record.levelno >= logging.WARNING else line))
+
+
+TERMINAL_LOG = TerminalLog()
+
+
+def show_library_log(quiet: bool) -> None:
+    """Warnings always; with progress shown, what long work is doing too (tokenizing a corpus, say)."""
+    logger = logging.getLogger("qdistill")
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    if TERMINAL_LOG not in logger.handlers:
+        logger.addHandler(TERMINAL_LOG)
 
 
 def shown(text, lines: bool = False) -> str:
@@ -128,13 +149,6 @@ def check_data_sizes(args) -> None:
             raise QDistillError(f"--{name.replace('_', '-')} must be at least {least} (and at most 2**40), got {value}")
 
 
-def data_from(args):
-    data = load_dataset(args.dataset, args.data_dir, args.val_size)
-    if args.train_subset is not None or args.test_subset is not None:
-        data = data.subset(args.train_subset, args.test_subset)
-    return data
-
-
 def task_name(args, *models) -> str:
     """--task, else embedding for a Hugging Face encoder, lm when a model named (a preset, an hf: directory,
     a file's spec, or the task a file was trained on) is a language model, else classification."""
@@ -147,50 +161,14 @@ def task_name(args, *models) -> str:
     return "lm" if lm else "classification"
 
 
-NO_REFERENCE = "the embedding task measures a model against its teacher: give --teacher hf:DIR (the sentence encoder it was distilled from)"
-
-
-def embedding_task(args, reference: nn.Module | None) -> SentenceEmbedding:
-    """The sentences of --text-dir (default: the Python docs) split by file, tokenized with the teacher's
-    tokenizer.json (--tokenizer, else the one in the teacher's hf: directory)."""
-    from qdistill.data.text import python_docs_dir
-
-    if reference is None:
-        raise QDistillError(NO_REFERENCE)
-    path = args.tokenizer or (Path(args.teacher.removeprefix("hf:")) / "tokenizer.json" if args.teacher.startswith("hf:") else None)
-    if path is None:
-        raise QDistillError("no tokenizer for the embedding task: give --tokenizer TOKENIZER.JSON (the teacher's own)")
-    folder = args.text_dir or python_docs_dir()
-    return SentenceEmbedding.from_folder(folder, path, reference, args.train_subset, args.test_subset, 128 if args.seq_len is None else args.seq_len)
-
-
 DEFAULT_MODELS = {"classification": ("tiny", "resnet-small"), "lm": ("lstm-tiny", "lstm-small")}  # (student, teacher)
+DATA_OPTIONS = ("dataset", "data_dir", "val_size", "train_subset", "test_subset", "text_dir", "token_files", "tokenizer", "vocab_size", "seq_len", "teacher")
 
 
 def task_from(args, name: str, reference: nn.Module | None = None):
-    """The task a command runs: Fashion-MNIST (or a dataset hook), a token corpus cut into windows, or the
-    sentences of a text folder embedded as the `reference` encoder embeds them."""
+    """The task a command runs, from its data flags (`tasks.build.build_task`)."""
     check_data_sizes(args)
-    if name == "classification":
-        return ImageClassification(data_from(args))
-    if name == "embedding":
-        return embedding_task(args, reference)
-    from qdistill.data.text import load_python_docs, load_text_folder, load_token_files
-
-    if args.tokenizer and not args.token_files:  # (the embedding task reads a tokenizer.json of its own)
-        raise QDistillError("--tokenizer goes with --token-files (a text corpus brings its own tokenizer)")
-    vocab_size = 8192 if args.vocab_size is None else args.vocab_size
-    if args.token_files:
-        if args.vocab_size is None:
-            raise QDistillError("with --token-files, give the vocabulary size (--vocab-size N): token ids must be below it")
-        corpus = load_token_files(*args.token_files, vocab_size=vocab_size, tokenizer=args.tokenizer)
-    elif args.text_dir:
-        corpus = load_text_folder(args.text_dir, cache_dir(), vocab_size, quiet=args.quiet)
-    else:
-        corpus = load_python_docs(cache_dir(), vocab_size, quiet=args.quiet)
-    if args.train_subset is not None or args.test_subset is not None:
-        corpus = corpus.subset(args.train_subset, args.test_subset)
-    return LanguageModelling(corpus, 128 if args.seq_len is None else args.seq_len)
+    return build_task(name, reference, **{k: getattr(args, k) for k in DATA_OPTIONS if getattr(args, k, None) is not None})
 
 
 def load_any(path: str, spec: dict | None = None, trust_code: bool = False, hf_head: str | None = None, runtime: str = "dense", tune_batch: int | None = None):
@@ -236,8 +214,8 @@ def cmd_train_teacher(args) -> None:
     spec = model_spec(args.model, **task.spec_args(), hf_head=args.hf_head)
     made = not (args.run_dir and os.path.lexists(args.run_dir))
     run_dir = distributed.on_main(new_run_dir, args.run_dir, "teacher")
-    with run_in(run_dir, made):
-        row, _ = run_method("teacher", spec, task, cfg, run_dir, quiet=args.quiet)
+    with run_in(run_dir, made), progress_bars(args.quiet or not distributed.is_main()) as progress:
+        row, _ = run_method("teacher", spec, task, cfg, run_dir, progress=progress)
     if not distributed.is_main():  # under torchrun rank 0 writes the results
         return
     write_text(run_dir / "results.json", json.dumps({"rows": [row], "config": cfg.to_dict()}, indent=1))
@@ -367,9 +345,9 @@ def cmd_distill(args) -> None:
     if not args.resume:
         run_dir = distributed.on_main(start_distill_run, args, cfg)
     state = run_dir / "state.pt"
-    with contextlib.nullcontext() if args.resume else run_in(run_dir, made):
+    with contextlib.nullcontext() if args.resume else run_in(run_dir, made), progress_bars(args.quiet or not distributed.is_main()) as progress:
         checkpoint = Checkpoint(state, args.checkpoint_steps, args.checkpoint_minutes, log_path=run_dir / "metrics.jsonl")
-        row, _ = run_method(cfg.method, spec, task, cfg, run_dir, teacher=teacher, init=init, quiet=args.quiet, checkpoint=checkpoint)
+        row, _ = run_method(cfg.method, spec, task, cfg, run_dir, teacher=teacher, init=init, progress=progress, checkpoint=checkpoint)
     if not distributed.is_main():  # under torchrun rank 0 writes the results
         return
     write_text(run_dir / "results.json", json.dumps({"rows": [row], "config": cfg.to_dict()}, indent=1))
@@ -660,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "method", "x") is None:
         args.method = "qd"
+    show_library_log(getattr(args, "quiet", False))
     try:
         if distributed.launched():
             if args.func not in (cmd_distill, cmd_train_teacher):

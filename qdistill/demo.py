@@ -18,6 +18,7 @@ from qdistill.pipeline import LOW_BIT_METHODS, compare_methods, get_teacher
 from qdistill.report import accuracy_cell, markdown_table, plot_results, result_columns, summarize
 from qdistill.tasks import LanguageModelling, as_task, generate
 from qdistill.train import TrainConfig
+from qdistill.ui import progress_bars
 
 # One epoch per method in the quick demo keeps a fresh-clone `make demo` under 5 minutes on 2 CPU cores
 # and the table's message (ptq collapses at 2 bits, qd ahead of qat, the improved qd near kd).
@@ -57,19 +58,20 @@ def run_demo(
     bits = tuple(bits or plan["bits"])
     base = base or TrainConfig(epochs=plan["epochs"])
     spec = model_spec(student, **task.spec_args())
-    teacher_model = get_teacher(task, teacher, base.replace(method="fp", epochs=teacher_epochs), quiet=quiet)
-    save_checkpoint(teacher_model, model_spec(teacher, **task.spec_args()), run_dir / "teacher.safetensors")
-    teacher_row = {"method": f"teacher ({teacher})", "bits": 32, "size_bytes": (run_dir / "teacher.safetensors").stat().st_size, "params": count_parameters(teacher_model)}
-    for split in ("val", "test"):
-        if task.has_split(split):
-            teacher_row.update({f"{split}_{k}": v for k, v in task.evaluate(teacher_model, split).items()})
-    teacher_row["ratio"] = 4 * teacher_row["params"] / teacher_row["size_bytes"]
-    rows = []
-    for seed in plan["seeds"]:
-        seed_dir = run_dir / f"seed-{seed}" if len(plan["seeds"]) > 1 else run_dir
-        seed_dir.mkdir(exist_ok=True)
-        for row in compare_methods(spec, task, base.replace(seed=seed), seed_dir, teacher_model, bits, plan["methods"], plan["improved"], quiet, workers):
-            rows.append({**row, "student": student, "seed": seed})
+    with progress_bars(quiet) as progress:
+        teacher_model = get_teacher(task, teacher, base.replace(method="fp", epochs=teacher_epochs), progress)
+        save_checkpoint(teacher_model, model_spec(teacher, **task.spec_args()), run_dir / "teacher.safetensors")
+        teacher_row = {"method": f"teacher ({teacher})", "bits": 32, "size_bytes": (run_dir / "teacher.safetensors").stat().st_size, "params": count_parameters(teacher_model)}
+        for split in ("val", "test"):
+            if task.has_split(split):
+                teacher_row.update({f"{split}_{k}": v for k, v in task.evaluate(teacher_model, split).items()})
+        teacher_row["ratio"] = 4 * teacher_row["params"] / teacher_row["size_bytes"]
+        rows = []
+        for seed in plan["seeds"]:
+            seed_dir = run_dir / f"seed-{seed}" if len(plan["seeds"]) > 1 else run_dir
+            seed_dir.mkdir(exist_ok=True)
+            for row in compare_methods(spec, task, base.replace(seed=seed), seed_dir, teacher_model, bits, plan["methods"], plan["improved"], progress, workers):
+                rows.append({**row, "student": student, "seed": seed})
     key = f"test_{task.metric}"
     table = [teacher_row] + (rows if len(plan["seeds"]) == 1 else [{**s, key: s["mean"], "accuracy": accuracy_cell(s)} for s in summarize(rows, key)])
     samples = write_samples(task, run_dir, rows, teacher_model) if isinstance(task, LanguageModelling) and task.corpus.tokenizer_path else []

@@ -6,11 +6,12 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -25,7 +26,8 @@ from qdistill.report import MetricsLog
 from qdistill.tasks import Task, as_task
 from qdistill.train import TrainConfig, distributed, train
 from qdistill.train.config import SPEED_ONLY
-from qdistill.ui import map_with_progress
+
+log = logging.getLogger(__name__)
 
 
 def new_run_dir(path: str | Path | None, prefix: str) -> Path:
@@ -75,7 +77,7 @@ def teacher_file_name(data: Dataset | Task, preset: str, cfg: TrainConfig) -> st
     return f"{preset}-{key}.safetensors"
 
 
-def get_teacher(data: Dataset | Task, preset: str, cfg: TrainConfig, quiet: bool = False) -> nn.Module:
+def get_teacher(data: Dataset | Task, preset: str, cfg: TrainConfig, progress=None) -> nn.Module:
     """A teacher trained once per (preset, data, settings) and kept in the cache; the one shipped with
     qdistill when it is that teacher (`make demo` then trains none). Trained as `qdistill train-teacher` trains it."""
     spec = model_spec(preset, **as_task(data).spec_args())
@@ -88,11 +90,11 @@ def get_teacher(data: Dataset | Task, preset: str, cfg: TrainConfig, quiet: bool
                     check_cache_entry(path)
                 return load_checkpoint(path)[0]
             except QDistillError as e:
-                print(f"warning: retraining the teacher, the cached one cannot be used: {e}")
+                log.warning("retraining the teacher, the cached one cannot be used: %s", e)
     cfg = cfg.fp_only()
     torch.manual_seed(cfg.seed)
     teacher = build_model(spec)
-    result = train(teacher, data, cfg, quiet=quiet)
+    result = train(teacher, data, cfg, progress=progress)
     cached.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         save_checkpoint(teacher, spec, cached, extra={"test": result.test, "task": as_task(data).describe()})
@@ -147,18 +149,19 @@ def run_method(
     run_dir: Path,
     teacher: nn.Module | None = None,
     init: nn.Module | None = None,
-    quiet: bool = False,
+    progress=None,
     checkpoint=None,
 ) -> tuple[dict, nn.Module]:
     """Build the student (from `init`'s weights when given), train it with `cfg`, save it, return its row.
 
+    `progress(name, done, total, status)` is told how training goes (`train.loop.Events`).
     `checkpoint` (a `train.state.Checkpoint`) saves the run as it goes and resumes a killed one. Under
     torchrun rank 0 alone saves and evaluates: the other ranks return no row (None)."""
     torch.manual_seed(cfg.seed)
     student = copy.deepcopy(init) if init is not None else build_model(spec)
     log = MetricsLog(run_dir / "metrics.jsonl")
     result = train(
-        student, data, cfg, teacher=teacher, cache_dir=cache_dir() / "logits", log=lambda r: log({"run": label, "bits": cfg.bits, **r}), quiet=quiet, checkpoint=checkpoint
+        student, data, cfg, teacher=teacher, cache_dir=cache_dir() / "logits", log=lambda r: log({"run": label, "bits": cfg.bits, **r}), progress=progress, checkpoint=checkpoint
     )
     if not distributed.is_main():
         return None, result.model
@@ -214,7 +217,7 @@ def low_bit_steps(base: TrainConfig, bits: int, methods: tuple[str, ...] = LOW_B
     return steps
 
 
-def run_steps(steps, spec: dict, data: Dataset | Task, run_dir: Path, teacher: nn.Module, models: dict, quiet: bool = False) -> list[dict]:
+def run_steps(steps, spec: dict, data: Dataset | Task, run_dir: Path, teacher: nn.Module, models: dict, progress=None) -> list[dict]:
     """Run (label, config, source) steps in order, each from `models[source]`, adding each trained model to
     `models`. A run that diverges gives a row marked diverged, and the runs that start from it (or from a
     source missing from `models`) rows marked not run: one bad run never loses the others' rows."""
@@ -226,7 +229,7 @@ def run_steps(steps, spec: dict, data: Dataset | Task, run_dir: Path, teacher: n
             rows[label] = {**mark, "not_run": f"{source} diverged", "note": f"not run: {source} diverged"}
             continue
         try:
-            rows[label], models[label] = run_method(label, spec, data, cfg, run_dir, teacher=teacher, init=models.get(source), quiet=quiet)
+            rows[label], models[label] = run_method(label, spec, data, cfg, run_dir, teacher=teacher, init=models.get(source), progress=progress)
         except Diverged as e:
             rows[label] = {**mark, "diverged": e.record(), "note": f"diverged at step {e.step}"}
             continue
@@ -240,7 +243,7 @@ def steps_job(steps, spec: dict, data: Dataset | Task, run_dir: Path, teacher: n
     models trained (what low-bit steps start from; quantized ones cannot cross processes)."""
     torch.set_num_threads(threads)
     models = dict(models)
-    rows = run_steps(steps, spec, data, run_dir, teacher, models, quiet=True)
+    rows = run_steps(steps, spec, data, run_dir, teacher, models)
     return rows, {label: models[label] for label, cfg, _ in steps if cfg.spec.quantizer is None}
 
 
@@ -272,6 +275,17 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn"), initializer=_exit_with_parent, initargs=(os.getpid(),))
 
 
+def map_jobs(pool: Executor, fn, jobs: list[tuple], description: str, progress=None) -> list:
+    """`pool.map(fn, *zip(*jobs))`, telling `progress(description, done, total)` as jobs finish; results in job order."""
+    futures = [pool.submit(fn, *job) for job in jobs]
+    progress = progress or (lambda description, done, total: None)
+    progress(description, 0, len(futures))
+    for done, future in enumerate(as_completed(futures), start=1):
+        future.result()  # a failed job stops the run now, with its error
+        progress(description, done, len(futures))
+    return [f.result() for f in futures]
+
+
 def check_workers(workers) -> None:
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise QDistillError(f"workers must be a positive integer, got {workers!r}")
@@ -286,7 +300,7 @@ def compare_methods(
     bits: tuple[int, ...] | list[int],
     methods: tuple[str, ...] = LOW_BIT_METHODS,
     improved: tuple[str, ...] = (),
-    quiet: bool = False,
+    progress=None,
     workers: int = 1,
 ) -> list[dict]:
     """Every method on one student with the same data and schedule; one row each.
@@ -296,17 +310,17 @@ def compare_methods(
     check_workers(workers)
     if workers == 1:
         models: dict = {}
-        rows = run_steps(reference_steps(base), spec, data, run_dir, teacher, models, quiet)
+        rows = run_steps(reference_steps(base), spec, data, run_dir, teacher, models, progress)
         for b in bits:
-            rows += run_steps(low_bit_steps(base, b, methods, improved), spec, data, run_dir, teacher, dict(models), quiet)
+            rows += run_steps(low_bit_steps(base, b, methods, improved), spec, data, run_dir, teacher, dict(models), progress)
         return rows
     if teacher is not None:
         cache_teacher_targets(data, teacher, base, improved)
     threads = max(1, torch.get_num_threads() // workers)
     with worker_pool(workers) as pool:
         jobs = [([step], spec, data, run_dir, teacher, {}, threads) for step in reference_steps(base)]
-        done = map_with_progress(pool, steps_job, jobs, "fp and kd", quiet)
+        done = map_jobs(pool, steps_job, jobs, "fp and kd", progress)
         rows, models = [r for rs, _ in done for r in rs], {k: v for _, ms in done for k, v in ms.items()}
         jobs = [(low_bit_steps(base, b, methods, improved), spec, data, run_dir, teacher, models, threads) for b in bits]
-        rows += [r for rs, _ in map_with_progress(pool, steps_job, jobs, "low-bit methods, one bit width per job", quiet) for r in rs]
+        rows += [r for rs, _ in map_jobs(pool, steps_job, jobs, "low-bit methods, one bit width per job", progress) for r in rs]
     return rows

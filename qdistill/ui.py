@@ -1,8 +1,9 @@
-"""Progress bars and tables for long work (rich); quiet when asked or when output is not a terminal."""
+"""The terminal side of long work (rich), for the CLI and the demo alone: the library reports progress
+through callbacks (`train.loop.Events`) and warns through `logging`; this draws them."""
 
 from __future__ import annotations
 
-from concurrent.futures import Executor, as_completed
+import contextlib
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -24,12 +25,17 @@ def make_progress(quiet: bool = False) -> Progress:
     )
 
 
-def map_with_progress(pool: Executor, fn, jobs: list[tuple], description: str, quiet: bool = False) -> list:
-    """`pool.map(fn, *zip(*jobs))` with a bar that advances as jobs finish; results in job order."""
-    futures = [pool.submit(fn, *job) for job in jobs]
-    with make_progress(quiet) as progress:
-        task = progress.add_task(description, total=len(futures), status="")
-        for future in as_completed(futures):
-            future.result()  # a failed job stops the run now, with its error
-            progress.advance(task)
-    return [f.result() for f in futures]
+@contextlib.contextmanager
+def progress_bars(quiet: bool = False):
+    """A `progress(name, done, total, status="")` callback that draws a bar per name (a new one when a name
+    comes back after its bar was full: the same phase of the next run); none when `quiet`."""
+    with make_progress(quiet) as bars:
+        ids: dict[str, int] = {}
+
+        def progress(name: str, done: int, total: int, status: str = "") -> None:
+            if name not in ids or bars.tasks[ids[name]].finished:
+                ids[name] = bars.add_task(name, total=total, completed=done, status=status)
+            else:
+                bars.update(ids[name], completed=done, total=total, status=status)
+
+        yield progress

@@ -120,7 +120,7 @@ def test_accuracy_job_marks_a_diverged_method_and_what_starts_from_it(tmp_path, 
     accuracy = load("accuracy")
     calls = []
 
-    def fake_run_method(label, spec, data, cfg, run_dir, teacher=None, init=None, quiet=False):
+    def fake_run_method(label, spec, data, cfg, run_dir, teacher=None, init=None, progress=None):
         calls.append(label)
         if label in ("qd", "kd"):
             raise Diverged(f"{label} {cfg.bits}b", 12, float("inf"), "loss exploded")
@@ -157,7 +157,7 @@ def test_accuracy_table_smoke(tmp_path, fashion_mnist):
     data_args = {"dataset": "fashion-mnist", "data_dir": str(fashion_mnist), "train_subset": 512, "test_subset": 256}
     data = load_dataset("fashion-mnist", fashion_mnist).subset(512, 256)
     teacher = build_model(model_spec("resnet-small"))
-    train(teacher, data, TrainConfig(method="fp", epochs=1), quiet=True)
+    train(teacher, data, TrainConfig(method="fp", epochs=1))
     save_checkpoint(teacher, model_spec("resnet-small"), tmp_path / "t.safetensors")
     paths = {"teacher": str(tmp_path / "t.safetensors"), **{(m, "tiny", 0): str(tmp_path / f"{m}.safetensors") for m in ("fp", "kd")}}
     base = TrainConfig(epochs=1).to_dict()
@@ -356,7 +356,7 @@ def test_ablation_marks_diverged_runs(tmp_path, monkeypatch):
 
     ablation = load("ablation")
 
-    def fake_run_method(label, spec, data, cfg, run_dir, teacher=None, init=None, quiet=False):
+    def fake_run_method(label, spec, data, cfg, run_dir, teacher=None, init=None, progress=None):
         raise Diverged(f"{cfg.method} {cfg.bits}b", 3, float("nan"), "non-finite loss")
 
     monkeypatch.setattr(ablation, "run_method", fake_run_method)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from qdistill.cli import main
+from qdistill.tasks import ImageClassification
 from qdistill.export import load_packed
 
 needs_data = pytest.mark.usefixtures("fashion_mnist")  # skips where the library would have to download the data
@@ -72,7 +73,7 @@ def test_demo_epochs_follow_the_plan_unless_given(tmp_path, monkeypatch, extra, 
 
     (tmp_path / "c.yaml").write_text("epochs: 5\n")
     seen = {}
-    monkeypatch.setattr(qdistill.cli, "data_from", lambda args: None)
+    monkeypatch.setattr(qdistill.cli, "task_from", lambda args, name: ImageClassification(None))
     monkeypatch.setattr(qdistill.demo, "run_demo", lambda data, run_dir, *a: seen.setdefault("cfg", a[4]) and [])
     monkeypatch.setattr(qdistill.cli, "show_rows", lambda *a: None)
     args = [a.replace("{config}", str(tmp_path / "c.yaml")) for a in extra]

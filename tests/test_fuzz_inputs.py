@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import qdistill.cli
 import qdistill.data.dataset
+import qdistill.models
 from qdistill import QDistillError, TrainConfig
 from qdistill.cli import main
 from qdistill.train.config import read_yaml
@@ -39,7 +40,8 @@ def test_any_run_dir_resumes_or_is_one_error_and_runs_no_code(tmp_path_factory, 
     (folder / "run.json").write_text(json.dumps({"command": "distill", **saved}))
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     monkeypatch.setattr(qdistill.cli, "task_from", lambda *a, **k: (_ for _ in ()).throw(ReachedTheData()))
-    monkeypatch.setattr(qdistill.data.dataset, "load_object", lambda *a: pytest.fail(f"imported code a run directory names: {a}"))
+    for module in (qdistill.data.dataset, qdistill.models):
+        monkeypatch.setattr(module, "load_object", lambda *a: pytest.fail(f"imported code a run directory names: {a}"))
     monkeypatch.setattr(qdistill.cli, "load_any", lambda *a, **k: (_ for _ in ()).throw(ReachedTheData()))
     try:
         rc = main(["distill", "--resume", str(folder)])

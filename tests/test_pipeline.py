@@ -41,12 +41,12 @@ def test_teacher_cache_ignores_settings_that_do_not_change_the_teacher(monkeypat
     monkeypatch.setattr(pipeline, "train", lambda *a, **k: calls.append(1) or real_train(*a, **k))
     data = toy_dataset(n_train=64, n_test=32)
     for layout in ("contiguous", "channels_last"):
-        pipeline.get_teacher(data, "tiny", TrainConfig(method="fp", epochs=1, memory_format=layout), quiet=True)
-    pipeline.get_teacher(data, "tiny", TrainConfig(method="qd", epochs=1, bits=2, dq_epochs=3, temperature=1.0, scale="mse"), quiet=True)
+        pipeline.get_teacher(data, "tiny", TrainConfig(method="fp", epochs=1, memory_format=layout))
+    pipeline.get_teacher(data, "tiny", TrainConfig(method="qd", epochs=1, bits=2, dq_epochs=3, temperature=1.0, scale="mse"))
     assert len(calls) == 1
-    pipeline.get_teacher(data, "tiny", TrainConfig(method="fp", epochs=2), quiet=True)
+    pipeline.get_teacher(data, "tiny", TrainConfig(method="fp", epochs=2))
     assert len(calls) == 2
-    pipeline.get_teacher(data, "tiny", TrainConfig(method="fp", epochs=2, grad_clip=1.0), quiet=True)
+    pipeline.get_teacher(data, "tiny", TrainConfig(method="fp", epochs=2, grad_clip=1.0))
     assert len(calls) == 3
 
 
@@ -63,10 +63,10 @@ def test_a_shipped_teacher_is_used_when_it_is_the_teacher_asked_for(monkeypatch,
     marker = pipeline.build_model(model_spec("tiny", 1, 4))
     torch.nn.init.constant_(marker.classifier[2].bias, 7.0)
     save_checkpoint(marker, model_spec("tiny", 1, 4), shipped / pipeline.teacher_file_name(data, "tiny", cfg))
-    teacher = pipeline.get_teacher(data, "tiny", cfg.replace(bits=2, method="qd"), quiet=True)  # same fp settings
+    teacher = pipeline.get_teacher(data, "tiny", cfg.replace(bits=2, method="qd"))  # same fp settings
     assert torch.equal(teacher.classifier[2].bias, torch.full((4,), 7.0))
     with pytest.raises(pytest.fail.Exception):  # other settings: not the shipped teacher, so it trains
-        pipeline.get_teacher(data, "tiny", cfg.replace(epochs=2), quiet=True)
+        pipeline.get_teacher(data, "tiny", cfg.replace(epochs=2))
 
 
 @pytest.mark.usefixtures("fashion_mnist")

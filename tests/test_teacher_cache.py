@@ -21,9 +21,9 @@ def trainings(monkeypatch):
 
 
 @pytest.mark.parametrize("how", ["link", "owner", "writable"])
-def test_a_cached_teacher_others_could_have_written_is_retrained(tmp_path, capsys, trainings, how):
+def test_a_cached_teacher_others_could_have_written_is_retrained(tmp_path, caplog, trainings, how):
     data = toy_dataset(n_train=64, n_test=32)
-    pipeline.get_teacher(data, "tiny", CFG, quiet=True)
+    pipeline.get_teacher(data, "tiny", CFG)
     path = cache_dir() / "teachers" / pipeline.teacher_file_name(data, "tiny", CFG)
     if how == "link":
         os.replace(path, tmp_path / "planted.safetensors")
@@ -34,23 +34,23 @@ def test_a_cached_teacher_others_could_have_written_is_retrained(tmp_path, capsy
         os.chown(path, 12345, 12345)
     else:
         path.chmod(0o666)
-    capsys.readouterr()
-    pipeline.get_teacher(data, "tiny", CFG, quiet=True)
-    assert len(trainings) == 2 and "retraining the teacher" in capsys.readouterr().out
+    caplog.clear()
+    pipeline.get_teacher(data, "tiny", CFG)
+    assert len(trainings) == 2 and "retraining the teacher" in caplog.text
     assert not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600 and path.stat().st_uid == os.getuid()
 
 
-def test_a_teacher_cached_under_any_umask_is_reused(capsys, trainings):
+def test_a_teacher_cached_under_any_umask_is_reused(caplog, trainings):
     """Saved with the umask's mode, a teacher would be group-writable under 002, and then never trusted."""
     data = toy_dataset(n_train=64, n_test=32)
     old = os.umask(0o002)
     try:
-        pipeline.get_teacher(data, "tiny", CFG, quiet=True)
+        pipeline.get_teacher(data, "tiny", CFG)
     finally:
         os.umask(old)
     assert (cache_dir() / "teachers").stat().st_mode & 0o777 == 0o700
-    pipeline.get_teacher(data, "tiny", CFG, quiet=True)
-    assert len(trainings) == 1 and "warning" not in capsys.readouterr().out
+    pipeline.get_teacher(data, "tiny", CFG)
+    assert len(trainings) == 1 and "WARNING" not in caplog.text
 
 
 def test_a_cached_teacher_that_cannot_be_replaced_is_an_error(monkeypatch, trainings):
@@ -59,4 +59,4 @@ def test_a_cached_teacher_that_cannot_be_replaced_is_an_error(monkeypatch, train
 
     monkeypatch.setattr(pipeline, "save_checkpoint", refused)  # as for another user's file in a sticky folder
     with pytest.raises(QDistillError, match="cannot replace the cached teacher .*remove it or set QDISTILL_CACHE to a folder of your own"):
-        pipeline.get_teacher(toy_dataset(n_train=64, n_test=32), "tiny", CFG, quiet=True)
+        pipeline.get_teacher(toy_dataset(n_train=64, n_test=32), "tiny", CFG)

@@ -1,6 +1,6 @@
 """Data: Fashion-MNIST, user datasets through a Python hook, and batching."""
 
-from qdistill.data.dataset import Dataset, batches, load_object, load_user_dataset, random_shift_flip
+from qdistill.data.dataset import Dataset, batches, epoch_order, load_user_dataset, random_shift_flip
 from qdistill.data.fashion_mnist import load_fashion_mnist
 
 
@@ -18,4 +18,4 @@ def load_dataset(name: str = "fashion-mnist", data_dir=None, val_size: int | Non
     return data.holdout(val_size) if val_size and data.val_x is None else data
 
 
-__all__ = ["FASHION_MNIST_VAL", "Dataset", "batches", "load_dataset", "load_fashion_mnist", "load_object", "load_user_dataset", "random_shift_flip"]
+__all__ = ["FASHION_MNIST_VAL", "Dataset", "batches", "epoch_order", "load_dataset", "load_fashion_mnist", "load_user_dataset", "random_shift_flip"]

@@ -6,13 +6,14 @@ faster on a CPU than a DataLoader, and the example index is what the teacher-log
 
 from __future__ import annotations
 
-import importlib
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from qdistill.errors import QDistillError
+from qdistill.user_code import load_object
 
 
 @dataclass
@@ -72,21 +73,6 @@ def load_user_dataset(spec: str, **kwargs) -> Dataset:
     return data
 
 
-def load_object(spec: str, what: str):
-    """Import ``package.module:attribute``."""
-    if ":" not in spec:
-        raise QDistillError(f"{what} must be given as 'package.module:name', got {spec!r}")
-    mod_name, attr = spec.split(":", 1)
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise QDistillError(f"cannot import {what} module {mod_name!r}: {e}") from e
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise QDistillError(f"module {mod_name!r} has no {attr!r} (for the {what} {spec!r})") from None
-
-
 def random_shift_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-example random translation by up to `pad` pixels (zero fill) and optional horizontal flip."""
     n, c, h, w = x.shape
@@ -99,6 +85,12 @@ def random_shift_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Ge
         mirror = torch.rand(n, 1, 1, generator=generator) < 0.5
         cols = torch.where(mirror, cols.flip(-1), cols)
     return padded[torch.arange(n).view(n, 1, 1), rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of one epoch, a function of (seed, epoch) alone: a resumed run needs no saved order."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 def batches(x, y, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None, augment: bool = False):

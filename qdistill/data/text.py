@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ import numpy as np
 from qdistill.errors import QDistillError
 from qdistill.files import check_cache_entry
 
+log = logging.getLogger(__name__)
 FORMAT = 1  # bump when the cached files or the way they are built change: old caches are then ignored
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")  # Debian package python3.11-doc
 SUFFIXES = (".txt", ".rst", ".md")
@@ -286,7 +288,7 @@ def _discard(path: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def load_text_folder(folder, cache_dir, vocab_size: int = 8192, name: str | None = None, quiet: bool = True) -> TokenCorpus:
+def load_text_folder(folder, cache_dir, vocab_size: int = 8192, name: str | None = None) -> TokenCorpus:
     """Every .txt/.rst/.md file under `folder` as a token corpus, built on first use into
     cache_dir/corpora/<name>-<key> (a temporary folder renamed into place, so concurrent builds all
     succeed) and memory-mapped from there afterwards; a damaged cache is rebuilt."""
@@ -307,11 +309,10 @@ def load_text_folder(folder, cache_dir, vocab_size: int = 8192, name: str | None
             try:
                 return _open(final, name, key)
             except Exception as e:  # whatever the damage (json, numpy, tokenizers errors), the cure is a rebuild
-                print(f"warning: rebuilding the token corpus, the cached one in {final} is unreadable: {e}")
+                log.warning("rebuilding the token corpus, the cached one in %s is unreadable: %s", final, e)
                 _discard(final)
-        if not quiet:
-            mb = sum((folder / rel).stat().st_size for rel in rels) / 1e6
-            print(f"tokenizing {len(rels)} files ({mb:.1f} MB) of {folder} with a {vocab_size}-token byte-level BPE into {final}")
+        mb = sum((folder / rel).stat().st_size for rel in rels) / 1e6
+        log.info("tokenizing %d files (%.1f MB) of %s with a %d-token byte-level BPE into %s", len(rels), mb, folder, vocab_size, final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:
             _build(folder, splits, vocab_size, name, key, tmp)
@@ -326,9 +327,9 @@ def load_text_folder(folder, cache_dir, vocab_size: int = 8192, name: str | None
     raise QDistillError(f"could not build a readable token corpus in {final} in three tries; delete it and retry")
 
 
-def load_python_docs(cache_dir, vocab_size: int = 8192, folder=None, quiet: bool = True) -> TokenCorpus:
+def load_python_docs(cache_dir, vocab_size: int = 8192, folder=None) -> TokenCorpus:
     """The reST sources of the Python 3.11 documentation (about 12 MB in 497 files) as a token corpus."""
-    return load_text_folder(folder or python_docs_dir(), cache_dir, vocab_size, name="python-docs", quiet=quiet)
+    return load_text_folder(folder or python_docs_dir(), cache_dir, vocab_size, name="python-docs")
 
 
 def _token_file(path: Path) -> np.ndarray:

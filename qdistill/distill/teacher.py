@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,7 +28,9 @@ from torch import nn
 from qdistill.distill.loss import TopKTarget
 from qdistill.errors import QDistillError
 from qdistill.files import check_cache_entry, replaced_whole
+from qdistill.modes import evaluating
 
+log = logging.getLogger(__name__)
 TOPK_FILES = ("logprobs.npy", "indices.npy")  # a top-k cache folder's arrays, memory-mapped
 
 
@@ -46,17 +49,14 @@ def model_digest(model: nn.Module) -> str:
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512, device: str | torch.device = "cpu", progress=None) -> torch.Tensor:
-    """Logits of `model` in eval mode over `x`, batch by batch, returned on the CPU; `progress` is a rich Progress."""
-    was_training = model.training
-    model.eval()
+    """Logits of `model` in eval mode over `x`, batch by batch, returned on the CPU; `progress(name, done, total)` is told each batch."""
     starts = range(0, len(x), batch_size)
-    task = progress.add_task("teacher logits", total=len(starts), status="") if progress is not None else None
     out = []
-    for i in starts:
-        out.append(model(x[i : i + batch_size].to(device)).float().cpu())
-        if task is not None:
-            progress.advance(task)
-    model.train(was_training)
+    with evaluating(model):
+        for i in starts:
+            out.append(model(x[i : i + batch_size].to(device)).float().cpu())
+            if progress is not None:
+                progress("teacher logits", len(out), len(starts))
     return torch.cat(out)
 
 
@@ -98,7 +98,7 @@ class CachedTeacher:
                     check_cache_entry(path)
                     logits = load_file(path)["logits"]
                 except Exception as e:  # a truncated cache, or one someone else could have written, is recomputed, not trusted
-                    print(f"warning: ignoring the teacher-logit cache {path}: {e}")
+                    log.warning("ignoring the teacher-logit cache %s: %s", path, e)
                 else:
                     if logits.shape[0] == len(x):
                         return cls(logits)
@@ -150,17 +150,16 @@ class TopKTeacher:
         try:
             lp = np.lib.format.open_memmap(tmp / TOPK_FILES[0], mode="w+", dtype=dtypes[0], shape=(n, length, k))
             ix = np.lib.format.open_memmap(tmp / TOPK_FILES[1], mode="w+", dtype=dtypes[1], shape=(n, length, k))
-            was_training = model.training
-            model.eval()
-            task = progress.add_task("teacher top-k targets", total=n, status="") if progress is not None else None
-            for batch in batches:
-                top = torch.log_softmax(forward(model, {name: v.to(device) for name, v in batch.items()}).float() / temperature, dim=-1).topk(k, dim=-1)
-                rows = batch["index"].numpy()
-                lp[rows] = top.values.cpu().numpy()
-                ix[rows] = top.indices.cpu().numpy()
-                if task is not None:
-                    progress.advance(task, len(rows))
-            model.train(was_training)
+            done = 0
+            with evaluating(model):
+                for batch in batches:
+                    top = torch.log_softmax(forward(model, {name: v.to(device) for name, v in batch.items()}).float() / temperature, dim=-1).topk(k, dim=-1)
+                    rows = batch["index"].numpy()
+                    lp[rows] = top.values.cpu().numpy()
+                    ix[rows] = top.indices.cpu().numpy()
+                    done += len(rows)
+                    if progress is not None:
+                        progress("teacher top-k targets", done, n)
             lp.flush(), ix.flush()
             del lp, ix
             for name in TOPK_FILES:
@@ -189,26 +188,22 @@ def _load_topk(folder: Path, shape: tuple, dtypes: tuple) -> tuple[np.ndarray, n
         check_cache_entry(folder, *paths)
         arrays = [np.load(path, mmap_mode="r", allow_pickle=False) for path in paths]
     except (OSError, ValueError, EOFError, QDistillError) as e:
-        print(f"warning: recomputing the teacher's top-k targets, the cache {folder} is unreadable: {e}")
+        log.warning("recomputing the teacher's top-k targets, the cache %s is unreadable: %s", folder, e)
         return None
     if all(a.shape == shape and a.dtype == d for a, d in zip(arrays, dtypes)):
         return arrays[0], arrays[1]
-    print(f"warning: recomputing the teacher's top-k targets, the cache {folder} does not fit")
+    log.warning("recomputing the teacher's top-k targets, the cache %s does not fit", folder)
     return None
 
 
 def check_compatible(teacher: nn.Module, student: nn.Module, sample: dict, forward=None) -> None:
     """Teacher and student must produce outputs of the same shape on the same batch (`forward(model, batch)`)."""
     forward = forward or (lambda model, batch: model(batch["x"]))
-    with torch.no_grad():
-        was = (teacher.training, student.training)
-        teacher.eval(), student.eval()
+    with torch.no_grad(), evaluating(teacher, student):
         try:
             t, s = forward(teacher, sample), forward(student, sample)
         except Exception as e:
             raise QDistillError(f"teacher or student cannot run on the data (input shape {tuple(sample['x'].shape)}): {e}") from e
-        finally:
-            teacher.train(was[0]), student.train(was[1])
     if t.shape != s.shape:
         raise QDistillError(
             f"teacher and student do not match: teacher outputs {tuple(t.shape)}, student outputs {tuple(s.shape)}"

@@ -14,13 +14,13 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from qdistill.data.dataset import load_object
 from qdistill.errors import QDistillError
 from qdistill.files import write_safetensors
 from qdistill.models.convnet import STUDENT_PRESETS, ConvStudent, conv_student
 from qdistill.models.hf import HF_FACTORY, Held, build_hf, check_build, check_hf_kwargs, hf_model, hf_spec, load_hf
 from qdistill.models.lm import LSTM_PRESETS, TRANSFORMER_PRESETS, LSTMLanguageModel, lstm_lm, transformer_lm
 from qdistill.models.resnet import TEACHER_PRESETS, PreActResNet, resnet_teacher
+from qdistill.user_code import load_object
 
 LM_PRESETS = (*LSTM_PRESETS, *TRANSFORMER_PRESETS)  # language models: their num_classes is the vocabulary size
 LM_FACTORIES = ("qdistill.models:lstm_lm", "qdistill.models:transformer_lm")

@@ -2,36 +2,26 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from qdistill.data import Dataset, batches, random_shift_flip
+from qdistill.data import Dataset, batches, epoch_order, random_shift_flip
 from qdistill.distill import CachedTeacher, LiveTeacher, distillation_loss
 from qdistill.distill.teacher import tensor_digest
 from qdistill.errors import QDistillError
+from qdistill.modes import evaluating
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
     """Top-1 accuracy in percent, with the quantized weights computed once (parametrize.cached)."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     correct = 0
-    with parametrize.cached():
+    with evaluating(model), parametrize.cached():
         for xb, yb, _ in batches(x, y, batch_size):
             correct += (model(xb.to(device)).argmax(-1).cpu() == yb).sum().item()
-    model.train(was_training)
     return 100.0 * correct / len(x)
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffled order of one epoch, a function of (seed, epoch) alone: a resumed run needs no saved order."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 class ImageClassification:

@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qdistill.data import epoch_order
 from qdistill.data.text import load_tokenizer, tokenizer_failures
 from qdistill.distill.teacher import CachedTeacher, LiveTeacher, model_digest
 from qdistill.errors import QDistillError
 from qdistill.files import check_cache_entry, replaced_whole
-from qdistill.tasks.classification import epoch_order
+from qdistill.modes import evaluating
 
 log = logging.getLogger(__name__)
 
@@ -137,24 +138,21 @@ class SentenceEmbedding:
 
     @torch.no_grad()
     def embed(self, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], progress=None) -> torch.Tensor:
-        """The embedding of every sentence in `data`, in order, in eval mode; `progress`: a rich Progress.
+        """The embedding of every sentence in `data`, in order, in eval mode; `progress(name, done, total)` is told each batch.
 
         Batches are made of sentences of similar length (sorted), so that little of each is padding."""
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
         order = torch.argsort(data[1], stable=True)
-        bar = progress.add_task("teacher embeddings", total=-(-len(order) // self.eval_batch_size), status="") if progress is not None else None
         out = torch.empty(0)
-        for start in range(0, len(order), self.eval_batch_size):
-            index = order[start : start + self.eval_batch_size]
-            pooled = self.forward(model, {k: v.to(device) for k, v in self._batch(data, index).items()}).float().cpu()
-            if not len(out):
-                out = torch.empty(len(order), pooled.shape[1])
-            out[index] = pooled
-            if bar is not None:
-                progress.advance(bar)
-        model.train(was_training)
+        with evaluating(model):
+            for start in range(0, len(order), self.eval_batch_size):
+                index = order[start : start + self.eval_batch_size]
+                pooled = self.forward(model, {k: v.to(device) for k, v in self._batch(data, index).items()}).float().cpu()
+                if not len(out):
+                    out = torch.empty(len(order), pooled.shape[1])
+                out[index] = pooled
+                if progress is not None:
+                    progress("teacher embeddings", start + len(index), len(order))
         return out
 
     def _reference(self, split: str) -> torch.Tensor:
@@ -193,6 +191,7 @@ class SentenceEmbedding:
         """The live teacher, or its embedding of every training sentence computed once and kept in `cache_dir`."""
         if cfg.teacher_logits == "live" or cache_dir is None:
             return LiveTeacher(model, self.forward)
+        device = next(model.parameters()).device  # where the student's embeddings will be
         key = hashlib.sha256(f"{model_digest(model)}-{self.data_key()}".encode()).hexdigest()[:24]
         path = Path(cache_dir) / f"teacher-embeddings-{key}.npy"
         if os.path.lexists(path):
@@ -203,9 +202,9 @@ class SentenceEmbedding:
                 log.warning("ignoring the teacher-embedding cache %s: %s", path, e)
             else:
                 if cached.shape[0] == self.train_size():
-                    return CachedTeacher(torch.from_numpy(cached.astype(np.float32)))
+                    return CachedTeacher(torch.from_numpy(cached.astype(np.float32))).to(device)
         embeddings = self.embed(model, self.sentences["train"], progress)
         path.parent.mkdir(parents=True, exist_ok=True)
         with replaced_whole(path, mode=0o600) as tmp:
             np.save(tmp, embeddings.numpy())
-        return CachedTeacher(embeddings)
+        return CachedTeacher(embeddings).to(device)

@@ -18,8 +18,9 @@ from torch.nn.utils import parametrize
 
 from qdistill.distill import LiveTeacher, distillation_loss
 from qdistill.distill.teacher import TopKTeacher
+from qdistill.data import epoch_order
 from qdistill.errors import QDistillError
-from qdistill.tasks.classification import epoch_order
+from qdistill.modes import evaluating
 
 IGNORE = -100
 
@@ -117,16 +118,13 @@ class LanguageModelling:
         Bits per byte does not depend on the tokenizer: the summed loss over the split divided by its
         UTF-8 bytes (the document separators count as tokens, not bytes)."""
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
         total, count = 0.0, 0
-        with parametrize.cached():
+        with evaluating(model), parametrize.cached():
             for batch in self.ordered_batches(split, self.eval_batch_size):
                 logits = self.forward(model, {"x": batch["x"].to(device)}).float()
                 y = batch["y"].to(device)
                 total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE, reduction="sum").item()
                 count += int((y != IGNORE).sum())
-        model.train(was_training)
         nll = total / count
         metrics = {"ppl": math.exp(min(nll, 700.0)), "nll": nll, "tokens": count}
         size = (self.corpus.split_bytes or {}).get(split)
@@ -158,24 +156,19 @@ def generate(model: nn.Module, prompt: list[int], new_tokens: int, temperature: 
         raise QDistillError("the prompt must hold at least one token")
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
     ids = list(prompt)
-    try:
-        with parametrize.cached():
-            vocab = embedded_tokens(model) or logits_of(model(torch.zeros(1, 1, dtype=torch.long, device=device))).shape[-1]  # else what it predicts
-            bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab]
-            if bad:
-                raise QDistillError(f"the prompt holds token id {bad[0]!r}, outside the model's vocabulary of {vocab} (ids 0 to {vocab - 1}): "
-                                    "encode it with the model's own tokenizer (--tokenizer: the tokenizer.json its training ids were made with)")
-            for _ in range(new_tokens):
-                logits = logits_of(model(torch.tensor([ids[-context:]], device=device)))[0, -1].float()
-                if temperature <= 0:
-                    ids.append(int(logits.argmax()))
-                    continue
-                if top_k:
-                    logits[logits < logits.topk(min(top_k, len(logits))).values[-1]] = -math.inf
-                ids.append(int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)))
-    finally:
-        model.train(was_training)
+    with evaluating(model), parametrize.cached():
+        vocab = embedded_tokens(model) or logits_of(model(torch.zeros(1, 1, dtype=torch.long, device=device))).shape[-1]  # else what it predicts
+        bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab]
+        if bad:
+            raise QDistillError(f"the prompt holds token id {bad[0]!r}, outside the model's vocabulary of {vocab} (ids 0 to {vocab - 1}): "
+                                "encode it with the model's own tokenizer (--tokenizer: the tokenizer.json its training ids were made with)")
+        for _ in range(new_tokens):
+            logits = logits_of(model(torch.tensor([ids[-context:]], device=device)))[0, -1].float()
+            if temperature <= 0:
+                ids.append(int(logits.argmax()))
+                continue
+            if top_k:
+                logits[logits < logits.topk(min(top_k, len(logits))).values[-1]] = -math.inf
+            ids.append(int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)))
     return ids

@@ -26,6 +26,11 @@ class Method:
     trains: str  # "weights", "points" or "nothing" (post-training quantization)
     then: str | None = None  # a second phase run on the result (qd+dq)
 
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """What the loop steps, in order: the weights, the learned points, both (qd+dq), or nothing (ptq)."""
+        return tuple(p for p in ("weights", "points") if p == self.trains or p == "points" and self.then == "dq")
+
 
 METHODS = {
     "fp": Method(None, distill=False, trains="weights"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -18,13 +19,13 @@ from torch import nn
 from qdistill.data import Dataset
 from qdistill.distill import check_compatible
 from qdistill.errors import QDistillError
+from qdistill.modes import evaluating
 from qdistill.quant import attach, detach, fused_quantization, quantized_tensors, redistribute_points
 from qdistill.train import distributed
 from qdistill.train.config import TrainConfig
-from qdistill.train.state import Checkpoint, set_rng_state
+from qdistill.train.state import Checkpoint, load_finished
 from qdistill.tasks import Task, accuracy, as_task, to_device
 from qdistill.train.tracker import PhaseTracker
-from qdistill.ui import make_progress
 
 
 @dataclass
@@ -75,41 +76,72 @@ def make_schedule(opt, kind: str, total_steps: int, warmup: float = 0.0):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: (step + 1) / rise if step < rise else decay(step - rise))
 
 
-def make_optimizer(kind: str, params, lr: float, cfg: TrainConfig):
+@dataclass
+class Phase:
+    """One run of the loop: the tensors it steps, for how long, and with which optimizer.
+
+    A method is the weights phase (fp, kd, qat, qd), the points phase (dq), both in turn (qd+dq) or none (ptq)."""
+
+    name: str  # also the phase's key in a checkpoint
+    params: list[torch.Tensor]
+    epochs: int
+    lr: float
+    optimizer: str
+    weight_decay: float
+
+
+def weights_phase(student: nn.Module, cfg: TrainConfig) -> Phase:
+    """The student's full-precision (shadow) weights, stepped through their quantized values."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise QDistillError("the student has no trainable weights (requires_grad is off for all of them): turn it on for those to train")
+    name = f"{cfg.method} {cfg.bits}b" if cfg.spec.quantizer else cfg.method
+    return Phase(name, params, cfg.epochs, cfg.lr, cfg.optimizer, cfg.weight_decay)
+
+
+def points_phase(student: nn.Module, cfg: TrainConfig) -> Phase:
+    """The learned quantization points alone, the weights' levels frozen (method.md, differentiable quantization)."""
+    student.requires_grad_(False)
+    points = [qt.quantizer.points.requires_grad_(True) for qt in quantized_tensors(student)]
+    return Phase(f"dq {cfg.bits}b points", points, cfg.dq_epochs, cfg.points_lr, cfg.points_optimizer, weight_decay=0.0)
+
+
+@dataclass
+class Events:
+    """What the loop tells whoever runs it: `record(dict)` for each step's loss, each epoch's metrics and each
+    rollback (a run directory's metrics.jsonl); `progress(name, done, total, status)` (the CLI's bars)."""
+
+    record: Callable[[dict], None] = lambda record: None
+    progress: Callable[..., None] = lambda name, done, total, status="": None
+
+
+def make_optimizer(phase: Phase, momentum: float):
     """`momentum` is SGD's (Nesterov when above 0) and AdamW's first-moment decay (beta1): one knob, used by both."""
-    if kind == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
-    if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    params, lr, decay = phase.params, phase.lr, phase.weight_decay
+    if phase.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=decay)
+    if phase.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999), weight_decay=decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=decay)
 
 
-def fit(model, params, task: Task, teacher, cfg: TrainConfig, epochs: int, lr: float, name: str, log, progress, optimizer: str = "sgd", checkpoint: Checkpoint | None = None) -> dict:
-    """Run `epochs` of the loop, stepping only `params`; returns timing and the per-epoch records.
+def fit(model: nn.Module, phase: Phase, task: Task, teacher, cfg: TrainConfig, events: Events, checkpoint: Checkpoint | None = None) -> dict:
+    """Run one phase of the loop; returns its timing and per-epoch records.
 
     With a `checkpoint`, the phase starts where a killed run left it (or is skipped if it finished)."""
-    done = checkpoint.finished(name) if checkpoint else None
-    if done is not None:  # as the finished phase left the model: its weights, random state and mode
-        try:
-            if distributed.is_sharded(model):
-                distributed.load_full_state(model, done["model"])
-            else:
-                model.load_state_dict(done["model"])
-        except RuntimeError as e:
-            raise QDistillError(f"the saved run state does not fit this run ({str(e).splitlines()[0][:200]}); start a new run") from None
-        set_rng_state(done)
-        model.train()
-        return done["result"]
+    done = checkpoint.finished(phase.name) if checkpoint else None
+    if done is not None:
+        return load_finished(model, done)
     device = next(model.parameters()).device
     quantizers = [qt.quantizer for qt in quantized_tensors(model)]
-    opt = make_optimizer(optimizer, params, lr, cfg)
+    opt = make_optimizer(phase, cfg.momentum)
     steps_per_epoch = math.ceil(task.train_size() / cfg.batch_size)
-    total = epochs * steps_per_epoch
+    total = phase.epochs * steps_per_epoch
     schedule = make_schedule(opt, cfg.schedule, total, cfg.warmup)
-    tracker = PhaseTracker(name, model, opt, schedule, cfg, task, steps_per_epoch, log, checkpoint)
+    tracker = PhaseTracker(phase.name, model, opt, schedule, cfg, task, steps_per_epoch, events.record, checkpoint)
     if tracker.step > total:  # a damaged or crafted state.pt: the untrained model would be saved as finished
         raise QDistillError(f"the saved run state is at step {tracker.step} of a phase of {total} steps: it is not this run's; start a new run")
-    bar = progress.add_task(name, total=total, completed=tracker.step, status="")
+    events.progress(phase.name, tracker.step, total)
     net = distributed.wrap(model)  # under torchrun: DDP, which averages the ranks' gradients
     while tracker.step < total:
         model.train()
@@ -123,13 +155,15 @@ def fit(model, params, task: Task, teacher, cfg: TrainConfig, epochs: int, lr: f
         opt.zero_grad(set_to_none=True)
         (loss * distributed.loss_weight(mine, labels)).backward()  # straight-through: dL/dQ(w) reaches w
         if tracker.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, tracker.grad_clip)
+            torch.nn.utils.clip_grad_norm_(phase.params, tracker.grad_clip)
         opt.step()  # 3. SGD step on the full-precision weights (or the points)
         schedule.step()
         for q in quantizers:
-            q.after_step()
-        tracker.after_step(distributed.global_mean(loss, mine, labels), rows, total)  # the guard (which may roll back), the log, the checkpoint
-        progress.update(bar, completed=tracker.step, status=tracker.status)
+            q.after_step(opt)  # (learned points stay sorted, and their optimizer state with them)
+        diverged = tracker.after_step(distributed.global_mean(loss, mine, labels), rows, total)  # the guard, the log, the checkpoint
+        if diverged is not None:
+            tracker.roll_back(diverged)  # to the last state the guard passed, the gradient clipped (or raise)
+        events.progress(phase.name, tracker.step, total, tracker.status)
     return tracker.finish()
 
 
@@ -146,16 +180,18 @@ def attach_learned(model: nn.Module, task: Task, teacher, cfg: TrainConfig, init
 
 
 def gradient_norms(model, tensors, task: Task, teacher, cfg: TrainConfig, n_batches: int = 4) -> list[float]:
-    """Each tensor's gradient norm, summed over the first `n_batches` batches of the training data."""
+    """Each tensor's gradient norm, summed over the first `n_batches` batches of the training data; in eval
+    mode, so that probing changes no BatchNorm statistics and draws no dropout."""
     device = next(model.parameters()).device
     grads = [torch.zeros_like(t) for t in tensors]
-    for i, batch in enumerate(task.ordered_batches("train", cfg.batch_size)):
-        if i == n_batches:
-            break
-        batch = to_device(batch, device)
-        target = teacher(batch) if teacher is not None else None
-        for g, gi in zip(grads, torch.autograd.grad(task.loss(task.forward(model, batch), target, batch, cfg), tensors)):
-            g += gi
+    with evaluating(model):
+        for i, batch in enumerate(task.ordered_batches("train", cfg.batch_size)):
+            if i == n_batches:
+                break
+            batch = to_device(batch, device)
+            target = teacher(batch) if teacher is not None else None
+            for g, gi in zip(grads, torch.autograd.grad(task.loss(task.forward(model, batch), target, batch, cfg), tensors)):
+                g += gi
     return [g.norm().item() for g in grads]
 
 
@@ -173,12 +209,12 @@ def train(
     teacher: nn.Module | None = None,
     cache_dir=None,
     log=None,
-    quiet=False,
+    progress=None,
     checkpoint: Checkpoint | None = None,
     final_eval: bool = True,
 ) -> TrainResult:
     """Train (or only quantize, for ptq) `student` with the method in `cfg` on a task (a `Dataset` is
-    image classification); the student is changed in place.
+    image classification); the student is changed in place. `log` and `progress` are the `Events`.
 
     With a `checkpoint`, the run's state is saved as it goes, and a run over a checkpoint that a killed
     run left continues where it stopped, ending with the same weights bit for bit.
@@ -190,63 +226,58 @@ def train(
     test metrics to the caller too (who scores the packed file it saves, say)."""
     cfg.validate()
     task = as_task(data)
-    log = log if log is not None and distributed.is_main() else (lambda record: None)
-    quiet = quiet or not distributed.is_main()
+    events = Events()
+    if distributed.is_main():  # under torchrun rank 0 alone logs and shows progress
+        events = Events(log or events.record, progress or events.progress)
     device = distributed.device_for(resolve_device(cfg.device))
     torch.manual_seed(cfg.seed)
     method = cfg.spec
     student.to(device, memory_format=memory_format(student, cfg, device))
     if cfg.needs_teacher and teacher is None:
         raise QDistillError(f"method {cfg.method} needs a teacher")
-    use_teacher = teacher is not None and method.distill
-    sharded = cfg.parallel == "fsdp" and distributed.active()
-    if use_teacher:
+    teacher_fn = None
+    if teacher is not None and method.distill:
         teacher.to(device, memory_format=memory_format(teacher, cfg, device))
         check_compatible(teacher, student, to_device(task.sample(), device), task.forward)
-    history, seconds, samples = [], 0.0, 0
-    with make_progress(quiet) as progress:
         with distributed.main_first():  # a cache of the teacher's targets is built once, by rank 0
-            teacher_fn = task.teacher(teacher, cfg, cache_dir, progress) if use_teacher else None
-        if method.quantizer == "uniform":
-            attach(student, cfg.make_quantizer("uniform"), **cfg.select_kwargs())
-        if method.trains == "weights":
-            if not any(p.requires_grad for p in student.parameters()):
-                raise QDistillError("the student has no trainable weights (requires_grad is off for all of them): turn it on for those to train")
-            whole = copy.deepcopy(student).cpu() if sharded and distributed.is_main() else None  # what rank 0 gathers the weights into
-            if sharded:
-                distributed.shard_weights(student)
-            params = [p for p in student.parameters() if p.requires_grad]
-            with fused_quantization(student, enabled=False if sharded else None):  # off-CPU: one batch of kernels for all tensors, same values
-                name = f"{cfg.method} {cfg.bits}b" if method.quantizer else cfg.method
-                out = fit(student, params, task, teacher_fn, cfg, cfg.epochs, cfg.lr, name, log, progress, cfg.optimizer, checkpoint)
-            history += out["records"]
-            seconds, samples = seconds + out["seconds"], samples + out["samples"]
-            if sharded:  # the whole trained model, gathered (every rank sends its shards) onto rank 0, which evaluates and saves it
-                state = distributed.full_state(student)[0]
-                if whole is not None:
-                    whole.load_state_dict(state)
-                    student = whole.to(device)
-        if method.quantizer == "learned" or method.then == "dq":
-            if cfg.dq_teacher == "self":  # the full-precision version of this very model
-                with distributed.main_first():
-                    teacher_fn = task.teacher(detach(copy.deepcopy(student), keep_quantized=False), cfg, cache_dir, progress)
-            # Points are learned for the model as it stands: a quantized model is baked to its levels first,
-            # so each weight keeps its level and the points move the levels. (Learning them over the shadow
-            # weights of qd instead reassigns the many weights that training left near a decision boundary:
-            # 2-bit accuracy fell by 5 points where baking gained 0.7.)
-            detach(student, keep_quantized=True)
-            init = "uniform" if method.then == "dq" else cfg.points_init  # qd+dq starts exactly at the qd levels
-            attach_learned(student, task, teacher_fn, cfg, init)
-            student.requires_grad_(False)
-            points = []
-            for qt in quantized_tensors(student):
-                qt.quantizer.points.requires_grad_(True)
-                points.append(qt.quantizer.points)
-            dq_cfg = cfg.replace(weight_decay=0.0)
-            out = fit(student, points, task, teacher_fn, dq_cfg, cfg.dq_epochs, cfg.points_lr, f"dq {cfg.bits}b points", log, progress, cfg.points_optimizer, checkpoint)
-            history += out["records"]
-            seconds, samples = seconds + out["seconds"], samples + out["samples"]
+            teacher_fn = task.teacher(teacher, cfg, cache_dir, events.progress)
+    if method.quantizer == "uniform":
+        attach(student, cfg.make_quantizer("uniform"), **cfg.select_kwargs())
+    runs = []
+    if "weights" in method.phases:
+        student, out = fit_weights(student, task, teacher_fn, cfg, events, checkpoint)
+        runs.append(out)
+    if "points" in method.phases:
+        if cfg.dq_teacher == "self":  # the full-precision version of this very model
+            with distributed.main_first():
+                teacher_fn = task.teacher(detach(copy.deepcopy(student), keep_quantized=False), cfg, cache_dir, events.progress)
+        # Points are learned for the model as it stands: a quantized model is baked to its levels first,
+        # so each weight keeps its level and the points move the levels. (Learning them over the shadow
+        # weights of qd instead reassigns the many weights that training left near a decision boundary:
+        # 2-bit accuracy fell by 5 points where baking gained 0.7.)
+        detach(student, keep_quantized=True)
+        attach_learned(student, task, teacher_fn, cfg, init="uniform" if method.then == "dq" else cfg.points_init)  # qd+dq starts at the qd levels
+        runs.append(fit(student, points_phase(student, cfg), task, teacher_fn, cfg, events, checkpoint))
+    history = [record for out in runs for record in out["records"]]
+    seconds, samples = sum(out["seconds"] for out in runs), sum(out["samples"] for out in runs)
+    speed = samples / seconds if seconds else 0.0
     if not (final_eval and distributed.is_main()):  # under torchrun rank 0 alone evaluates (and writes)
-        return TrainResult(student, cfg, {}, seconds, samples / seconds if seconds else 0.0, history)
+        return TrainResult(student, cfg, {}, seconds, speed, history)
     val = task.evaluate(student, "val") if task.has_split("val") else None
-    return TrainResult(student, cfg, task.evaluate(student, "test"), seconds, samples / seconds if seconds else 0.0, history, val)
+    return TrainResult(student, cfg, task.evaluate(student, "test"), seconds, speed, history, val)
+
+
+def fit_weights(student: nn.Module, task: Task, teacher, cfg: TrainConfig, events: Events, checkpoint: Checkpoint | None) -> tuple[nn.Module, dict]:
+    """The weights phase. Under FSDP the student is sharded for it, and rank 0 gets the whole trained model back."""
+    sharded, device = cfg.parallel == "fsdp" and distributed.active(), next(student.parameters()).device
+    whole = copy.deepcopy(student).cpu() if sharded and distributed.is_main() else None  # what rank 0 gathers the weights into
+    if sharded:
+        distributed.shard_weights(student)
+    with fused_quantization(student, enabled=False if sharded else None):  # off-CPU: one batch of kernels for all tensors, same values
+        out = fit(student, weights_phase(student, cfg), task, teacher, cfg, events, checkpoint)
+    if sharded:  # the whole trained model, gathered (every rank sends its shards) onto rank 0, which evaluates and saves it
+        state = distributed.full_state(student)[0]
+        if whole is not None:
+            whole.load_state_dict(state)
+            student = whole.to(device)
+    return student, out

@@ -14,17 +14,33 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from qdistill.errors import QDistillError
 from qdistill.files import open_unlinked, replaced_whole
 from qdistill.train import distributed
 
 
+def on_cpu(value):
+    """A copy with every tensor in CPU memory (a shard of a sharded model stays where it is: it is one rank's
+    share); loading it back puts each on its parameter's device, bit for bit."""
+    if isinstance(value, dict):
+        return {k: on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(v) for v in value)
+    if isinstance(value, DTensor):
+        return value.detach().clone()
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    return copy.deepcopy(value)
+
+
 def capture(model: nn.Module, opt, schedule, loop: dict) -> dict:
-    """A deep copy of everything a step reads or changes."""
+    """A copy of everything a step reads or changes, kept in CPU memory: with AdamW on a GPU, a copy there
+    would take about three times the model's memory again."""
     return {
-        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "optimizer": copy.deepcopy(opt.state_dict()),
+        "model": on_cpu(model.state_dict()),
+        "optimizer": on_cpu(opt.state_dict()),
         "schedule": schedule.state_dict(),
         **rng_state(),
         "loop": copy.deepcopy(loop),
@@ -56,6 +72,20 @@ def restore(state: dict, model: nn.Module, opt, schedule) -> dict:
         return copy.deepcopy(state["loop"])
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise QDistillError(f"the saved run state does not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:200]}); start a new run") from None
+
+
+def load_finished(model: nn.Module, done: dict) -> dict:
+    """A phase a resumed run had finished: the model as it left it (weights, random state, mode); returns its result."""
+    try:
+        if distributed.is_sharded(model):
+            distributed.load_full_state(model, done["model"])
+        else:
+            model.load_state_dict(done["model"])
+    except RuntimeError as e:
+        raise QDistillError(f"the saved run state does not fit this run ({str(e).splitlines()[0][:200]}); start a new run") from None
+    set_rng_state(done)
+    model.train()
+    return done["result"]
 
 
 def rng_state() -> dict:

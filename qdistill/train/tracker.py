@@ -45,9 +45,9 @@ class PhaseTracker:
     def grad_clip(self) -> float | None:
         return self.run["grad_clip"]
 
-    def after_step(self, loss, batch_size: int, total: int) -> None:
+    def after_step(self, loss, batch_size: int, total: int) -> Diverged | None:
         """Count the step; every few steps read the losses back, check them, log them, and at an epoch's
-        end evaluate; roll back or raise Diverged when the guard says so; save the checkpoint when due.
+        end evaluate; save the checkpoint when due. Returns the guard's Diverged, for the loop to roll back.
 
         Checks fall on steps alone (a full group, an epoch's end, a save every N steps), never on the
         clock, so the rollback point, and so the result, does not depend on how fast the run went."""
@@ -57,12 +57,11 @@ class PhaseTracker:
         end_of_epoch = step % self.steps_per_epoch == 0
         save = self.checkpoint is not None and self.checkpoint.step_due(step)
         if not (self.guard.add(loss) or end_of_epoch or save):
-            return
+            return None
         try:
             losses = self.guard.check(step)
         except Diverged as e:
-            self.roll_back(e)
-            return
+            return e
         for i, value in enumerate(losses, start=step - len(losses) + 1):  # the training curve, one point per step
             self.log({"phase": self.name, "step": i, "epoch": i / self.steps_per_epoch, "loss": value})
         self.run["loss_sum"] += sum(losses)
@@ -78,10 +77,12 @@ class PhaseTracker:
             self.good = state if self.good is not None else None
             if save:
                 self.checkpoint.save_running(self.name, for_file(state, self.model, self.opt))
+        return None
 
     def roll_back(self, e: Diverged) -> None:
         """Back to the last state that passed the guard, with the gradient clipped: to 1.0 (or the run's
-        own clip halved), and halved again at each further rollback, so a replay is never the same run."""
+        own clip halved), and halved again at each further rollback, so a replay is never the same run.
+        Raises `e` where the run keeps no rollback point (`--guard stop`) or has rolled back 3 times."""
         if self.good is None or self.run["rollbacks"] == MAX_ROLLBACKS:
             raise e
         rollbacks, clip = self.run["rollbacks"] + 1, self.run["grad_clip"]

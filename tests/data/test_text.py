@@ -201,19 +201,20 @@ FOREIGN = ["link", "owner", "writable", "folder"]
 
 
 @pytest.mark.parametrize("what", ["meta", "tokenizer", "truncated", "dtype", "pickle", "missing", "panicking tokenizer", *FOREIGN])
-def test_a_damaged_cache_is_rebuilt(tmp_path, capsys, what):
+def test_a_damaged_cache_is_rebuilt(tmp_path, caplog, what):
     if what == "owner" and os.geteuid() != 0:
         pytest.skip("only root can give a file to another user")
     folder = tiny_folder(tmp_path / "docs")
     first = load_text_folder(folder, tmp_path / "cache", vocab_size=300)
     expected = {s: np.array(first.split(s)) for s in SPLITS}
     damage(first.tokenizer_path.parent, what)
-    capsys.readouterr()
+    caplog.clear()
     again = load_text_folder(folder, tmp_path / "cache", vocab_size=300)
-    assert "warning: rebuilding the token corpus" in capsys.readouterr().out
+    assert "rebuilding the token corpus" in caplog.text
     assert again.key == first.key and all(np.array_equal(again.split(s), expected[s]) for s in SPLITS)
+    caplog.clear()
     assert load_text_folder(folder, tmp_path / "cache", vocab_size=300).key == first.key
-    assert "warning" not in capsys.readouterr().out  # rebuilt once, read since
+    assert "WARNING" not in caplog.text  # rebuilt once, read since
 
 
 def test_a_build_that_loses_the_race_uses_the_winners_copy(tmp_path, monkeypatch):
@@ -309,7 +310,7 @@ def test_a_tokenizer_json_the_library_fails_on_is_refused(tmp_path, built, how):
         corpus.tokenizer()
 
 
-def test_cache_files_are_private_whatever_the_umask(tmp_path, capsys):
+def test_cache_files_are_private_whatever_the_umask(tmp_path, caplog):
     """Files written with a umask of 002 would be group-writable, and then not trusted: rebuilt every time."""
     folder = tiny_folder(tmp_path / "docs")
     old = os.umask(0o002)
@@ -321,7 +322,7 @@ def test_cache_files_are_private_whatever_the_umask(tmp_path, capsys):
     assert {p.name: p.stat().st_mode & 0o777 for p in corpus_dir.iterdir()} == dict.fromkeys(text.CACHED, 0o600)
     assert (corpus_dir.parent.stat().st_mode & 0o777, corpus_dir.stat().st_mode & 0o777) == (0o700, 0o700)
     load_text_folder(folder, tmp_path / "cache", vocab_size=300)
-    assert "warning" not in capsys.readouterr().out
+    assert "WARNING" not in caplog.text
 
 
 def test_a_foreign_cache_that_cannot_be_moved_is_an_error(tmp_path, monkeypatch):

@@ -28,14 +28,14 @@ def test_cache_is_reused_and_keyed_by_weights(tmp_path):
     assert len(list(tmp_path.iterdir())) == 2  # new weights, new entry
 
 
-def test_truncated_cache_is_recomputed(tmp_path, capsys):
+def test_truncated_cache_is_recomputed(tmp_path, caplog):
     model, x = nn.Linear(6, 3), torch.randn(50, 6)
     CachedTeacher.build(model, x, tmp_path)
     path = next(tmp_path.iterdir())
     path.write_bytes(path.read_bytes()[:20])
     c = CachedTeacher.build(model, x, tmp_path)
     assert c.logits.shape == (50, 3)
-    assert "ignoring the teacher-logit cache" in capsys.readouterr().out
+    assert "ignoring the teacher-logit cache" in caplog.text
 
 
 def test_live_teacher_is_frozen_eval():
@@ -76,7 +76,7 @@ def refused(*args):
 
 
 @pytest.mark.parametrize("how", ["link", "owner", "writable"])
-def test_a_logit_cache_others_could_have_written_is_recomputed(tmp_path, capsys, how):
+def test_a_logit_cache_others_could_have_written_is_recomputed(tmp_path, caplog, how):
     torch.manual_seed(0)
     model, x = nn.Linear(6, 3), torch.randn(50, 6)
     cache = tmp_path / "logits"
@@ -84,9 +84,9 @@ def test_a_logit_cache_others_could_have_written_is_recomputed(tmp_path, capsys,
     path = next(cache.iterdir())
     save_file({"logits": torch.zeros(50, 3)}, path)  # other targets, of the right shape
     make_foreign(path, how)
-    capsys.readouterr()
+    caplog.clear()
     again = CachedTeacher.build(model, x, cache)
-    assert torch.allclose(again.logits, model(x).detach()) and "ignoring the teacher-logit cache" in capsys.readouterr().out
+    assert torch.allclose(again.logits, model(x).detach()) and "ignoring the teacher-logit cache" in caplog.text
     assert not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600 and path.stat().st_uid == os.getuid()
 
 
@@ -108,7 +108,7 @@ def build_topk(cache):
 
 
 @pytest.mark.parametrize("how", FOREIGN)
-def test_a_topk_cache_others_could_have_written_is_recomputed(tmp_path, capsys, how):
+def test_a_topk_cache_others_could_have_written_is_recomputed(tmp_path, caplog, how):
     cache = tmp_path / "logits"
     want = build_topk(cache)
     want = np.array(want.logprobs), np.array(want.indices)
@@ -116,10 +116,10 @@ def test_a_topk_cache_others_could_have_written_is_recomputed(tmp_path, capsys, 
     for name in TOPK_FILES:
         np.save(folder / name, np.zeros_like(np.load(folder / name)))  # other targets, of the right shape
     make_foreign(folder, how)
-    capsys.readouterr()
+    caplog.clear()
     again = build_topk(cache)
     assert np.array_equal(again.logprobs, want[0]) and np.array_equal(again.indices, want[1])
-    assert "recomputing the teacher's top-k targets" in capsys.readouterr().out
+    assert "recomputing the teacher's top-k targets" in caplog.text
     assert not folder.is_symlink() and [p.name for p in cache.iterdir()] == [folder.name]
 
 
@@ -131,7 +131,7 @@ def test_a_topk_cache_that_cannot_be_replaced_is_an_error(tmp_path, monkeypatch)
         build_topk(tmp_path)
 
 
-def test_topk_cache_files_are_private_whatever_the_umask(tmp_path, capsys):
+def test_topk_cache_files_are_private_whatever_the_umask(tmp_path, caplog):
     """numpy writes with the umask's mode: under 002 the arrays would be group-writable, and then not trusted."""
     old = os.umask(0o002)
     try:
@@ -142,4 +142,4 @@ def test_topk_cache_files_are_private_whatever_the_umask(tmp_path, capsys):
     assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == dict.fromkeys(TOPK_FILES, 0o600)
     assert (tmp_path / "logits").stat().st_mode & 0o777 == 0o700
     build_topk(tmp_path / "logits")
-    assert "warning" not in capsys.readouterr().out
+    assert "WARNING" not in caplog.text

@@ -261,7 +261,7 @@ def test_classifier_accuracy_on_kernels_within_0_05_of_dense(tmp_path, capsys, w
     data, spec = toy_dataset(), model_spec("tiny", num_classes=4)
     torch.manual_seed(0)
     cfg = TrainConfig(method="qat", bits=4, bucket=32, groups="row", scale_dtype="bfloat16", epochs=3, batch_size=64, device="cpu")
-    result = train(build_model(spec), data, cfg, quiet=True)
+    result = train(build_model(spec), data, cfg)
     path = save_packed(result.model, spec, tmp_path / "m.safetensors")
     dense, kernels = load_packed(path)[0], load_packed(path, runtime="kernels")[0]
     assert runtime_of(kernels) == counts(way, 2, 4)  # both Linear layers (288 -> 32, 32 -> 4: int4 pads the rows)
@@ -300,7 +300,7 @@ def test_language_model_perplexity_on_kernels_within_0_05_of_dense(tmp_path, way
     task, spec = LanguageModelling(corpus(n_train=2000, n_test=500), seq_len=16), model_spec("gpt-tiny", num_classes=11)
     torch.manual_seed(0)
     cfg = TrainConfig(**{**TASKS["lm"], "lr": 1e-2, "batch_size": 8, "device": "cpu"}, method="qat", bits=4, bucket=32, groups="row", scale_dtype="bfloat16", epochs=2)
-    result = train(build_model(spec), task, cfg, quiet=True)
+    result = train(build_model(spec), task, cfg)
     path = save_packed(result.model, spec, tmp_path / "m.safetensors")
     dense, kernels = load_packed(path)[0], load_packed(path, runtime="kernels")[0]
     assert runtime_of(kernels) == (counts(way, 12, 3) if way == "int4" else {"lowbit": 13, "int4": 0, "lookup": 1, "packed": 2})

@@ -122,15 +122,15 @@ def test_a_tokenizer_that_panics_is_one_error(tmp_path):
 def test_a_method_without_a_teacher_is_refused():
     reference = bert()
     with pytest.raises(QDistillError, match="teacher"):
-        train(copy.deepcopy(reference), task(reference), TrainConfig(method="qat", bits=4, epochs=1, batch_size=32), quiet=True)
+        train(copy.deepcopy(reference), task(reference), TrainConfig(method="qat", bits=4, epochs=1, batch_size=32))
 
 
 def test_qd_agrees_with_the_teacher_better_than_ptq_at_2_bits(tmp_path):
     reference = bert()
     t = task(reference, n_train=512)
     cfg = TrainConfig(method="qd", bits=2, bucket=32, epochs=3, batch_size=32, optimizer="adamw", lr=3e-3, weight_decay=0.0, schedule="cosine")
-    ptq = train(copy.deepcopy(reference), t, cfg.replace(method="ptq"), quiet=True)
-    qd = train(copy.deepcopy(reference), t, cfg, teacher=reference, cache_dir=tmp_path, quiet=True)
+    ptq = train(copy.deepcopy(reference), t, cfg.replace(method="ptq"))
+    qd = train(copy.deepcopy(reference), t, cfg, teacher=reference, cache_dir=tmp_path)
     assert set(qd.val) == {"cos", "nbr10", "r1", "r10"}
     assert qd.val["cos"] > ptq.val["cos"] + 0.01
 

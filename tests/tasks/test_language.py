@@ -148,10 +148,10 @@ def test_qd_on_a_language_model_learns_and_reports_perplexity(tmp_path, logits):
     task = LanguageModelling(corpus(n_train=2000), seq_len=16)
     teacher = TinyLM(32)
     lm = {**TASKS["lm"], "lr": 1e-2, "batch_size": 8, "device": "cpu"}
-    train(teacher, task, TrainConfig(method="fp", epochs=6, **lm), quiet=True)
+    train(teacher, task, TrainConfig(method="fp", epochs=6, **lm))
     cfg = TrainConfig(method="qd", bits=4, bucket=32, epochs=6, teacher_logits=logits, **lm)
     torch.manual_seed(1)
-    result = train(TinyLM(), task, cfg, teacher=teacher, cache_dir=tmp_path, quiet=True)
+    result = train(TinyLM(), task, cfg, teacher=teacher, cache_dir=tmp_path)
     assert result.test["ppl"] < 2.5  # the stream is 90 % predictable (best 1.7); uniform is 11
     assert result.val["ppl"] == task.evaluate(result.model, "val")["ppl"]
     assert [r["epoch"] for r in result.history] == list(range(1, 7)) and "val_ppl" in result.history[-1]

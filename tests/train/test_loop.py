@@ -6,7 +6,7 @@ import torch
 from qdistill import METHODS, QDistillError, TrainConfig, detach, quantized_tensors, train
 from qdistill.errors import Diverged
 from qdistill.quant import LearnedPointsQuantizer, UniformQuantizer
-from qdistill.train.loop import make_optimizer, make_schedule
+from qdistill.train.loop import Phase, make_optimizer, make_schedule
 from tests.conftest import toy_dataset, toy_net
 
 
@@ -19,7 +19,7 @@ def data():
 def teacher(data):
     torch.manual_seed(0)
     model = toy_net()
-    train(model, data, TrainConfig(method="fp", epochs=3, batch_size=64), quiet=True)
+    train(model, data, TrainConfig(method="fp", epochs=3, batch_size=64))
     return model
 
 
@@ -27,7 +27,7 @@ def teacher(data):
 def test_every_trained_method_learns_and_reports_the_quantized_model(method, data, teacher):
     torch.manual_seed(1)
     cfg = TrainConfig(method=method, bits=2, epochs=3, batch_size=64)
-    result = train(toy_net(), data, cfg, teacher=copy.deepcopy(teacher), quiet=True)
+    result = train(toy_net(), data, cfg, teacher=copy.deepcopy(teacher))
     assert result.test_acc > 80  # chance is 25
     shipped = detach(copy.deepcopy(result.model), keep_quantized=True).eval()  # plain weights, no parametrization
     with torch.no_grad():
@@ -45,11 +45,11 @@ def test_every_trained_method_learns_and_reports_the_quantized_model(method, dat
 
 
 def test_ptq_and_dq_start_from_trained_weights(data, teacher):
-    ptq = train(copy.deepcopy(teacher), data, TrainConfig(method="ptq", bits=4), quiet=True)
+    ptq = train(copy.deepcopy(teacher), data, TrainConfig(method="ptq", bits=4))
     assert ptq.train_seconds == 0 and ptq.test_acc > 80
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = copy.deepcopy(teacher)
-    dq = train(student, data, TrainConfig(method="dq", bits=2, dq_epochs=2, dq_teacher="self", redistribute=True), quiet=True)
+    dq = train(student, data, TrainConfig(method="dq", bits=2, dq_epochs=2, dq_teacher="self", redistribute=True))
     assert dq.test_acc > 80
     points = [qt.quantizer.points.numel() for qt in quantized_tensors(dq.model)]
     assert sum(points) == 2 * 4
@@ -62,7 +62,7 @@ def test_batchnorm_statistics_come_from_quantized_weights(data):
     model = toy_net()
     model[1].momentum = None  # running mean = plain average of the batch means
     cfg = TrainConfig(method="qat", bits=1, bucket=None, epochs=1, batch_size=64, lr=1e-6, momentum=0.0, weight_decay=0.0, schedule="constant")
-    result = train(model, data, cfg, quiet=True)
+    result = train(model, data, cfg)
     conv = result.model[0]
     with torch.no_grad():
         quantized_mean = conv(data.train_x).mean((0, 2, 3))
@@ -76,7 +76,7 @@ def test_batchnorm_statistics_come_from_quantized_weights(data):
 def test_memory_format_reaches_shadow_and_quantized_weights(data, layout, channels_last):
     torch.manual_seed(0)
     model = torch.nn.Sequential(*toy_net()[:3], torch.nn.Conv2d(8, 8, 3, padding=1), *toy_net()[3:])
-    result = train(model, data, TrainConfig(method="qat", bits=2, epochs=1, batch_size=64, memory_format=layout, device="cpu"), quiet=True)
+    result = train(model, data, TrainConfig(method="qat", bits=2, epochs=1, batch_size=64, memory_format=layout, device="cpu"))
     conv = result.model[3]
     for w in (conv.weight, conv.parametrizations.weight.original):
         assert w.is_contiguous(memory_format=torch.channels_last) == channels_last
@@ -89,7 +89,7 @@ def test_grad_clip_bounds_each_step(data, clip):
     model = toy_net()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     cfg = TrainConfig(method="qat", bits=2, epochs=1, batch_size=64, lr=1.0, momentum=0.0, weight_decay=0.0, schedule="constant", grad_clip=clip)
-    train(model, data, cfg, quiet=True)
+    train(model, data, cfg)
     after = {n.replace(".parametrizations.weight.original", ".weight"): p.detach() for n, p in model.named_parameters()}  # the shadows
     steps = -(-len(data.train_x) // cfg.batch_size)
     moved = torch.cat([(after[n] - before[n]).flatten() for n in before]).norm().item()
@@ -98,19 +98,19 @@ def test_grad_clip_bounds_each_step(data, clip):
 
 def test_distilling_methods_need_a_teacher(data):
     with pytest.raises(QDistillError, match="needs a teacher"):
-        train(toy_net(), data, TrainConfig(method="qd"), quiet=True)
+        train(toy_net(), data, TrainConfig(method="qd"))
 
 
 def test_mismatched_teacher(data):
     with pytest.raises(QDistillError, match="teacher and student do not match"):
-        train(toy_net(), data, TrainConfig(method="kd"), teacher=toy_net(classes=7), quiet=True)
+        train(toy_net(), data, TrainConfig(method="kd"), teacher=toy_net(classes=7))
 
 
 def test_momentum_zero_trains_without_momentum():
     """OneCycleLR cycles momentum unless told not to, overriding the configured value every step."""
     model = toy_net()
     model(torch.randn(2, 1, 8, 8)).sum().backward()
-    opt = make_optimizer("sgd", model.parameters(), 0.1, TrainConfig(momentum=0.0))
+    opt = make_optimizer(Phase("fp", list(model.parameters()), 1, 0.1, "sgd", 0.0), momentum=0.0)
     schedule = make_schedule(opt, "onecycle", 10)
     for _ in range(3):
         opt.step(), schedule.step()
@@ -124,7 +124,7 @@ def test_validation_split_is_the_last_training_examples_and_is_what_epochs_repor
     with pytest.raises(QDistillError, match="already has a validation split"):
         held.holdout(10)
     records = []
-    result = train(toy_net(), held, TrainConfig(method="fp", epochs=2, batch_size=64), quiet=True, log=records.append)
+    result = train(toy_net(), held, TrainConfig(method="fp", epochs=2, batch_size=64), log=records.append)
     epochs = [r for r in records if "val_acc" in r]
     assert [r["epoch"] for r in epochs] == [1, 2] and epochs[-1]["val_acc"] == result.val_acc
     assert not any("test_acc" in r for r in records)  # the test split is for the final result only
@@ -137,9 +137,9 @@ def test_final_eval_off_leaves_the_metrics_to_the_caller(data, monkeypatch):
 
     scored = []
     monkeypatch.setattr(ImageClassification, "evaluate", lambda self, model, split: scored.append(split) or {"acc": 0.0})
-    result = train(toy_net(), data.holdout(100), TrainConfig(method="fp", epochs=1, batch_size=64), quiet=True, final_eval=False)
+    result = train(toy_net(), data.holdout(100), TrainConfig(method="fp", epochs=1, batch_size=64), final_eval=False)
     assert scored == ["val"] and result.test == {} and result.val is None  # only the epoch's own validation ran
-    train(toy_net(), data.holdout(100), TrainConfig(method="fp", epochs=1, batch_size=64), quiet=True)
+    train(toy_net(), data.holdout(100), TrainConfig(method="fp", epochs=1, batch_size=64))
     assert scored == ["val", "val", "val", "test"]
 
 
@@ -162,7 +162,7 @@ class Exploding(torch.nn.Module):
 
 def test_guard_stops_at_the_step_the_loss_became_nan(data):
     with pytest.raises(Diverged, match="step 21 .*not finite") as e:
-        train(Exploding(after=20), data, TrainConfig(method="qat", bits=2, epochs=5, batch_size=64), quiet=True)
+        train(Exploding(after=20), data, TrainConfig(method="qat", bits=2, epochs=5, batch_size=64))
     assert (e.value.phase, e.value.step) == ("qat 2b", 21)
 
 
@@ -171,15 +171,15 @@ def test_guard_ratio_test_and_off(data):
         return Exploding(after=30, scale=-100.0, once=True)  # confidently wrong once: a large but finite spike
 
     with pytest.raises(Diverged, match="step 30 .*running median"):
-        train(spike(), data, TrainConfig(method="fp", epochs=5, batch_size=64), quiet=True)
-    train(spike(), data, TrainConfig(method="fp", epochs=5, batch_size=64, guard_factor=None), quiet=True)  # no ratio test
-    train(Exploding(after=20), data, TrainConfig(method="fp", epochs=1, batch_size=64, guard="off"), quiet=True)
+        train(spike(), data, TrainConfig(method="fp", epochs=5, batch_size=64))
+    train(spike(), data, TrainConfig(method="fp", epochs=5, batch_size=64, guard_factor=None))  # no ratio test
+    train(Exploding(after=20), data, TrainConfig(method="fp", epochs=1, batch_size=64, guard="off"))
 
 
 def test_guard_rollback_returns_to_the_last_good_state_and_clips(data):
     records = []
     torch.manual_seed(0)
-    result = train(Exploding(after=40, scale=float("nan"), once=True), data, TrainConfig(method="qd", bits=2, epochs=8, batch_size=64, guard="rollback"), teacher=toy_net(), quiet=True, log=records.append)
+    result = train(Exploding(after=40, scale=float("nan"), once=True), data, TrainConfig(method="qd", bits=2, epochs=8, batch_size=64, guard="rollback"), teacher=toy_net(), log=records.append)
     rollback = [r for r in records if "rollback_to" in r]
     assert len(rollback) == 1 and rollback[0]["diverged_at"] == 40 and rollback[0]["rollback_to"] == 32 and rollback[0]["grad_clip"] == 1.0
     steps = [r["step"] for r in records if "loss" in r]
@@ -191,7 +191,7 @@ def test_each_rollback_halves_the_clip_and_the_last_raises(data):
     """A replay with the same clip would diverge the same way: each rollback changes it."""
     records = []
     with pytest.raises(Diverged):
-        train(Exploding(after=20), data, TrainConfig(method="qat", bits=2, epochs=8, batch_size=64, guard="rollback"), quiet=True, log=records.append)
+        train(Exploding(after=20), data, TrainConfig(method="qat", bits=2, epochs=8, batch_size=64, guard="rollback"), log=records.append)
     assert [r["grad_clip"] for r in records if "rollback_to" in r] == [1.0, 0.5, 0.25]
 
 
@@ -207,8 +207,8 @@ def test_guard_ratio_test_ignores_a_median_of_zero():
 def test_momentum_is_sgds_and_adamws_beta1():
     """--momentum is never silently ignored: SGD's momentum (Nesterov), AdamW's first-moment decay."""
     params = [torch.nn.Parameter(torch.zeros(3))]
-    sgd = make_optimizer("sgd", params, 0.1, TrainConfig(momentum=0.5)).param_groups[0]
-    adamw = make_optimizer("adamw", params, 0.1, TrainConfig(optimizer="adamw", momentum=0.5)).param_groups[0]
+    sgd = make_optimizer(Phase("fp", params, 1, 0.1, "sgd", 0.0), momentum=0.5).param_groups[0]
+    adamw = make_optimizer(Phase("fp", params, 1, 0.1, "adamw", 0.0), momentum=0.5).param_groups[0]
     assert (sgd["momentum"], sgd["nesterov"], adamw["betas"]) == (0.5, True, (0.5, 0.999))
 
 
@@ -216,4 +216,4 @@ def test_a_student_with_no_trainable_weights_gets_one_clear_error():
     data, student = toy_dataset(), toy_net()
     student.requires_grad_(False)
     with pytest.raises(QDistillError, match="no trainable weights"):
-        train(student, data, TrainConfig(method="qat", bits=4, epochs=1), quiet=True)
+        train(student, data, TrainConfig(method="qat", bits=4, epochs=1))

@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent(
     data = toy_dataset(n_train=600).holdout(100)
     torch.manual_seed(0)
     teacher = toy_net()
-    train(teacher, data, TrainConfig(method="fp", epochs=2, batch_size=50), quiet=True)
+    train(teacher, data, TrainConfig(method="fp", epochs=2, batch_size=50))
     log = MetricsLog(os.path.join(out, "metrics.jsonl"))
 
     def record(r):
@@ -41,7 +41,7 @@ SCRIPT = textwrap.dedent(
     torch.manual_seed(1)
     cfg = TrainConfig(method="qd+dq", bits=2, epochs=3, dq_epochs=2, batch_size=50, stochastic=True, guard="rollback")
     checkpoint = Checkpoint(os.path.join(out, "state.pt"), every_steps=3, log_path=os.path.join(out, "metrics.jsonl"))
-    result = train(toy_net(), data, cfg, teacher=teacher, cache_dir=os.path.join(out, "cache"), log=record, quiet=True, checkpoint=checkpoint)
+    result = train(toy_net(), data, cfg, teacher=teacher, cache_dir=os.path.join(out, "cache"), log=record, checkpoint=checkpoint)
     torch.save(result.model.state_dict(), os.path.join(out, "final.pt"))
     """
 )
@@ -164,7 +164,7 @@ def test_a_state_whose_counters_are_damaged_or_crafted_is_refused(tmp_path, loop
 
     crafted_state(tmp_path / "state.pt", **loop)
     with pytest.raises(QDistillError, match=message):
-        train(toy_net(), toy_hook(), TrainConfig(method="qat", bits=2, epochs=1, batch_size=50), quiet=True, checkpoint=Checkpoint(tmp_path / "state.pt"))
+        train(toy_net(), toy_hook(), TrainConfig(method="qat", bits=2, epochs=1, batch_size=50), checkpoint=Checkpoint(tmp_path / "state.pt"))
 
 
 @pytest.mark.parametrize("edit", [lambda s: s.update(current=[1]), lambda s: s["current"].update(phase=3), lambda s: s["current"].pop("rng"),
