@@ -60,7 +60,7 @@ def make_task(model_dir: Path, train_sentences: int | None, max_len: int, text_d
 def sentences_per_s(model_file: str | None, setting: dict, threads: int) -> float:
     """The embedding speed of the model loaded back from `model_file` (None: the teacher), after a warm-up pass."""
     torch.set_num_threads(threads)
-    from qdistill.export import load_packed
+    from qdistill.runtime import load_packed
 
     teacher, _, task = make_task(Path(setting["model_dir"]), 2, setting["max_len"], setting["text_dir"])
     model = load_packed(model_file)[0] if model_file else teacher
@@ -75,7 +75,7 @@ def run_job(method: str, bits: int | None, seed: int, setting: dict, threads: in
     """One row: the teacher itself (method "teacher"), or one method at `bits` from the teacher's weights,
     its packed file written to `model_file`."""
     torch.set_num_threads(threads)
-    from qdistill.export import inspect_packed, load_packed, save_packed
+    from qdistill import inspect_packed, load_packed, save_packed
     from qdistill.pipeline import cache_dir
     from qdistill.train import TrainConfig, train
 

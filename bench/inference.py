@@ -158,7 +158,7 @@ def onnx_session(path: str, threads: int):
 def load(path: str, name: str, kind: str, dtype: torch.dtype) -> nn.Module:
     """The file's model as the row loads it: the stack is the caller's architecture, the others the file's spec."""
     from qdistill import load_packed
-    from qdistill.export import runtime as kernels
+    from qdistill.runtime import kernels
 
     model = build(name)[0] if name.startswith("stack-") else None
     runtime, _, batch = kind.partition("@")
@@ -187,8 +187,7 @@ def median_ms(fn, reps: int, budget_s: float) -> float:
 def idle_job(threads: int) -> dict:
     """The floor: a process that imported torch and qdistill, its freed memory handed back as a loader does."""
     torch.set_num_threads(threads)
-    importlib.import_module("qdistill.export.runtime")  # and with it the loader
-    from qdistill.export.packed import release_freed_memory
+    from qdistill.runtime import release_freed_memory  # the loader, and with it the kernels
 
     gc.collect()
     release_freed_memory()
@@ -198,9 +197,8 @@ def idle_job(threads: int) -> dict:
 def run_job(row: str, path: str, name: str, threads: int, reps: int, budget_s: float) -> dict:
     """Load the file as `row` says, then its memory, latency at batch 1 and 32, and its output on the fixed input."""
     torch.set_num_threads(threads)
-    from qdistill.export import lowbit
-    from qdistill.export.packed import release_freed_memory
-    from qdistill.export.runtime import runtime_of
+    from qdistill.runtime import lowbit, release_freed_memory
+    from qdistill.runtime.kernels import runtime_of
 
     _, _, _, kind, dtype = ROWS[row]
     if kind.startswith("onnx"):

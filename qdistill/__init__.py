@@ -4,7 +4,8 @@ from qdistill.errors import QDistillError
 from qdistill.quant import LearnedPointsQuantizer, UniformQuantizer, attach, detach, quantized_tensors
 from qdistill.distill import CachedTeacher, LiveTeacher, distillation_loss
 from qdistill.train import METHODS, TrainConfig, train
-from qdistill.export import inspect_packed, load_packed, save_packed
+from qdistill.format import inspect_packed, save_packed
+from qdistill.runtime import load_packed
 
 __all__ = [
     "QDistillError",

@@ -24,12 +24,13 @@ from safetensors import safe_open
 from torch import nn
 
 from qdistill.errors import QDistillError
-from qdistill.export import export_hf, inspect_packed, is_packed, load_packed
-from qdistill.export.packed import RUNTIMES, read_packed
+from qdistill.export import export_hf
 from qdistill.files import replaced_whole, write_text
+from qdistill.format import inspect_packed, is_packed, read_packed
 from qdistill.models import HF_FACTORY, LM_PRESETS, build_model, hf_spec, is_language_model, load_checkpoint, load_hf, model_spec, vocab_size_of
 from qdistill.pipeline import new_run_dir, run_in, run_method
 from qdistill.report import markdown_table, plot_history, result_columns
+from qdistill.runtime import RUNTIMES, load_packed
 from qdistill.tasks import TASKS, generate
 from qdistill.tasks.build import NO_REFERENCE, build_task
 from qdistill.train import METHODS, TrainConfig, distributed, read_yaml

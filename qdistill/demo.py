@@ -11,11 +11,12 @@ import json
 import time
 from pathlib import Path
 
-from qdistill.export import is_packed, load_packed
 from qdistill.files import write_text
+from qdistill.format import is_packed
 from qdistill.models import count_parameters, load_checkpoint, model_spec, save_checkpoint
 from qdistill.pipeline import LOW_BIT_METHODS, compare_methods, get_teacher
 from qdistill.report import accuracy_cell, markdown_table, plot_results, result_columns, summarize
+from qdistill.runtime import load_packed
 from qdistill.tasks import LanguageModelling, as_task, generate
 from qdistill.train import TrainConfig
 from qdistill.ui import progress_bars

@@ -19,10 +19,11 @@ from torch import nn
 
 from qdistill.data import Dataset
 from qdistill.errors import Diverged, QDistillError
-from qdistill.export import inspect_packed, load_packed, save_packed
 from qdistill.files import cache_dir, check_cache_entry
+from qdistill.format import inspect_packed, save_packed
 from qdistill.models import build_model, load_checkpoint, model_spec, save_checkpoint
 from qdistill.report import MetricsLog
+from qdistill.runtime import load_packed
 from qdistill.tasks import Task, as_task
 from qdistill.train import TrainConfig, distributed, train
 from qdistill.train.config import SPEED_ONLY

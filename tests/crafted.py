@@ -5,7 +5,7 @@ import json
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qdistill.export.packed import _digest
+from qdistill.format.packed import _digest
 
 
 def rewrite(path, out, edit_meta=None, edit_tensors=None):

@@ -502,9 +502,9 @@ def test_inference_job_and_ratios(tmp_path):
     rows = [inference.run_job(row, str(path), "stack-64-2", torch.get_num_threads(), 2, 1.0) for row in ("fp32 dense", "torch int4 kernel, 4 bits")]
     rows.append(inference.run_job("onnx runtime, 4 bits", str(onnx_path), "stack-64-2", torch.get_num_threads(), 2, 1.0))
     assert (rows[0]["int4"], rows[1]["int4"], rows[1]["lowbit"]) == (0, 2, 0)
-    from qdistill.export import runtime
+    from qdistill.runtime import kernels
 
-    assert runtime.lowbit_ready.__name__ == "lowbit_ready"  # the row's switch is undone
+    assert kernels.lowbit_ready.__name__ == "lowbit_ready"  # the row's switch is undone
     reference = inference.dense_output(path, "stack-64-2")
     done = inference.with_ratios(rows, {"rss_mib": 1.0}, [reference, reference, reference])
     assert done[0]["max_rel_err"] == 0 and 0 < done[1]["max_rel_err"] < 2**-6 and done[2]["max_rel_err"] < 1e-5  # ONNX Runtime: the file's own levels

@@ -7,7 +7,7 @@ import pytest
 
 from qdistill.cli import main
 from qdistill.tasks import ImageClassification
-from qdistill.export import load_packed
+from qdistill.runtime import load_packed
 
 needs_data = pytest.mark.usefixtures("fashion_mnist")  # skips where the library would have to download the data
 SUBSET = ["--train-subset", "3000", "--test-subset", "1000", "--quiet"]

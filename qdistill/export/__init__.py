@@ -1,6 +1,6 @@
-"""The packed file format, its loader and size inspection; export to Hugging Face directories."""
+"""Exporters of a packed file to other formats: Hugging Face directories (`hf`), ONNX (`onnx`) and GGUF (`gguf`),
+the last two imported on use (their packages are optional). Builds on `qdistill.format` and `qdistill.runtime`."""
 
 from qdistill.export.hf import export_hf, save_pretrained_dir
-from qdistill.export.packed import inspect_packed, is_packed, load_packed, read_packed, save_packed
 
-__all__ = ["export_hf", "inspect_packed", "is_packed", "load_packed", "read_packed", "save_packed", "save_pretrained_dir"]
+__all__ = ["export_hf", "save_pretrained_dir"]

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from qdistill.errors import QDistillError
-from qdistill.export.packed import entry_indices, entry_params, load_packed, options, read_packed
-from qdistill.export.runtime import row_group
+from qdistill.format.packed import entry_indices, entry_params, options, read_packed, row_group
+from qdistill.runtime.load import load_packed
 
 Q4_1_BLOCK = 32
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from torch import nn
 
 from qdistill.errors import QDistillError
-from qdistill.export.packed import load_packed
 from qdistill.files import current_umask
 from qdistill.quant import detach, quantized_tensors
+from qdistill.runtime.load import load_packed
 
 
 TOKENIZER_FILES = (

@@ -26,8 +26,9 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from qdistill.errors import QDistillError
-from qdistill.export.packed import entry_indices, entry_params, load_packed, options, read_packed
-from qdistill.export.runtime import _replace, row_group
+from qdistill.format.packed import entry_indices, entry_params, group_step, options, read_packed, row_group
+from qdistill.models import replace_module
+from qdistill.runtime.load import load_packed
 
 NBITS = {1: 2, 2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}  # the MatMulNBits width a b-bit level sits on
 OPSET = 17
@@ -60,7 +61,7 @@ def nbits_weights(entry: dict, tensors: dict[str, torch.Tensor]) -> dict:
         scale, zero = p["step"], p["zero"].to(torch.uint8).view(n, blocks)
         zero_points = pack_rows(zero, bits).reshape(-1)
     else:  # a minimum and a step (or a maximum): w = lo + q * step = (q - (-lo / step)) * step
-        step = p["step"] if "step" in p else (p["hi"] - p["lo"]) / (2 ** entry["index_bits"] - 1)
+        step = group_step(entry, p)
         flat = step == 0  # a constant group: level 1 times its value
         scale = torch.where(flat, p["lo"], step)
         zero_points = torch.where(flat, torch.zeros_like(step), -p["lo"] / torch.where(flat, torch.ones_like(step), step))
@@ -143,11 +144,11 @@ def export_onnx(path: str | Path, out: str | Path, sample: tuple[torch.Tensor, .
         module_path, _, name = entry["name"].rpartition(".")
         module = dense.get_submodule(module_path) if module_path else None
         if type(module) is nn.Linear and name == "weight" and entry["name"] not in aliases and nbits_ready(entry):
-            _replace(dense, module, NBitsLinear(module, nbits_weights(entry, tensors), accuracy_level))
+            replace_module(dense, module, NBitsLinear(module, nbits_weights(entry, tensors), accuracy_level))
             low_bit += 1
     for module in list(dense.modules()):
         if type(module) in (nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d) and not getattr(module, "return_indices", False):
-            _replace(dense, module, SlicedAdaptivePool(module))
+            replace_module(dense, module, SlicedAdaptivePool(module))
     graph = Exported(dense, head or (lambda m, *inputs: m(*inputs))).eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

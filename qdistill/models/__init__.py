@@ -230,6 +230,14 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put `new` wherever `old` is a child in `model` (every parent that holds it)."""
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if child is old:
+                setattr(parent, child_name, new)
+
+
 __all__ = [
     "ConvStudent",
     "LM_PRESETS",
@@ -250,6 +258,7 @@ __all__ = [
     "lstm_lm",
     "model_spec",
     "read_state",
+    "replace_module",
     "resnet_teacher",
     "save_checkpoint",
     "transformer_lm",

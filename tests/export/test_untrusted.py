@@ -19,7 +19,7 @@ from qdistill import QDistillError, UniformQuantizer, attach, load_packed, save_
 from qdistill.cli import main
 from qdistill.models import build_model, load_checkpoint, model_spec, save_checkpoint
 from tests.crafted import rewrite
-from tests.export.test_packed import quantized_model
+from tests.format.test_packed import quantized_model
 
 
 class Hung(BaseException):
@@ -189,7 +189,7 @@ def test_edited_layout_with_recomputed_checksum_is_refused(packed, tmp_path, edi
 
 def test_a_bucket_larger_than_its_tensor_allocates_nothing_for_padding(packed, tmp_path):
     """A crafted bucket size makes no padding: decoding a one-bucket tensor is as big as the tensor."""
-    from qdistill.export.packed import decode_entry, read_packed
+    from qdistill.format.packed import decode_entry, read_packed
 
     with safe_open(str(packed), "pt") as f:
         bits_in_file = 8 * f.get_tensor("indices").numel()
@@ -351,7 +351,7 @@ def test_fuzzed_option_fields_load_correctly_or_fail_cleanly(packed_options, tmp
 
 def test_stored_values_whose_levels_overflow_are_refused(tmp_path):
     """Finite stored values can still give infinite weights (a range of -3e38 to 3e38): refused, not decoded to inf."""
-    from qdistill.export.packed import read_packed
+    from qdistill.format.packed import read_packed
 
     path = save_packed(quantized_model(quantizer=UniformQuantizer(3, 100)), model_spec("tiny"), tmp_path / "m.safetensors")
     n_buckets = read_packed(path)[0]["quantized"][0]["n_buckets"]

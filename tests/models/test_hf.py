@@ -301,7 +301,7 @@ def test_export_of_a_model_with_quantizers_attached_leaves_them_on(tmp_path):
 
 
 def test_export_refuses_a_model_that_is_not_a_transformers_model(tmp_path):
-    from tests.export.test_packed import quantized_model
+    from tests.format.test_packed import quantized_model
 
     path = save_packed(quantized_model(quantizer=UniformQuantizer(4, 64)), model_spec("tiny"), tmp_path / "conv.safetensors")
     with pytest.raises(QDistillError, match="not a transformers model"):

@@ -87,6 +87,20 @@ def test_teacher_embeddings_are_cached_once(tmp_path, monkeypatch):
     assert torch.equal(first.logits, again.logits) and first.logits.shape == (256, 32)
 
 
+def test_cached_teacher_embeddings_are_on_the_teachers_device(tmp_path, monkeypatch):
+    """The student's embeddings are compared with them on the training device (a CUDA one, say): run on
+    the meta device, which needs no GPU, with the embeddings found in the cache."""
+    import qdistill.tasks.embedding
+
+    reference = bert()
+    t = task(reference)
+    t.teacher(reference, TrainConfig(), tmp_path)
+    digest = qdistill.tasks.embedding.model_digest(reference)
+    monkeypatch.setattr(qdistill.tasks.embedding, "model_digest", lambda model: digest)  # meta tensors hold no values to hash
+    cached = t.teacher(copy.deepcopy(reference).to("meta"), TrainConfig(), tmp_path)
+    assert cached({"index": torch.arange(4, device="meta")}).device.type == "meta"
+
+
 @pytest.mark.parametrize("how", ["link", "writable"])
 def test_a_cache_others_could_write_is_not_read(tmp_path, how):
     """Whoever can write the cached embeddings chooses the training targets: such an entry is recomputed."""

@@ -157,6 +157,35 @@ def test_qd_on_a_language_model_learns_and_reports_perplexity(tmp_path, logits):
     assert [r["epoch"] for r in result.history] == list(range(1, 7)) and "val_ppl" in result.history[-1]
 
 
+class Rolled(nn.Module):
+    """A teacher sure of the wrong token: its model's next-token logits moved one token on."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return 5 * self.model(x).roll(1, dims=-1)
+
+
+@pytest.mark.parametrize("logits", ["cached", "live"])
+def test_the_teachers_targets_reach_a_language_models_step(tmp_path, logits):
+    """Taught only by a teacher that names the token after the likely one, the student names it too: were
+    the loop or the task to drop the teacher's top-k targets, it would learn the stream itself."""
+    torch.manual_seed(0)
+    task = LanguageModelling(corpus(n_train=2000), seq_len=16)
+    lm = {**TASKS["lm"], "lr": 1e-2, "batch_size": 8, "device": "cpu"}
+    teacher = TinyLM(32)
+    train(teacher, task, TrainConfig(method="fp", epochs=4, **lm))
+    wrong = Rolled(teacher)
+    torch.manual_seed(1)
+    result = train(TinyLM(), task, TrainConfig(method="qd", bits=4, bucket=32, epochs=4, alpha=1.0, teacher_logits=logits, **lm), teacher=wrong, cache_dir=tmp_path)
+    x = torch.from_numpy(task.corpus.split("test")[:-1].astype(np.int64))[None]
+    with torch.no_grad():
+        student, taught = result.model.eval()(x).argmax(-1), wrong.eval()(x).argmax(-1)
+    assert (student == taught).float().mean() > 0.8 and result.test["ppl"] > 4  # the stream itself: 1.7
+
+
 def test_generate_is_seeded_and_greedy_follows_the_model():
     torch.manual_seed(0)
     model = TinyLM()

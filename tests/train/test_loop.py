@@ -217,3 +217,71 @@ def test_a_student_with_no_trainable_weights_gets_one_clear_error():
     student.requires_grad_(False)
     with pytest.raises(QDistillError, match="no trainable weights"):
         train(student, data, TrainConfig(method="qat", bits=4, epochs=1))
+
+
+class Rolled(torch.nn.Module):
+    """A teacher that is sure of the wrong class: its model's logits moved one class on."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return 5 * self.model(x).roll(1, dims=-1)
+
+
+@pytest.mark.parametrize("method, logits", [("kd", "cached"), ("qd", "cached"), ("qd", "live")])
+def test_the_teachers_targets_reach_the_step(method, logits, data, teacher):
+    """Taught only by a teacher that names the next class, the student learns to name it too: were the
+    loop to drop the teacher's targets, it would learn the true labels instead."""
+    torch.manual_seed(1)
+    cfg = TrainConfig(method=method, bits=4, epochs=3, batch_size=64, alpha=1.0, teacher_logits=logits)
+    wrong = Rolled(copy.deepcopy(teacher))
+    result = train(toy_net(), data, cfg, teacher=wrong)
+    with torch.no_grad():
+        student, taught = result.model.eval()(data.test_x).argmax(-1), wrong.eval()(data.test_x).argmax(-1)
+    assert (student == taught).float().mean() > 0.8 and result.test_acc < 20
+
+
+def test_probing_gradient_norms_changes_no_batchnorm_statistics(data, teacher):
+    """The point-redistribution probe runs batches through the model: in eval mode, and the mode restored."""
+    from qdistill.tasks import as_task
+    from qdistill.train.loop import gradient_norms
+
+    model = copy.deepcopy(teacher).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    norms = gradient_norms(model, [p for p in model.parameters()], as_task(data), None, TrainConfig(method="qat", batch_size=64))
+    assert all(n > 0 for n in norms) and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_rollback_point_shares_no_memory_with_the_run(data):
+    """A copy in CPU memory (where the GPU test below checks it is kept), not a view of what the step changes."""
+    from qdistill.train.state import capture
+
+    model = toy_net()
+    opt = torch.optim.AdamW(model.parameters())
+    model(data.train_x[:8]).sum().backward()
+    opt.step()
+    state = capture(model, opt, make_schedule(opt, "constant", 10), {"step": 1})
+    tensors = [*state["model"].values(), *(v for s in state["optimizer"]["state"].values() for v in s.values())]
+    live = {t.untyped_storage().data_ptr() for t in [*model.state_dict().values(), *(v for s in opt.state.values() for v in s.values())]}
+    assert len(tensors) > 10 and all(t.device.type == "cpu" and t.untyped_storage().data_ptr() not in live for t in tensors)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_rollback_point_of_a_gpu_run_is_in_cpu_memory(data):
+    from qdistill.train.state import capture, restore
+
+    model = toy_net().cuda()
+    opt = torch.optim.AdamW(model.parameters())
+    model(data.train_x[:8].cuda()).sum().backward()
+    opt.step()
+    schedule = make_schedule(opt, "constant", 10)
+    state = capture(model, opt, schedule, {"step": 1})
+    assert all(t.device.type == "cpu" for t in state["model"].values())
+    assert all(v.device.type == "cpu" for s in state["optimizer"]["state"].values() for v in s.values())
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    opt.step()
+    restore(state, model, opt, schedule)
+    assert all(torch.equal(expected[k], v) and v.is_cuda for k, v in model.state_dict().items())

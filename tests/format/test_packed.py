@@ -6,8 +6,8 @@ from safetensors import safe_open
 from torch import nn
 
 from qdistill import LearnedPointsQuantizer, QDistillError, UniformQuantizer, attach, inspect_packed, load_packed, save_packed
-from qdistill.export.huffman import mean_code_length
-from qdistill.export.packed import options
+from qdistill.format.huffman import mean_code_length
+from qdistill.format.packed import options
 from qdistill.models import build_model, model_spec
 from qdistill.quant import quantized_tensors
 
@@ -178,7 +178,7 @@ def round_trip_mixed(tmp_path, quantizer):
     torch.manual_seed(0)
     model = Mixed()
     attach(model, quantizer)
-    path = save_packed(model.eval(), {"factory": "tests.export.test_packed:Mixed", "kwargs": {}}, tmp_path / "m.safetensors")
+    path = save_packed(model.eval(), {"factory": "tests.format.test_packed:Mixed", "kwargs": {}}, tmp_path / "m.safetensors")
     loaded, meta = load_packed(path, model=Mixed())
     for e in meta["quantized"]:
         module, param = e["name"].rsplit(".", 1)
@@ -233,7 +233,7 @@ def test_files_of_the_version_before_the_options_load_and_defaults_are_written_a
 
 
 def test_a_file_with_options_is_version_2(tmp_path):
-    from qdistill.export.packed import read_packed
+    from qdistill.format.packed import read_packed
 
     meta, _ = read_packed(save_packed(quantized_model(quantizer=UniformQuantizer(3, 100, groups="row")), model_spec("tiny"), tmp_path / "m.safetensors"))
     assert meta["version"] == 2 and {e["groups"] for e in meta["quantized"]} == {"row"} and "zero_point" not in meta["quantized"][0]
@@ -287,3 +287,24 @@ def test_inspect_tells_padded_row_groups_from_kernel_ready_ones(tmp_path):
     attach(model, UniformQuantizer(4, 32, groups="row", scale_dtype="bfloat16"))
     info = inspect_packed(save_packed(model, {}, tmp_path / "m.safetensors"))
     assert info["kernel_ready_tensors"] == 2 and info["groups"] == ["row"]
+
+
+@pytest.mark.parametrize("quantizer", [UniformQuantizer(3, 32), UniformQuantizer(3, 32, scale_dtype="bfloat16"), UniformQuantizer(3, 32, zero_point="int"), LearnedPointsQuantizer(2, 32)])
+def test_group_step_is_the_distance_between_adjacent_levels(tmp_path, quantizer):
+    """`group_step`: level q of a group is lo + q * step (uniform), lo + point * step (learned points in [0, 1]),
+    or (q - zero) * step, within float rounding of the decoded weights."""
+    from qdistill.format.packed import decode_entry, entry_indices, entry_params, group_step, read_packed
+
+    model = nn.Sequential(nn.Linear(64, 8))
+    attach(model, quantizer)
+    meta, tensors = read_packed(save_packed(model, {}, tmp_path / "m.safetensors"))
+    entry = meta["quantized"][0]
+    p = entry_params(entry, tensors)
+    step = group_step(entry, p)
+    if "step" in p:
+        assert step is p["step"]
+    levels = entry_indices(entry, tensors).view(-1, 32).float()
+    if entry["kind"] == "learned":
+        levels = tensors["points"][levels.long()]
+    want = (levels - p["zero"][:, None]) * step[:, None] if "zero" in p else p["lo"][:, None] + levels * step[:, None]
+    assert torch.allclose(want.view(8, 64), decode_entry(entry, tensors), rtol=0, atol=1e-6)

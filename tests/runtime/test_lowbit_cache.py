@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qdistill.export import lowbit
+from qdistill.runtime import lowbit
 
 SYSTEM_LIBRARY = Path("/lib/x86_64-linux-gnu/libm.so.6")
 

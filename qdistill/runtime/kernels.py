@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdistill.errors import QDistillError
-from qdistill.export import lowbit
-from qdistill.export.packed import checked_indices, decode_entry, entry_indices, entry_params, entry_spans, options
-from qdistill.quant.base import row_group_size
+from qdistill.format.packed import checked_indices, decode_entry, entry_indices, entry_params, entry_spans, group_step, row_group
+from qdistill.models import replace_module
+from qdistill.runtime import lowbit
 
 INT4_OPS = ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")
 INT4_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts (torch 2.13)
@@ -55,11 +55,6 @@ def int4_kernel():
         return None
 
 
-def row_group(entry: dict) -> int | None:
-    """The size of the groups along each row [out, in*...] when they tile the rows exactly, else None."""
-    return row_group_size(entry["shape"], entry["bucket"], options(entry)["groups"])
-
-
 def int4_ready(entry: dict) -> bool:
     """Whether the int4 kernel can run this tensor (as the weight of an nn.Linear)."""
     return entry["kind"] == "uniform" and entry["index_bits"] <= 4 and len(entry["shape"]) == 2 and row_group(entry) in INT4_GROUPS and int4_kernel() is not None
@@ -73,15 +68,14 @@ def int4_weights(entry: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.T
     the 4-bit kernel; scale is the step rounded to bf16, zero the value of level h with that step
     (lo + h * scale, or (h - zp) * scale) rounded to bf16. A bf16 step is exact and only zero rounds, by at
     most 2**-8 |zero|; a float16 or float32 step rounds too, level q moving by at most |q - h| * 2**-8 * step.
-    Range groups (float32 min and max, `lerp`) take step = (max - min) / (2**b - 1). Each weight is thus
+    Range groups (float32 min and max, `lerp`) take step = (max - min) / (2**b - 1) (`group_step`). Each weight is thus
     within 3 * 2**-8 of its group's largest |w| (2**-8 for bf16 steps): docs/inference.md.
     """
     out, length = entry["shape"]
-    group, bits, h = row_group(entry), entry["index_bits"], 2 ** (entry["index_bits"] - 1)
+    group, h = row_group(entry), 2 ** (entry["index_bits"] - 1)
     q = entry_indices(entry, tensors).view(out, length).to(torch.int32).add_(8 - h)
     p = entry_params(entry, tensors)
-    step = p["step"] if "step" in p else (p["hi"] - p["lo"]) / (2**bits - 1)
-    scale = step.bfloat16().float()
+    scale = group_step(entry, p).bfloat16().float()
     zero = (h - p["zero"]) * scale if "zero" in p else p["lo"] + h * scale
     scales_and_zeros = torch.stack([scale, zero], -1).bfloat16().view(out, length // group, 2).transpose(0, 1)
     pad = -out % INT4_ROWS  # rows of level 8 and scale 0: zeros, cut from the output
@@ -128,11 +122,12 @@ def lowbit_ready(entry: dict) -> bool:
 def lowbit_weights(entry: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The kernel's codes, each group's scale and offset, and for learned points their table, as it holds them
     (w = level * scale + offset in float32, the level being the code or its point): the file's step and
-    minimum, -zero point * step, or a range's max - min over the top level (2**b - 1, or 1 for points) and min."""
+    minimum, -zero point * step, or a range's max - min over the top level (2**b - 1, or 1 for points: `group_step`)
+    and min."""
     out, length = entry["shape"]
     bits, group, learned = entry["index_bits"], row_group(entry), entry["kind"] == "learned"
     p = entry_params(entry, tensors)
-    scale = p["step"] if "step" in p else (p["hi"] - p["lo"]) / (1 if learned else 2**bits - 1)
+    scale = group_step(entry, p)
     offset = -p["zero"] * scale if "zero" in p else p["lo"]
     weights = {
         "codes": lowbit.pack_codes(checked_indices(entry, tensors).view(out, length), bits),
@@ -251,14 +246,6 @@ class PackedTensor(nn.Module):
         setattr(module, name, None)
 
 
-def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put `new` wherever `old` is a child in `model`."""
-    for parent in model.modules():
-        for child_name, child in parent.named_children():
-            if child is old:
-                setattr(parent, child_name, new)
-
-
 def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], dense_below: int = 0, tune_batch: int | None = None) -> list[dict]:
     """Make `model` hold its quantized tensors packed (low-bit kernels, else `PackedTensor`); return the entries
     left to decode dense: those under `dense_below` values, the kernel-ready layers of shapes that run faster
@@ -286,13 +273,13 @@ def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], 
             if way == "dense":
                 dense.append(e)
                 continue
-            _replace(model, linears[0], layer := KERNELS[way](linears[0], e, tensors))
+            replace_module(model, linears[0], layer := KERNELS[way](linears[0], e, tensors))
             for embedding in embeddings:
-                _replace(model, embedding, LowBitEmbedding(embedding, layer.weight_lowbit))
+                replace_module(model, embedding, LowBitEmbedding(embedding, layer.weight_lowbit))
         elif as_layers and not linears and lowbit_fits(e):
             weights = LowBitWeights(e, lowbit_weights(e, tensors))
             for embedding in embeddings:
-                _replace(model, embedding, LowBitEmbedding(embedding, weights))
+                replace_module(model, embedding, LowBitEmbedding(embedding, weights))
         else:
             rest.append(e)
     for e in rest:  # after every kernel replacement: a quantized bias is attached to the module that runs it

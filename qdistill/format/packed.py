@@ -10,11 +10,12 @@ Tensors (few, so the safetensors header stays small next to the payload):
   fp.<dtype>            every tensor kept at full precision, concatenated per dtype
 Metadata "qdistill" (JSON): format version, model spec, per-tensor layout (with each tensor's groups,
 zero_point and scale_dtype; a version-1 file has none: the defaults), and a SHA-256 over the rest.
+
+This module writes, checks and decodes the file; `qdistill.runtime` loads it into a model.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import math
@@ -26,12 +27,11 @@ from safetensors import safe_open
 from torch import nn
 
 from qdistill.errors import QDistillError
-from qdistill.export.huffman import mean_code_length, table_bits
 from qdistill.files import write_safetensors
-from qdistill.models import build_model, check_finite, load_state
-from qdistill.models.hf import Held
+from qdistill.format.huffman import mean_code_length, table_bits
+from qdistill.models import check_finite
 from qdistill.quant import LearnedPointsQuantizer, pack_bits, packed_bytes, quantized_tensors, unpack_bits
-from qdistill.quant.base import FORMS, GROUPS, SCALE_DTYPES, Encoded, check_choice, dequantize, form, group_bits, kernel_ready, n_groups, row_view
+from qdistill.quant.base import FORMS, GROUPS, SCALE_DTYPES, Encoded, dequantize, form, group_bits, kernel_ready, n_groups, row_group_size, row_view
 from qdistill.quant.uniform import ZERO_POINTS
 
 FORMAT = "qdistill-packed"
@@ -41,7 +41,6 @@ VERSION = 2  # 2: groups, zero_point and scale_dtype per tensor; an older reader
 READABLE = (1, 2)
 OPTIONS = {"groups": "flat", "zero_point": "float", "scale_dtype": "float32"}  # a version-1 file's (absent) options
 SCALE_BLOBS = {"float32": "scales", "float16": "scales.float16", "bfloat16": "scales.bfloat16"}
-RUNTIMES = ("dense", "kernels")  # load_packed: float32 weights, or kept packed (qdistill.export.runtime)
 MAX_METADATA = 16 << 20  # bytes of JSON; a model of thousands of tensors needs well under 1 MB
 
 
@@ -303,6 +302,19 @@ def entry_params(entry: dict, tensors: dict[str, torch.Tensor]) -> dict[str, tor
     return params
 
 
+def group_step(entry: dict, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each group's step between adjacent levels (`entry_params`' values): the stored step, or a range's max - min
+    over its top level (2**b - 1 uniform levels; 1 for learned points, whose levels are points in [0, 1])."""
+    if "step" in params:
+        return params["step"]
+    return (params["hi"] - params["lo"]) / (1 if entry["kind"] == "learned" else 2 ** entry["index_bits"] - 1)
+
+
+def row_group(entry: dict) -> int | None:
+    """The size of the groups along each row [out, in*...] when they tile the rows exactly, else None."""
+    return row_group_size(entry["shape"], entry["bucket"], options(entry)["groups"])
+
+
 def entry_indices(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """The tensor's level indices, flat; entries come from a layout `check_layout` accepted.
 
@@ -335,68 +347,6 @@ def decode_entry(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     if bucket is not None and bucket >= row_view(entry["shape"], groups)[1]:
         bucket = None  # one group a row: no padding
     return Encoded(idx, points, entry["index_bits"], **entry_params(entry, tensors)).decode(entry["shape"], bucket, groups)
-
-
-def held(meta: dict) -> Held:
-    """The tensors of a layout `check_layout` accepted, and their values (a tied use, an alias, holds none of its own)."""
-    entries = meta["quantized"] + meta["kept"]
-    return Held(len(entries), sum(math.prod(e["shape"]) for e in entries))
-
-
-def load_packed(
-    path: str | Path, model: nn.Module | None = None, trust_code: bool = False, runtime: str = "dense", dense_below: int = 0, tune_batch: int | None = None
-) -> tuple[nn.Module, dict]:
-    """Rebuild a runnable float model whose weights equal the quantized model's, bit for bit.
-
-    The architecture is `model` when given (the caller's own), else the file's spec: a qdistill
-    preset, rebuilt from data alone, or, only with `trust_code`, a factory the file names.
-    `runtime="kernels"` keeps the quantized tensors packed in memory and runs them on low-bit kernels
-    where they fit, decoding the others at each call (CPU, float32: `qdistill.export.runtime`); tensors
-    of fewer than `dense_below` values are decoded once instead. With `tune_batch`, each kernel layer's
-    shape is timed at that many rows while loading and runs the fastest way: on a kernel, or decoded once
-    (more memory for those, less time).
-    Heap memory freed while loading is handed back to the system (`release_freed_memory`)."""
-    check_choice("runtime", runtime, RUNTIMES)
-    if tune_batch is not None and (runtime != "kernels" or type(tune_batch) is not int or tune_batch < 1):
-        raise QDistillError(f"tune_batch (--tune-batch) is a number of rows, 1 or more, for the kernels runtime (--runtime kernels); got {tune_batch!r} with runtime {runtime}")
-    meta, tensors = read_packed(path)
-    if model is None:
-        model = build_model(meta.get("spec"), trust_code=trust_code, source=str(path), held=held(meta))
-    expected = model.state_dict()
-    shapes = {e["name"]: e["shape"] for e in meta["quantized"] + meta["kept"]}
-    shapes |= {alias: shapes[name] for alias, name in meta.get("aliases", {}).items()}  # a tied use has its tensor's shape
-    for name, shape in shapes.items():  # before decoding: the file's shapes must be the model's
-        if name in expected and list(expected[name].shape) != shape:
-            raise QDistillError(f"weights in {path} do not fit the model {type(model).__name__}: {name} is {shape}, the model's {list(expected[name].shape)}")
-    for e in meta["kept"]:  # kept as stored, never cast: float weights in an integer blob are a crafted file
-        if e["name"] in expected and tensors[e["blob"]].dtype != expected[e["name"]].dtype:
-            raise QDistillError(f"{path}: {e['name']!r} is stored as {tensors[e['blob']].dtype}, the model's is {expected[e['name']].dtype}: a damaged or crafted file")
-    dense = meta["quantized"]
-    if runtime == "kernels":
-        from qdistill.export.runtime import keep_packed  # imports this module
-
-        dense = keep_packed(model, meta, tensors, dense_below, tune_batch)
-        model.requires_grad_(False)  # an inference model: plain calls need no torch.no_grad()
-    state = {e["name"]: decode_entry(e, tensors) for e in dense}
-    for e in meta["kept"]:
-        state[e["name"]] = tensors[e["blob"]][e["offset"] : e["offset"] + math.prod(e["shape"])].view(e["shape"])
-    for alias, name in meta.get("aliases", {}).items():  # tied tensors: loaded twice into one Parameter, same values
-        if name in state:  # else kept packed, with its aliases
-            state[alias] = state[name]
-    model = load_state(model, state, path, f"the model {type(model).__name__}").eval()
-    del state, tensors, expected
-    release_freed_memory()
-    return model, meta
-
-
-def release_freed_memory() -> None:
-    """Hand the heap memory freed while loading (the file's blobs, decoding's temporaries, the weights the
-    model was built with) back to the system: glibc keeps it resident otherwise, up to twice a kernel
-    model's own memory. Nothing where the C library has no malloc_trim."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (AttributeError, OSError):
-        pass
 
 
 def stored_metadata_bytes(path: Path) -> int:

@@ -12,9 +12,9 @@ from torch.nn.utils import parametrize
 
 from qdistill import LearnedPointsQuantizer, QDistillError, UniformQuantizer, attach, load_packed, save_packed
 from qdistill.cli import main
-from qdistill.export import lowbit, runtime
-from qdistill.export.packed import entry_spans, read_packed
-from qdistill.export.runtime import Int4Linear, runtime_of
+from qdistill.format.packed import entry_spans, read_packed
+from qdistill.runtime import kernels as runtime_kernels, lowbit
+from qdistill.runtime.kernels import Int4Linear, runtime_of
 from qdistill.models import build_model, model_spec
 from qdistill.tasks import TASKS, LanguageModelling, as_task
 from qdistill.train import TrainConfig, train
@@ -28,7 +28,7 @@ FORMS = {  # the stored forms (quant.base.FORMS) and their scale dtypes
     "int-zero bf16": {"zero_point": "int", "scale_dtype": "bfloat16"},
     "int-zero fp32": {"zero_point": "int"},
 }
-SPEC = {"factory": "tests.export.test_runtime:Mlp", "kwargs": {}}  # never built from the file: the tests pass the model
+SPEC = {"factory": "tests.runtime.test_kernels:Mlp", "kwargs": {}}  # never built from the file: the tests pass the model
 
 
 class Mlp(nn.Sequential):
@@ -45,7 +45,7 @@ def kernel_way(request, monkeypatch):
     where it does not build): the two kernels' layers are tested apart."""
     way = request.node.callspec.params.get("way", "int4") if hasattr(request.node, "callspec") else "int4"
     if way == "int4":
-        monkeypatch.setattr(runtime, "lowbit_ready", lambda entry: False)
+        monkeypatch.setattr(runtime_kernels, "lowbit_ready", lambda entry: False)
     elif lowbit.library() is None:
         pytest.skip("qdistill's low-bit kernel does not build here (x86-64 with AVX2 and a C compiler)")
     return way
@@ -163,19 +163,19 @@ def test_kernel_model_holds_no_float_copy(tmp_path):
 @pytest.mark.parametrize("ops", [("no_such_op", "_weight_int4pack_mm_for_cpu"), ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm")])
 def test_without_a_working_kernel_everything_falls_back(tmp_path, monkeypatch, ops):
     """A torch without the int4 CPU ops, or whose ops fail: the kernel-ready layer is decoded per call instead."""
-    monkeypatch.setattr(runtime, "INT4_OPS", ops)
-    runtime.int4_kernel.cache_clear()
+    monkeypatch.setattr(runtime_kernels, "INT4_OPS", ops)
+    runtime_kernels.int4_kernel.cache_clear()
     try:
         path = packed_mlp(tmp_path, UniformQuantizer(4, 32, groups="row", scale_dtype="bfloat16"))
         dense, kernels = load_packed(path, model=Mlp())[0], load_packed(path, model=Mlp(), runtime="kernels")[0]
-        assert runtime.int4_kernel() is None and runtime_of(kernels) == {"lowbit": 0, "int4": 0, "lookup": 0, "packed": 2}
+        assert runtime_kernels.int4_kernel() is None and runtime_of(kernels) == {"lowbit": 0, "int4": 0, "lookup": 0, "packed": 2}
         x = torch.randn(5, 256)
         with torch.no_grad():
             assert torch.equal(kernels(x), dense(x))
     finally:
         monkeypatch.undo()
-        runtime.int4_kernel.cache_clear()
-    assert runtime.int4_kernel() is not None  # the real ops again, for the other tests
+        runtime_kernels.int4_kernel.cache_clear()
+    assert runtime_kernels.int4_kernel() is not None  # the real ops again, for the other tests
 
 
 def test_dtype_casts_leave_the_packed_data_alone(tmp_path):
@@ -319,7 +319,7 @@ def test_language_model_perplexity_on_kernels_within_0_05_of_dense(tmp_path, way
 def test_tune_batch_runs_dense_the_shapes_that_are_faster_dense(tmp_path, monkeypatch, dense_wins, way):
     path = packed_mlp(tmp_path, UniformQuantizer(4, 32, groups="row", scale_dtype="bfloat16"))
     asked = []
-    monkeypatch.setattr(runtime, "fastest", lambda shape, group, bits, learned, batch, ways: asked.append((shape, group, bits, learned, batch, ways)) or ("dense" if dense_wins else ways[0]))
+    monkeypatch.setattr(runtime_kernels, "fastest", lambda shape, group, bits, learned, batch, ways: asked.append((shape, group, bits, learned, batch, ways)) or ("dense" if dense_wins else ways[0]))
     model = load_packed(path, model=Mlp(), runtime="kernels", tune_batch=32)[0]
     ways = ("lowbit", "int4") if way == "lowbit" else ("int4",)
     assert asked == [((40, 256), 32, 4, False, 32, ways)]  # the one kernel-ready layer; the other is packed whatever the timing
@@ -330,10 +330,10 @@ def test_tune_batch_runs_dense_the_shapes_that_are_faster_dense(tmp_path, monkey
 
 @pytest.mark.parametrize("way", ["lowbit"])
 def test_fastest_times_each_way_once_per_shape(way):
-    runtime.fastest.cache_clear()
-    assert runtime.fastest((40, 256), 32, 4, False, 4, ("lowbit", "int4")) in ("lowbit", "int4", "dense") and runtime.fastest.cache_info().misses == 1
-    runtime.fastest((40, 256), 32, 4, False, 4, ("lowbit", "int4"))
-    assert runtime.fastest.cache_info().hits == 1  # once per shape, group, width, kind of levels, batch and set of kernels
+    runtime_kernels.fastest.cache_clear()
+    assert runtime_kernels.fastest((40, 256), 32, 4, False, 4, ("lowbit", "int4")) in ("lowbit", "int4", "dense") and runtime_kernels.fastest.cache_info().misses == 1
+    runtime_kernels.fastest((40, 256), 32, 4, False, 4, ("lowbit", "int4"))
+    assert runtime_kernels.fastest.cache_info().hits == 1  # once per shape, group, width, kind of levels, batch and set of kernels
 
 
 @pytest.mark.parametrize("way", ["lowbit"])
@@ -346,7 +346,7 @@ def test_lowbit_layer_within_float_rounding_of_dense(tmp_path, bits, group, form
     path = packed_mlp(tmp_path, UniformQuantizer(bits, group, groups="row", **FORMS[form]))
     dense, kernels = load_packed(path, model=Mlp())[0], load_packed(path, model=Mlp(), runtime="kernels")[0]
     layer = kernels[0]
-    assert isinstance(layer, runtime.LowBitLinear) and layer.weight_lowbit.codes.numel() == 48 * 256 * lowbit.kernel_bits(bits) // 8
+    assert isinstance(layer, runtime_kernels.LowBitLinear) and layer.weight_lowbit.codes.numel() == 48 * 256 * lowbit.kernel_bits(bits) // 8
     for rows in (1, 3, 4, 13):
         x = torch.randn(rows, 256)
         with torch.no_grad():
@@ -435,7 +435,7 @@ RESIDENT = """
 import gc, os, sys, torch
 from torch import nn
 from qdistill import UniformQuantizer, attach, save_packed, load_packed
-from qdistill.export import packed
+from qdistill.runtime import release_freed_memory
 def anonymous_mib():
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssAnon:")) / 1024
 stack = lambda: nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(4)])
@@ -445,7 +445,7 @@ attach(model, UniformQuantizer(4, 128, groups="row", scale_dtype="bfloat16"))
 path = save_packed(model.eval(), {"factory": "none:none", "kwargs": {}}, sys.argv[1])
 del model
 gc.collect()
-packed.release_freed_memory()
+release_freed_memory()
 before = anonymous_mib()
 kept = load_packed(path, model=stack(), runtime="kernels")[0]
 gc.collect()

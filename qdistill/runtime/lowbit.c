@@ -11,7 +11,7 @@
    by the scale, and offset * sum(x) is added; no weight is written out. More rows: two panels' weights
    are decoded to float32 a block of k at a time in a small buffer, then multiplied with up to 6 input
    rows at once from registers. Panels are shared among `threads` OpenMP threads. Compiled at first use
-   by qdistill.export.lowbit. */
+   by qdistill.runtime.lowbit. */
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>

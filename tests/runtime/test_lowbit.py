@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qdistill.export import lowbit
+from qdistill.runtime import lowbit
 
 OUT, LENGTH, GROUP = 16, 64, 32
 
