@@ -246,3 +246,18 @@ def test_bad_kernel_ready_flags_give_one_clear_message(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_the_librarys_warnings_reach_the_terminal_once_and_escaped(capsys):
+    """The library warns through logging; the command shows each warning once, as `warning: ...` on
+    stderr, control characters (a cache path from someone else) escaped, whatever ran before."""
+    import logging
+
+    from qdistill.cli import show_library_log
+
+    show_library_log(quiet=False)
+    show_library_log(quiet=True)
+    logging.getLogger("qdistill.distill.teacher").warning("ignoring the cache %s", "/tmp/x\x1b[2J")
+    logging.getLogger("qdistill.data.text").info("tokenizing (hidden with --quiet)")
+    err = capsys.readouterr().err
+    assert err == "warning: ignoring the cache /tmp/x\\x1b[2J\n"
