@@ -46,8 +46,11 @@ class TerminalLog(logging.Handler):
     """The library's log records as the terminal shows them: a line each on stderr, warnings marked so."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        line = shown(record.getMessage())
-        console.print(Text(f"warning: {line}" if record.levelno >= logging.WARNING else line))
+        try:
+            line = shown(record.getMessage())
+            console.print(Text(f"warning: {line}" if record.levelno >= logging.WARNING else line), soft_wrap=True)
+        except Exception:
+            self.handleError(record)
 
 
 TERMINAL_LOG = TerminalLog()

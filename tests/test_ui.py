@@ -5,12 +5,11 @@ from pathlib import Path
 
 import pytest
 
-import qdistill
 import qdistill.ui
 from qdistill.pipeline import map_jobs
 from qdistill.ui import make_progress, progress_bars
 
-PACKAGE = Path(qdistill.__file__).parent
+PACKAGE = Path(__file__).parents[1] / "qdistill"  # this checkout's, whichever one `import qdistill` finds
 TERMINAL = {"cli.py", "demo.py", "ui.py"}  # the modules that own the terminal
 
 
@@ -42,8 +41,11 @@ def test_progress_bars_draw_a_bar_per_name_and_run(monkeypatch):
         progress("teacher logits", 1, 2)
         progress("qd 2b", 10, 10)
         progress("qd 2b", 0, 10)  # the next run's phase of that name
+        progress("teacher logits", 2, 2)
+        progress("dq 2b points", 1, 1)  # a bar that starts full
+        progress("dq 2b points", 0, 1)  # is a run of its own, and so is the next
     tasks = [(t.description, t.completed, t.total, t.fields["status"]) for t in made[0].tasks]
-    assert tasks == [("qd 2b", 10, 10, ""), ("teacher logits", 1, 2, ""), ("qd 2b", 0, 10, "")]
+    assert tasks == [("qd 2b", 10, 10, ""), ("teacher logits", 2, 2, ""), ("qd 2b", 0, 10, ""), ("dq 2b points", 1, 1, ""), ("dq 2b points", 0, 1, "")]
 
 
 def library_modules():

@@ -232,8 +232,10 @@ def pack_bits(indices: torch.Tensor, bits: int) -> np.ndarray:
 
     Chunk by chunk, every 8 indices are shifted into one little-endian 64-bit word whose low `bits` bytes
     are theirs: a few bytes of temporaries per index of one chunk, not 8 bytes per bit of the whole input."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"pack_bits packs 1 to 8 bits per index, got {bits}")
     flat = indices.reshape(-1)
-    out = np.empty(packed_bytes(flat.numel(), bits), dtype=np.uint8)
+    out = np.zeros(packed_bytes(flat.numel(), bits), dtype=np.uint8)
     for start in range(0, flat.numel(), PACK_CHUNK):
         idx = flat[start : start + PACK_CHUNK].to(torch.int64).cpu().numpy()
         if idx.min() < 0 or idx.max() >= 1 << bits:

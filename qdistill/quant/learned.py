@@ -120,10 +120,14 @@ class LearnedPointsQuantizer(Quantizer):
         return Encoded(idx, self.points.detach().cpu().clone(), self.index_bits, lo=lo.view(-1), hi=hi.view(-1))
 
 
+MAX_POINTS = 256
+
+
 def redistribute_points(grad_norms: list[float], total: int) -> list[int]:
     """Share `total` points among tensors: each keeps half its even share, the rest goes by gradient norm.
 
-    n_t = floor(n/2) + share of R proportional to g_t (largest-remainder rounding, so the total is kept exactly).
+    n_t = floor(n/2) + share of R proportional to g_t (largest-remainder rounding, so the total is kept exactly),
+    at most MAX_POINTS each (what a packed file's 8-bit indices address; the total is then short of `total`).
     """
     count = len(grad_norms)
     if count == 0:
@@ -139,4 +143,4 @@ def redistribute_points(grad_norms: list[float], total: int) -> list[int]:
     left = rest - int(extra.sum())
     order = torch.argsort(share - extra, descending=True)
     extra[order[:left]] += 1
-    return [base + int(e) for e in extra]
+    return [min(base + int(e), MAX_POINTS) for e in extra]

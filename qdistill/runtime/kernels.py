@@ -149,6 +149,7 @@ class LowBitWeights(nn.Module):
         for key, value in weights.items():
             self.register_buffer(key, as_bits(value), persistent=False)
         self.learned = "points" in weights
+        lowbit.check_weights(self.codes, self.bits, self.group, *self.float_buffers())  # once: each call checks its input
 
     def float_buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         points = self.points.view(torch.float32) if self.learned else None
@@ -156,7 +157,7 @@ class LowBitWeights(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         scale, offset, points = self.float_buffers()
-        return lowbit.matmul(x, self.codes, self.bits, self.group, scale, offset, self.rows, points)
+        return lowbit.matmul(x, self.codes, self.bits, self.group, scale, offset, self.rows, points, weights_checked=True)
 
     def rows_of(self, ids: torch.Tensor) -> torch.Tensor:
         """The weight's rows `ids` (flat, in range) decoded to float32: only those rows are read."""

@@ -163,7 +163,8 @@ def table(points: torch.Tensor) -> torch.Tensor:
     return F.pad(points.float(), (0, 16 - len(points)))
 
 
-def matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, out: int, points: torch.Tensor | None = None) -> torch.Tensor:
+def matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, out: int, points: torch.Tensor | None = None,
+           weights_checked: bool = False) -> torch.Tensor:
     """x [rows, in] times the `out` rows of weights level * scale + offset (as `pack_codes` and `pack_params`
     hold them; the level is the code, or `points[code]` with a `table` of learned points) transposed, in
     float32: [rows, out]. On the kernel where it is built; else (a model pickled to a process without it)
@@ -176,26 +177,24 @@ def matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: t
     if fn is None:
         return x @ decode_rows(codes, bits, group, scale, offset, points, torch.arange(out)).T
     threads = max(1, min(torch.get_num_threads(), rows * out * length // SERIAL_WORK))
-    return run(fn, x, codes, bits, group, scale, offset, points, threads)[:, :out]
+    return run(fn, x, codes, bits, group, scale, offset, points, threads, weights_checked)[:, :out]
 
 
-def check(x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None, threads: int) -> None:
-    """Raise ValueError unless the operands are what `lowbit_linear` reads through raw pointers, which it cannot
-    check: contiguous CPU tensors, x float32 [rows, K], codes uint8 [N / 8, K, kernel_bits(bits)] with N a
-    multiple of 16, scale and offset float32 [N / 8, K / group, 8] with an even group dividing K, points None or
-    16 float32 (bits at most 4), sizes that fit a C int."""
-    if x.dim() != 2 or codes.dim() != 3:
-        raise ValueError(f"the lowbit kernel needs x [rows, in] and codes [panels, in, bytes], got {list(x.shape)} and {list(codes.shape)}")
-    (rows, length), panels = x.shape, codes.shape[0]
-    if length != codes.shape[1]:
-        raise ValueError(f"{length} inputs for weights of {codes.shape[1]}")
+def check_weights(codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None) -> None:
+    """Raise ValueError unless the weights are what `lowbit_linear` reads through raw pointers, which it cannot
+    check: contiguous CPU tensors, codes uint8 [N / 8, K, kernel_bits(bits)] with N a multiple of 16, scale and
+    offset float32 [N / 8, K / group, 8] with an even group dividing K, points None or 16 float32 (bits at most
+    4), sizes that fit a C int. A layer checks its weights once (`LowBitWeights`); `check_input` each call."""
+    if codes.dim() != 3:
+        raise ValueError(f"the lowbit kernel needs codes [panels, in, bytes], got {list(codes.shape)}")
+    panels, length = codes.shape[:2]
     if bits not in range(1, 5 if points is not None else 9):
         raise ValueError(f"the lowbit kernel runs 1 to 8 bits (learned points: 1 to 4), got {bits!r}")
     if not isinstance(group, int) or group <= 0 or group % 2 or length % group:
         raise ValueError(f"the lowbit kernel needs an even group size dividing the {length} inputs, got {group!r}")
-    if panels % 2 or not isinstance(threads, int) or threads < 1 or max(rows, length, panels * 8) >= 2**31:
-        raise ValueError(f"the lowbit kernel needs output rows in pairs of panels of 8, sizes under 2**31 and threads >= 1, got {panels} panels, {rows} x {length} inputs, {threads!r} threads")
-    wanted = [("x", x, torch.float32, (rows, length)), ("codes", codes, torch.uint8, (panels, length, kernel_bits(bits)))]
+    if panels % 2 or max(length, panels * 8) >= 2**31:
+        raise ValueError(f"the lowbit kernel needs output rows in pairs of panels of 8 and sizes under 2**31, got {panels} panels of {length} inputs")
+    wanted = [("codes", codes, torch.uint8, (panels, length, kernel_bits(bits)))]
     wanted += [(name, t, torch.float32, (panels, length // group, 8)) for name, t in (("scale", scale), ("offset", offset))]
     wanted += [] if points is None else [("points", points, torch.float32, (16,))]
     for name, t, dtype, shape in wanted:
@@ -204,9 +203,21 @@ def check(x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: to
             raise ValueError(f"the lowbit kernel needs {name} as a contiguous cpu {dtype} {list(shape)}, got {got}")
 
 
-def run(fn, x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None, threads: int) -> torch.Tensor:
-    """One call of the compiled `fn` on contiguous float32 `x`: [rows, padded(out)], the operands `check`ed first."""
-    check(x, codes, bits, group, scale, offset, points, threads)
+def check_input(x: torch.Tensor, codes: torch.Tensor, threads: int) -> None:
+    """What changes from call to call: x a contiguous CPU float32 [rows, K] for codes of K inputs, still on the CPU."""
+    if x.dim() != 2 or x.shape[1] != codes.shape[1] or x.dtype != torch.float32 or not x.is_cpu or not x.is_contiguous() or x.shape[0] >= 2**31:
+        raise ValueError(f"the lowbit kernel needs x as a contiguous cpu float32 [rows, {codes.shape[1]}], got {x.device.type} {x.dtype} {list(x.shape)}")
+    if not codes.is_cpu or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"the lowbit kernel needs its weights on the cpu (they are on {codes.device.type}) and threads >= 1, got {threads!r}")
+
+
+def run(fn, x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None, threads: int,
+        weights_checked: bool = False) -> torch.Tensor:
+    """One call of the compiled `fn` on contiguous float32 `x`: [rows, padded(out)], the operands checked first
+    (the weights too, unless their layer checked them when it was built)."""
+    if not weights_checked:
+        check_weights(codes, bits, group, scale, offset, points)
+    check_input(x, codes, threads)
     rows, length = x.shape
     y = torch.empty(rows, codes.shape[0] * 8, dtype=torch.float32)
     if rows:

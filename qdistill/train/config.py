@@ -29,7 +29,7 @@ class Method:
     @property
     def phases(self) -> tuple[str, ...]:
         """What the loop steps, in order: the weights, the learned points, both (qd+dq), or nothing (ptq)."""
-        return tuple(p for p in ("weights", "points") if p == self.trains or p == "points" and self.then == "dq")
+        return tuple(p for p in ("weights", "points") if p == self.trains or (p == "points" and self.then == "dq"))
 
 
 METHODS = {

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -152,11 +153,18 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def holds_shards(state: dict) -> bool:
-    """Whether a model state is a sharded model's own (DTensors), as the guard's rollback point is."""
+def is_dtensor(value) -> bool:
+    """A shard of a sharded (FSDP2) model's tensor; torch.distributed is imported only once a run asks."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return False
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(v, DTensor) for v in state.values())
+    return isinstance(value, DTensor)
+
+
+def holds_shards(state: dict) -> bool:
+    """Whether a model state is a sharded model's own (DTensors), as the guard's rollback point is."""
+    return any(is_dtensor(v) for v in state.values())
 
 
 def full_state(model: nn.Module, opt=None) -> tuple[dict, dict | None]:

@@ -1,9 +1,10 @@
 """The loop of method.md, Figure 1: quantize -> distill -> SGD step on the full-precision weights.
 
 Every method (fp, kd, ptq, qat, qd, dq, qd+dq) runs through `fit`; they differ only in the quantizer
-attached, whether a teacher is used, and which tensors the optimizer steps (see `config.METHODS`).
-Every task (image classification, language modelling, ...) too: the loop is given a task, which
-makes the batches, runs the model, computes the loss and the metrics (see `qdistill.tasks`).
+attached, whether a teacher is used, and which tensors the optimizer steps: a method is a tuple of
+phases (`config.Method.phases`), each one `Phase`. Every task (image classification, language
+modelling, ...) too: the loop is given a task, which makes the batches, runs the model, computes the
+loss and the metrics (see `qdistill.tasks`). Read top-down: `train`, its two phases, `fit`, then helpers.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from qdistill.distill import check_compatible
 from qdistill.errors import QDistillError
 from qdistill.modes import evaluating
 from qdistill.quant import attach, detach, fused_quantization, quantized_tensors, redistribute_points
+from qdistill.tasks import Task, accuracy, as_task, to_device
 from qdistill.train import distributed
 from qdistill.train.config import TrainConfig
 from qdistill.train.state import Checkpoint, load_finished
-from qdistill.tasks import Task, accuracy, as_task, to_device
 from qdistill.train.tracker import PhaseTracker
 
 
@@ -47,63 +48,17 @@ class TrainResult:
         return self.val.get("acc") if self.val else None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise QDistillError(f"unknown device {name!r}: {e}") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise QDistillError(f"device {name!r}: torch finds no such CUDA device here: use --device cpu (or auto)")
-    return device
-
-
-evaluate = accuracy  # top-1 accuracy in percent over tensors (x, y): image classification's metric
-
-
-def make_schedule(opt, kind: str, total_steps: int, warmup: float = 0.0):
-    """The learning-rate schedule, with a linear rise over the first `warmup` fraction of the steps."""
-    if kind == "onecycle" and total_steps > 0:
-        # cycle_momentum=False: the configured momentum (or Adam's beta1) stays what the user set
-        return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total_steps, cycle_momentum=False, pct_start=warmup or 0.3
-        )
-    rise = round(warmup * total_steps)
-    if kind == "cosine" and total_steps > 0 and not rise:
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps)
-    decay = (lambda t: 0.5 * (1 + math.cos(math.pi * t / max(1, total_steps - rise)))) if kind == "cosine" else (lambda t: 1.0)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: (step + 1) / rise if step < rise else decay(step - rise))
-
-
 @dataclass
 class Phase:
-    """One run of the loop: the tensors it steps, for how long, and with which optimizer.
-
-    A method is the weights phase (fp, kd, qat, qd), the points phase (dq), both in turn (qd+dq) or none (ptq)."""
+    """One run of the loop: the tensors it steps, for how long, and with which optimizer."""
 
     name: str  # also the phase's key in a checkpoint
     params: list[torch.Tensor]
     epochs: int
     lr: float
-    optimizer: str
+    optimizer: str  # "sgd" (Nesterov when momentum > 0), "adam" or "adamw"
+    momentum: float  # SGD's momentum and AdamW's beta1: one knob, used by both
     weight_decay: float
-
-
-def weights_phase(student: nn.Module, cfg: TrainConfig) -> Phase:
-    """The student's full-precision (shadow) weights, stepped through their quantized values."""
-    params = [p for p in student.parameters() if p.requires_grad]
-    if not params:
-        raise QDistillError("the student has no trainable weights (requires_grad is off for all of them): turn it on for those to train")
-    name = f"{cfg.method} {cfg.bits}b" if cfg.spec.quantizer else cfg.method
-    return Phase(name, params, cfg.epochs, cfg.lr, cfg.optimizer, cfg.weight_decay)
-
-
-def points_phase(student: nn.Module, cfg: TrainConfig) -> Phase:
-    """The learned quantization points alone, the weights' levels frozen (method.md, differentiable quantization)."""
-    student.requires_grad_(False)
-    points = [qt.quantizer.points.requires_grad_(True) for qt in quantized_tensors(student)]
-    return Phase(f"dq {cfg.bits}b points", points, cfg.dq_epochs, cfg.points_lr, cfg.points_optimizer, weight_decay=0.0)
 
 
 @dataclass
@@ -115,26 +70,112 @@ class Events:
     progress: Callable[..., None] = lambda name, done, total, status="": None
 
 
-def make_optimizer(phase: Phase, momentum: float):
-    """`momentum` is SGD's (Nesterov when above 0) and AdamW's first-moment decay (beta1): one knob, used by both."""
-    params, lr, decay = phase.params, phase.lr, phase.weight_decay
-    if phase.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=decay)
-    if phase.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999), weight_decay=decay)
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=decay)
+def train(
+    student: nn.Module,
+    data: Dataset | Task,
+    cfg: TrainConfig,
+    teacher: nn.Module | None = None,
+    cache_dir=None,
+    log=None,
+    progress=None,
+    checkpoint: Checkpoint | None = None,
+    final_eval: bool = True,
+) -> TrainResult:
+    """Train (or only quantize, for ptq) `student` with the method in `cfg` on a task (a `Dataset` is
+    image classification); the student is changed in place. `log` and `progress` are the `Events`.
+
+    With a `checkpoint`, the run's state is saved as it goes, and a run over a checkpoint that a killed
+    run left continues where it stopped, ending with the same weights bit for bit.
+
+    Under torchrun (a process group joined, `train.distributed`) each rank trains on its share of every
+    batch, and rank 0 alone evaluates, logs, saves the checkpoint and shows progress: on the other ranks
+    the result holds the trained model but no metrics. With `parallel: fsdp` the student is sharded in
+    place, and rank 0's result holds a whole copy gathered from the shards. `final_eval=False` leaves the final validation and
+    test metrics to the caller too (who scores the packed file it saves, say)."""
+    cfg.validate()
+    task = as_task(data)
+    events = Events()
+    if distributed.is_main():  # under torchrun rank 0 alone logs and shows progress
+        events = Events(log or events.record, progress or events.progress)
+    device = distributed.device_for(resolve_device(cfg.device))
+    torch.manual_seed(cfg.seed)
+    method = cfg.spec
+    student.to(device, memory_format=memory_format(student, cfg, device))
+    if cfg.needs_teacher and teacher is None:
+        raise QDistillError(f"method {cfg.method} needs a teacher")
+    targets = None  # the teacher's targets of a batch: live, or computed once and cached
+    if teacher is not None and method.distill:
+        teacher.to(device, memory_format=memory_format(teacher, cfg, device))
+        check_compatible(teacher, student, to_device(task.sample(), device), task.forward)
+        with distributed.main_first():  # a cache of the teacher's targets is built once, by rank 0
+            targets = task.teacher(teacher, cfg, cache_dir, events.progress)
+    if method.quantizer == "uniform":
+        attach(student, cfg.make_quantizer("uniform"), **cfg.select_kwargs())
+    runs = []
+    if "weights" in method.phases:
+        student, out = fit_weights(student, task, targets, cfg, events, checkpoint)
+        runs.append(out)
+    if "points" in method.phases:
+        runs.append(fit_points(student, task, targets, cfg, events, checkpoint, cache_dir))
+    history = [record for out in runs for record in out["records"]]
+    seconds, samples = sum(out["seconds"] for out in runs), sum(out["samples"] for out in runs)
+    speed = samples / seconds if seconds else 0.0
+    if not (final_eval and distributed.is_main()):  # under torchrun rank 0 alone evaluates (and writes)
+        return TrainResult(student, cfg, {}, seconds, speed, history)
+    val = task.evaluate(student, "val") if task.has_split("val") else None
+    return TrainResult(student, cfg, task.evaluate(student, "test"), seconds, speed, history, val)
 
 
-def fit(model: nn.Module, phase: Phase, task: Task, teacher, cfg: TrainConfig, events: Events, checkpoint: Checkpoint | None = None) -> dict:
-    """Run one phase of the loop; returns its timing and per-epoch records.
+def fit_weights(student: nn.Module, task: Task, targets, cfg: TrainConfig, events: Events, checkpoint: Checkpoint | None) -> tuple[nn.Module, dict]:
+    """The weights phase: the full-precision (shadow) weights stepped through their quantized values. Under
+    FSDP the student is sharded for it, and rank 0 gets the whole trained model back."""
+    sharded, device = cfg.parallel == "fsdp" and distributed.active(), next(student.parameters()).device
+    whole = copy.deepcopy(student).cpu() if sharded and distributed.is_main() else None  # what rank 0 gathers the weights into
+    if sharded:
+        distributed.shard_weights(student)
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise QDistillError("the student has no trainable weights (requires_grad is off for all of them): turn it on for those to train")
+    name = f"{cfg.method} {cfg.bits}b" if cfg.spec.quantizer else cfg.method
+    phase = Phase(name, params, cfg.epochs, cfg.lr, cfg.optimizer, cfg.momentum, cfg.weight_decay)
+    with fused_quantization(student, enabled=False if sharded else None):  # off-CPU: one batch of kernels for all tensors, same values
+        out = fit(student, phase, task, targets, cfg, events, checkpoint)
+    if sharded:  # the whole trained model, gathered (every rank sends its shards) onto rank 0, which evaluates and saves it
+        state = distributed.full_state(student)[0]
+        if whole is not None:
+            whole.load_state_dict(state)
+            student = whole.to(device)
+    return student, out
 
-    With a `checkpoint`, the phase starts where a killed run left it (or is skipped if it finished)."""
+
+def fit_points(student: nn.Module, task: Task, targets, cfg: TrainConfig, events: Events, checkpoint: Checkpoint | None, cache_dir) -> dict:
+    """The points phase (differentiable quantization): the learned quantization points alone, each weight's level frozen.
+
+    Points are learned for the model as it stands: a quantized model is baked to its levels first, so each
+    weight keeps its level and the points move the levels. (Learning them over the shadow weights of qd
+    instead reassigns the many weights that training left near a decision boundary: 2-bit accuracy fell by
+    5 points where baking gained 0.7.) qd+dq starts exactly at the qd levels."""
+    if cfg.dq_teacher == "self":  # the full-precision version of this very model
+        with distributed.main_first():
+            targets = task.teacher(detach(copy.deepcopy(student), keep_quantized=False), cfg, cache_dir, events.progress)
+    detach(student, keep_quantized=True)
+    attach_learned(student, task, targets, cfg, init="uniform" if cfg.spec.then == "dq" else cfg.points_init)
+    student.requires_grad_(False)
+    points = [qt.quantizer.points.requires_grad_(True) for qt in quantized_tensors(student)]
+    phase = Phase(f"dq {cfg.bits}b points", points, cfg.dq_epochs, cfg.points_lr, cfg.points_optimizer, cfg.momentum, weight_decay=0.0)
+    return fit(student, phase, task, targets, cfg, events, checkpoint)
+
+
+def fit(model: nn.Module, phase: Phase, task: Task, targets, cfg: TrainConfig, events: Events, checkpoint: Checkpoint | None = None) -> dict:
+    """Run one phase of the loop; `targets(batch)` gives the teacher's targets (None: no teacher). Returns
+    the phase's timing and per-epoch records. With a `checkpoint`, the phase starts where a killed run left
+    it (or is skipped if it finished)."""
     done = checkpoint.finished(phase.name) if checkpoint else None
     if done is not None:
         return load_finished(model, done)
     device = next(model.parameters()).device
     quantizers = [qt.quantizer for qt in quantized_tensors(model)]
-    opt = make_optimizer(phase, cfg.momentum)
+    opt = make_optimizer(phase)
     steps_per_epoch = math.ceil(task.train_size() / cfg.batch_size)
     total = phase.epochs * steps_per_epoch
     schedule = make_schedule(opt, cfg.schedule, total, cfg.warmup)
@@ -150,7 +191,7 @@ def fit(model: nn.Module, phase: Phase, task: Task, teacher, cfg: TrainConfig, e
         batch, mine = distributed.shard(batch)  # this rank's share of the global batch (all of it in one process)
         batch = to_device(batch, device)
         out = task.forward(net, batch)  # 1. quantize: the parametrized weights read as Q(w)
-        target = teacher(batch) if teacher is not None else None
+        target = targets(batch) if targets is not None else None
         loss = task.loss(out, target, batch, cfg)  # 2. distill
         opt.zero_grad(set_to_none=True)
         (loss * distributed.loss_weight(mine, labels)).backward()  # straight-through: dL/dQ(w) reaches w
@@ -162,9 +203,34 @@ def fit(model: nn.Module, phase: Phase, task: Task, teacher, cfg: TrainConfig, e
             q.after_step(opt)  # (learned points stay sorted, and their optimizer state with them)
         diverged = tracker.after_step(distributed.global_mean(loss, mine, labels), rows, total)  # the guard, the log, the checkpoint
         if diverged is not None:
-            tracker.roll_back(diverged)  # to the last state the guard passed, the gradient clipped (or raise)
+            if not tracker.can_roll_back:  # --guard stop, or a 4th divergence
+                raise diverged
+            tracker.roll_back(diverged)  # to the last state the guard passed, the gradient clipped
         events.progress(phase.name, tracker.step, total, tracker.status)
     return tracker.finish()
+
+
+def make_optimizer(phase: Phase):
+    params, lr, momentum, decay = phase.params, phase.lr, phase.momentum, phase.weight_decay
+    if phase.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=decay)
+    if phase.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999), weight_decay=decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=decay)
+
+
+def make_schedule(opt, kind: str, total_steps: int, warmup: float = 0.0):
+    """The learning-rate schedule, with a linear rise over the first `warmup` fraction of the steps."""
+    if kind == "onecycle" and total_steps > 0:
+        # cycle_momentum=False: the configured momentum (or Adam's beta1) stays what the user set
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total_steps, cycle_momentum=False, pct_start=warmup or 0.3
+        )
+    rise = round(warmup * total_steps)
+    if kind == "cosine" and total_steps > 0 and not rise:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps)
+    decay = (lambda t: 0.5 * (1 + math.cos(math.pi * t / max(1, total_steps - rise)))) if kind == "cosine" else (lambda t: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: (step + 1) / rise if step < rise else decay(step - rise))
 
 
 def attach_learned(model: nn.Module, task: Task, teacher, cfg: TrainConfig, init: str) -> None:
@@ -202,82 +268,16 @@ def memory_format(model: nn.Module, cfg: TrainConfig, device: torch.device) -> t
     return cfg.torch_memory_format(device) if has_4d else torch.contiguous_format
 
 
-def train(
-    student: nn.Module,
-    data: Dataset | Task,
-    cfg: TrainConfig,
-    teacher: nn.Module | None = None,
-    cache_dir=None,
-    log=None,
-    progress=None,
-    checkpoint: Checkpoint | None = None,
-    final_eval: bool = True,
-) -> TrainResult:
-    """Train (or only quantize, for ptq) `student` with the method in `cfg` on a task (a `Dataset` is
-    image classification); the student is changed in place. `log` and `progress` are the `Events`.
-
-    With a `checkpoint`, the run's state is saved as it goes, and a run over a checkpoint that a killed
-    run left continues where it stopped, ending with the same weights bit for bit.
-
-    Under torchrun (a process group joined, `train.distributed`) each rank trains on its share of every
-    batch, and rank 0 alone evaluates, logs, saves the checkpoint and shows progress: on the other ranks
-    the result holds the trained model but no metrics. With `parallel: fsdp` the student is sharded in
-    place, and rank 0's result holds a whole copy gathered from the shards. `final_eval=False` leaves the final validation and
-    test metrics to the caller too (who scores the packed file it saves, say)."""
-    cfg.validate()
-    task = as_task(data)
-    events = Events()
-    if distributed.is_main():  # under torchrun rank 0 alone logs and shows progress
-        events = Events(log or events.record, progress or events.progress)
-    device = distributed.device_for(resolve_device(cfg.device))
-    torch.manual_seed(cfg.seed)
-    method = cfg.spec
-    student.to(device, memory_format=memory_format(student, cfg, device))
-    if cfg.needs_teacher and teacher is None:
-        raise QDistillError(f"method {cfg.method} needs a teacher")
-    teacher_fn = None
-    if teacher is not None and method.distill:
-        teacher.to(device, memory_format=memory_format(teacher, cfg, device))
-        check_compatible(teacher, student, to_device(task.sample(), device), task.forward)
-        with distributed.main_first():  # a cache of the teacher's targets is built once, by rank 0
-            teacher_fn = task.teacher(teacher, cfg, cache_dir, events.progress)
-    if method.quantizer == "uniform":
-        attach(student, cfg.make_quantizer("uniform"), **cfg.select_kwargs())
-    runs = []
-    if "weights" in method.phases:
-        student, out = fit_weights(student, task, teacher_fn, cfg, events, checkpoint)
-        runs.append(out)
-    if "points" in method.phases:
-        if cfg.dq_teacher == "self":  # the full-precision version of this very model
-            with distributed.main_first():
-                teacher_fn = task.teacher(detach(copy.deepcopy(student), keep_quantized=False), cfg, cache_dir, events.progress)
-        # Points are learned for the model as it stands: a quantized model is baked to its levels first,
-        # so each weight keeps its level and the points move the levels. (Learning them over the shadow
-        # weights of qd instead reassigns the many weights that training left near a decision boundary:
-        # 2-bit accuracy fell by 5 points where baking gained 0.7.)
-        detach(student, keep_quantized=True)
-        attach_learned(student, task, teacher_fn, cfg, init="uniform" if method.then == "dq" else cfg.points_init)  # qd+dq starts at the qd levels
-        runs.append(fit(student, points_phase(student, cfg), task, teacher_fn, cfg, events, checkpoint))
-    history = [record for out in runs for record in out["records"]]
-    seconds, samples = sum(out["seconds"] for out in runs), sum(out["samples"] for out in runs)
-    speed = samples / seconds if seconds else 0.0
-    if not (final_eval and distributed.is_main()):  # under torchrun rank 0 alone evaluates (and writes)
-        return TrainResult(student, cfg, {}, seconds, speed, history)
-    val = task.evaluate(student, "val") if task.has_split("val") else None
-    return TrainResult(student, cfg, task.evaluate(student, "test"), seconds, speed, history, val)
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise QDistillError(f"unknown device {name!r}: {e}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise QDistillError(f"device {name!r}: torch finds no such CUDA device here: use --device cpu (or auto)")
+    return device
 
 
-def fit_weights(student: nn.Module, task: Task, teacher, cfg: TrainConfig, events: Events, checkpoint: Checkpoint | None) -> tuple[nn.Module, dict]:
-    """The weights phase. Under FSDP the student is sharded for it, and rank 0 gets the whole trained model back."""
-    sharded, device = cfg.parallel == "fsdp" and distributed.active(), next(student.parameters()).device
-    whole = copy.deepcopy(student).cpu() if sharded and distributed.is_main() else None  # what rank 0 gathers the weights into
-    if sharded:
-        distributed.shard_weights(student)
-    with fused_quantization(student, enabled=False if sharded else None):  # off-CPU: one batch of kernels for all tensors, same values
-        out = fit(student, weights_phase(student, cfg), task, teacher, cfg, events, checkpoint)
-    if sharded:  # the whole trained model, gathered (every rank sends its shards) onto rank 0, which evaluates and saves it
-        state = distributed.full_state(student)[0]
-        if whole is not None:
-            whole.load_state_dict(state)
-            student = whole.to(device)
-    return student, out
+evaluate = accuracy  # top-1 accuracy in percent over tensors (x, y): image classification's metric

@@ -2,7 +2,7 @@
 
 The state is the model (shadow weights, quantizer points, BatchNorm statistics), the optimizer and
 schedule, every random generator the step draws from, and the loop's counters. The data order needs
-no saving: an epoch's order is a function of (seed, epoch) alone (`tasks.classification.epoch_order`).
+no saving: an epoch's order is a function of (seed, epoch) alone (`data.epoch_order`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from qdistill.errors import QDistillError
 from qdistill.files import open_unlinked, replaced_whole
@@ -28,7 +27,7 @@ def on_cpu(value):
         return {k: on_cpu(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(on_cpu(v) for v in value)
-    if isinstance(value, DTensor):
+    if distributed.is_dtensor(value):
         return value.detach().clone()
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)

@@ -79,12 +79,14 @@ class PhaseTracker:
                 self.checkpoint.save_running(self.name, for_file(state, self.model, self.opt))
         return None
 
+    @property
+    def can_roll_back(self) -> bool:
+        """A rollback point is kept (`--guard rollback`) and fewer than MAX_ROLLBACKS were taken."""
+        return self.good is not None and self.run["rollbacks"] < MAX_ROLLBACKS
+
     def roll_back(self, e: Diverged) -> None:
         """Back to the last state that passed the guard, with the gradient clipped: to 1.0 (or the run's
-        own clip halved), and halved again at each further rollback, so a replay is never the same run.
-        Raises `e` where the run keeps no rollback point (`--guard stop`) or has rolled back 3 times."""
-        if self.good is None or self.run["rollbacks"] == MAX_ROLLBACKS:
-            raise e
+        own clip halved), and halved again at each further rollback, so a replay is never the same run."""
         rollbacks, clip = self.run["rollbacks"] + 1, self.run["grad_clip"]
         self.run = restore(self.good, self.model, self.opt, self.schedule)
         self.run["rollbacks"], self.run["grad_clip"] = rollbacks, ROLLBACK_CLIP if clip is None else clip / 2

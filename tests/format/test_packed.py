@@ -219,7 +219,7 @@ V1_FILES = {"v1-uniform-3b": lambda: UniformQuantizer(3, 100), "v1-learned-2b": 
 
 @pytest.mark.parametrize("name", V1_FILES)
 def test_files_of_the_version_before_the_options_load_and_defaults_are_written_as_they_were(tmp_path, name):
-    """tests/export/data holds files that the writer before the kernel-ready options (commit 2cdb80f) made of
+    """tests/format/data holds files that the writer before the kernel-ready options (commit 2cdb80f) made of
     `quantized_model`: they load, and a model with the default options is written byte for byte as then
     (version 1, readable by that version)."""
     old = Path(__file__).parent / "data" / f"{name}.safetensors"

@@ -159,3 +159,8 @@ def test_row_groups_and_16_bit_scales(scale_dtype, bucket):
     other[1:] *= 1000
     assert torch.equal(q(other).detach()[0], out[0])  # row 0 does not see the others
     assert q.points.min() >= 0 and q.points.max() <= 1
+
+
+def test_no_tensor_gets_more_points_than_8_bit_indices_address():
+    """dq --bits 8 --redistribute: one tensor's share of 512 points would be 361, which a packed file cannot index."""
+    assert redistribute_points([10.0, 1.0], 512) == [256, 151]

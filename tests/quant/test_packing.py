@@ -61,3 +61,9 @@ def test_pack_temporary_memory_is_bounded():
     finally:
         tracemalloc.stop()
     assert peak - out.nbytes < 2 << 20
+
+
+@pytest.mark.parametrize("bits", [0, 9, 16])
+def test_pack_refuses_widths_it_cannot_pack(bits):
+    with pytest.raises(ValueError, match="1 to 8 bits"):
+        pack_bits(torch.zeros(16, dtype=torch.long), bits)

@@ -78,3 +78,16 @@ def test_matmul_refuses_codes_of_another_row_count(out, monkeypatch):
     ops = operands()
     with pytest.raises(ValueError):
         lowbit.matmul(ops["x"], ops["codes"], 4, GROUP, ops["scale"], ops["offset"], out, ops["points"])
+
+
+@pytest.mark.parametrize("bad", ["x float64", "x not contiguous", "x not on the cpu", "x too narrow", "threads 0"])
+def test_a_layers_checked_weights_still_get_each_input_checked(bad):
+    with pytest.raises(ValueError):
+        lowbit.run(never_called, **operands(**BAD[bad]), weights_checked=True)
+
+
+def test_weights_moved_off_the_cpu_after_their_check_are_refused():
+    """A layer checks its weights once; model.to(device) may move them later."""
+    ops = operands(codes=lambda c: torch.empty(c.shape, dtype=c.dtype, device="meta"))
+    with pytest.raises(ValueError, match="weights on the cpu"):
+        lowbit.run(never_called, **ops, weights_checked=True)

@@ -110,7 +110,7 @@ def test_momentum_zero_trains_without_momentum():
     """OneCycleLR cycles momentum unless told not to, overriding the configured value every step."""
     model = toy_net()
     model(torch.randn(2, 1, 8, 8)).sum().backward()
-    opt = make_optimizer(Phase("fp", list(model.parameters()), 1, 0.1, "sgd", 0.0), momentum=0.0)
+    opt = make_optimizer(Phase("fp", list(model.parameters()), 1, 0.1, "sgd", momentum=0.0, weight_decay=0.0))
     schedule = make_schedule(opt, "onecycle", 10)
     for _ in range(3):
         opt.step(), schedule.step()
@@ -207,8 +207,8 @@ def test_guard_ratio_test_ignores_a_median_of_zero():
 def test_momentum_is_sgds_and_adamws_beta1():
     """--momentum is never silently ignored: SGD's momentum (Nesterov), AdamW's first-moment decay."""
     params = [torch.nn.Parameter(torch.zeros(3))]
-    sgd = make_optimizer(Phase("fp", params, 1, 0.1, "sgd", 0.0), momentum=0.5).param_groups[0]
-    adamw = make_optimizer(Phase("fp", params, 1, 0.1, "adamw", 0.0), momentum=0.5).param_groups[0]
+    sgd = make_optimizer(Phase("fp", params, 1, 0.1, "sgd", momentum=0.5, weight_decay=0.0)).param_groups[0]
+    adamw = make_optimizer(Phase("fp", params, 1, 0.1, "adamw", momentum=0.5, weight_decay=0.0)).param_groups[0]
     assert (sgd["momentum"], sgd["nesterov"], adamw["betas"]) == (0.5, True, (0.5, 0.999))
 
 
@@ -267,6 +267,17 @@ def test_the_rollback_point_shares_no_memory_with_the_run(data):
     tensors = [*state["model"].values(), *(v for s in state["optimizer"]["state"].values() for v in s.values())]
     live = {t.untyped_storage().data_ptr() for t in [*model.state_dict().values(), *(v for s in opt.state.values() for v in s.values())]}
     assert len(tensors) > 10 and all(t.device.type == "cpu" and t.untyped_storage().data_ptr() not in live for t in tensors)
+
+
+def test_the_rollback_point_is_copied_out_of_the_training_device():
+    """Without a GPU: a model on the meta device, which holds no values, cannot be copied into CPU memory,
+    so taking its rollback point fails there (a copy left on the device would not)."""
+    from qdistill.train.state import capture
+
+    model = toy_net().to("meta")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(NotImplementedError, match="meta"):
+        capture(model, opt, make_schedule(opt, "constant", 10), {"step": 1})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
