@@ -224,7 +224,7 @@ class Quantizer(nn.Module):
         """Hook run after each step of `optimizer` (learned points re-sort themselves and its state)."""
 
 
-PACK_CHUNK = 1 << 16  # indices packed at a time, a multiple of 8: bounds pack_bits' temporaries to about 1 MiB
+PACK_CHUNK = 1 << 16  # indices (un)packed at a time, a multiple of 8: bounds the temporaries to about 1 MiB
 
 
 def pack_bits(indices: torch.Tensor, bits: int) -> np.ndarray:
@@ -252,10 +252,24 @@ def pack_bits(indices: torch.Tensor, bits: int) -> np.ndarray:
 
 
 def unpack_bits(packed: np.ndarray, bits: int, count: int) -> torch.Tensor:
-    """Inverse of `pack_bits`."""
-    planes = np.unpackbits(np.asarray(packed, dtype=np.uint8), count=count * bits, bitorder="little")
-    weights = (1 << np.arange(bits)).astype(np.int64)
-    return torch.from_numpy(planes.reshape(count, bits).astype(np.int64) @ weights)
+    """Inverse of `pack_bits`, chunk by chunk: each `bits` bytes widened to a 64-bit word that holds 8 indices."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"unpack_bits reads 1 to 8 bits per index, got {bits}")
+    packed = np.asarray(packed, dtype=np.uint8)
+    out = torch.empty(count, dtype=torch.int64)
+    mask = np.uint64((1 << bits) - 1)
+    for start in range(0, count, PACK_CHUNK):
+        groups = -(-min(PACK_CHUNK, count - start) // 8)
+        raw = packed[start * bits // 8 :][: groups * bits]
+        words = np.zeros((groups, 8), dtype=np.uint8)
+        words[:, :bits] = np.pad(raw, (0, groups * bits - raw.size)).reshape(groups, bits)
+        words = words.view("<u8")
+        idx = np.empty((groups, 8), dtype=np.uint8)
+        for k in range(8):
+            idx[:, k] = (words[:, 0] >> np.uint64(k * bits)) & mask
+        chunk = idx.reshape(-1)[: count - start]
+        out[start : start + chunk.size] = torch.from_numpy(chunk)
+    return out
 
 
 def packed_bytes(count: int, bits: int) -> int:

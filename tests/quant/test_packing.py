@@ -9,7 +9,9 @@ from qdistill.quant import base, pack_bits, packed_bytes, unpack_bits
 
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("count", [1, 3, 7, 8, 9, 255, 1001])
-def test_pack_unpack_bit_exact(bits, count):
+@pytest.mark.parametrize("chunk", [8, 24, base.PACK_CHUNK])
+def test_pack_unpack_bit_exact(bits, count, chunk, monkeypatch):
+    monkeypatch.setattr(base, "PACK_CHUNK", chunk)
     idx = torch.randint(0, 2**bits, (count,), generator=torch.Generator().manual_seed(bits * 1000 + count))
     packed = pack_bits(idx, bits)
     assert packed.size == packed_bytes(count, bits) == -(-count * bits // 8)
@@ -61,6 +63,20 @@ def test_pack_temporary_memory_is_bounded():
     finally:
         tracemalloc.stop()
     assert peak - out.nbytes < 2 << 20
+
+
+@pytest.mark.parametrize("bits", [3, 5])  # (1, 2, 4 and 8 bits are read with shifts in format.packed)
+def test_unpack_temporary_memory_is_bounded(bits):
+    """The old unpacking held 8 bytes per bit of every index; the result's int64s are all it may need."""
+    idx = torch.randint(0, 2**bits, (1 << 20,), generator=torch.Generator().manual_seed(0))
+    packed = pack_bits(idx, bits)
+    tracemalloc.start()
+    try:
+        out = unpack_bits(packed, bits, len(idx))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert torch.equal(out, idx) and peak < 2 << 20  # (the int64 result is torch's, not numpy's: untraced)
 
 
 @pytest.mark.parametrize("bits", [0, 9, 16])
