@@ -124,3 +124,27 @@ def test_workers_end_when_their_parent_is_killed(tmp_path):
     if running(worker):
         os.kill(worker, signal.SIGKILL)
         pytest.fail("the worker outlived its killed parent")
+
+
+def test_a_packed_file_that_does_not_hold_the_trained_weights_is_caught(tmp_path, monkeypatch):
+    """The row reports the trained model's metrics because the file holds its quantized weights bit for bit."""
+    from qdistill import pipeline
+    from qdistill.models import model_spec
+    from qdistill.runtime import load_packed
+    from tests.conftest import toy_dataset
+
+    data = toy_dataset(n_train=128, n_test=64)
+    spec = model_spec("tiny", in_channels=1, num_classes=4)
+    cfg = TrainConfig(method="qat", bits=4, epochs=1, batch_size=64)
+    row, _ = pipeline.run_method("qat", spec, data, cfg, tmp_path)
+    assert row["file"] == "qat-4b.safetensors"
+
+    def one_weight_off(path, model):
+        model, meta = load_packed(path, model=model)
+        next(model.parameters()).data.view(-1)[0] += 1e-3
+        return model, meta
+
+    monkeypatch.setattr(pipeline, "load_packed", one_weight_off)
+    (tmp_path / "again").mkdir()
+    with pytest.raises(RuntimeError, match="differ from the trained quantized model"):
+        pipeline.run_method("qat", spec, data, cfg, tmp_path / "again")

@@ -66,4 +66,5 @@ def embedding_task(reference: nn.Module | None, teacher: str | None, tokenizer=N
     path = tokenizer or (Path(teacher.removeprefix("hf:")) / "tokenizer.json" if teacher and teacher.startswith("hf:") else None)
     if path is None:
         raise QDistillError("no tokenizer for the embedding task: give --tokenizer TOKENIZER.JSON (the teacher's own)")
-    return SentenceEmbedding.from_folder(text_dir or python_docs_dir(), path, reference, train_subset, test_subset, 128 if seq_len is None else seq_len)
+    folder = text_dir or python_docs_dir()
+    return SentenceEmbedding.from_folder(folder, path, reference, train_subset, test_subset, 128 if seq_len is None else seq_len, cache_dir() / "logits")

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from qdistill.data import epoch_order
 from qdistill.data.text import load_tokenizer, tokenizer_failures
-from qdistill.distill.teacher import CachedTeacher, LiveTeacher, model_digest
+from qdistill.distill.teacher import CachedTeacher, LiveTeacher, model_digest, tensor_digest
 from qdistill.errors import QDistillError
 from qdistill.files import check_cache_entry, replaced_whole
 from qdistill.modes import evaluating
@@ -62,15 +63,16 @@ class SentenceEmbedding:
     metric = "cos"
 
     def __init__(self, sentences: dict[str, list[str]], sections: dict[str, list[tuple[str, str]]], tokenizer, reference: nn.Module,
-                 max_len: int = 128, eval_batch_size: int = 64, corpus_name: str = "text"):
+                 max_len: int = 128, eval_batch_size: int = 64, corpus_name: str = "text", cache_dir=None):
         """`tokenizer` is a `tokenizers.Tokenizer` (the reference's own tokenizer.json); sentences longer than
-        `max_len` tokens are cut. `sections`: (title, text) pairs of the held-out splits."""
+        `max_len` tokens are cut. `sections`: (title, text) pairs of the held-out splits. The reference's
+        embeddings of the held-out sentences are kept in `cache_dir` (None: computed in each process)."""
         if not isinstance(max_len, int) or isinstance(max_len, bool) or not 4 <= max_len <= 4096:
             raise QDistillError(f"max_len must be an integer from 4 to 4096, got {max_len!r}")
         for split in SPLITS:
             if len(sentences.get(split) or ()) < 2:
                 raise QDistillError(f"the embedding task needs at least 2 {split} sentences, found {len(sentences.get(split) or ())}: give a larger --text-dir or subset")
-        self.max_len, self.eval_batch_size, self.corpus_name = max_len, eval_batch_size, corpus_name
+        self.max_len, self.eval_batch_size, self.corpus_name, self.cache_dir = max_len, eval_batch_size, corpus_name, cache_dir
         self.reference = reference.eval()  # its gradients are never needed (embed runs under no_grad); a student copied from it stays trainable
         self.pad_id = tokenizer.token_to_id("[PAD]") or 0
         self.tokenizer_digest = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
@@ -82,7 +84,7 @@ class SentenceEmbedding:
 
     @classmethod
     def from_folder(cls, folder: str | Path, tokenizer_json: str | Path, reference: nn.Module, train_subset: int | None = None,
-                    eval_subset: int | None = None, max_len: int = 128) -> "SentenceEmbedding":
+                    eval_subset: int | None = None, max_len: int = 128, cache_dir=None) -> "SentenceEmbedding":
         """The sentences of a folder of reST files (the Python docs: `data.text.python_docs_dir()`) split by
         file, tokenized with the reference's own tokenizer.json; the first `train_subset` training and
         `eval_subset` validation and test sentences where given."""
@@ -94,7 +96,7 @@ class SentenceEmbedding:
         folder = Path(folder)
         sentences = {s: load_sentences(folder, s)[: train_subset if s == "train" else eval_subset] for s in SPLITS}
         sections = {s: load_sections(folder, s) for s in ("val", "test")}
-        return cls(sentences, sections, tokenizer, reference, max_len=max_len, corpus_name=folder.name)
+        return cls(sentences, sections, tokenizer, reference, max_len=max_len, corpus_name=folder.name, cache_dir=cache_dir)
 
     def _encode(self, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids [N, max_len] (padded) and lengths [N]."""
@@ -144,7 +146,7 @@ class SentenceEmbedding:
         device = next(model.parameters()).device
         order = torch.argsort(data[1], stable=True)
         out = torch.empty(0)
-        with evaluating(model):
+        with evaluating(model), parametrize.cached():  # quantized weights computed once, not per batch
             for start in range(0, len(order), self.eval_batch_size):
                 index = order[start : start + self.eval_batch_size]
                 pooled = self.forward(model, {k: v.to(device) for k, v in self._batch(data, index).items()}).float().cpu()
@@ -156,8 +158,8 @@ class SentenceEmbedding:
         return out
 
     def _reference(self, split: str) -> torch.Tensor:
-        if split not in self._reference_embeddings:  # computed once per split
-            self._reference_embeddings[split] = self.embed(self.reference, self.sentences[split])
+        if split not in self._reference_embeddings:  # computed once per split (and kept in `cache_dir`)
+            self._reference_embeddings[split] = self.cached_embeddings(self.reference, split, self.cache_dir)
         return self._reference_embeddings[split]
 
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
@@ -192,7 +194,14 @@ class SentenceEmbedding:
         if cfg.teacher_logits == "live" or cache_dir is None:
             return LiveTeacher(model, self.forward)
         device = next(model.parameters()).device  # where the student's embeddings will be
-        key = hashlib.sha256(f"{model_digest(model)}-{self.data_key()}".encode()).hexdigest()[:24]
+        return CachedTeacher(self.cached_embeddings(model, "train", cache_dir, progress)).to(device)
+
+    def cached_embeddings(self, model: nn.Module, split: str, cache_dir, progress=None) -> torch.Tensor:
+        """`embed` of a split, kept in `cache_dir` (None: not kept) under the model's weights and the split's
+        token ids: a teacher's embeddings (training targets, evaluation's reference) are computed once for every run."""
+        if cache_dir is None:
+            return self.embed(model, self.sentences[split], progress)
+        key = hashlib.sha256(f"{model_digest(model)}-{tensor_digest(*self.sentences[split])}".encode()).hexdigest()[:24]
         path = Path(cache_dir) / f"teacher-embeddings-{key}.npy"
         if os.path.lexists(path):
             try:
@@ -201,10 +210,10 @@ class SentenceEmbedding:
             except (OSError, ValueError, QDistillError) as e:  # a damaged or foreign cache is recomputed, not trusted
                 log.warning("ignoring the teacher-embedding cache %s: %s", path, e)
             else:
-                if cached.shape[0] == self.train_size():
-                    return CachedTeacher(torch.from_numpy(cached.astype(np.float32))).to(device)
-        embeddings = self.embed(model, self.sentences["train"], progress)
+                if cached.shape[0] == len(self.sentences[split][0]) and cached.dtype == np.float32:
+                    return torch.from_numpy(cached)
+        embeddings = self.embed(model, self.sentences[split], progress)
         path.parent.mkdir(parents=True, exist_ok=True)
         with replaced_whole(path, mode=0o600) as tmp:
             np.save(tmp, embeddings.numpy())
-        return CachedTeacher(embeddings).to(device)
+        return embeddings

@@ -33,9 +33,9 @@ def bert(seed=0, pooler=False):
     return transformers.BertModel(config, add_pooling_layer=pooler)  # a saved encoder keeps its pooler, as MiniLM's does
 
 
-def task(reference, n_train=256):
+def task(reference, n_train=256, cache_dir=None):
     sections = {s: list(zip(sentences(24, seed), sentences(24, seed + 100))) for s, seed in (("val", 1), ("test", 2))}
-    return SentenceEmbedding({"train": sentences(n_train, 0), "val": sentences(40, 1), "test": sentences(60, 2)}, sections, tokenizer(), reference, max_len=16)
+    return SentenceEmbedding({"train": sentences(n_train, 0), "val": sentences(40, 1), "test": sentences(60, 2)}, sections, tokenizer(), reference, max_len=16, cache_dir=cache_dir)
 
 
 def test_mean_pool_leaves_padding_out():
@@ -85,6 +85,16 @@ def test_teacher_embeddings_are_cached_once(tmp_path, monkeypatch):
     monkeypatch.setattr(t, "embed", lambda *a: pytest.fail("recomputed the cached embeddings"))
     again = t.teacher(reference, TrainConfig(), tmp_path)
     assert torch.equal(first.logits, again.logits) and first.logits.shape == (256, 32)
+
+
+def test_the_references_held_out_embeddings_are_computed_once_for_every_run(tmp_path, monkeypatch):
+    """Evaluating embeds each split with the teacher too: kept in the cache, a second run (a new task) reads them."""
+    reference, student = bert(), bert(seed=1)
+    first = task(reference, cache_dir=tmp_path).evaluate(student, "val")
+    again = task(reference, cache_dir=tmp_path)
+    embed = again.embed
+    monkeypatch.setattr(again, "embed", lambda model, *a: pytest.fail("embedded with the teacher again") if model is reference else embed(model, *a))
+    assert again.evaluate(student, "val") == first and len(list(tmp_path.iterdir())) == 1
 
 
 def test_cached_teacher_embeddings_are_on_the_teachers_device(tmp_path, monkeypatch):
