@@ -513,7 +513,7 @@ def export_onnx_file(args) -> None:
         error = (got - expected).abs().max().item() / max(expected.abs().max().item(), 1e-12)
         if args.accuracy_level == 0 and not error <= ONNX_TOLERANCE:
             raise QDistillError(f"ONNX Runtime's output is {error:.1e} away from the packed model's (more than {ONNX_TOLERANCE:.0e}): not written")
-    out.print(f"ONNX model written to {target} ({info['bytes']:,} bytes; {info['matmul_nbits']} weights as MatMulNBits, {info['float32']} in float32); "
+    out.print(f"ONNX model written to {target} ({info['bytes']:,} bytes; {info['matmul_nbits']} weights as MatMulNBits, {info['gather_block_quantized']} tables as GatherBlockQuantized, {info['float32']} in float32); "
               f"ONNX Runtime's output on a random input is within {error:.1e} of the packed model's (relative to its largest value)")
 
 

@@ -7,8 +7,10 @@ output. 2-, 4- and 8-bit levels keep their width (8 bits with integer zero point
 4-bit grids (same step, same zero point). Groups with an integer zero point (`--zero-point int`) get
 uint8 zero points, ONNX Runtime's fast path; min-max groups get float zero points (-min / step), which
 ONNX Runtime computes exactly but slowly. Every other tensor is a float32 initializer holding the dense
-loader's value. `accuracy_level` 4 lets ONNX Runtime quantize the activations to int8 (faster, less
-exact: docs/inference.md).
+loader's value. Each quantized nn.Embedding of such blocks with integer zero points becomes one
+`com.microsoft.GatherBlockQuantized` node (its 4- or 8-bit table, looked up and dequantized per token),
+unless it is tied to an output layer. `accuracy_level` 4 lets ONNX Runtime quantize the activations to
+int8 (faster, less exact: docs/inference.md).
 
 The graph is traced by torch.onnx's TorchScript exporter from the dense model with those Linear layers
 swapped for `NBitsLinear`, whose symbolic emits the MatMulNBits node, and its adaptive pooling for
@@ -31,15 +33,26 @@ from qdistill.models import replace_module
 from qdistill.runtime.load import load_packed
 
 NBITS = {1: 2, 2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}  # the MatMulNBits width a b-bit level sits on
+GATHER_BITS = {1: 4, 2: 4, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}  # GatherBlockQuantized's: 4 or 8 bits
 OPSET = 17
 
 
 def nbits_ready(entry: dict) -> bool:
     """Whether this tensor can be a MatMulNBits weight: uniform levels of a 2-d tensor in row blocks of 2**k >= 16
     (at 5 to 8 bits with integer zero points only: ONNX Runtime's CPU kernel has no 8-bit float zero points)."""
+    return power_of_two_block(entry) is not None and (NBITS[entry["index_bits"]] < 8 or options(entry)["zero_point"] == "int")
+
+
+def power_of_two_block(entry: dict) -> int | None:
+    """The row block of a uniform 2-d tensor where it is a power of two of 16 or more (what both contrib ops take)."""
     block = row_group(entry) if entry["kind"] == "uniform" and len(entry["shape"]) == 2 else None
-    integer = options(entry)["zero_point"] == "int"
-    return block is not None and block >= 16 and block & (block - 1) == 0 and (NBITS[entry["index_bits"]] < 8 or integer)
+    return block if block is not None and block >= 16 and block & (block - 1) == 0 else None
+
+
+def gather_ready(entry: dict) -> bool:
+    """Whether this tensor can be a GatherBlockQuantized table: blocks of `power_of_two_block` with integer zero
+    points (the op's zero points are integers of the data's type)."""
+    return power_of_two_block(entry) is not None and options(entry)["zero_point"] == "int"
 
 
 def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -68,6 +81,41 @@ def nbits_weights(entry: dict, tensors: dict[str, torch.Tensor]) -> dict:
         q = torch.where(flat.view(n, blocks).repeat_interleave(block, 1), torch.ones_like(q), q)
     packed = pack_rows(q.view(n, blocks, block), bits)
     return {"packed": packed, "scales": scale.float().reshape(-1), "zero_points": zero_points, "N": n, "K": k, "bits": bits, "block_size": block}
+
+
+def gather_weights(entry: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """GatherBlockQuantized's inputs and attributes for one `gather_ready` table [V, D]: w = (q - zero) * step per block."""
+    rows, dim = entry["shape"]
+    block, bits = row_group(entry), GATHER_BITS[entry["index_bits"]]
+    p = entry_params(entry, tensors)
+    zero = p["zero"].to(torch.uint8).view(rows, dim // block)
+    data = pack_rows(entry_indices(entry, tensors).view(rows, dim), bits)
+    return {"data": data, "scales": p["step"].float().view(rows, dim // block), "zero_points": pack_rows(zero, bits), "dim": dim, "bits": bits, "block_size": block}
+
+
+class _GatherBlockQuantized(torch.autograd.Function):
+    """Rows `ids` of a block-quantized table as ONNX Runtime's GatherBlockQuantized node; traced only (zeros)."""
+
+    @staticmethod
+    def forward(ctx, ids, data, scales, zero_points, dim, bits, block_size):
+        return scales.new_zeros(*ids.shape, dim)
+
+    @staticmethod
+    def symbolic(g, ids, data, scales, zero_points, dim, bits, block_size):
+        return g.op("com.microsoft::GatherBlockQuantized", data, ids, scales, zero_points, bits_i=bits, block_size_i=block_size, gather_axis_i=0, quantize_axis_i=1)
+
+
+class BlockQuantizedEmbedding(nn.Module):
+    """An nn.Embedding exported as GatherBlockQuantized (for torch.onnx.export only: its forward gives zeros)."""
+
+    def __init__(self, weights: dict):
+        super().__init__()
+        self.attrs = (weights["dim"], weights["bits"], weights["block_size"])
+        for name in ("data", "scales", "zero_points"):
+            self.register_buffer(name, weights[name])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return _GatherBlockQuantized.apply(ids, self.data, self.scales, self.zero_points, *self.attrs)
 
 
 class _MatMulNBits(torch.autograd.Function):
@@ -133,19 +181,24 @@ def export_onnx(path: str | Path, out: str | Path, sample: tuple[torch.Tensor, .
                 dynamic: dict | None = None, model: nn.Module | None = None, trust_code: bool = False, accuracy_level: int = 0) -> dict:
     """Write the packed model at `path` as an ONNX graph at `out`; `sample` is one input (tuple) to trace with,
     `head(model, *inputs)` what the graph returns (default: the model's output), `dynamic` ONNX's dynamic axes
-    by input name. Returns how many weights became MatMulNBits nodes and how many stayed float32."""
+    by input name. Returns how many weights became MatMulNBits and GatherBlockQuantized nodes and how many stayed float32."""
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise QDistillError(f"accuracy_level must be 0 to 4 (ONNX Runtime's MatMulNBits: 4 computes with int8 activations), got {accuracy_level!r}")
     dense, meta = load_packed(path, model=model, trust_code=trust_code)
     _, tensors = read_packed(path)
     aliases = set(meta.get("aliases", {})) | set(meta.get("aliases", {}).values())
-    low_bit = 0
+    low_bit = gathered = 0
     for entry in meta["quantized"]:
         module_path, _, name = entry["name"].rpartition(".")
         module = dense.get_submodule(module_path) if module_path else None
-        if type(module) is nn.Linear and name == "weight" and entry["name"] not in aliases and nbits_ready(entry):
+        if name != "weight" or entry["name"] in aliases:  # a tied table stays float32: its output layer reads it whole
+            continue
+        if type(module) is nn.Linear and nbits_ready(entry):
             replace_module(dense, module, NBitsLinear(module, nbits_weights(entry, tensors), accuracy_level))
             low_bit += 1
+        elif type(module) is nn.Embedding and module.max_norm is None and gather_ready(entry):
+            replace_module(dense, module, BlockQuantizedEmbedding(gather_weights(entry, tensors)))
+            gathered += 1
     for module in list(dense.modules()):
         if type(module) in (nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d) and not getattr(module, "return_indices", False):
             replace_module(dense, module, SlicedAdaptivePool(module))
@@ -156,10 +209,10 @@ def export_onnx(path: str | Path, out: str | Path, sample: tuple[torch.Tensor, .
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice and tracer warnings: the graph is checked below, by running it
             torch.onnx.export(graph, sample, str(out), dynamo=False, opset_version=OPSET, input_names=list(input_names), output_names=[output_name],
-                              dynamic_axes=dynamic or {}, custom_opsets={"com.microsoft": 1} if low_bit else None)
+                              dynamic_axes=dynamic or {}, custom_opsets={"com.microsoft": 1} if low_bit or gathered else None)
     except Exception as e:  # the tracer's own errors: a model it cannot follow
         raise QDistillError(f"torch.onnx could not export {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
-    return {"matmul_nbits": low_bit, "float32": len(meta["quantized"]) - low_bit, "bytes": out.stat().st_size}
+    return {"matmul_nbits": low_bit, "gather_block_quantized": gathered, "float32": len(meta["quantized"]) - low_bit - gathered, "bytes": out.stat().st_size}
 
 
 def signature(task: dict, spec: dict, image_size: int = 28) -> dict:

@@ -73,7 +73,7 @@ def test_command_line_export_checks_itself_and_never_overwrites(tmp_path, capsys
     argv = ["export", str(packed), str(onnx_file), "--format", "onnx", "--model", "tests.conftest:toy_mlp", "--image-size", "8"]
     assert main(argv) == 0
     said = " ".join(capsys.readouterr().out.split())
-    assert "2 weights as MatMulNBits, 0 in float32" in said and "within" in said
+    assert "2 weights as MatMulNBits, 0 tables as GatherBlockQuantized, 0 in float32" in said and "within" in said
     images = torch.randn(4, 1, 8, 8)
     expected = qdistill.load_packed(packed, model=__import__("tests.conftest", fromlist=["toy_mlp"]).toy_mlp())[0](images).detach()
     assert torch.equal(check_with_onnxruntime(onnx_file, (images,), ("images",)).argmax(-1), expected.argmax(-1))
@@ -110,3 +110,46 @@ def test_adaptive_pooling_of_any_output_size_exports_exactly(tmp_path, pool, poo
     export_onnx(path, tmp_path / "m.onnx", (torch.zeros(1, 2, 9, 11),), model=net(), dynamic={"x": {0: "batch"}})
     expected = qdistill.load_packed(path, model=net())[0](x).detach()
     torch.testing.assert_close(check_with_onnxruntime(tmp_path / "m.onnx", (x,)), expected, rtol=1e-5, atol=1e-6)
+
+
+class Bag(nn.Module):
+    """Token embeddings (and a tied or untied output layer): what an encoder's or LM's tables look like."""
+
+    def __init__(self, tied=False):
+        super().__init__()
+        self.emb = nn.Embedding(200, 64)
+        self.out = nn.Linear(64, 200, bias=False)
+        if tied:
+            self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.emb(ids)))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_embeddings_become_gather_block_quantized_and_compute_the_packed_model(tmp_path, bits):
+    """The table of a MiniLM is half its weights: kept low-bit in the graph, looked up exactly."""
+    torch.manual_seed(0)
+    model = Bag()
+    attach(model, qdistill.UniformQuantizer(bits=bits, bucket=32, groups="row", zero_point="int"))
+    path = qdistill.save_packed(model, SPEC, tmp_path / "m.safetensors")
+    ids = torch.randint(0, 200, (3, 7))
+    info = export_onnx(path, tmp_path / "m.onnx", (ids,), input_names=("ids",), model=Bag(), dynamic={"ids": {0: "batch", 1: "length"}})
+    assert (info["gather_block_quantized"], info["matmul_nbits"], info["float32"]) == (1, 1, 0) and "GatherBlockQuantized" in ops(tmp_path / "m.onnx")
+    expected = qdistill.load_packed(path, model=Bag())[0](ids).detach()
+    torch.testing.assert_close(check_with_onnxruntime(tmp_path / "m.onnx", (ids,), ("ids",)), expected, rtol=1e-5, atol=1e-6)
+    assert info["bytes"] < 4 * 200 * 64 * (4 if bits <= 4 else 8) / 32 * 2 + 12000  # both tables low-bit
+
+
+@pytest.mark.parametrize("case", ["float zero points", "tied to the output layer"])
+def test_tables_the_op_cannot_hold_stay_float32_and_exact(tmp_path, case):
+    torch.manual_seed(0)
+    model = Bag(tied=case == "tied to the output layer")
+    attach(model, qdistill.UniformQuantizer(bits=4, bucket=32, groups="row", zero_point="float" if case == "float zero points" else "int"))
+    path = qdistill.save_packed(model, SPEC, tmp_path / "m.safetensors")
+    ids = torch.randint(0, 200, (2, 5))
+    fresh = Bag(tied=case == "tied to the output layer")
+    info = export_onnx(path, tmp_path / "m.onnx", (ids,), input_names=("ids",), model=fresh)
+    assert info["gather_block_quantized"] == 0 and "GatherBlockQuantized" not in ops(tmp_path / "m.onnx")
+    expected = qdistill.load_packed(path, model=Bag(tied=case == "tied to the output layer"))[0](ids).detach()
+    torch.testing.assert_close(check_with_onnxruntime(tmp_path / "m.onnx", (ids,), ("ids",)), expected, rtol=1e-5, atol=1e-6)
