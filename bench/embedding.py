@@ -37,6 +37,8 @@ from qdistill.pipeline import worker_pool
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = {"ptq": {"method": "ptq"}, "ptq (mse)": {"method": "ptq", "scale": "mse"}, "qd": {"method": "qd"}, "qd (mse)": {"method": "qd", "scale": "mse"}}
+ROW32 = {"groups": "row", "bucket": 32, "zero_point": "int", "scale": "mse"}  # the layout a user would pick (ONNX Runtime's, exported whole)
+METHODS |= {"ptq (row32)": {"method": "ptq", **ROW32}, "qd (row32)": {"method": "qd", **ROW32}, "qd (row32, relational)": {"method": "qd", **ROW32, "relational": 1.0}}
 SPEED_SENTENCES = 1024
 
 

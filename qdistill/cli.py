@@ -324,6 +324,8 @@ def cmd_distill(args) -> None:
     if not args.resume:
         cfg = config_from(args, defaults=TASKS[name], method=args.method)
     resolve_device(cfg.device)  # before any work: a device this machine lacks
+    if cfg.relational and name != "embedding":
+        raise QDistillError(f"--relational weighs the similarity matrix of sentence embeddings; the {name} task has none: leave it out")
     reference = init = spec = None
     if name == "embedding" and args.teacher:  # the task scores against the teacher; the student is its copy unless told
         reference, reference_spec = load_any(args.teacher, None, args.trust_code, args.hf_head)

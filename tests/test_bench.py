@@ -541,3 +541,17 @@ def test_every_bad_input_of_the_bench_is_handled(tmp_path):
     Hugging Face folders, exports): each one `qdistill: error:` line, nothing run or written outside."""
     rows = load("bad_inputs").main(["--out", str(tmp_path / "bad.md")])
     assert len(rows) >= 80 and [r for r in rows if r[2] != "handled"] == []
+
+
+def test_minilm_bench_plans_the_anchors_and_three_ways_to_run_each_file():
+    """PyTorch fp32, ONNX Runtime fp32 and int8 dynamic, then each file on ONNX Runtime (float and int8
+    activations) and on the kernels runtime; a --files label keeps its file, its ONNX made beside the ptq ones."""
+    minilm = load("minilm")
+    rows = minilm.plan([4], 32, ["qd 4b=runs/x/qd-4b.safetensors"])
+    assert [r["label"] for r in rows] == [
+        "PyTorch fp32", "ONNX Runtime fp32", "ONNX Runtime int8 dynamic",
+        "qdistill ptq 4b, ONNX Runtime", "qdistill ptq 4b, ONNX Runtime int8 activations", "qdistill ptq 4b, kernels",
+        "qdistill qd 4b, ONNX Runtime", "qdistill qd 4b, ONNX Runtime int8 activations", "qdistill qd 4b, kernels"]
+    assert rows[-1]["file"] == "runs/x/qd-4b.safetensors" and rows[-3]["source_file"] == "runs/x/qd-4b.safetensors" and rows[-2]["accuracy_level"] == 4
+    table = minilm.markdown([{"row": r["label"], "ms_1": 2.0, "ms_32": 40.0, "cos": 0.99} for r in rows[:2]], "setup")
+    assert "| ONNX Runtime fp32 | 0.9900 |" in table and "| 1.00 |" in table

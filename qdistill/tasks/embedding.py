@@ -136,7 +136,10 @@ class SentenceEmbedding:
     def loss(self, out: torch.Tensor, target, batch: dict, cfg) -> torch.Tensor:
         if target is None:
             raise QDistillError("the embedding task learns from its teacher's embeddings: use a distilling method (kd, qd, dq, qd+dq) or ptq")
-        return (1 - (out * target).sum(-1)).mean()
+        loss = (1 - (out * target).sum(-1)).mean()
+        if cfg.relational:  # the batch's cosine similarities: the embedding space's geometry, not only each direction
+            loss = loss + cfg.relational * F.mse_loss(out @ out.T, target @ target.T)
+        return loss
 
     @torch.no_grad()
     def embed(self, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], progress=None) -> torch.Tensor:

@@ -117,6 +117,9 @@ class TrainConfig:
     alpha: float = 0.7
     teacher_logits: str = "cached"  # cached or live (live is forced by augment)
     topk: int = 32  # language models: the teacher's k most likely tokens per position kept in the cache
+    # sentence embeddings: the weight of the batch's similarity matrix (student's against teacher's, squared
+    # error) beside each embedding's cosine, so that neighbours are kept and not only directions
+    relational: float = 0.0
     # differentiable quantization
     dq_epochs: int = 1
     points_lr: float = 1e-3
@@ -164,6 +167,8 @@ class TrainConfig:
             raise QDistillError(f"warmup must be a fraction of the steps in [0, 1), got {self.warmup!r}")
         if not isinstance(self.topk, int) or isinstance(self.topk, bool) or not 1 <= self.topk <= 1024:
             raise QDistillError(f"topk must be an integer from 1 to 1024, got {self.topk!r}")
+        if not self.relational >= 0:
+            raise QDistillError(f"relational must be a non-negative weight, got {self.relational!r}")
         if not 0 <= self.momentum < 1:
             raise QDistillError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:

@@ -143,6 +143,20 @@ def test_a_tokenizer_that_panics_is_one_error(tmp_path):
         t._encode(t.tokenizer, ["the list"])
 
 
+def test_the_relational_term_weighs_the_batchs_similarity_matrix():
+    """Each embedding's cosine to its target, plus `relational` times the squared error of the batch's
+    cosine similarities: two students equally close to their targets differ in how they keep neighbours."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
+    out = torch.nn.functional.normalize(target + 0.3 * torch.randn(8, 16, generator=g), dim=1)
+    t = task(bert())
+    plain = t.loss(out, target, {}, TrainConfig())
+    assert torch.isclose(plain, (1 - (out * target).sum(-1)).mean())
+    weighed = t.loss(out, target, {}, TrainConfig(relational=2.0))
+    assert torch.isclose(weighed - plain, 2.0 * ((out @ out.T - target @ target.T) ** 2).mean()) and weighed > plain
+    assert t.loss(target, target, {}, TrainConfig(relational=2.0)) < 1e-6
+
+
 def test_a_method_without_a_teacher_is_refused():
     reference = bert()
     with pytest.raises(QDistillError, match="teacher"):
