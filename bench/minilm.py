@@ -128,7 +128,7 @@ def load_row(row: dict, path: Path | None, spec: dict, model_dir: str, threads: 
         return load_hf(model_dir, "encoder")[0]
     if row["kind"] == "onnx":
         return OnnxEncoder(path, threads)
-    return load_packed(path, model=make_architecture(spec), runtime="kernels")[0]
+    return load_packed(path, runtime="kernels")[0]  # as `qdistill eval --runtime kernels`: built from the file's spec, never dense first
 
 
 def forward_of(row: dict, task):
