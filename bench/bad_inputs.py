@@ -32,7 +32,7 @@ from qdistill.models import build_model, model_spec, save_checkpoint
 RESULTS = Path(__file__).parent / "results"
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository: its tests' file crafting
 
-from tests.crafted import rewrite  # noqa: E402
+from tests.crafted import floats_into_uint8_blob, rewrite  # noqa: E402
 
 
 class Hang(BaseException):
@@ -141,19 +141,11 @@ def cases(d: Path, f: dict) -> list[tuple[str, str, list[str]]]:
     def nan_kept(t):
         t["fp.float32"] = t["fp.float32"].clone().fill_(float("nan"))
 
-    def uint8_kept(m):
-        for e in m["kept"]:
-            if e["blob"] == "fp.float32":
-                e["blob"] = "fp.uint8"
-
-    def uint8_blob(t):
-        t["fp.uint8"] = t.pop("fp.float32").abs().round().clamp(max=255).to(torch.uint8)
-
     llama = {"factory": "qdistill.models:hf_model", "kwargs": {"head": "causal-lm", "config": {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32}}}
     t5 = {"factory": "qdistill.models:hf_model", "kwargs": {"head": "encoder", "config": {"model_type": "t5", "vocab_size": 64, "d_model": 8, "d_kv": 4, "d_ff": 16, "num_layers": 1, "num_decoder_layers": 10**7, "num_heads": 2}}}
     packed_cases = [
         ("NaN full-precision tensor", rewrite(f["packed"], d / "nan.safetensors", edit_tensors=nan_kept)),
-        ("float weights in a uint8 blob", rewrite(f["packed"], d / "u8.safetensors", uint8_kept, uint8_blob)),
+        ("float weights in a uint8 blob", floats_into_uint8_blob(f["packed"], d / "u8.safetensors")),
         ("7B LLaMA spec in 20 kB", rewrite(f["packed"], d / "llama.safetensors", lambda m: m.update(spec=llama))),
         ("T5 of 10**7 decoder layers", rewrite(f["packed"], d / "t5.safetensors", lambda m: m.update(spec=t5))),
         ("tensor name with escapes", rewrite(f["packed"], d / "esc.safetensors", lambda m: m["quantized"][0].update(name="\x1b[2J\x1b[Hok", shape=[-1]))),

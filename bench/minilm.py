@@ -20,36 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from embedding import make_task, minilm_dir
+from inference import median_ms, status_mib  # bench/inference.py: the same timing and memory readings
 
 from qdistill.pipeline import worker_pool
 from qdistill.report import markdown_table
 
 RESULTS = Path(__file__).parent / "results"
 BATCHES = (1, 32)  # sentences per call
-
-
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def float_onnx(teacher, out: Path) -> None:
@@ -167,7 +149,7 @@ def speed_job(row: dict, path: str | None, spec: dict, batches: dict, setting: d
     import qdistill.runtime  # noqa: F401
     from qdistill.tasks.embedding import mean_pool
 
-    before = rss_mib()
+    before = status_mib("VmRSS")
     model = load_row(row, Path(path) if path else None, spec, setting["model_dir"], threads)
     if row["kind"] == "onnx":
         forward = model
@@ -175,8 +157,8 @@ def speed_job(row: dict, path: str | None, spec: dict, batches: dict, setting: d
         forward = lambda batch: mean_pool(model(input_ids=batch["x"], attention_mask=batch["mask"]).last_hidden_state, batch["mask"])  # noqa: E731
     with torch.no_grad():
         forward(batches[1])
-        held = rss_mib() - before
-        return {"held_mib": held, **{f"ms_{n}": median_ms(lambda: forward(batches[n]), setting["reps"]) for n in BATCHES}}
+        held = status_mib("VmRSS") - before
+        return {"held_mib": held, **{f"ms_{n}": median_ms(lambda: forward(batches[n]), setting["reps"], budget_s=float("inf")) for n in BATCHES}}
 
 
 def plan(bits: list[int], bucket: int, files: list[str]) -> list[dict]:

@@ -2,6 +2,7 @@
 
 import json
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -21,3 +22,17 @@ def rewrite(path, out, edit_meta=None, edit_tensors=None):
     meta["sha256"] = _digest(meta, tensors)
     save_file(tensors, str(out), metadata={"qdistill": json.dumps(meta)})
     return out
+
+
+def floats_into_uint8_blob(path, out):
+    """The kept float tensors rewritten as whole numbers into a well-typed blob fp.uint8 (once cast silently)."""
+
+    def move(meta):
+        for entry in meta["kept"]:
+            if entry["blob"] == "fp.float32":
+                entry["blob"] = "fp.uint8"
+
+    def retype(tensors):
+        tensors["fp.uint8"] = tensors.pop("fp.float32").abs().round().clamp(max=255).to(torch.uint8)
+
+    return rewrite(path, out, edit_meta=move, edit_tensors=retype)

@@ -18,7 +18,7 @@ from torch.nn.modules.module import register_module_parameter_registration_hook
 from qdistill import QDistillError, UniformQuantizer, attach, load_packed, save_packed
 from qdistill.cli import main
 from qdistill.models import build_model, load_checkpoint, model_spec, save_checkpoint
-from tests.crafted import rewrite
+from tests.crafted import floats_into_uint8_blob, rewrite
 from tests.format.test_packed import quantized_model
 
 
@@ -430,15 +430,6 @@ def test_tensor_names_in_layout_errors_are_quoted(packed, tmp_path, capsys):
 
 def test_float_weights_moved_into_an_integer_blob_are_refused_not_cast(packed, tmp_path):
     """The kept float tensors rewritten as whole numbers into a well-typed blob fp.uint8 (once cast silently)."""
-
-    def move(meta):
-        for entry in meta["kept"]:
-            if entry["blob"] == "fp.float32":
-                entry["blob"] = "fp.uint8"
-
-    def retype(tensors):
-        tensors["fp.uint8"] = tensors.pop("fp.float32").abs().round().clamp(max=255).to(torch.uint8)
-
-    evil = rewrite(packed, tmp_path / "x.safetensors", edit_meta=move, edit_tensors=retype)
+    evil = floats_into_uint8_blob(packed, tmp_path / "x.safetensors")
     with pytest.raises(QDistillError, match="is stored as torch.uint8, the model's is torch.float32"):
         load_packed(evil)
