@@ -38,7 +38,10 @@ from qdistill.pipeline import worker_pool
 RESULTS = Path(__file__).parent / "results"
 METHODS = {"ptq": {"method": "ptq"}, "ptq (mse)": {"method": "ptq", "scale": "mse"}, "qd": {"method": "qd"}, "qd (mse)": {"method": "qd", "scale": "mse"}}
 ROW32 = {"groups": "row", "bucket": 32, "zero_point": "int", "scale": "mse"}  # the layout a user would pick (ONNX Runtime's, exported whole)
-METHODS |= {"ptq (row32)": {"method": "ptq", **ROW32}, "qd (row32)": {"method": "qd", **ROW32}, "qd (row32, relational)": {"method": "qd", **ROW32, "relational": 1.0}}
+METHODS |= {"ptq (row32)": {"method": "ptq", **ROW32}, "qd (row32)": {"method": "qd", **ROW32}, "qd (row32, relational)": {"method": "qd", **ROW32, "relational": 1.0},
+            "qd (row32, no dropout)": {"method": "qd", **ROW32, "dropout": 0.0}, "qd (row32, layers)": {"method": "qd", **ROW32, "hidden_states": 1.0},
+            "qd (row32, layers, no dropout)": {"method": "qd", **ROW32, "hidden_states": 1.0, "dropout": 0.0},
+            "ptq (row64)": {"method": "ptq", **ROW32, "bucket": 64}}
 SPEED_SENTENCES = 1024
 
 

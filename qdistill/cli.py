@@ -92,12 +92,16 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
             continue
         if f.name == "bucket":
             g.add_argument(flag, type=bucket_arg, default=argparse.SUPPRESS, help="values per bucket, or 'global' (default 256)")
+        elif f.name == "bucket_by_name":
+            g.add_argument(flag, action="append", default=None, metavar="GLOB=N", help="the bucket of the tensors so named, over --bucket (repeatable; first match wins)")
         elif f.name in ("include", "exclude"):
             g.add_argument(flag, action="append", default=None, metavar="GLOB", help=f"{f.name} tensors by name pattern (repeatable)")
         elif isinstance(default, bool):
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {default})")
         elif f.name in CHOICES:
             g.add_argument(flag, default=None, help=f"{' or '.join(CHOICES[f.name])} (default {default})")
+        elif f.name == "dropout":
+            g.add_argument(flag, type=float, default=None, help="the student's dropout while it trains (default: the model's own; 0: off)")
         else:
             g.add_argument(flag, type=float if default is None else type(default), default=None, help="(default off)" if default is None else f"(default {default})")
 
@@ -324,8 +328,8 @@ def cmd_distill(args) -> None:
     if not args.resume:
         cfg = config_from(args, defaults=TASKS[name], method=args.method)
     resolve_device(cfg.device)  # before any work: a device this machine lacks
-    if cfg.relational and name != "embedding":
-        raise QDistillError(f"--relational weighs the similarity matrix of sentence embeddings; the {name} task has none: leave it out")
+    if (cfg.relational or cfg.hidden_states) and name != "embedding":
+        raise QDistillError(f"--relational and --hidden-states weigh sentence embeddings' similarities and token states; the {name} task has none: leave them out")
     reference = init = spec = None
     if name == "embedding" and args.teacher:  # the task scores against the teacher; the student is its copy unless told
         reference, reference_spec = load_any(args.teacher, None, args.trust_code, args.hf_head)

@@ -60,7 +60,7 @@ def run_in(run_dir: Path, made: bool):
 
 
 # Options added after teachers were cached and shipped, at the values that train exactly as before.
-KEY_NEUTRAL = {"optimizer": "sgd", "warmup": 0.0, "topk": 32, "groups": "flat", "zero_point": "float", "scale_dtype": "float32", "relational": 0.0}
+KEY_NEUTRAL = {"optimizer": "sgd", "warmup": 0.0, "topk": 32, "groups": "flat", "zero_point": "float", "scale_dtype": "float32", "relational": 0.0, "hidden_states": 0.0, "bucket_by_name": []}
 
 # Teachers shipped with qdistill, named as in the cache: found when a run asks for the very same teacher.
 SHIPPED_TEACHERS = Path(__file__).parent / "assets" / "teachers"

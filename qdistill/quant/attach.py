@@ -108,9 +108,9 @@ def select(
     return list(chosen.values())
 
 
-def attach(model: nn.Module, quantizer: Quantizer, **select_kwargs) -> list[QuantizedTensor]:
-    """Give every selected tensor its own copy of `quantizer` (shared by the modules that share the tensor);
-    returns what was attached.
+def attach(model: nn.Module, quantizer: Quantizer, by_name: dict[str, Quantizer] | None = None, **select_kwargs) -> list[QuantizedTensor]:
+    """Give every selected tensor its own copy of `quantizer` (shared by the modules that share the tensor), or
+    of the quantizer of the first `by_name` glob pattern that one of its names matches; returns what was attached.
 
     Takes the same keyword arguments as `select`. A model can carry one set of quantizers at a time.
     """
@@ -121,8 +121,9 @@ def attach(model: nn.Module, quantizer: Quantizer, **select_kwargs) -> list[Quan
         raise QDistillError("no tensor matched: nothing to quantize (check the layer types and name patterns)")
     uses = _uses(model)
     for _, module, param in chosen:
-        q = copy.deepcopy(quantizer)
         weight = getattr(module, param)
+        names = [name for name, _, _ in uses[id(weight)]]
+        q = copy.deepcopy(next((q for p, q in (by_name or {}).items() if any(fnmatch(n, p) for n in names)), quantizer))
         if isinstance(q, LearnedPointsQuantizer):
             q.init_points(weight)
         q.to(weight.device)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +37,30 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The unit-length mean of each sentence's token states over its real tokens (padding left out)."""
     mask = mask.unsqueeze(-1).to(hidden.dtype)
     return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
+
+
+class Encoded(NamedTuple):
+    """A batch's pooled unit embeddings and its token states after each layer (the embeddings' output first):
+    what the layer-wise loss compares, student's against teacher's."""
+
+    pooled: torch.Tensor
+    hidden: tuple[torch.Tensor, ...]
+
+
+def pooled(out) -> torch.Tensor:
+    return out.pooled if isinstance(out, Encoded) else out
+
+
+def layer_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
+    """The mean over layers of the student's squared error to the teacher's token states, relative to the
+    teacher's mean square (so the weight does not depend on the states' scale), over real tokens. A
+    student with fewer layers follows every k-th of the teacher's."""
+    if len(student) < 2 or (len(teacher) - 1) % (len(student) - 1):
+        raise QDistillError(f"the student has {len(student) - 1} layers, its teacher {len(teacher) - 1}: layer-wise targets (hidden_states) need a student whose layers divide the teacher's")
+    step = (len(teacher) - 1) // (len(student) - 1)
+    real = mask.unsqueeze(-1).to(student[0].dtype)
+    errors = [((s - t).square() * real).sum() / (t.square() * real).sum().clamp_min(1e-12) for s, t in zip(student, teacher[::step])]
+    return torch.stack(errors).mean()
 
 
 def neighbour_recall(embeddings: torch.Tensor, reference: torch.Tensor, k: int = 10, chunk: int = 1024) -> float:
@@ -127,18 +152,27 @@ class SentenceEmbedding:
         for start in range(0, len(data[0]), batch_size):
             yield self._batch(data, torch.arange(start, min(start + batch_size, len(data[0]))))
 
-    def forward(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        out = model(input_ids=batch["x"], attention_mask=batch["mask"])
+    def forward(self, model: nn.Module, batch: dict) -> torch.Tensor | Encoded:
+        """The pooled unit embeddings; a model being trained gives its token states of each layer too (`Encoded`),
+        which the loss compares with the teacher's when `hidden_states` weighs them."""
+        encoded = self.encode(model, batch, layers=model.training)
+        return encoded if model.training else encoded.pooled
+
+    def encode(self, model: nn.Module, batch: dict, layers: bool = True) -> Encoded:
+        out = model(input_ids=batch["x"], attention_mask=batch["mask"], **({"output_hidden_states": True} if layers else {}))
         if not hasattr(out, "last_hidden_state"):
             raise QDistillError(f"{type(model).__name__} gives no hidden states (last_hidden_state): the embedding task takes encoders (--hf-head encoder)")
-        return mean_pool(out.last_hidden_state, batch["mask"])
+        return Encoded(mean_pool(out.last_hidden_state, batch["mask"]), tuple(out.hidden_states or ()) if layers else ())
 
-    def loss(self, out: torch.Tensor, target, batch: dict, cfg) -> torch.Tensor:
+    def loss(self, out: torch.Tensor | Encoded, target, batch: dict, cfg) -> torch.Tensor:
         if target is None:
             raise QDistillError("the embedding task learns from its teacher's embeddings: use a distilling method (kd, qd, dq, qd+dq) or ptq")
-        loss = (1 - (out * target).sum(-1)).mean()
+        ours, theirs = pooled(out), pooled(target)
+        loss = (1 - (ours * theirs).sum(-1)).mean()
         if cfg.relational:  # the batch's cosine similarities: the embedding space's geometry, not only each direction
-            loss = loss + cfg.relational * F.mse_loss(out @ out.T, target @ target.T)
+            loss = loss + cfg.relational * F.mse_loss(ours @ ours.T, theirs @ theirs.T)
+        if cfg.hidden_states and isinstance(out, Encoded) and isinstance(target, Encoded):  # both sides' layers (a student in training, the live teacher)
+            loss = loss + cfg.hidden_states * layer_loss(out.hidden, target.hidden, batch["mask"])
         return loss
 
     @torch.no_grad()
@@ -193,7 +227,10 @@ class SentenceEmbedding:
         return self._batch(self.sentences["train"], torch.arange(min(2, self.train_size())))
 
     def teacher(self, model: nn.Module, cfg, cache_dir, progress=None):
-        """The live teacher, or its embedding of every training sentence computed once and kept in `cache_dir`."""
+        """The live teacher (its token states too where `hidden_states` weighs them), or its embedding of every
+        training sentence computed once and kept in `cache_dir`."""
+        if cfg.hidden_states:
+            return LiveTeacher(model, self.encode)
         if cfg.teacher_logits == "live" or cache_dir is None:
             return LiveTeacher(model, self.forward)
         device = next(model.parameters()).device  # where the student's embeddings will be

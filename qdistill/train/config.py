@@ -91,6 +91,9 @@ class TrainConfig:
     zero_point: str = "float"  # float (min-max) or int (a step and an integer zero point: ONNX Runtime, torchao)
     scale_dtype: str = "float32"  # float32, float16 or bfloat16: each group's stored values, in training as on disk
     keep_first_last: bool = False
+    # "GLOB=N": the bucket of the tensors so named (the first pattern that matches wins), over `bucket`. A large
+    # embedding table in bigger groups costs little quality and much size (bench/README.md, MiniLM)
+    bucket_by_name: list[str] = field(default_factory=list)
     include: list[str] = field(default_factory=list)  # glob patterns on tensor names; empty = all default layer types
     exclude: list[str] = field(default_factory=list)
     # optimization (the paper, for CNNs: SGD with Nesterov momentum 0.9; language models: tasks.TASKS["lm"])
@@ -112,6 +115,9 @@ class TrainConfig:
     guard: str = "stop"
     guard_factor: float | None = 4.0
     augment: bool = False
+    # the student's dropout probability while it trains (null: the model's own). 0 turns it off: a pretrained
+    # student copying its teacher's exact outputs gains nothing from the noise
+    dropout: float | None = None
     # distillation
     temperature: float = 2.0
     alpha: float = 0.7
@@ -120,6 +126,9 @@ class TrainConfig:
     # sentence embeddings: the weight of the batch's similarity matrix (student's against teacher's, squared
     # error) beside each embedding's cosine, so that neighbours are kept and not only directions
     relational: float = 0.0
+    # sentence embeddings: the weight of the teacher's token states layer by layer (squared error relative
+    # to the teacher's, as TinyBERT and MiniLM's own distillation), beside the pooled embedding; needs the live teacher
+    hidden_states: float = 0.0
     # differentiable quantization
     dq_epochs: int = 1
     points_lr: float = 1e-3
@@ -150,6 +159,7 @@ class TrainConfig:
         if self.method not in METHODS:
             raise QDistillError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         self.make_quantizer("uniform")  # checks bits and bucket
+        self.quantizers_by_name("uniform")
         check_kd_params(self.temperature, self.alpha)
         for name in ("epochs", "dq_epochs"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
@@ -167,8 +177,11 @@ class TrainConfig:
             raise QDistillError(f"warmup must be a fraction of the steps in [0, 1), got {self.warmup!r}")
         if not isinstance(self.topk, int) or isinstance(self.topk, bool) or not 1 <= self.topk <= 1024:
             raise QDistillError(f"topk must be an integer from 1 to 1024, got {self.topk!r}")
-        if not self.relational >= 0:
-            raise QDistillError(f"relational must be a non-negative weight, got {self.relational!r}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise QDistillError(f"dropout must be a probability in [0, 1) or null (the model's own), got {self.dropout!r}")
+        for name in ("relational", "hidden_states"):
+            if not getattr(self, name) >= 0:
+                raise QDistillError(f"{name} must be a non-negative weight, got {getattr(self, name)!r}")
         if not 0 <= self.momentum < 1:
             raise QDistillError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
@@ -219,10 +232,21 @@ class TrainConfig:
         """Distilling methods need one, except dq taught by the student's own full-precision weights."""
         return self.spec.distill and not (self.method == "dq" and self.dq_teacher == "self")
 
-    def make_quantizer(self, kind: str, init: str | None = None) -> Quantizer:
+    def make_quantizer(self, kind: str, init: str | None = None, bucket: int | None | str = "default") -> Quantizer:
+        bucket = self.bucket if bucket == "default" else bucket
         if kind == "uniform":
-            return UniformQuantizer(self.bits, self.bucket, self.stochastic, self.scale, self.groups, self.zero_point, self.scale_dtype)
-        return LearnedPointsQuantizer(self.bits, self.bucket, init or self.points_init, groups=self.groups, scale_dtype=self.scale_dtype)
+            return UniformQuantizer(self.bits, bucket, self.stochastic, self.scale, self.groups, self.zero_point, self.scale_dtype)
+        return LearnedPointsQuantizer(self.bits, bucket, init or self.points_init, groups=self.groups, scale_dtype=self.scale_dtype)
+
+    def quantizers_by_name(self, kind: str, init: str | None = None) -> dict[str, Quantizer]:
+        """`bucket_by_name` as quantizers: {glob pattern: its quantizer}, in the order given."""
+        out = {}
+        for item in self.bucket_by_name:
+            pattern, _, bucket = item.rpartition("=")
+            if not pattern or not (bucket.isdigit() and int(bucket) > 0):
+                raise QDistillError(f"bucket_by_name takes GLOB=N (N a positive bucket size, e.g. '*word_embeddings*=128'), got {item!r}")
+            out[pattern] = self.make_quantizer(kind, init, int(bucket))
+        return out
 
     def select_kwargs(self) -> dict:
         return {"include": self.include or None, "exclude": self.exclude or None, "keep_first_last": self.keep_first_last}

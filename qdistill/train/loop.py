@@ -101,6 +101,8 @@ def train(
     torch.manual_seed(cfg.seed)
     method = cfg.spec
     student.to(device, memory_format=memory_format(student, cfg, device))
+    if cfg.dropout is not None:
+        set_dropout(student, cfg.dropout)
     if cfg.needs_teacher and teacher is None:
         raise QDistillError(f"method {cfg.method} needs a teacher")
     targets = None  # the teacher's targets of a batch: live, or computed once and cached
@@ -110,7 +112,7 @@ def train(
         with distributed.main_first():  # a cache of the teacher's targets is built once, by rank 0
             targets = task.teacher(teacher, cfg, cache_dir, events.progress)
     if method.quantizer == "uniform":
-        attach(student, cfg.make_quantizer("uniform"), **cfg.select_kwargs())
+        attach(student, cfg.make_quantizer("uniform"), by_name=cfg.quantizers_by_name("uniform"), **cfg.select_kwargs())
     runs = []
     if "weights" in method.phases:
         student, out = fit_weights(student, task, targets, cfg, events, checkpoint)
@@ -235,7 +237,7 @@ def make_schedule(opt, kind: str, total_steps: int, warmup: float = 0.0):
 
 def attach_learned(model: nn.Module, task: Task, teacher, cfg: TrainConfig, init: str) -> None:
     """Attach learned-points quantizers, optionally sharing the points among tensors by gradient norm."""
-    attach(model, cfg.make_quantizer("learned", init), **cfg.select_kwargs())
+    attach(model, cfg.make_quantizer("learned", init), by_name=cfg.quantizers_by_name("learned", init), **cfg.select_kwargs())
     if not cfg.redistribute:
         return
     tensors = quantized_tensors(model)
@@ -266,6 +268,16 @@ def memory_format(model: nn.Module, cfg: TrainConfig, device: torch.device) -> t
     converting an LSTM's weights made its training step slower."""
     has_4d = any(p.dim() == 4 for p in model.parameters())
     return cfg.torch_memory_format(device) if has_4d else torch.contiguous_format
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Every dropout of `model` at probability `p`: its Dropout modules (Hugging Face's attention dropout reads
+    theirs) and its recurrent layers' dropout between layers."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = p
+        elif isinstance(m, nn.RNNBase) and m.num_layers > 1:
+            m.dropout = p
 
 
 def resolve_device(name: str) -> torch.device:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qdistill import QDistillError, TrainConfig, train
-from qdistill.tasks.embedding import SentenceEmbedding, mean_pool, neighbour_recall, retrieval_recall
+from qdistill.tasks.embedding import Encoded, SentenceEmbedding, layer_loss, mean_pool, neighbour_recall, retrieval_recall
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -27,9 +27,9 @@ def sentences(n, seed):
     return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (int(torch.randint(3, 12, (1,), generator=g)),), generator=g)) for _ in range(n)]
 
 
-def bert(seed=0, pooler=False):
+def bert(seed=0, pooler=False, layers=1):
     torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=4 + len(WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    config = transformers.BertConfig(vocab_size=4 + len(WORDS), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
     return transformers.BertModel(config, add_pooling_layer=pooler)  # a saved encoder keeps its pooler, as MiniLM's does
 
 
@@ -155,6 +155,77 @@ def test_the_relational_term_weighs_the_batchs_similarity_matrix():
     weighed = t.loss(out, target, {}, TrainConfig(relational=2.0))
     assert torch.isclose(weighed - plain, 2.0 * ((out @ out.T - target @ target.T) ** 2).mean()) and weighed > plain
     assert t.loss(target, target, {}, TrainConfig(relational=2.0)) < 1e-6
+
+
+def test_the_layer_wise_term_compares_each_layers_real_tokens_relative_to_the_teachers():
+    g = torch.Generator().manual_seed(0)
+    teacher = tuple(3 * torch.randn(2, 5, 8, generator=g) for _ in range(3))  # embeddings' output and 2 layers
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    student = tuple(t.clone() for t in teacher)
+    assert layer_loss(student, teacher, mask) == 0
+    student[1][0, 4] += 100.0  # padding: not compared
+    assert layer_loss(student, teacher, mask) == 0
+    student[2][1] += 1.0  # one layer off by a known amount, relative to the teacher's mean square
+    real = mask.unsqueeze(-1).float()
+    expected = (8 * 5) / (teacher[2].square() * real).sum() / 3
+    assert torch.isclose(layer_loss(student, teacher, mask), expected)
+    assert torch.isclose(layer_loss(tuple(2 * s for s in teacher), tuple(2 * t for t in teacher), mask), torch.tensor(0.0))
+    half = (teacher[0], teacher[2])  # a 1-layer student follows the teacher's last of 2
+    assert layer_loss(half, teacher, mask) == 0
+    with pytest.raises(QDistillError, match="layers divide"):
+        layer_loss(teacher, teacher + teacher[:3], mask)  # 2 layers against 5
+
+
+def test_a_student_in_training_is_compared_with_its_live_teacher_layer_by_layer():
+    """With hidden_states the teacher runs live and gives its layers; the student in training gives its own;
+    evaluation still sees pooled embeddings alone."""
+    reference = bert(layers=2)
+    t = task(reference)
+    cfg = TrainConfig(method="qd", hidden_states=1.0)
+    teacher = t.teacher(reference, cfg, cache_dir=None)
+    batch = t.train_batch(0, 0, TrainConfig(batch_size=4))
+    target = teacher(batch)
+    assert isinstance(target, Encoded) and len(target.hidden) == 3
+    student = bert(seed=1, layers=2).train()
+    out = t.forward(student, batch)
+    assert isinstance(out, Encoded) and len(out.hidden) == 3
+    plain = t.loss(out, target, batch, TrainConfig())
+    weighed = t.loss(out, target, batch, cfg)
+    assert torch.isclose(weighed - plain, layer_loss(out.hidden, target.hidden, batch["mask"])) and weighed > plain
+    assert not isinstance(t.forward(student.eval(), batch), Encoded)
+
+
+def test_hidden_states_train_the_students_layers_toward_the_teachers(tmp_path):
+    """A student distilled with the layer-wise term ends closer to the teacher's token states than one
+    distilled on the pooled embedding alone (same steps, same seed)."""
+    reference = bert(layers=2)
+    t = task(reference, n_train=128)
+    batch = t.train_batch(0, 0, TrainConfig(batch_size=32))
+    errors = {}
+    for weight in (0.0, 1.0):
+        cfg = TrainConfig(method="qd", bits=4, epochs=4, lr=3e-3, optimizer="adamw", batch_size=32, hidden_states=weight, dropout=0.0)
+        student = train(copy.deepcopy(reference), t, cfg, teacher=reference, cache_dir=tmp_path, final_eval=False).model
+        with torch.no_grad():
+            errors[weight] = layer_loss(t.encode(student.eval(), batch).hidden, t.encode(reference, batch).hidden, batch["mask"]).item()
+    assert errors[1.0] < 0.7 * errors[0.0]
+
+
+def test_dropout_is_set_for_the_run():
+    """`dropout: 0` turns a pretrained student's dropout off while it trains (a student in training mode then
+    computes what it computes in eval mode); null keeps the model's own."""
+    reference = bert()
+    t = task(reference, n_train=64)
+    batch = t.train_batch(0, 0, TrainConfig(batch_size=8))
+    for dropout, expected in ((0.0, 0.0), (None, 0.1)):
+        student = bert()  # the reference's weights
+        cfg = TrainConfig(method="kd", epochs=1, lr=1e-3, optimizer="adamw", batch_size=32, dropout=dropout, teacher_logits="live")
+        train(student, t, cfg, teacher=reference, final_eval=False)
+        assert {m.p for m in student.modules() if isinstance(m, torch.nn.Dropout)} == {expected}
+        with torch.no_grad():
+            same = torch.equal(t.forward(student.train(), batch).pooled, t.forward(student.eval(), batch))
+        assert same == (dropout == 0.0)
+    with pytest.raises(QDistillError, match="dropout must be"):
+        TrainConfig(dropout=1.0)
 
 
 def test_a_method_without_a_teacher_is_refused():

@@ -22,6 +22,11 @@ from qdistill.train import read_yaml
         ({"grad_clip": True}, "grad_clip must be a finite number or null"),
         ({"scale": "mse", "method": "dq"}, "scale=mse applies to the uniform quantizer"),
         ({"scale": "mse", "method": "kd"}, "not to method kd"),
+        ({"dropout": 1.0}, "dropout must be a probability"),
+        ({"hidden_states": -1.0}, "hidden_states must be a non-negative weight"),
+        ({"bucket_by_name": ["*emb*"]}, "bucket_by_name takes GLOB=N"),
+        ({"bucket_by_name": ["*emb*=0"]}, "bucket_by_name takes GLOB=N"),
+        ({"bucket_by_name": ["=64"]}, "bucket_by_name takes GLOB=N"),
     ],
 )
 def test_out_of_range_values_are_named(change, message):
@@ -68,3 +73,16 @@ def test_kernel_ready_options_reach_the_quantizers(tmp_path):
     q = TrainConfig(method="qat", zero_point="int", scale_dtype="float16").make_quantizer("uniform")
     assert (q.zero_point, q.scale_dtype, q.form) == ("int", "float16", "int-zero")
     assert TrainConfig().make_quantizer("uniform").form == "range"  # the paper's, by default
+
+
+def test_buckets_by_name_reach_the_quantizers_of_those_tensors():
+    from qdistill import attach
+
+    from tests.quant.test_attach import Mixed
+
+    cfg = TrainConfig(method="qd", bucket=16, bucket_by_name=["emb.*=64", "*=8", "head.*=32"])
+    sizes = {qt.name: qt.quantizer.bucket for qt in attach(Mixed(), cfg.make_quantizer("uniform"), by_name=cfg.quantizers_by_name("uniform"))}
+    assert sizes == {"emb.weight": 64, "rnn.weight_ih_l0": 8, "rnn.weight_hh_l0": 8, "conv.weight": 8, "head.weight": 8}  # the first match wins
+    only = TrainConfig(bucket=16, bucket_by_name=["head.*=32"])
+    sizes = {qt.name: qt.quantizer.bucket for qt in attach(Mixed(), only.make_quantizer("learned"), by_name=only.quantizers_by_name("learned"))}
+    assert sizes["head.weight"] == 32 and sizes["conv.weight"] == 16
