@@ -38,10 +38,11 @@ from qdistill.pipeline import worker_pool
 RESULTS = Path(__file__).parent / "results"
 METHODS = {"ptq": {"method": "ptq"}, "ptq (mse)": {"method": "ptq", "scale": "mse"}, "qd": {"method": "qd"}, "qd (mse)": {"method": "qd", "scale": "mse"}}
 ROW32 = {"groups": "row", "bucket": 32, "zero_point": "int", "scale": "mse"}  # the layout a user would pick (ONNX Runtime's, exported whole)
+EMB128 = {"bucket_by_name": ["*word_embeddings*=128"]}  # the word table (half the weights) in groups of 128: the 4-bit ONNX file within 0.6x int8's
 METHODS |= {"ptq (row32)": {"method": "ptq", **ROW32}, "qd (row32)": {"method": "qd", **ROW32}, "qd (row32, relational)": {"method": "qd", **ROW32, "relational": 1.0},
             "qd (row32, no dropout)": {"method": "qd", **ROW32, "dropout": 0.0}, "qd (row32, layers)": {"method": "qd", **ROW32, "hidden_states": 1.0},
             "qd (row32, layers, no dropout)": {"method": "qd", **ROW32, "hidden_states": 1.0, "dropout": 0.0},
-            "ptq (row64)": {"method": "ptq", **ROW32, "bucket": 64}}
+            "ptq (row64)": {"method": "ptq", **ROW32, "bucket": 64}, "ptq (row32, emb128)": {"method": "ptq", **ROW32, **EMB128}}
 SPEED_SENTENCES = 1024
 
 

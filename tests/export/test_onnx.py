@@ -141,6 +141,22 @@ def test_embeddings_become_gather_block_quantized_and_compute_the_packed_model(t
     assert info["bytes"] < 4 * 200 * 64 * (4 if bits <= 4 else 8) / 32 * 2 + 12000  # both tables low-bit
 
 
+def test_a_table_in_bigger_groups_than_the_layers_exports_exactly(tmp_path):
+    """bucket_by_name: the table in row groups of 64, the output layer in groups of 16, each op with its own block size."""
+    torch.manual_seed(0)
+    model = Bag()
+    cfg = qdistill.TrainConfig(method="qd", bits=4, bucket=16, groups="row", zero_point="int", bucket_by_name=["emb.*=64"])
+    attach(model, cfg.make_quantizer("uniform"), by_name=cfg.quantizers_by_name("uniform"))
+    path = qdistill.save_packed(model, SPEC, tmp_path / "m.safetensors")
+    ids = torch.randint(0, 200, (3, 7))
+    info = export_onnx(path, tmp_path / "m.onnx", (ids,), input_names=("ids",), model=Bag(), dynamic={"ids": {0: "batch", 1: "length"}})
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    blocks = {n.op_type: next(a.i for a in n.attribute if a.name == "block_size") for n in graph.node if n.op_type in ("GatherBlockQuantized", "MatMulNBits")}
+    assert blocks == {"GatherBlockQuantized": 64, "MatMulNBits": 16} and info["float32"] == 0
+    expected = qdistill.load_packed(path, model=Bag())[0](ids).detach()
+    torch.testing.assert_close(check_with_onnxruntime(tmp_path / "m.onnx", (ids,), ("ids",)), expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("case", ["float zero points", "tied to the output layer"])
 def test_tables_the_op_cannot_hold_stay_float32_and_exact(tmp_path, case):
     torch.manual_seed(0)

@@ -260,6 +260,7 @@ def test_command_line_distills_an_encoder_into_a_low_bit_copy_and_evaluates_it(t
     import json
 
     from qdistill.cli import main
+    from qdistill.format.packed import read_packed
 
     teacher = bert(pooler=True)
     teacher.config.architectures = ["BertModel"]
@@ -267,9 +268,12 @@ def test_command_line_distills_an_encoder_into_a_low_bit_copy_and_evaluates_it(t
     tokenizer().save(str(tmp_path / "teacher" / "tokenizer.json"))
     texts = ["--text-dir", str(rest_folder(tmp_path / "texts")), "--seq-len", "12", "--quiet"]
     hf = f"hf:{tmp_path / 'teacher'}"
-    assert main(["distill", "--teacher", hf, "--method", "qd", "--bits", "4", "--epochs", "1", "--run-dir", str(tmp_path / "run"), *texts]) == 0
+    options = ["--groups", "row", "--bucket", "16", "--zero-point", "int", "--bucket-by-name", "*word_embeddings*=32", "--hidden-states", "1", "--dropout", "0"]
+    assert main(["distill", "--teacher", hf, "--method", "qd", "--bits", "4", "--epochs", "1", "--run-dir", str(tmp_path / "run"), *options, *texts]) == 0
     row = json.loads((tmp_path / "run" / "results.json").read_text())["rows"][0]
     assert row["bits"] == 4 and 0.5 < row["test_cos"] <= 1.0 and {"test_nbr10", "test_r1", "test_r10"} <= set(row)
+    buckets = {e["name"]: e["bucket"] for e in read_packed(tmp_path / "run" / row["file"])[0]["quantized"]}
+    assert buckets["embeddings.word_embeddings.weight"] == 32 and set(buckets.values()) == {16, 32}
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "run" / row["file"]), "--teacher", hf, "--text-dir", texts[1]]) == 0  # max_len: the file's
     assert json.loads(capsys.readouterr().out)["test_cos"] == row["test_cos"]  # the packed file scores as trained
