@@ -42,7 +42,9 @@ EMB128 = {"bucket_by_name": ["*word_embeddings*=128"]}  # the word table (half t
 METHODS |= {"ptq (row32)": {"method": "ptq", **ROW32}, "qd (row32)": {"method": "qd", **ROW32}, "qd (row32, relational)": {"method": "qd", **ROW32, "relational": 1.0},
             "qd (row32, no dropout)": {"method": "qd", **ROW32, "dropout": 0.0}, "qd (row32, layers)": {"method": "qd", **ROW32, "hidden_states": 1.0},
             "qd (row32, layers, no dropout)": {"method": "qd", **ROW32, "hidden_states": 1.0, "dropout": 0.0},
-            "ptq (row64)": {"method": "ptq", **ROW32, "bucket": 64}, "ptq (row32, emb128)": {"method": "ptq", **ROW32, **EMB128}}
+            "ptq (row64)": {"method": "ptq", **ROW32, "bucket": 64}, "ptq (row32, emb128)": {"method": "ptq", **ROW32, **EMB128},
+            "qd (row32, emb128, no dropout)": {"method": "qd", **ROW32, **EMB128, "dropout": 0.0},
+            "qd (row32, emb128, layers, no dropout)": {"method": "qd", **ROW32, **EMB128, "hidden_states": 1.0, "dropout": 0.0}}
 SPEED_SENTENCES = 1024
 
 
@@ -92,10 +94,11 @@ def run_job(method: str, bits: int | None, seed: int, setting: dict, threads: in
         return {"method": method, "bits": 32, "seed": seed, **{f"{split}_{k}": v for k, v in task.evaluate(teacher, split).items()},
                 "size_bytes": size, "peak_rss_mib": peak_rss_mib()}
     cfg = TrainConfig(**setting["config"], **METHODS[method], bits=bits, seed=seed)
+    student = copy.deepcopy(teacher)  # before the teacher side freezes the teacher's weights
     if cfg.needs_teacher:
         task.teacher(teacher, cfg, cache_dir() / "logits")  # the teacher's embeddings, made once and cached: not part of train_s
     start = time.perf_counter()
-    result = train(copy.deepcopy(teacher), task, cfg, teacher=teacher, cache_dir=cache_dir() / "logits", final_eval=False)  # the packed file is scored below
+    result = train(student, task, cfg, teacher=teacher, cache_dir=cache_dir() / "logits", final_eval=False)  # the packed file is scored below
     seconds = time.perf_counter() - start
     path = save_packed(result.model, spec, model_file, info={"method": method, "task": task.describe()}, overwrite=True)
     metrics = task.evaluate(load_packed(path)[0], split)
@@ -123,12 +126,18 @@ def summarize(rows: list[dict], split: str) -> list[dict]:
 
 TRAINED = [m for m, options in METHODS.items() if options["method"] != "ptq"]
 TIE = 1e-6  # means closer than this are equal, not above: the metrics are float32 (the same retrieval@1 over seeds differs by 2e-8)
+LAYOUT = ("groups", "bucket", "zero_point", "scale", "bucket_by_name")
+COSINE_GOALS = {4: 0.99, 3: 0.98, 2: 0.95}
+
+
+def layout(method: str) -> dict:
+    return {k: v for k, v in METHODS[method].items() if k in LAYOUT}
 
 
 def goals(rows: list[dict], split: str) -> list[str]:
-    """The issue's goals, read from the rows (means over seeds), for each trained method (qd, qd (mse)): above
-    both ptq rows at every width on each metric; at 4 bits, cosine >= 0.99, neighbour recall@10 >= 0.9,
-    retrieval@1 within 1 point of the teacher's."""
+    """The issue's goals, read from the rows (means over seeds), for each trained method: above ptq at the
+    same layout at every width on each metric; cosine >= 0.99 at 4 bits, 0.98 at 3, 0.95 at 2; and at 4 bits
+    neighbour recall@10 >= 0.9 and retrieval@1 within 1 point of the teacher's."""
     def mean(method, bits, key):
         values = [r[f"{split}_{key}"] for r in rows if r["method"] == method and r["bits"] == bits]
         return statistics.mean(values) if values else None
@@ -136,16 +145,18 @@ def goals(rows: list[dict], split: str) -> list[str]:
     lines = []
     for bits in sorted({r["bits"] for r in rows if r["method"] in TRAINED}, reverse=True):
         for method in (m for m in TRAINED if mean(m, bits, "cos") is not None):
+            ptq = [m for m in METHODS if METHODS[m]["method"] == "ptq" and layout(m) == layout(method) and mean(m, bits, "cos") is not None]
             for key, name in (("cos", "cosine"), ("nbr10", "neighbours@10"), ("r1", "retrieval@1")):
-                ours, others = mean(method, bits, key), [(m, mean(m, bits, key)) for m in ("ptq", "ptq (mse)")]
-                others = [(m, v) for m, v in others if v is not None]
+                ours, others = mean(method, bits, key), [(m, mean(m, bits, key)) for m in ptq]
                 if others:
                     verdict = "above" if all(ours > v + TIE for _, v in others) else "level with" if all(ours >= v - TIE for _, v in others) else "not above"
                     lines.append(f"- {bits} bits, {name}: {method} {ours:.4f} {verdict} " + ", ".join(f"{m} {v:.4f}" for m, v in others))
+            if bits in COSINE_GOALS:
+                cos = mean(method, bits, "cos")
+                lines.append(f"- {bits} bits, {method}, cosine >= {COSINE_GOALS[bits]}: {'met' if cos >= COSINE_GOALS[bits] else 'not met'} ({cos:.4f})")
     teacher_r1 = mean("teacher", 32, "r1")
     for method in (m for m in TRAINED if mean(m, 4, "cos") is not None):
-        at4 = {k: mean(method, 4, k) for k in ("cos", "nbr10", "r1")}
-        lines.append(f"- 4 bits, {method}, cosine >= 0.99: {'met' if at4['cos'] >= 0.99 else 'not met'} ({at4['cos']:.4f})")
+        at4 = {k: mean(method, 4, k) for k in ("nbr10", "r1")}
         lines.append(f"- 4 bits, {method}, neighbours@10 >= 0.9: {'met' if at4['nbr10'] >= 0.9 else 'not met'} ({at4['nbr10']:.4f})")
         if teacher_r1 is not None:
             gap = 100 * (teacher_r1 - at4["r1"])

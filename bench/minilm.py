@@ -44,12 +44,12 @@ def float_onnx(teacher, out: Path) -> None:
                           input_names=list(sig["input_names"]), output_names=[sig["output_name"]], dynamic_axes=sig["dynamic"])
 
 
-def ptq_file(teacher, spec, task, bits: int, bucket: int, out: Path) -> None:
+def ptq_file(teacher, spec, task, bits: int, bucket: int, by_name: list[str], out: Path) -> None:
     import copy
 
     from qdistill import TrainConfig, save_packed, train
 
-    cfg = TrainConfig(method="ptq", bits=bits, bucket=bucket, groups="row", zero_point="int", scale="mse")
+    cfg = TrainConfig(method="ptq", bits=bits, bucket=bucket, bucket_by_name=by_name, groups="row", zero_point="int", scale="mse")
     result = train(copy.deepcopy(teacher), task, cfg, final_eval=False)
     save_packed(result.model, spec, out, info={"method": "ptq", "task": task.describe()}, overwrite=True)
 
@@ -68,7 +68,7 @@ def artifact(row: dict, teacher, spec, task, work: Path) -> Path | None:
 
         quantize_dynamic(str(artifact({"kind": "onnx", "made": "fp32.onnx"}, teacher, spec, task, work)), str(path), per_channel=True, weight_type=QuantType.QInt8)
     elif row["made"].endswith(".safetensors"):
-        ptq_file(teacher, spec, task, row["bits"], row["bucket"], path)
+        ptq_file(teacher, spec, task, row["bits"], row["bucket"], row["bucket_by_name"], path)
     else:  # a packed file as ONNX: source.safetensors -> source.accN.onnx
         from qdistill.export.onnx import export_onnx, signature
         from qdistill.format.packed import read_packed
@@ -161,14 +161,15 @@ def speed_job(row: dict, path: str | None, spec: dict, batches: dict, setting: d
         return {"held_mib": held, **{f"ms_{n}": median_ms(lambda: forward(batches[n]), setting["reps"], budget_s=float("inf")) for n in BATCHES}}
 
 
-def plan(bits: list[int], bucket: int, files: list[str]) -> list[dict]:
+def plan(bits: list[int], bucket: int, by_name: list[str], files: list[str]) -> list[dict]:
     rows = [{"label": "PyTorch fp32", "kind": "torch"}, {"label": "ONNX Runtime fp32", "kind": "onnx", "made": "fp32.onnx"},
             {"label": "ONNX Runtime int8 dynamic", "kind": "onnx", "made": "int8.onnx"}]
-    sources = [(f"ptq {b}b", {"made": f"ptq-{b}b-{bucket}.safetensors", "bits": b, "bucket": bucket}) for b in bits]
+    layout = "".join(f"-{item.strip('*').replace('*', '').replace('=', '')}" for item in by_name)
+    sources = [(f"ptq {b}b", {"made": f"ptq-{b}b-{bucket}{layout}.safetensors", "bits": b, "bucket": bucket, "bucket_by_name": by_name}) for b in bits]
     sources += [(label, {"file": file}) for label, _, file in (f.partition("=") for f in files)]
     for label, source in sources:
         stem = Path(source.get("file") or source["made"]).stem
-        onnx = {"source": source.get("made"), "source_file": source.get("file"), "bits": source.get("bits"), "bucket": bucket}
+        onnx = {"source": source.get("made"), "source_file": source.get("file"), "bits": source.get("bits"), "bucket": bucket, "bucket_by_name": source.get("bucket_by_name")}
         rows += [{"label": f"qdistill {label}, ONNX Runtime", "kind": "onnx", **onnx, "made": f"{stem}.acc0.onnx", "accuracy_level": 0},
                  {"label": f"qdistill {label}, ONNX Runtime int8 activations", "kind": "onnx", **onnx, "made": f"{stem}.acc4.onnx", "accuracy_level": 4},
                  {"label": f"qdistill {label}, kernels", "kind": "kernels", **source}]
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bits", type=int, nargs="*", default=[8, 4, 3, 2])
     p.add_argument("--bucket", type=int, default=32, help="row groups of the ptq rows (with integer zero points)")
+    p.add_argument("--bucket-by-name", nargs="*", default=["*word_embeddings*=128"], help="GLOB=N: the ptq rows' groups of the tensors so named (default: the word table in groups of 128)")
     p.add_argument("--files", nargs="*", default=[], help="LABEL=FILE: packed MiniLM files to add (a distilled recipe's)")
     p.add_argument("--split", choices=("val", "test"), default="test")
     p.add_argument("--max-len", type=int, default=128)
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     _, spec, task = make_task(Path(setting["model_dir"]), 2, args.max_len, args.text_dir)
     batches = {n: task._batch(task.sentences[args.split], torch.arange(n)) for n in BATCHES}  # the split's first sentences
     results = []
-    for row in plan(args.bits, args.bucket, args.files):
+    for row in plan(args.bits, args.bucket, args.bucket_by_name, args.files):
         done = args.work / f"{row['label'].replace(' ', '_').replace('/', '-').replace(',', '')}.json"
         if not done.exists():
             result = {"row": row["label"]}
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         results.append(json.loads(done.read_text()))
         print(json.dumps(results[-1]))
     setup = (f"all-MiniLM-L6-v2, {args.split} split of the Python docs' sentences (max {args.max_len} tokens), {args.threads} threads, "
-             f"{platform.processor() or platform.machine()}; ptq: row groups of {args.bucket}, integer zero points, MSE ranges.")
+             f"{platform.processor() or platform.machine()}; ptq: row groups of {args.bucket}{''.join(f', {item}' for item in args.bucket_by_name)}, integer zero points, MSE ranges.")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"minilm-{args.tag}.json").write_text(json.dumps({"setup": setup, "rows": results}, indent=1))
     (RESULTS / f"minilm-{args.tag}.md").write_text(markdown(results, setup))
