@@ -520,20 +520,25 @@ def test_inference_job_and_ratios(tmp_path):
 
 
 def test_embedding_goals_are_read_from_the_rows():
+    """Each trained method against ptq at its own layout (qd against ptq, qd (mse) against ptq (mse)), and the
+    cosine goal of each width."""
     embedding = load("embedding")
 
     def row(method, bits, cos, nbr10, r1, seed=0):
         return {"method": method, "bits": bits, "seed": seed, "test_cos": cos, "test_nbr10": nbr10, "test_r1": r1}
 
-    rows = [row("teacher", 32, 1.0, 1.0, 0.50), row("ptq", 4, 0.95, 0.80, 0.49), row("ptq (mse)", 4, 0.96, 0.85, 0.50),
-            row("qd", 4, 0.99, 0.92, 0.49), row("qd", 4, 0.995, 0.90, 0.495, seed=1), row("qd (mse)", 4, 0.95, 0.85, 0.50)]
+    rows = [row("teacher", 32, 1.0, 1.0, 0.50), row("ptq", 4, 0.95, 0.80, 0.50), row("ptq (mse)", 4, 0.96, 0.85, 0.50),
+            row("qd", 4, 0.99, 0.92, 0.49), row("qd", 4, 0.995, 0.90, 0.495, seed=1), row("qd (mse)", 4, 0.95, 0.85, 0.50),
+            row("qd", 3, 0.981, 0.8, 0.4), row("qd", 2, 0.949, 0.5, 0.3)]
     lines = embedding.goals(rows, "test")
-    assert "- 4 bits, cosine: qd 0.9925 above ptq 0.9500, ptq (mse) 0.9600" in lines
-    assert any(line.startswith("- 4 bits, retrieval@1: qd 0.4925 not above") for line in lines)
+    assert "- 4 bits, cosine: qd 0.9925 above ptq 0.9500" in lines
+    assert "- 4 bits, retrieval@1: qd 0.4925 not above ptq 0.5000" in lines
     assert "- 4 bits, qd, cosine >= 0.99: met (0.9925)" in lines and "- 4 bits, qd, neighbours@10 >= 0.9: met (0.9100)" in lines
     assert any(line.startswith("- 4 bits, qd, retrieval@1 within 1 point of the teacher's (0.5000): met (0.4925, +0.8 points)") for line in lines)
-    assert "- 4 bits, retrieval@1: qd (mse) 0.5000 level with ptq 0.4900, ptq (mse) 0.5000" in lines  # a tie is not above
-    assert "- 4 bits, cosine: qd (mse) 0.9500 not above ptq 0.9500, ptq (mse) 0.9600" in lines and "- 4 bits, qd (mse), cosine >= 0.99: not met (0.9500)" in lines
+    assert "- 4 bits, retrieval@1: qd (mse) 0.5000 level with ptq (mse) 0.5000" in lines  # a tie is not above
+    assert "- 4 bits, cosine: qd (mse) 0.9500 not above ptq (mse) 0.9600" in lines and "- 4 bits, qd (mse), cosine >= 0.99: not met (0.9500)" in lines
+    assert "- 3 bits, qd, cosine >= 0.98: met (0.9810)" in lines and "- 2 bits, qd, cosine >= 0.95: not met (0.9490)" in lines
+    assert not any("3 bits, cosine: qd" in line for line in lines)  # no ptq row at 3 bits: nothing to be above
 
 
 def test_every_bad_input_of_the_bench_is_handled(tmp_path):
@@ -547,11 +552,12 @@ def test_minilm_bench_plans_the_anchors_and_three_ways_to_run_each_file():
     """PyTorch fp32, ONNX Runtime fp32 and int8 dynamic, then each file on ONNX Runtime (float and int8
     activations) and on the kernels runtime; a --files label keeps its file, its ONNX made beside the ptq ones."""
     minilm = load("minilm")
-    rows = minilm.plan([4], 32, ["qd 4b=runs/x/qd-4b.safetensors"])
+    rows = minilm.plan([4], 32, ["*word_embeddings*=128"], ["qd 4b=runs/x/qd-4b.safetensors"])
     assert [r["label"] for r in rows] == [
         "PyTorch fp32", "ONNX Runtime fp32", "ONNX Runtime int8 dynamic",
         "qdistill ptq 4b, ONNX Runtime", "qdistill ptq 4b, ONNX Runtime int8 activations", "qdistill ptq 4b, kernels",
         "qdistill qd 4b, ONNX Runtime", "qdistill qd 4b, ONNX Runtime int8 activations", "qdistill qd 4b, kernels"]
     assert rows[-1]["file"] == "runs/x/qd-4b.safetensors" and rows[-3]["source_file"] == "runs/x/qd-4b.safetensors" and rows[-2]["accuracy_level"] == 4
+    assert rows[3]["made"] == "ptq-4b-32-word_embeddings128.acc0.onnx" and rows[3]["bucket_by_name"] == rows[5]["bucket_by_name"] == ["*word_embeddings*=128"]
     table = minilm.markdown([{"row": r["label"], "ms_1": 2.0, "ms_32": 40.0, "cos": 0.99} for r in rows[:2]], "setup")
     assert "| ONNX Runtime fp32 | 0.9900 |" in table and "| 1.00 |" in table

@@ -74,8 +74,9 @@ TASKS = {
     "classification": {},
     "lm": {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.01, "schedule": "cosine", "warmup": 0.05, "batch_size": 32, "grad_clip": 1.0, "temperature": 1.0},
     # a pretrained encoder distilled into low-bit copies of itself: sentence-transformers' fine-tuning
-    # defaults (AdamW, lr 2e-5, 10 % warm-up) until options are chosen on the validation split
-    "embedding": {"optimizer": "adamw", "lr": 2e-5, "weight_decay": 0.01, "schedule": "cosine", "warmup": 0.1, "batch_size": 32, "grad_clip": 1.0},
+    # defaults (AdamW, 10 % warm-up) with the learning rate and dropout chosen on the validation split
+    # (MiniLM at 4 bits: lr 1e-4 over 2e-5; dropout off lifted the cosine from 0.9858 to 0.9929, bench/README.md)
+    "embedding": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.01, "schedule": "cosine", "warmup": 0.1, "batch_size": 32, "grad_clip": 1.0, "dropout": 0.0},
 }
 
 __all__ = ["Batch", "ImageClassification", "LanguageModelling", "SentenceEmbedding", "TASKS", "Task", "accuracy", "as_task", "generate", "to_device"]
