@@ -96,7 +96,7 @@ def run_job(method: str, bits: int | None, seed: int, setting: dict, threads: in
     cfg = TrainConfig(**setting["config"], **METHODS[method], bits=bits, seed=seed)
     student = copy.deepcopy(teacher)  # before the teacher side freezes the teacher's weights
     if cfg.needs_teacher:
-        task.teacher(teacher, cfg, cache_dir() / "logits")  # the teacher's embeddings, made once and cached: not part of train_s
+        task.teacher(teacher, cfg, cache_dir() / "logits")  # the teacher's embeddings, made once and cached: not part of train_s (a live teacher's are)
     start = time.perf_counter()
     result = train(student, task, cfg, teacher=teacher, cache_dir=cache_dir() / "logits", final_eval=False)  # the packed file is scored below
     seconds = time.perf_counter() - start
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="for the methods that train (ptq has no randomness: seed 0)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=["ptq", "ptq (mse)", "qd"])
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--train-sentences", type=int, help="the first N training sentences (default: all)")
     p.add_argument("--max-len", type=int, default=128, help="word pieces per sentence (longer are cut)")

@@ -164,7 +164,7 @@ def speed_job(row: dict, path: str | None, spec: dict, batches: dict, setting: d
 def plan(bits: list[int], bucket: int, by_name: list[str], files: list[str]) -> list[dict]:
     rows = [{"label": "PyTorch fp32", "kind": "torch"}, {"label": "ONNX Runtime fp32", "kind": "onnx", "made": "fp32.onnx"},
             {"label": "ONNX Runtime int8 dynamic", "kind": "onnx", "made": "int8.onnx"}]
-    layout = "".join(f"-{item.strip('*').replace('*', '').replace('=', '')}" for item in by_name)
+    layout = "".join(f"-{item.replace('*', '').replace('=', '').replace('/', '-')}" for item in by_name)
     sources = [(f"ptq {b}b", {"made": f"ptq-{b}b-{bucket}{layout}.safetensors", "bits": b, "bucket": bucket, "bucket_by_name": by_name}) for b in bits]
     sources += [(label, {"file": file}) for label, _, file in (f.partition("=") for f in files)]
     for label, source in sources:
@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     batches = {n: task._batch(task.sentences[args.split], torch.arange(n)) for n in BATCHES}  # the split's first sentences
     results = []
     for row in plan(args.bits, args.bucket, args.bucket_by_name, args.files):
-        done = args.work / f"{row['label'].replace(' ', '_').replace('/', '-').replace(',', '')}.json"
+        key = f"{row['label']} {row.get('made', '')}"  # a ptq row's file name holds its layout: another layout is another row
+        done = args.work / f"{key.strip().replace(' ', '_').replace('/', '-').replace(',', '')}.json"
         if not done.exists():
             result = {"row": row["label"]}
             with worker_pool(1) as pool:  # every job in a fresh process, one at a time

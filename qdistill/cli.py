@@ -93,7 +93,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         if f.name == "bucket":
             g.add_argument(flag, type=bucket_arg, default=argparse.SUPPRESS, help="values per bucket, or 'global' (default 256)")
         elif f.name == "bucket_by_name":
-            g.add_argument(flag, action="append", default=None, metavar="GLOB=N", help="the bucket of the tensors so named, over --bucket (repeatable; first match wins)")
+            g.add_argument(flag, action="append", default=None, metavar="GLOB=N", help="the bucket of the tensors so named, instead of --bucket (repeatable; first match wins)")
         elif f.name in ("include", "exclude"):
             g.add_argument(flag, action="append", default=None, metavar="GLOB", help=f"{f.name} tensors by name pattern (repeatable)")
         elif isinstance(default, bool):
@@ -101,7 +101,9 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         elif f.name in CHOICES:
             g.add_argument(flag, default=None, help=f"{' or '.join(CHOICES[f.name])} (default {default})")
         elif f.name == "dropout":
-            g.add_argument(flag, type=float, default=None, help="the student's dropout while it trains (default: the model's own; 0: off)")
+            g.add_argument(flag, type=float, default=None, help="the student's dropout while it trains (default: 0 for the embedding task, else the model's own; YAML null: the model's own)")
+        elif f.name == "hidden_states":
+            g.add_argument(flag, type=float, default=None, help="embedding task: the weight of the teacher's token states layer by layer beside the pooled embedding (the teacher then runs live; default 0)")
         else:
             g.add_argument(flag, type=float if default is None else type(default), default=None, help="(default off)" if default is None else f"(default {default})")
 

@@ -120,10 +120,14 @@ def attach(model: nn.Module, quantizer: Quantizer, by_name: dict[str, Quantizer]
     if not chosen:
         raise QDistillError("no tensor matched: nothing to quantize (check the layer types and name patterns)")
     uses = _uses(model)
+    names = {id(getattr(module, param)): [name for name, _, _ in uses[id(getattr(module, param))]] for _, module, param in chosen}
+    by_name = by_name or {}
+    unmatched = [p for p in by_name if not any(fnmatch(n, p) for tensor_names in names.values() for n in tensor_names)]
+    if unmatched:
+        raise QDistillError(f"no quantized tensor is named like {', '.join(map(repr, unmatched))} (bucket_by_name): check the pattern against the tensor names")
     for _, module, param in chosen:
         weight = getattr(module, param)
-        names = [name for name, _, _ in uses[id(weight)]]
-        q = copy.deepcopy(next((q for p, q in (by_name or {}).items() if any(fnmatch(n, p) for n in names)), quantizer))
+        q = copy.deepcopy(next((q for p, q in by_name.items() if any(fnmatch(n, p) for n in names[id(weight)])), quantizer))
         if isinstance(q, LearnedPointsQuantizer):
             q.init_points(weight)
         q.to(weight.device)

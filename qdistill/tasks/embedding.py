@@ -47,7 +47,7 @@ class Encoded(NamedTuple):
     hidden: tuple[torch.Tensor, ...]
 
 
-def pooled(out) -> torch.Tensor:
+def pooled_of(out) -> torch.Tensor:
     return out.pooled if isinstance(out, Encoded) else out
 
 
@@ -106,6 +106,7 @@ class SentenceEmbedding:
         self.sections = {s: (encode([t for t, _ in pairs]), encode([d for _, d in pairs])) for s, pairs in sections.items() if pairs}
         self.texts_digest = hashlib.sha256(json.dumps(sentences["train"]).encode()).hexdigest()[:16]
         self._reference_embeddings: dict = {}
+        self.layer_targets = False  # whether training compares token states layer by layer: the run's hidden_states, set by `teacher`
 
     @classmethod
     def from_folder(cls, folder: str | Path, tokenizer_json: str | Path, reference: nn.Module, train_subset: int | None = None,
@@ -153,21 +154,24 @@ class SentenceEmbedding:
             yield self._batch(data, torch.arange(start, min(start + batch_size, len(data[0]))))
 
     def forward(self, model: nn.Module, batch: dict) -> torch.Tensor | Encoded:
-        """The pooled unit embeddings; a model being trained gives its token states of each layer too (`Encoded`),
-        which the loss compares with the teacher's when `hidden_states` weighs them."""
-        encoded = self.encode(model, batch, layers=model.training)
-        return encoded if model.training else encoded.pooled
+        """The pooled unit embeddings; in a run with layer-wise targets (`hidden_states`, set by `teacher`) a
+        model being trained gives its token states of each layer too (`Encoded`), for the loss to compare."""
+        if model.training and self.layer_targets:
+            return self.encode(model, batch)
+        return self.encode(model, batch, layers=False).pooled
 
     def encode(self, model: nn.Module, batch: dict, layers: bool = True) -> Encoded:
         out = model(input_ids=batch["x"], attention_mask=batch["mask"], **({"output_hidden_states": True} if layers else {}))
         if not hasattr(out, "last_hidden_state"):
             raise QDistillError(f"{type(model).__name__} gives no hidden states (last_hidden_state): the embedding task takes encoders (--hf-head encoder)")
+        if layers and not getattr(out, "hidden_states", None):
+            raise QDistillError(f"{type(model).__name__} gives no per-layer hidden states (output_hidden_states): layer-wise targets need a Hugging Face encoder; leave hidden_states at 0")
         return Encoded(mean_pool(out.last_hidden_state, batch["mask"]), tuple(out.hidden_states or ()) if layers else ())
 
     def loss(self, out: torch.Tensor | Encoded, target, batch: dict, cfg) -> torch.Tensor:
         if target is None:
             raise QDistillError("the embedding task learns from its teacher's embeddings: use a distilling method (kd, qd, dq, qd+dq) or ptq")
-        ours, theirs = pooled(out), pooled(target)
+        ours, theirs = pooled_of(out), pooled_of(target)
         loss = (1 - (ours * theirs).sum(-1)).mean()
         if cfg.relational:  # the batch's cosine similarities: the embedding space's geometry, not only each direction
             loss = loss + cfg.relational * F.mse_loss(ours @ ours.T, theirs @ theirs.T)
@@ -186,10 +190,10 @@ class SentenceEmbedding:
         with evaluating(model), parametrize.cached():  # quantized weights computed once, not per batch
             for start in range(0, len(order), self.eval_batch_size):
                 index = order[start : start + self.eval_batch_size]
-                pooled = self.forward(model, {k: v.to(device) for k, v in self._batch(data, index).items()}).float().cpu()
+                embeddings = self.forward(model, {k: v.to(device) for k, v in self._batch(data, index).items()}).float().cpu()
                 if not len(out):
-                    out = torch.empty(len(order), pooled.shape[1])
-                out[index] = pooled
+                    out = torch.empty(len(order), embeddings.shape[1])
+                out[index] = embeddings
                 if progress is not None:
                     progress("teacher embeddings", start + len(index), len(order))
         return out
@@ -229,6 +233,7 @@ class SentenceEmbedding:
     def teacher(self, model: nn.Module, cfg, cache_dir, progress=None):
         """The live teacher (its token states too where `hidden_states` weighs them), or its embedding of every
         training sentence computed once and kept in `cache_dir`."""
+        self.layer_targets = bool(cfg.hidden_states)
         if cfg.hidden_states:
             return LiveTeacher(model, self.encode)
         if cfg.teacher_logits == "live" or cache_dir is None:

@@ -78,6 +78,9 @@ FIELD_TYPES = {
 }
 
 
+OWN_BUCKET = object()  # make_quantizer's default: the config's own `bucket`
+
+
 @dataclass
 class TrainConfig:
     method: str = "qd"
@@ -91,7 +94,7 @@ class TrainConfig:
     zero_point: str = "float"  # float (min-max) or int (a step and an integer zero point: ONNX Runtime, torchao)
     scale_dtype: str = "float32"  # float32, float16 or bfloat16: each group's stored values, in training as on disk
     keep_first_last: bool = False
-    # "GLOB=N": the bucket of the tensors so named (the first pattern that matches wins), over `bucket`. A large
+    # "GLOB=N": the bucket of the tensors so named (the first pattern that matches wins), instead of `bucket`. A large
     # embedding table in bigger groups costs little quality and much size (bench/README.md, MiniLM)
     bucket_by_name: list[str] = field(default_factory=list)
     include: list[str] = field(default_factory=list)  # glob patterns on tensor names; empty = all default layer types
@@ -115,8 +118,8 @@ class TrainConfig:
     guard: str = "stop"
     guard_factor: float | None = 4.0
     augment: bool = False
-    # the student's dropout probability while it trains (null: the model's own). 0 turns it off: a pretrained
-    # student copying its teacher's exact outputs gains nothing from the noise
+    # the student's dropout probability while it trains, and after (null: the model's own). 0 turns it off: a
+    # pretrained student copying its teacher's exact outputs gains nothing from the noise
     dropout: float | None = None
     # distillation
     temperature: float = 2.0
@@ -232,8 +235,8 @@ class TrainConfig:
         """Distilling methods need one, except dq taught by the student's own full-precision weights."""
         return self.spec.distill and not (self.method == "dq" and self.dq_teacher == "self")
 
-    def make_quantizer(self, kind: str, init: str | None = None, bucket: int | None | str = "default") -> Quantizer:
-        bucket = self.bucket if bucket == "default" else bucket
+    def make_quantizer(self, kind: str, init: str | None = None, bucket=OWN_BUCKET) -> Quantizer:
+        bucket = self.bucket if bucket is OWN_BUCKET else bucket
         if kind == "uniform":
             return UniformQuantizer(self.bits, bucket, self.stochastic, self.scale, self.groups, self.zero_point, self.scale_dtype)
         return LearnedPointsQuantizer(self.bits, bucket, init or self.points_init, groups=self.groups, scale_dtype=self.scale_dtype)
@@ -245,6 +248,8 @@ class TrainConfig:
             pattern, _, bucket = item.rpartition("=")
             if not pattern or not (bucket.isdigit() and int(bucket) > 0):
                 raise QDistillError(f"bucket_by_name takes GLOB=N (N a positive bucket size, e.g. '*word_embeddings*=128'), got {item!r}")
+            if pattern in out:
+                raise QDistillError(f"bucket_by_name names {pattern!r} twice: give each pattern once")
             out[pattern] = self.make_quantizer(kind, init, int(bucket))
         return out
 

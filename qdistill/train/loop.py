@@ -271,8 +271,9 @@ def memory_format(model: nn.Module, cfg: TrainConfig, device: torch.device) -> t
 
 
 def set_dropout(model: nn.Module, p: float) -> None:
-    """Every dropout of `model` at probability `p`: its Dropout modules (Hugging Face's attention dropout reads
-    theirs) and its recurrent layers' dropout between layers."""
+    """The dropout of `model` at probability `p` (kept after the run): its Dropout modules (BERT's attention
+    dropout reads its module's too) and its recurrent layers' dropout between layers. A model that keeps a
+    dropout rate as a plain number elsewhere keeps that one."""
     for m in model.modules():
         if isinstance(m, nn.modules.dropout._DropoutNd):
             m.p = p

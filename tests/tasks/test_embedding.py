@@ -193,6 +193,8 @@ def test_a_student_in_training_is_compared_with_its_live_teacher_layer_by_layer(
     weighed = t.loss(out, target, batch, cfg)
     assert torch.isclose(weighed - plain, layer_loss(out.hidden, target.hidden, batch["mask"])) and weighed > plain
     assert not isinstance(t.forward(student.eval(), batch), Encoded)
+    t.teacher(reference, TrainConfig(method="qd"), cache_dir=None)  # a run without layer-wise targets asks no model for its layers
+    assert not isinstance(t.forward(student.train(), batch), Encoded)
 
 
 def test_hidden_states_train_the_students_layers_toward_the_teachers(tmp_path):
@@ -222,7 +224,7 @@ def test_dropout_is_set_for_the_run():
         train(student, t, cfg, teacher=reference, final_eval=False)
         assert {m.p for m in student.modules() if isinstance(m, torch.nn.Dropout)} == {expected}
         with torch.no_grad():
-            same = torch.equal(t.forward(student.train(), batch).pooled, t.forward(student.eval(), batch))
+            same = torch.equal(t.forward(student.train(), batch), t.forward(student.eval(), batch))
         assert same == (dropout == 0.0)
     with pytest.raises(QDistillError, match="dropout must be"):
         TrainConfig(dropout=1.0)

@@ -86,3 +86,8 @@ def test_buckets_by_name_reach_the_quantizers_of_those_tensors():
     only = TrainConfig(bucket=16, bucket_by_name=["head.*=32"])
     sizes = {qt.name: qt.quantizer.bucket for qt in attach(Mixed(), only.make_quantizer("learned"), by_name=only.quantizers_by_name("learned"))}
     assert sizes["head.weight"] == 32 and sizes["conv.weight"] == 16
+    typo = TrainConfig(bucket_by_name=["*word_embedding=128"])
+    with pytest.raises(QDistillError, match="no quantized tensor is named like '\\*word_embedding'"):
+        attach(Mixed(), typo.make_quantizer("uniform"), by_name=typo.quantizers_by_name("uniform"))
+    with pytest.raises(QDistillError, match="names 'emb.\\*' twice"):
+        TrainConfig(bucket_by_name=["emb.*=64", "emb.*=8"])
