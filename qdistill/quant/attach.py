@@ -120,7 +120,8 @@ def attach(model: nn.Module, quantizer: Quantizer, by_name: dict[str, Quantizer]
     if not chosen:
         raise QDistillError("no tensor matched: nothing to quantize (check the layer types and name patterns)")
     uses = _uses(model)
-    names = {id(getattr(module, param)): [name for name, _, _ in uses[id(getattr(module, param))]] for _, module, param in chosen}
+    weights = [getattr(module, param) for _, module, param in chosen]
+    names = {id(w): [name for name, _, _ in uses[id(w)]] for w in weights}
     by_name = by_name or {}
     unmatched = [p for p in by_name if not any(fnmatch(n, p) for tensor_names in names.values() for n in tensor_names)]
     if unmatched:

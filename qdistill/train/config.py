@@ -78,9 +78,6 @@ FIELD_TYPES = {
 }
 
 
-OWN_BUCKET = object()  # make_quantizer's default: the config's own `bucket`
-
-
 @dataclass
 class TrainConfig:
     method: str = "qd"
@@ -235,8 +232,10 @@ class TrainConfig:
         """Distilling methods need one, except dq taught by the student's own full-precision weights."""
         return self.spec.distill and not (self.method == "dq" and self.dq_teacher == "self")
 
-    def make_quantizer(self, kind: str, init: str | None = None, bucket=OWN_BUCKET) -> Quantizer:
-        bucket = self.bucket if bucket is OWN_BUCKET else bucket
+    def make_quantizer(self, kind: str, init: str | None = None) -> Quantizer:
+        return self._quantizer(kind, init, self.bucket)
+
+    def _quantizer(self, kind: str, init: str | None, bucket: int | None) -> Quantizer:
         if kind == "uniform":
             return UniformQuantizer(self.bits, bucket, self.stochastic, self.scale, self.groups, self.zero_point, self.scale_dtype)
         return LearnedPointsQuantizer(self.bits, bucket, init or self.points_init, groups=self.groups, scale_dtype=self.scale_dtype)
@@ -250,7 +249,7 @@ class TrainConfig:
                 raise QDistillError(f"bucket_by_name takes GLOB=N (N a positive bucket size, e.g. '*word_embeddings*=128'), got {item!r}")
             if pattern in out:
                 raise QDistillError(f"bucket_by_name names {pattern!r} twice: give each pattern once")
-            out[pattern] = self.make_quantizer(kind, init, int(bucket))
+            out[pattern] = self._quantizer(kind, init, int(bucket))
         return out
 
     def select_kwargs(self) -> dict:
