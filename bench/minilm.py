@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from embedding import make_task, minilm_dir
+from embedding import ROW32, make_task, minilm_dir
 from inference import median_ms, status_mib  # bench/inference.py: the same timing and memory readings
 
 from qdistill.pipeline import worker_pool
@@ -49,7 +49,7 @@ def ptq_file(teacher, spec, task, bits: int, bucket: int, by_name: list[str], ou
 
     from qdistill import TrainConfig, save_packed, train
 
-    cfg = TrainConfig(method="ptq", bits=bits, bucket=bucket, bucket_by_name=by_name, groups="row", zero_point="int", scale="mse")
+    cfg = TrainConfig(method="ptq", bits=bits, **{**ROW32, "bucket": bucket}, bucket_by_name=by_name)  # bench/embedding.py's layout
     result = train(copy.deepcopy(teacher), task, cfg, final_eval=False)
     save_packed(result.model, spec, out, info={"method": "ptq", "task": task.describe()}, overwrite=True)
 
