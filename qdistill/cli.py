@@ -20,7 +20,6 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
-from safetensors import safe_open
 from torch import nn
 
 from qdistill.errors import QDistillError
@@ -32,7 +31,7 @@ from qdistill.pipeline import new_run_dir, run_in, run_method
 from qdistill.report import markdown_table, plot_history, result_columns
 from qdistill.runtime import RUNTIMES, load_packed
 from qdistill.tasks import TASKS, generate
-from qdistill.tasks.build import NO_REFERENCE, build_task
+from qdistill.tasks.build import NO_REFERENCE, build_task, model_tokenizer, saved_task
 from qdistill.train import METHODS, TrainConfig, distributed, read_yaml
 from qdistill.train.loop import resolve_device
 from qdistill.train.state import Checkpoint, check_intervals
@@ -141,9 +140,12 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-size", type=int, help="the last N training examples are the validation split (default 5000 for fashion-mnist, 0 for a hook's data)")
     g = p.add_argument_group("language modelling (--task lm)")
     g.add_argument("--text-dir", help="a folder of text files, split by file (default: the Python 3.11 docs of Debian's python3.11-doc)")
+    g.add_argument("--data", help="your text as a datasets folder (save_to_disk) or .jsonl, .json, .csv, .parquet or .txt files (a file, or a folder of them; train/validation/test by file name)")
+    g.add_argument("--text-field", default="text", help="with --data: the column that holds the text (default: text)")
     g.add_argument("--token-files", nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="your own token ids (.npy, or .bin of uint16) instead of text")
-    g.add_argument("--tokenizer", help="with --token-files: their tokenizer.json (for generate); embedding: the teacher's (default: its hf: directory's)")
-    g.add_argument("--vocab-size", type=int, help="byte-level BPE vocabulary trained on the text's train split (default 8192)")
+    g.add_argument("--tokenizer", help="the tokenizer that encodes the text: a model's folder with its tokenizer.json (default: the hf: teacher's or student's own); "
+                   "with --token-files: their tokenizer.json (for generate); embedding: the teacher's")
+    g.add_argument("--vocab-size", type=int, help="byte-level BPE vocabulary trained on the text's train split, for models without a tokenizer (default 8192)")
     g.add_argument("--seq-len", type=int, help="tokens per training window (default 128)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -172,13 +174,21 @@ def task_name(args, *models) -> str:
 
 
 DEFAULT_MODELS = {"classification": ("tiny", "resnet-small"), "lm": ("lstm-tiny", "lstm-small")}  # (student, teacher)
-DATA_OPTIONS = ("dataset", "data_dir", "val_size", "train_subset", "test_subset", "text_dir", "token_files", "tokenizer", "vocab_size", "seq_len", "teacher")
+DATA_OPTIONS = ("dataset", "data_dir", "val_size", "train_subset", "test_subset", "text_dir", "data", "text_field", "token_files", "tokenizer", "vocab_size", "seq_len", "teacher")
 
 
-def task_from(args, name: str, reference: nn.Module | None = None):
-    """The task a command runs, from its data flags (`tasks.build.build_task`)."""
+def task_from(args, name: str, reference: nn.Module | None = None, models: tuple = ()):
+    """The task a command runs, from its data flags (`tasks.build.build_task`). A language model's text is
+    tokenized with the tokenizer `models` (hf: directories, model files) bring, or --tokenizer's."""
     check_data_sizes(args)
-    return build_task(name, reference, **{k: getattr(args, k) for k in DATA_OPTIONS if getattr(args, k, None) is not None})
+    options = {k: getattr(args, k) for k in DATA_OPTIONS if getattr(args, k, None) is not None}
+    if name == "lm" and not args.token_files:
+        tokenizer, vocab = model_tokenizer(models, options.pop("tokenizer", None))
+        if tokenizer is not None:
+            if args.vocab_size is not None and args.vocab_size != vocab:
+                raise QDistillError(f"--vocab-size {args.vocab_size}: the text is tokenized with the tokenizer of {tokenizer.folder}, and the model embeds {vocab} tokens: leave --vocab-size out")
+            options.update(model_tokenizer=tokenizer, vocab_size=vocab)
+    return build_task(name, reference, **options)
 
 
 def load_any(path: str, spec: dict | None = None, trust_code: bool = False, hf_head: str | None = None, runtime: str = "dense", tune_batch: int | None = None):
@@ -235,7 +245,7 @@ def cmd_train_teacher(args) -> None:
 
 
 RUN_ARGS = "run.json"  # what a distill run was asked to do, so that --resume can do it again
-FILE_ARGS = ("teacher", "init", "config", "data_dir", "text_dir", "tokenizer", "token_files")
+FILE_ARGS = ("teacher", "init", "config", "data_dir", "text_dir", "data", "tokenizer", "token_files")
 MODEL_ARGS = ("student", "teacher_model")  # presets, or hf: directories (files)
 
 
@@ -338,7 +348,7 @@ def cmd_distill(args) -> None:
         if not (args.student or args.init):
             init, spec = copy.deepcopy(reference), reference_spec
     with distributed.main_first():  # under torchrun rank 0 prepares (and caches) the data, the others read it
-        task = task_from(args, name, reference)
+        task = task_from(args, name, reference, (args.teacher, args.init, args.student))
     method = cfg.spec
     if args.student:
         spec = model_spec(args.student, **task.spec_args(), hf_head=args.hf_head)
@@ -356,6 +366,9 @@ def cmd_distill(args) -> None:
     made = not (args.run_dir and os.path.lexists(args.run_dir))  # (a resumed run's directory is never removed)
     if not args.resume:
         run_dir = distributed.on_main(start_distill_run, args, cfg)
+    tokenizer = getattr(getattr(task, "corpus", None), "tokenizer_key", None) and model_tokenizer((args.teacher, args.init, args.student), args.tokenizer)[0]
+    if tokenizer and distributed.is_main():  # beside the model it writes, as in a save_pretrained directory: eval, generate and export find it
+        tokenizer.copy_to(run_dir)
     state = run_dir / "state.pt"
     with contextlib.nullcontext() if args.resume else run_in(run_dir, made), progress_bars(args.quiet or not distributed.is_main()) as progress:
         checkpoint = Checkpoint(state, args.checkpoint_steps, args.checkpoint_minutes, log_path=run_dir / "metrics.jsonl")
@@ -382,29 +395,20 @@ def model_name(spec: dict) -> str:
     return kwargs.get("size", spec["factory"])
 
 
-def saved_task(path: str) -> dict:
-    """The task a model file says it was trained on (`Task.describe()`), or {} when it does not say."""
-    try:
-        if is_packed(path):
-            info = read_packed(path)[0].get("info", {})
-        else:
-            with safe_open(path, "pt") as f:
-                info = {"task": json.loads((f.metadata() or {}).get("task", "{}"))}
-    except Exception:  # an unreadable file is reported by the loader, with its own message
-        return {}
-    task = info.get("task")
-    return task if isinstance(task, dict) else {}
+def file_task(args) -> str | None:
+    """The task of args.file as --task, an hf: directory's config or a model file's saved task says (None: it does not say)."""
+    return task_name(args, args.file) if args.file.startswith("hf:") else args.task or saved_task(args.file).get("task")
 
 
 def model_and_task(args, require_lm: bool = False):
     """The model in args.file and the task it is evaluated on: lm when the file holds a language model,
     with its vocabulary and window length unless flags say otherwise."""
     saved = saved_task(args.file)
-    said = task_name(args, args.file) if args.file.startswith("hf:") else args.task or saved.get("task")  # before any weights load
+    said = file_task(args)  # before any weights load
     if require_lm and said == "embedding":
         raise QDistillError(f"{args.file} is a sentence encoder, not a language model: generate samples text from one")
-    if args.file.startswith("hf:") and said == "lm" and not (args.token_files or args.vocab_size):
-        raise QDistillError(f"{args.file} brings its own tokenizer: evaluate it on token ids made with it (--token-files TRAIN VAL TEST --vocab-size N)")
+    if args.file.startswith("hf:") and said == "lm" and not (args.token_files or args.vocab_size or args.tokenizer or model_tokenizer((args.file,))[0]):
+        raise QDistillError(f"{args.file} has no tokenizer.json: give the tokenizer of its text (--tokenizer DIR), or token ids made with it (--token-files TRAIN VAL TEST --vocab-size N)")
     if said == "embedding" and not getattr(args, "teacher", None):
         raise QDistillError(NO_REFERENCE)
     if saved.get("task") == "embedding" and args.seq_len is None:
@@ -413,15 +417,15 @@ def model_and_task(args, require_lm: bool = False):
         args.vocab_size = args.vocab_size if args.vocab_size is not None else saved.get("vocab_size")
         args.seq_len = args.seq_len if args.seq_len is not None else saved.get("seq_len")
         corpus = saved.get("corpus")
-        if corpus not in (None, "python-docs") and not (args.text_dir or args.token_files):
-            raise QDistillError(f"{args.file} was trained on the corpus {corpus!r}, not the Python docs: give its data again (--text-dir or --token-files)")
+        if corpus not in (None, "python-docs") and not (args.text_dir or args.data or args.token_files):
+            raise QDistillError(f"{args.file} was trained on the corpus {corpus!r}, not the Python docs: give its data again (--text-dir, --data or --token-files)")
 
     def task_named(name: str):
         if require_lm and name != "lm":  # refused before any data are read
             raise QDistillError(f"{args.file} is not a language model: generate samples text from one (or pass --task lm)")
         teacher = getattr(args, "teacher", None)  # an embedding model is scored against its teacher
         reference = load_any(teacher, None, args.trust_code, args.hf_head)[0] if name == "embedding" and teacher else None
-        return task_from(args, name, reference)
+        return task_from(args, name, reference, (args.file,))
 
     # the caller's architecture is sized by the data, so its task comes first; else the file's spec says
     task = task_named(task_name(args, args.model, saved)) if args.model else None
@@ -445,13 +449,18 @@ def cmd_generate(args) -> None:
     for name, low, high in (("tokens", 1, 100_000), ("samples", 1, 1000), ("top_k", 0, 1 << 20), ("temperature", 0, 100), ("seed", 0, 2**32 - 1001)):
         if not low <= getattr(args, name) <= high:  # (a NaN is no number from low to high)
             raise QDistillError(f"--{name.replace('_', '-')} must be from {low} to {high}, got {getattr(args, name)}")
-    model, task = model_and_task(args, require_lm=True)
-    tokenizer = task.corpus.tokenizer()
+    own = model_tokenizer((args.file,), args.tokenizer)[0] if not (args.token_files or args.model) and file_task(args) == "lm" else None
+    if own is not None:  # the model's own tokenizer: no text to read
+        model = load_any(args.file, None, args.trust_code, args.hf_head)[0].to(resolve_device("auto"))
+        tokenizer, context = own.load(), args.seq_len or saved_task(args.file).get("seq_len") or 128
+    else:
+        model, task = model_and_task(args, require_lm=True)
+        tokenizer, context = task.corpus.tokenizer(), task.seq_len
     prompt = tokenizer.encode(args.prompt).ids
     if not prompt:
         raise QDistillError("the prompt is empty: give some text with --prompt")
     for i in range(args.samples):
-        ids = generate(model, prompt, args.tokens, args.temperature, args.top_k, seed=args.seed + i, context=task.seq_len)
+        ids = generate(model, prompt, args.tokens, args.temperature, args.top_k, seed=args.seed + i, context=context)
         out.print(Text.assemble((shown(args.prompt, lines=True), "bold"), shown(tokenizer.decode(ids[len(prompt) :]), lines=True)), highlight=False)
 
 
@@ -477,11 +486,18 @@ def cmd_export(args) -> None:
         return export_onnx_file(args)
     if args.format == "gguf":
         return export_gguf_file(args)
-    out_dir = export_hf(args.file, args.out_dir, overwrite=args.overwrite, tokenizer_dir=args.tokenizer)
+    tokenizer = args.tokenizer or own_tokenizer(args.file)
+    out_dir = export_hf(args.file, args.out_dir, overwrite=args.overwrite, tokenizer_dir=tokenizer)
     written = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     out.print(f"Hugging Face model written to {out_dir}/ ({written:,} bytes; the packed file: {Path(args.file).stat().st_size:,} bytes)")
-    if not args.tokenizer:
+    if not tokenizer:
         out.print("no tokenizer copied: add --tokenizer DIR (the teacher's directory) for AutoTokenizer to open it too")
+
+
+def own_tokenizer(path: str) -> Path | None:
+    """The folder of the tokenizer a packed file was trained with, which its run copied beside it (None: it had none)."""
+    tokenizer, _ = model_tokenizer((path,))
+    return tokenizer.folder if tokenizer is not None else None
 
 
 @contextlib.contextmanager
@@ -530,7 +546,8 @@ def export_gguf_file(args) -> None:
     from qdistill.export.gguf import export_gguf, gguf_difference
 
     target = Path(args.out_dir)
-    tokenizer = Path(args.tokenizer) / "tokenizer.json" if args.tokenizer and Path(args.tokenizer).is_dir() else args.tokenizer
+    tokenizer = args.tokenizer or own_tokenizer(args.file)
+    tokenizer = Path(tokenizer) / "tokenizer.json" if tokenizer and Path(tokenizer).is_dir() else tokenizer
     with written_in_place(target, args.overwrite) as tmp:
         counts = export_gguf(args.file, tmp, tokenizer)
     worst = gguf_difference(target, args.file)

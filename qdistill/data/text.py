@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qdistill.data.model_tokenizer import ModelTokenizer
 from qdistill.errors import QDistillError
 from qdistill.files import check_cache_entry
 
@@ -49,6 +50,7 @@ class TokenCorpus:
     split_bytes: dict[str, int | None]  # UTF-8 bytes of each split's text, for bits per byte; None when unknown
     tokenizer_path: Path | None  # tokenizer.json of the tokenizers library; None for raw token files
     key: str  # hex digest of the token streams' source and tokenizer, for caches downstream
+    tokenizer_key: str | None = None  # a model's own tokenizer (`ModelTokenizer.key`); None: the corpus's own BPE
 
     def split(self, name: str) -> np.ndarray:
         if name not in SPLITS:
@@ -75,7 +77,7 @@ class TokenCorpus:
         streams = {s: self.split(s)[: cut[s]] for s in SPLITS}
         sizes = {s: self.split_bytes.get(s) if len(streams[s]) == len(self.split(s)) else None for s in SPLITS}
         key = hashlib.sha256(f"{self.key}-{train}-{test}".encode()).hexdigest()[:16]
-        return TokenCorpus(self.name, self.vocab_size, streams["train"], streams["val"], streams["test"], sizes, self.tokenizer_path, key)
+        return TokenCorpus(self.name, self.vocab_size, streams["train"], streams["val"], streams["test"], sizes, self.tokenizer_path, key, self.tokenizer_key)
 
     def summary(self) -> dict:
         return {
@@ -177,16 +179,19 @@ def _read(path: Path) -> str:
     return path.read_bytes().decode("utf-8", errors="replace")
 
 
-def _folder_key(folder: Path, rels: list[str], vocab_size: int) -> str:
-    """Hash of the files' paths and contents, the requested vocabulary, the tokenizers version and FORMAT."""
-    h = hashlib.sha256(json.dumps([FORMAT, vocab_size, _tokenizers().__version__]).encode())
+def _hash_files(h, folder: Path, rels: list[str]) -> None:
+    """Feed `h` the files' paths and contents."""
     for rel in rels:
-        digest = hashlib.sha256()
-        with open(folder / rel, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        h.update(f"{rel}\0{digest.hexdigest()}\0".encode())
-    return h.hexdigest()[:16]
+        h.update(f"{rel}\0{file_digest(folder / rel)}\0".encode())
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's contents, read a block at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _train_tokenizer(texts, vocab_size: int):
@@ -214,22 +219,22 @@ def _file_batches(paths: list[Path]):
         yield batch
 
 
-def _encode_split(tok, paths: list[Path], out: Path, dtype: np.dtype) -> tuple[int, int]:
-    """Encode the files, id 0 between documents, into the .npy `out` a batch at a time; (tokens, UTF-8 bytes)."""
+def _encode_split(tok, batches, out: Path, dtype: np.dtype, separator: int | None) -> tuple[int, int]:
+    """Encode the documents of `batches` (lists of texts), `separator` between documents (None: none), into the
+    .npy `out` a batch at a time; returns (tokens, UTF-8 bytes)."""
     raw = out.with_suffix(".raw")
     n = nbytes = 0
     with open(raw, "wb") as f:
-        for batch in _file_batches(paths):
-            texts = [_read(p) for p in batch]
+        for texts in batches:
             nbytes += sum(len(t.encode()) for t in texts)
             for enc in tok.encode_batch(texts, add_special_tokens=False):
-                if n:
-                    f.write(np.zeros(1, dtype).tobytes())
+                if n and separator is not None:
+                    f.write(np.asarray([separator], dtype).tobytes())
                     n += 1
                 f.write(np.asarray(enc.ids, dtype).tobytes())
                 n += len(enc.ids)
     if n == 0:
-        raise QDistillError(f"{out.stem} split has no text: its files ({', '.join(p.name for p in paths)}) are empty")
+        raise QDistillError(f"the {out.stem} split has no text: its documents are empty")
     src = np.memmap(raw, dtype=dtype, mode="r", shape=(n,))
     dst = np.lib.format.open_memmap(out, mode="w+", dtype=dtype, shape=(n,))
     for i in range(0, n, CHUNK):
@@ -240,22 +245,27 @@ def _encode_split(tok, paths: list[Path], out: Path, dtype: np.dtype) -> tuple[i
     return n, nbytes
 
 
-def _build(folder: Path, splits: dict[str, list[str]], vocab_size: int, name: str, key: str, dest: Path) -> None:
-    """Tokenizer trained on the train split only, then each split encoded; meta.json written last."""
-    tok = _train_tokenizer((_read(folder / rel) for rel in splits["train"]), vocab_size)
-    tok.save(str(dest / "tokenizer.json"))
-    tok.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is text, not a separator
-    vocab = tok.get_vocab_size()
+def _build(sources: dict, vocab_size: int, tokenizer: ModelTokenizer | None, name: str, key: str, dest: Path) -> None:
+    """Each split's documents (`sources[split]()`: lists of texts) encoded with the model's `tokenizer`, or with a
+    byte-level BPE trained on the train split only; meta.json written last."""
+    if tokenizer is None:
+        tok = _train_tokenizer((text for texts in sources["train"]() for text in texts), vocab_size)
+        tok.save(str(dest / "tokenizer.json"))
+        tok.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is text, not a separator
+        vocab, separator = tok.get_vocab_size(), 0
+    else:
+        shutil.copyfile(tokenizer.path, dest / "tokenizer.json")
+        tok, vocab, separator = tokenizer.load(), vocab_size, tokenizer.eos_id
     tokens, nbytes = {}, {}
     for s in SPLITS:
-        tokens[s], nbytes[s] = _encode_split(tok, [folder / rel for rel in splits[s]], dest / f"{s}.npy", _dtype(vocab))
-    meta = {"format": FORMAT, "name": name, "key": key, "vocab_size": vocab, "tokens": tokens, "bytes": nbytes, "files": splits}
+        tokens[s], nbytes[s] = _encode_split(tok, sources[s](), dest / f"{s}.npy", _dtype(vocab), separator)
+    meta = {"format": FORMAT, "name": name, "key": key, "vocab_size": vocab, "tokens": tokens, "bytes": nbytes}
     (dest / "meta.json").write_text(json.dumps(meta, indent=1))
     for file in CACHED:
         (dest / file).chmod(0o600)  # written with the umask's mode: a group-writable cache would not be trusted
 
 
-def _open(path: Path, name: str, key: str) -> TokenCorpus:
+def _open(path: Path, name: str, key: str, tokenizer_key: str | None) -> TokenCorpus:
     """The cached corpus in `path`; raises on any damage (unreadable meta, tokenizer or arrays, wrong dtype or
     length) and on files someone else could have written."""
     check_cache_entry(path, *(path / file for file in CACHED))
@@ -264,15 +274,15 @@ def _open(path: Path, name: str, key: str) -> TokenCorpus:
         raise ValueError("meta.json belongs to another corpus or format")
     vocab = int(meta["vocab_size"])
     tok_path = path / "tokenizer.json"
-    if load_tokenizer(tok_path).get_vocab_size() != vocab:
-        raise ValueError("tokenizer.json does not match meta.json's vocab_size")
+    if max(load_tokenizer(tok_path).get_vocab(with_added_tokens=True).values(), default=-1) >= vocab:
+        raise ValueError("tokenizer.json has ids past meta.json's vocab_size")
     arrays = {}
     for s in SPLITS:
         a = np.load(path / f"{s}.npy", mmap_mode="r", allow_pickle=False)
         if a.ndim != 1 or a.dtype != _dtype(vocab) or len(a) != int(meta["tokens"][s]) or len(a) == 0:
             raise ValueError(f"{s}.npy has shape {a.shape} and dtype {a.dtype}, meta.json says {meta['tokens'][s]} tokens")
         arrays[s] = a
-    return TokenCorpus(name, vocab, **arrays, split_bytes={s: int(meta["bytes"][s]) for s in SPLITS}, tokenizer_path=tok_path, key=key)
+    return TokenCorpus(name, vocab, **arrays, split_bytes={s: int(meta["bytes"][s]) for s in SPLITS}, tokenizer_path=tok_path, key=key, tokenizer_key=tokenizer_key)
 
 
 def _discard(path: Path) -> None:
@@ -288,11 +298,10 @@ def _discard(path: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def load_text_folder(folder, cache_dir, vocab_size: int = 8192, name: str | None = None) -> TokenCorpus:
-    """Every .txt/.rst/.md file under `folder` as a token corpus, built on first use into
-    cache_dir/corpora/<name>-<key> (a temporary folder renamed into place, so concurrent builds all
-    succeed) and memory-mapped from there afterwards; a damaged cache is rebuilt."""
-    vocab_size = _check_vocab(vocab_size, MIN_VOCAB, MAX_VOCAB)
+def load_text_folder(folder, cache_dir, vocab_size: int = 8192, name: str | None = None, tokenizer: ModelTokenizer | None = None) -> TokenCorpus:
+    """Every .txt/.rst/.md file under `folder` as a token corpus, split by file (`split_files`), tokenized with
+    the model's own `tokenizer` (then `vocab_size` is the model's) or a byte-level BPE of `vocab_size` tokens
+    trained on the train files (`cached_corpus`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise QDistillError(f"text folder {folder} not found; pass --text-dir with a folder of .txt, .rst or .md files")
@@ -300,22 +309,41 @@ def load_text_folder(folder, cache_dir, vocab_size: int = 8192, name: str | None
     if not rels:
         raise QDistillError(f"{folder} holds no .txt, .rst or .md files; pass --text-dir with a folder of text files")
     splits = split_files(rels)
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name or folder.resolve().name or "text")
-    key = _folder_key(folder, rels, vocab_size)
+    sources = {s: (lambda s=s: ([_read(p) for p in batch] for batch in _file_batches([folder / rel for rel in splits[s]]))) for s in SPLITS}
+    mb = sum((folder / rel).stat().st_size for rel in rels) / 1e6
+    what = f"{len(rels)} files ({mb:.1f} MB) of {folder}"
+    return cached_corpus(name or folder.resolve().name or "text", lambda h: _hash_files(h, folder, rels), sources, cache_dir, vocab_size, tokenizer, what)
+
+
+def cached_corpus(name: str, hash_source, sources: dict, cache_dir, vocab_size: int, tokenizer: ModelTokenizer | None, what: str) -> TokenCorpus:
+    """The documents of `sources` (split -> a function giving lists of texts) as a token corpus, built on first
+    use into cache_dir/corpora/<name>-<key> (a temporary folder renamed into place, so concurrent builds all
+    succeed) and memory-mapped from there afterwards; a damaged cache is rebuilt. The key hashes the source
+    (`hash_source(h)` feeds it), the vocabulary, the tokenizer (the model's, or the tokenizers version that
+    trains the BPE) and FORMAT."""
+    if tokenizer is None:
+        vocab_size = _check_vocab(vocab_size, MIN_VOCAB, MAX_VOCAB)
+    else:
+        tokenizer.check_fits(_check_vocab(vocab_size, 1, 1 << 32), "the model")
+    h = hashlib.sha256(json.dumps([FORMAT, vocab_size, tokenizer.key if tokenizer is not None else _tokenizers().__version__]).encode())
+    hash_source(h)
+    key = h.hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
     final = Path(cache_dir) / "corpora" / f"{name}-{key}"
     final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tokenizer_key = tokenizer.key if tokenizer is not None else None
     for _ in range(3):
         if os.path.lexists(final):
             try:
-                return _open(final, name, key)
+                return _open(final, name, key, tokenizer_key)
             except Exception as e:  # whatever the damage (json, numpy, tokenizers errors), the cure is a rebuild
                 log.warning("rebuilding the token corpus, the cached one in %s is unreadable: %s", final, e)
                 _discard(final)
-        mb = sum((folder / rel).stat().st_size for rel in rels) / 1e6
-        log.info("tokenizing %d files (%.1f MB) of %s with a %d-token byte-level BPE into %s", len(rels), mb, folder, vocab_size, final)
+        how = f"the tokenizer of {tokenizer.folder}" if tokenizer is not None else f"a {vocab_size}-token byte-level BPE"
+        log.info("tokenizing %s with %s into %s", what, how, final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:
-            _build(folder, splits, vocab_size, name, key, tmp)
+            _build(sources, vocab_size, tokenizer, name, key, tmp)
             try:
                 os.replace(tmp, final)
             except OSError:
@@ -327,9 +355,9 @@ def load_text_folder(folder, cache_dir, vocab_size: int = 8192, name: str | None
     raise QDistillError(f"could not build a readable token corpus in {final} in three tries; delete it and retry")
 
 
-def load_python_docs(cache_dir, vocab_size: int = 8192, folder=None) -> TokenCorpus:
+def load_python_docs(cache_dir, vocab_size: int = 8192, folder=None, tokenizer: ModelTokenizer | None = None) -> TokenCorpus:
     """The reST sources of the Python 3.11 documentation (about 12 MB in 497 files) as a token corpus."""
-    return load_text_folder(folder or python_docs_dir(), cache_dir, vocab_size, name="python-docs")
+    return load_text_folder(folder or python_docs_dir(), cache_dir, vocab_size, name="python-docs", tokenizer=tokenizer)
 
 
 def _token_file(path: Path) -> np.ndarray:

@@ -15,16 +15,11 @@ from pathlib import Path
 
 from torch import nn
 
+from qdistill.data.model_tokenizer import find_tokenizer_files
 from qdistill.errors import QDistillError
 from qdistill.files import current_umask
 from qdistill.quant import detach, quantized_tensors
 from qdistill.runtime.load import load_packed
-
-
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
-)  # what transformers' tokenizers read: data files, copied as they are, never loaded here
 
 
 def save_pretrained_dir(model: nn.Module, out_dir: str | Path, overwrite: bool = False, tokenizer_dir: str | Path | None = None) -> Path:
@@ -53,25 +48,6 @@ def save_pretrained_dir(model: nn.Module, out_dir: str | Path, overwrite: bool =
             os.chmod(f, 0o666 & ~current_umask())  # safetensors writes 0600 whatever the umask
             os.replace(f, out / f.name)
     return out
-
-
-def find_tokenizer_files(tokenizer_dir: str | Path) -> list[Path]:
-    """The tokenizer files a directory holds (one clear error when it holds none).
-
-    A file may be a link only into the model's own folder: Hugging Face's cache links a snapshot's files to
-    the blobs beside it (`models--x/snapshots/REV/f -> ../../blobs/...`). A link elsewhere, planted in a
-    folder someone gave you, would copy a file of yours into a model you then ship."""
-    folder = Path(tokenizer_dir)
-    if not folder.is_dir():
-        raise QDistillError(f"--tokenizer {folder}: no such directory; give the teacher's Hugging Face directory (nothing was written)")
-    home = folder.resolve().parent.parent if folder.resolve().parent.name == "snapshots" else folder.resolve()
-    files = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
-    for f in files:
-        if f.is_symlink() and not f.resolve().is_relative_to(home):
-            raise QDistillError(f"--tokenizer {folder}: {f.name} is a link to a file outside that folder ({f.resolve()}): copy the tokenizer's own file there (nothing was written)")
-    if not files:
-        raise QDistillError(f"--tokenizer {folder}: no tokenizer files there (tokenizer.json, vocab.txt, ...); give the teacher's Hugging Face directory (nothing was written)")
-    return files
 
 
 def export_hf(packed: str | Path, out_dir: str | Path, overwrite: bool = False, tokenizer_dir: str | Path | None = None) -> Path:

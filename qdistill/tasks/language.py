@@ -65,7 +65,8 @@ class LanguageModelling:
 
     def describe(self) -> dict:
         """What a saved model needs to be evaluated as trained: kept in its file."""
-        return {"task": self.name, "seq_len": self.seq_len, "vocab_size": self.corpus.vocab_size, "corpus": self.corpus.name}
+        described = {"task": self.name, "seq_len": self.seq_len, "vocab_size": self.corpus.vocab_size, "corpus": self.corpus.name}
+        return described | ({"tokenizer": self.corpus.tokenizer_key} if self.corpus.tokenizer_key else {})  # a model's own, found beside the file
 
     def data_key(self) -> str:
         return f"{self.corpus.key}-{self.seq_len}"
@@ -99,6 +100,9 @@ class LanguageModelling:
         rows = embedded_tokens(model)
         if rows is not None and rows < self.corpus.vocab_size:
             raise vocabulary_mismatch("embeds", rows, self.corpus.vocab_size)
+        longest = getattr(getattr(model, "config", None), "max_position_embeddings", None)  # a Hugging Face model's
+        if isinstance(longest, int) and batch["x"].shape[-1] > longest:
+            raise QDistillError(f"windows of {batch['x'].shape[-1]} tokens are longer than the model's {longest} positions (max_position_embeddings): give --seq-len {longest} or less")
         logits = logits_of(model(batch["x"]))
         if logits.shape[-1] != self.corpus.vocab_size:
             raise vocabulary_mismatch("predicts", logits.shape[-1], self.corpus.vocab_size)
