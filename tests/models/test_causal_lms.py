@@ -136,3 +136,29 @@ def test_a_window_longer_than_the_models_positions_is_one_clear_error(workspace,
     assert main(["eval", f"hf:{model_dir}", "--data", str(data), "--text-field", "body"]) == 2  # the default window, 128, past its 64
     err = capsys.readouterr().err  # (after transformers' loading bar, which the command turns off before transformers loads, and the log)
     assert err.splitlines()[-1].startswith("qdistill: error:") and "--seq-len 64 or less" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_gguf_export_of_each_architecture_llama_cpp_maps(workspace, tmp_path, monkeypatch, capsys, model_type):
+    """Q4_1's layout, distilled, to GGUF with the tokenizer from the run directory; the gguf package reads every weight back as packed."""
+    gguf = pytest.importorskip("gguf")
+    from qdistill.export.gguf import read_gguf_weights
+
+    folder, tokenizer, data = workspace
+    monkeypatch.setenv("QDISTILL_CACHE", str(tmp_path / "cache"))
+    model_dir = save_model(tmp_path / model_type, model_type, tokenizer)
+    argv = ["distill", "--teacher", f"hf:{model_dir}", "--init", f"hf:{model_dir}", "--method", "qd", "--bits", "4", "--groups", "row", "--bucket", "32",
+            "--scale-dtype", "float16", "--seq-len", "32", "--epochs", "1", "--run-dir", str(tmp_path / "run"), "--quiet", "--data", str(data), "--text-field", "body"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "run" / "qd-4b.safetensors"), str(tmp_path / "m.gguf"), "--format", "gguf"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "the gguf package reads every weight back within 0.0e+00" in said and "no tokenizer" not in said
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    assert arch == {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}[model_type]
+    assert int(reader.fields["tokenizer.ggml.eos_token_id"].parts[-1][0]) == tokenizer.eos_token_id
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == VOCAB  # the tokenizer's 300, padded to the model's rows
+    q4_1 = [t.name for t in reader.tensors if t.tensor_type == gguf.GGMLQuantizationType.Q4_1]
+    assert len(q4_1) == 7 * 2 + 2 and {"blk.0.attn_q.weight", "token_embd.weight", "output.weight"} <= set(q4_1)  # every Linear of both layers, the tables
+    assert all(v.dtype.kind == "f" for v in read_gguf_weights(tmp_path / "m.gguf").values())
