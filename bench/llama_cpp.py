@@ -3,7 +3,9 @@
 llama.cpp comes from npm as node-llama-cpp's prebuilt CPU binaries (nothing is compiled here); install it
 once with `cd bench/llama_cpp && NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm install --omit=optional`.
 For each seed, a gpt-tiny LLaMA student (fresh weights, a vocabulary of --vocab tokens) is quantized to 4
-bits in two layouts, saved packed and exported with `qdistill export --format gguf`:
+bits in two layouts, saved packed and exported with `qdistill export --format gguf`; and a small random
+Hugging Face model of each other architecture GGUF export maps (Mistral, written as LLaMA; Qwen2, its own),
+built with transformers, in the Q4_1 layout:
 
   Q4_1     row blocks of 32 with float16 step and minimum: Q4_1's own form, written as Q4_1 from the levels
   float32  min-max groups of 256 over the flattened tensor: no GGUF block form, written dequantized (F32)
@@ -57,23 +59,36 @@ def byte_level_bpe(vocab: int, path: Path) -> Path:
     return path
 
 
-def check(layout: str, seed: int, vocab: int, length: int, tokenizer: Path, work: Path) -> dict:
+def student(architecture: str, vocab: int):
+    """(spec, model) of a fresh gpt-tiny, or of a small random transformers model of `architecture`."""
+    from qdistill.models import build_model, hf_spec, model_spec
+
+    if architecture == "gpt-tiny":
+        spec = model_spec("gpt-tiny", num_classes=vocab)
+        return spec, build_model(spec)
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(architecture, vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    spec = hf_spec(config, head="causal-lm")
+    return spec, build_model(spec)
+
+
+def check(architecture: str, layout: str, seed: int, vocab: int, length: int, tokenizer: Path, work: Path) -> dict:
     import qdistill
     from qdistill.export.gguf import export_gguf
-    from qdistill.models import build_model, model_spec
 
     torch.manual_seed(seed)
-    spec = model_spec("gpt-tiny", num_classes=vocab)
-    model = build_model(spec)
+    spec, model = student(architecture, vocab)
     qdistill.attach(model, qdistill.UniformQuantizer(4, **LAYOUTS[layout]))
-    path = qdistill.save_packed(model, spec, work / f"{layout}-{seed}.safetensors")
-    counts = export_gguf(path, work / f"{layout}-{seed}.gguf", tokenizer)
+    path = qdistill.save_packed(model, spec, work / f"{architecture}-{layout}-{seed}.safetensors")
+    counts = export_gguf(path, work / f"{architecture}-{layout}-{seed}.gguf", tokenizer)
     tokens = torch.randint(vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
     with torch.no_grad():
         out = qdistill.load_packed(path)[0](torch.tensor([tokens]))
     want = (out if isinstance(out, torch.Tensor) else out.logits)[0]
-    got = llama_cpp_logits(work / f"{layout}-{seed}.gguf", tokens)
-    return {"layout": layout, "seed": seed, **counts, "positions": length, "max_rel_diff": float((got - want).abs().max() / want.abs().max()),
+    got = llama_cpp_logits(work / f"{architecture}-{layout}-{seed}.gguf", tokens)
+    return {"architecture": architecture, "layout": layout, "seed": seed, **counts, "positions": length, "max_rel_diff": float((got - want).abs().max() / want.abs().max()),
             "top1_same": float((got.argmax(-1) == want.argmax(-1)).float().mean())}
 
 
@@ -82,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--length", type=int, default=128, help="tokens in each sequence")
+    p.add_argument("--architectures", nargs="+", default=["gpt-tiny", "mistral", "qwen2"], help="gpt-tiny (both layouts) and transformers model types (Q4_1)")
     p.add_argument("--tag", default="cpu")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -89,13 +105,14 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = byte_level_bpe(args.vocab, Path(tmp) / "tokenizer.json")
-        rows = [check(layout, seed, args.vocab, args.length, tokenizer, Path(tmp)) for layout in LAYOUTS for seed in args.seeds]
+        jobs = [(a, layout) for a in args.architectures for layout in (LAYOUTS if a == "gpt-tiny" else ["Q4_1"])]
+        rows = [check(a, layout, seed, args.vocab, args.length, tokenizer, Path(tmp)) for a, layout in jobs for seed in args.seeds]
     for r in rows:
         print(json.dumps(r))
     version = json.loads((HERE / "llama_cpp" / "node_modules" / "node-llama-cpp" / "package.json").read_text())["version"]
-    setup = (f"CPU ({platform.machine()}); llama.cpp from node-llama-cpp {version} (prebuilt); gpt-tiny at 4 bits with fresh weights, "
+    setup = (f"CPU ({platform.machine()}); llama.cpp from node-llama-cpp {version} (prebuilt); {', '.join(args.architectures)} at 4 bits with fresh weights, "
              f"vocabulary {args.vocab}, {args.length} random tokens per seed, seeds {args.seeds}")
-    columns = [("layout", "layout", ""), ("seed", "seed", ""), ("q4_1", "Q4_1 tensors", ""), ("float32", "F32 tensors", ""), ("positions", "positions", ""),
+    columns = [("architecture", "architecture", ""), ("layout", "layout", ""), ("seed", "seed", ""), ("q4_1", "Q4_1 tensors", ""), ("float32", "F32 tensors", ""), ("positions", "positions", ""),
                ("max_rel_diff", "largest logit difference / largest logit", ".1e"), ("top1_same", "same top token", ".3f")]
     md = f"# GGUF export in llama.cpp ({args.tag})\n\n{setup}.\n\n" + markdown_table(rows, columns) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
