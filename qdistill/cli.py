@@ -366,9 +366,9 @@ def cmd_distill(args) -> None:
     made = not (args.run_dir and os.path.lexists(args.run_dir))  # (a resumed run's directory is never removed)
     if not args.resume:
         run_dir = distributed.on_main(start_distill_run, args, cfg)
-    tokenizer = getattr(getattr(task, "corpus", None), "tokenizer_key", None) and model_tokenizer((args.teacher, args.init, args.student), args.tokenizer)[0]
-    if tokenizer and distributed.is_main():  # beside the model it writes, as in a save_pretrained directory: eval, generate and export find it
-        tokenizer.copy_to(run_dir)
+    own = model_tokenizer((args.teacher, args.init, args.student), args.tokenizer)[0] if name == "lm" and not args.token_files else None
+    if own is not None and distributed.is_main():  # beside the model it writes, as in a save_pretrained directory: eval, generate and export find it
+        own.copy_to(run_dir)
     state = run_dir / "state.pt"
     with contextlib.nullcontext() if args.resume else run_in(run_dir, made), progress_bars(args.quiet or not distributed.is_main()) as progress:
         checkpoint = Checkpoint(state, args.checkpoint_steps, args.checkpoint_minutes, log_path=run_dir / "metrics.jsonl")
@@ -542,7 +542,7 @@ def export_onnx_file(args) -> None:
 
 
 def export_gguf_file(args) -> None:
-    """A LLaMA-architecture packed model as GGUF (Q4_1 where the levels are Q4_1's), read back with the gguf package."""
+    """A LLaMA, Mistral or Qwen2 packed model as GGUF (Q4_1 where the levels are Q4_1's), read back with the gguf package."""
     from qdistill.export.gguf import export_gguf, gguf_difference
 
     target = Path(args.out_dir)
@@ -635,12 +635,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("export", help="write a packed model in another format: hf, a Hugging Face save_pretrained directory (dequantized); onnx, for ONNX Runtime (low-bit Linear weights); gguf, for llama.cpp (LLaMA models, Q4_1)")
+    p = sub.add_parser("export", help="write a packed model in another format: hf, a Hugging Face save_pretrained directory (dequantized); onnx, for ONNX Runtime (low-bit Linear weights); gguf, for llama.cpp (LLaMA, Mistral and Qwen2 models, Q4_1)")
     p.add_argument("file", help="a packed model (hf: a Hugging Face architecture, an hf: student or a gpt-* preset)")
     p.add_argument("out_dir", metavar="OUT", help="hf: a directory; onnx: the .onnx file")
     p.add_argument("--format", choices=("hf", "onnx", "gguf"), default="hf", help="(default hf)")
     p.add_argument("--overwrite", action="store_true", help="write into OUT even if it exists (hf: transformers' own files are replaced, others kept)")
-    p.add_argument("--tokenizer", metavar="DIR", help="hf: copy the tokenizer files of DIR (the teacher's hf: directory) beside the model; gguf: the model's tokenizer.json (or its DIR)")
+    p.add_argument("--tokenizer", metavar="DIR", help="hf: copy the tokenizer files of DIR (the teacher's hf: directory) beside the model; gguf: the model's tokenizer.json (or its DIR); default: the tokenizer its run copied beside FILE")
     p.add_argument("--accuracy-level", type=int, default=0, help="onnx: MatMulNBits' accuracy_level; 4 computes with int8 activations, faster and less exact (default 0)")
     p.add_argument("--image-size", type=int, default=28, help="onnx, image classifiers: the input's height and width (default 28)")
     p.add_argument("--model", help="onnx: the file's architecture, for a model of your own (package.module:factory)")

@@ -113,19 +113,11 @@ def held_out_rows(rows: int, missing: list[str]) -> np.ndarray:
     return assign
 
 
-def records_corpus(path, text_field: str, cache_dir, vocab_size: int, tokenizer: ModelTokenizer | None) -> TokenCorpus:
-    """The documents of `path` (see the module) as a token corpus, cached like a text folder's; keyed by the
-    contents of every file under `path`, the column and the way splits are made."""
-    path, cache_dir = Path(path), Path(cache_dir)
-    if not isinstance(text_field, str) or not text_field:
-        raise QDistillError("--text-field must name a column")
-    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file()) if path.exists() else []
-    if not is_saved_dataset(path):
-        files = [p for split in data_files(path).values() for p in split]  # (refuses what it cannot read, before any work)
+def split_sources(path: Path, text_field: str, cache_dir: Path) -> dict:
+    """split -> a function giving the split's texts as lists, a batch of rows at a time; the data are loaded on first use."""
     loaded: dict = {}
 
     def rows(split: str):
-        """Lists of the split's texts, a batch at a time; the datasets are loaded once, on first use."""
         if not loaded:
             named = load_splits(path, text_field, cache_dir)
             missing = [s for s in ("val", "test") if s not in named]
@@ -138,6 +130,23 @@ def records_corpus(path, text_field: str, cache_dir, vocab_size: int, tokenizer:
             texts = [t or "" for t in batch[text_field]]
             yield texts if assign is None else [t for t, s in zip(texts, assign[start : start + len(texts)]) if s == split]
 
+    return {s: (lambda s=s: rows(s)) for s in SPLITS}
+
+
+def source_files(path: Path) -> list[Path]:
+    """The files the data are read from (all of a datasets folder's), checked readable as data first."""
+    if is_saved_dataset(path):
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return [p for split in data_files(path).values() for p in split]  # (refuses what it cannot read, before any work)
+
+
+def records_corpus(path, text_field: str, cache_dir, vocab_size: int, tokenizer: ModelTokenizer | None) -> TokenCorpus:
+    """The documents of `path` (see the module) as a token corpus, cached like a text folder's; keyed by the
+    contents of every file it is read from, the column and the way splits are made."""
+    path, cache_dir = Path(path), Path(cache_dir)
+    check_field(text_field)
+    files = source_files(path)
+
     def hash_source(h) -> None:
         h.update(f"records\0{text_field}\0{HELD_OUT}\0{SPLIT_SEED}\0".encode())
         for p in files:
@@ -145,5 +154,17 @@ def records_corpus(path, text_field: str, cache_dir, vocab_size: int, tokenizer:
             h.update(f"{rel}\0{file_digest(p)}\0".encode())
 
     mb = sum(p.stat().st_size for p in files) / 1e6
-    return cached_corpus(path.resolve().name or "data", hash_source, {s: (lambda s=s: rows(s)) for s in SPLITS}, cache_dir, vocab_size, tokenizer, f"{len(files)} files ({mb:.1f} MB) of {path}")
+    return cached_corpus(path.resolve().name or "data", hash_source, split_sources(path, text_field, cache_dir), cache_dir, vocab_size, tokenizer, f"{len(files)} files ({mb:.1f} MB) of {path}")
 
+
+def records_texts(path, text_field: str, cache_dir) -> dict[str, list[str]]:
+    """Each split's texts, in memory: the sentences or passages of an embedding task."""
+    check_field(text_field)
+    path = Path(path)
+    source_files(path)
+    return {s: [t for batch in rows() for t in batch] for s, rows in split_sources(path, text_field, Path(cache_dir)).items()}
+
+
+def check_field(text_field) -> None:
+    if not isinstance(text_field, str) or not text_field:
+        raise QDistillError("--text-field must name a column")

@@ -50,7 +50,7 @@ def build_task(
         data = load_dataset(dataset, data_dir, val_size)
         return ImageClassification(data.subset(train_subset, test_subset) if train_subset is not None or test_subset is not None else data)
     if name == "embedding":
-        return embedding_task(reference, teacher, tokenizer, text_dir, train_subset, test_subset, seq_len)
+        return embedding_task(reference, teacher, tokenizer, text_dir, train_subset, test_subset, seq_len, data, text_field)
     from qdistill.data.text import load_python_docs, load_text_folder, load_token_files
 
     if sum(x is not None for x in (text_dir, data, token_files)) > 1:
@@ -80,9 +80,11 @@ def with_windows(corpus, train_subset, test_subset, seq_len) -> LanguageModellin
     return LanguageModelling(corpus, 128 if seq_len is None else seq_len)
 
 
-def embedding_task(reference: nn.Module | None, teacher: str | None, tokenizer=None, text_dir=None, train_subset=None, test_subset=None, seq_len=None) -> SentenceEmbedding:
-    """The sentences of `text_dir` (default: the Python docs) split by file, tokenized with the teacher's
-    tokenizer.json (`tokenizer`, else the one in the teacher's hf: directory)."""
+def embedding_task(reference: nn.Module | None, teacher: str | None, tokenizer=None, text_dir=None, train_subset=None, test_subset=None, seq_len=None,
+                   data=None, text_field: str = "text") -> SentenceEmbedding:
+    """The sentences of `text_dir` (default: the Python docs) split by file, or the rows of `data` (each one
+    a sentence or passage, `data.records`), tokenized with the teacher's tokenizer.json (`tokenizer`, else the
+    one in the teacher's hf: directory)."""
     from qdistill.data.text import python_docs_dir
 
     if reference is None:
@@ -90,6 +92,10 @@ def embedding_task(reference: nn.Module | None, teacher: str | None, tokenizer=N
     path = tokenizer or (Path(teacher.removeprefix("hf:")) / "tokenizer.json" if teacher and teacher.startswith("hf:") else None)
     if path is None:
         raise QDistillError("no tokenizer for the embedding task: give --tokenizer TOKENIZER.JSON (the teacher's own)")
+    if data is not None:
+        if text_dir is not None:
+            raise QDistillError("give one source of text: --text-dir or --data")
+        return SentenceEmbedding.from_records(data, text_field, path, reference, train_subset, test_subset, 128 if seq_len is None else seq_len, cache_dir())
     folder = text_dir or python_docs_dir()
     return SentenceEmbedding.from_folder(folder, path, reference, train_subset, test_subset, 128 if seq_len is None else seq_len, cache_dir() / "logits")
 

@@ -124,6 +124,19 @@ class SentenceEmbedding:
         sections = {s: load_sections(folder, s) for s in ("val", "test")}
         return cls(sentences, sections, tokenizer, reference, max_len=max_len, corpus_name=folder.name, cache_dir=cache_dir)
 
+    @classmethod
+    def from_records(cls, path, text_field: str, tokenizer_json: str | Path, reference: nn.Module, train_subset: int | None = None,
+                     eval_subset: int | None = None, max_len: int = 128, cache_dir=None) -> "SentenceEmbedding":
+        """The rows of your data files (`data.records`: one sentence or passage each) with their splits, tokenized
+        with the reference's own tokenizer.json. No titled sections: the metrics are cosine and neighbours."""
+        from qdistill.data.records import records_texts
+
+        if not Path(tokenizer_json).is_file():
+            raise QDistillError(f"no tokenizer for the embedding task ({tokenizer_json} not found): give --tokenizer TOKENIZER.JSON (the teacher's own)")
+        texts = records_texts(path, text_field, cache_dir)
+        sentences = {s: texts[s][: train_subset if s == "train" else eval_subset] for s in SPLITS}
+        return cls(sentences, {}, load_tokenizer(Path(tokenizer_json)), reference, max_len=max_len, corpus_name=Path(path).name, cache_dir=cache_dir and Path(cache_dir) / "logits")
+
     def _encode(self, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids [N, max_len] (padded) and lengths [N]."""
         with tokenizer_failures(lambda reason: f"the tokenizer failed on the sentences ({reason}): give the teacher's own tokenizer.json"):

@@ -152,7 +152,8 @@ class LanguageModelling:
 
 @torch.no_grad()
 def generate(model: nn.Module, prompt: list[int], new_tokens: int, temperature: float = 0.8, top_k: int | None = 50, seed: int = 0, context: int = 256) -> list[int]:
-    """Sample `new_tokens` token ids after `prompt` (at least one id), seeing the last `context` tokens each step.
+    """Sample `new_tokens` token ids after `prompt` (at least one id), seeing the last `context` tokens each step
+    (no more than the model's positions).
 
     With temperature 0 the most likely token is taken (greedy). A prompt id the model has no token for (a
     tokenizer that is not the model's) is refused before it indexes past the model's tables."""
@@ -161,6 +162,8 @@ def generate(model: nn.Module, prompt: list[int], new_tokens: int, temperature: 
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     ids = list(prompt)
+    longest = getattr(getattr(model, "config", None), "max_position_embeddings", None)  # a Hugging Face model's positions
+    context = min(context, longest) if isinstance(longest, int) else context
     with evaluating(model), parametrize.cached():
         vocab = embedded_tokens(model) or logits_of(model(torch.zeros(1, 1, dtype=torch.long, device=device))).shape[-1]  # else what it predicts
         bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab]

@@ -44,13 +44,13 @@ def test_rope_rows_interleave_each_heads_halves():
     assert rope_rows(8, 2).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
 
 
-def test_refuses_a_model_that_is_not_llama(tmp_path):
+def test_refuses_a_model_llama_cpp_does_not_map(tmp_path):
     torch.manual_seed(0)
     spec = model_spec("lstm-tiny", num_classes=64)
     model = build_model(spec)
     attach(model, qdistill.UniformQuantizer(bits=4))
     path = qdistill.save_packed(model, spec, tmp_path / "l.safetensors")
-    with pytest.raises(QDistillError, match="not a LLaMA-architecture"):
+    with pytest.raises(QDistillError, match="not a LLaMA, Mistral or Qwen2 language model"):
         export_gguf(path, tmp_path / "l.gguf")
 
 

@@ -136,6 +136,7 @@ def test_a_window_longer_than_the_models_positions_is_one_clear_error(workspace,
     assert main(["eval", f"hf:{model_dir}", "--data", str(data), "--text-field", "body"]) == 2  # the default window, 128, past its 64
     err = capsys.readouterr().err  # (after transformers' loading bar, which the command turns off before transformers loads, and the log)
     assert err.splitlines()[-1].startswith("qdistill: error:") and "--seq-len 64 or less" in err and "Traceback" not in err
+    assert main(["generate", f"hf:{model_dir}", "--prompt", "the", "--tokens", "70", "--temperature", "0"]) == 0  # sees its last 64 tokens
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])

@@ -283,6 +283,29 @@ def test_command_line_distills_an_encoder_into_a_low_bit_copy_and_evaluates_it(t
     assert "give --teacher hf:DIR" in capsys.readouterr().err
 
 
+def test_command_line_distills_an_encoder_on_the_rows_of_a_data_file(tmp_path, capsys):
+    """--data serves the embedding task too: each row a sentence, the file's splits (or held-out rows); cosine and neighbours."""
+    import json
+
+    from qdistill.cli import main
+
+    pytest.importorskip("datasets")
+    teacher = bert(pooler=True)
+    teacher.config.architectures = ["BertModel"]
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer().save(str(tmp_path / "teacher" / "tokenizer.json"))
+    rows = sentences(300, 7)
+    (tmp_path / "rows.csv").write_text("sentence,n\n" + "".join(f"{s},{i}\n" for i, s in enumerate(rows)))
+    data = ["--data", str(tmp_path / "rows.csv"), "--text-field", "sentence", "--seq-len", "12", "--quiet"]
+    hf = f"hf:{tmp_path / 'teacher'}"
+    assert main(["distill", "--teacher", hf, "--method", "qd", "--bits", "4", "--epochs", "1", "--run-dir", str(tmp_path / "run"), *data]) == 0
+    row = json.loads((tmp_path / "run" / "results.json").read_text())["rows"][0]
+    assert 0.5 < row["test_cos"] <= 1.0 and "test_nbr10" in row and "test_r1" not in row  # no titled sections in rows
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run" / row["file"]), "--teacher", hf, *data]) == 0
+    assert json.loads(capsys.readouterr().out)["test_cos"] == row["test_cos"]
+
+
 def test_command_line_embedding_errors_are_one_line(tmp_path, capsys):
     from qdistill.cli import main
 
