@@ -42,7 +42,7 @@ def qdistill(*argv: str) -> str:
     return out.getvalue()
 
 
-def make_model(work: Path, preset: str, tokens: int, epochs: int) -> Path:
+def make_model(work: Path, preset: str, tokens: int, epochs: int, seq_len: int) -> Path:
     """The model a user brings: a save_pretrained folder with its tokenizer, made from a qdistill teacher."""
     from qdistill.data.text import load_python_docs
     from qdistill.export.hf import save_pretrained_dir
@@ -53,7 +53,7 @@ def make_model(work: Path, preset: str, tokens: int, epochs: int) -> Path:
     if (folder / "model.safetensors").exists():
         return folder
     if not (work / "teacher" / "results.json").exists():
-        qdistill("train-teacher", "--task", "lm", "--model", preset, "--epochs", epochs, "--train-subset", tokens, "--run-dir", work / "teacher", "--quiet")
+        qdistill("train-teacher", "--task", "lm", "--model", preset, "--epochs", epochs, "--train-subset", tokens, "--seq-len", seq_len, "--run-dir", work / "teacher", "--quiet")
     corpus = load_python_docs(cache_dir(), 8192)
     tokenizer = work / "tokenizer"
     tokenizer.mkdir(exist_ok=True)
@@ -78,8 +78,9 @@ def make_text(work: Path) -> Path:
     return folder
 
 
-def evaluated(path, text: Path, seq_len: int, test_tokens: int) -> dict:
-    return json.loads(qdistill("eval", path, "--data", text, "--seq-len", seq_len, "--test-subset", test_tokens, "--quiet").splitlines()[-1])
+def evaluated(path, text: Path, seq_len: int) -> dict:
+    """`qdistill eval` on the whole test file: perplexity, and bits per byte of its text."""
+    return json.loads(qdistill("eval", path, "--data", text, "--seq-len", seq_len, "--quiet").splitlines()[-1])
 
 
 def llama_cpp_check(gguf: Path, packed: Path, text: Path, windows: int, length: int) -> dict | None:
@@ -115,8 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher-tokens", type=int, default=1_200_000, help="training tokens of the model made")
     p.add_argument("--teacher-epochs", type=int, default=2)
     p.add_argument("--train-tokens", type=int, default=600_000, help="the tutorial's distillation: tokens of the JSON lines' train split")
-    p.add_argument("--test-tokens", type=int, default=100_000)
+    p.add_argument("--val-tokens", type=int, default=100_000, help="validation tokens scored after each epoch of the distillation")
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-3, 3e-4, 1e-4], help="qd's learning rates, one chosen on validation")
     p.add_argument("--work", type=Path, default=HERE / "results" / "work-own-lm")
     p.add_argument("--tag", default="cpu")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -124,20 +126,23 @@ def main(argv: list[str] | None = None) -> None:
     from qdistill.report import markdown_table
 
     args.work.mkdir(parents=True, exist_ok=True)
-    model, text = make_model(args.work, args.preset, args.teacher_tokens, args.teacher_epochs), make_text(args.work)
-    common = ["--data", text, "--seq-len", args.seq_len, "--train-subset", args.train_tokens, "--test-subset", args.test_tokens, "--quiet", *Q4_1]
-    for method, extra in (("qd", ["--init", f"hf:{model}", "--epochs", "1"]), ("ptq", ["--init", f"hf:{model}"])):
-        run = args.work / method
+    model, text = make_model(args.work, args.preset, args.teacher_tokens, args.teacher_epochs, args.seq_len), make_text(args.work)
+    common = ["--data", text, "--seq-len", args.seq_len, "--train-subset", args.train_tokens, "--test-subset", args.val_tokens, "--quiet", *Q4_1]
+    runs = {"ptq": ("ptq", [])} | {f"qd lr {lr:g}": ("qd", ["--epochs", "1", "--lr", lr]) for lr in args.lrs}
+    for label, (method, extra) in runs.items():
+        run = args.work / label.replace(" ", "-")
         if not (run / "results.json").exists():
-            qdistill("distill", "--teacher", f"hf:{model}", "--method", method, "--bits", "4", "--run-dir", run, *extra, *common)
-    rows = [{"model": f"your model ({args.preset}, float32)", **evaluated(f"hf:{model}", text, args.seq_len, args.test_tokens),
+            qdistill("distill", "--teacher", f"hf:{model}", "--init", f"hf:{model}", "--method", method, "--bits", "4", "--run-dir", run, *extra, *common)
+    val = {label: json.loads((args.work / label.replace(" ", "-") / "results.json").read_text())["rows"][0]["val_ppl"] for label in runs}
+    chosen = min((label for label in runs if label != "ptq"), key=val.get)  # the learning rate, on the validation tokens
+    rows = [{"model": f"your model ({args.preset}, float32)", **evaluated(f"hf:{model}", text, args.seq_len),
              "bytes": (model / "model.safetensors").stat().st_size}]
-    for method in ("ptq", "qd"):
-        run = args.work / method
+    for label in ("ptq", chosen):
+        run = args.work / label.replace(" ", "-")
         result = json.loads((run / "results.json").read_text())["rows"][0]
         packed = run / result["file"]
-        rows.append({"model": f"{method} 4 bits (Q4_1 layout)", **evaluated(packed, text, args.seq_len, args.test_tokens), "bytes": packed.stat().st_size})
-        gguf = args.work / f"{method}.gguf"
+        rows.append({"model": f"{label} 4 bits (Q4_1 layout)", **evaluated(packed, text, args.seq_len), "bytes": packed.stat().st_size})
+        gguf = args.work / f"{label.replace(' ', '-')}.gguf"
         if not gguf.exists():
             qdistill("export", packed, gguf, "--format", "gguf")
         rows[-1]["gguf_bytes"] = gguf.stat().st_size
@@ -147,15 +152,17 @@ def main(argv: list[str] | None = None) -> None:
     setup = (f"CPU ({platform.machine()}), 2 threads. The model: {args.preset} trained by qdistill train-teacher on the first {args.teacher_tokens:,} "
              f"tokens of the Python docs' training files for {args.teacher_epochs} epochs, exported to a save_pretrained folder with its 8,192-token "
              f"byte-level BPE. The tutorial's distillation: 1 epoch over the first {args.train_tokens:,} tokens of the JSON lines' train split, "
-             f"windows of {args.seq_len}; test: the first {args.test_tokens:,} tokens of test.jsonl")
+             f"windows of {args.seq_len}; test: all of test.jsonl")
     for r in rows:
         check = r.pop("llama_cpp", None)
         r["llama.cpp"] = f"{check['max_rel_diff']:.1e} / {check['top1_same']:.3f}" if check else None
-    columns = [("model", "model", ""), ("ppl", "test ppl", ".2f"), ("bpb", "bits per byte", ".3f"), ("bytes", "file (bytes)", ","),
+    columns = [("model", "model", ""), ("test_ppl", "test ppl", ".2f"), ("test_bpb", "bits per byte", ".3f"), ("bytes", "file (bytes)", ","),
                ("gguf_bytes", "GGUF (bytes)", ","), ("llama.cpp", "llama.cpp: logit diff / same top token", "")]
-    md = f"# Your own Hugging Face LM, the tutorial measured ({args.tag})\n\n{setup}.\n\n" + markdown_table(rows, columns) + "\n"
+    sweep = "; ".join(f"{label} {v:.2f}" for label, v in val.items())
+    md = (f"# Your own Hugging Face LM, the tutorial measured ({args.tag})\n\n{setup}. Validation perplexity (the first {args.val_tokens:,} tokens), "
+          f"which chose qd's learning rate: {sweep}.\n\n" + markdown_table(rows, columns) + "\n")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"own-lm-{args.tag}.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
+    (args.out / f"own-lm-{args.tag}.json").write_text(json.dumps({"setup": setup, "val_ppl": val, "rows": rows}, indent=1))
     (args.out / f"own-lm-{args.tag}.md").write_text(md)
     print(md)
 

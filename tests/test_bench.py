@@ -561,3 +561,29 @@ def test_minilm_bench_plans_the_anchors_and_three_ways_to_run_each_file():
     assert rows[3]["made"] == "ptq-4b-32-word_embeddings128.acc0.onnx" and rows[3]["bucket_by_name"] == rows[5]["bucket_by_name"] == ["*word_embeddings*=128"]
     table = minilm.markdown([{"row": r["label"], "ms_1": 2.0, "ms_32": 40.0, "cos": 0.99} for r in rows[:2]], "setup")
     assert "| ONNX Runtime fp32 | 0.9900 |" in table and "| 1.00 |" in table
+
+
+def test_own_lm_runs_the_tutorial_and_resumes(tmp_path, monkeypatch):
+    """bench/own_lm.py on a folder of text: the model made, the JSON lines split as its corpus was (so its
+    perplexity is the same through either path), the learning rate chosen on validation, nothing redone on a rerun."""
+    pytest.importorskip("datasets")
+    pytest.importorskip("gguf")
+    from tests.test_cli import text_folder
+
+    monkeypatch.setenv("QDISTILL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("QDISTILL_TEXT_DIR", str(text_folder(tmp_path / "texts")))
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    own_lm = load("own_lm")
+    args = ["--teacher-tokens", "3000", "--teacher-epochs", "1", "--train-tokens", "2000", "--val-tokens", "500", "--seq-len", "32",
+            "--lrs", "1e-3", "1e-4", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--tag", "t"]
+    own_lm.main(args)
+    saved = json.loads((tmp_path / "out" / "own-lm-t.json").read_text())
+    teacher = json.loads((tmp_path / "work" / "teacher" / "results.json").read_text())["rows"][0]
+    assert saved["rows"][0]["test_ppl"] == pytest.approx(teacher["test_ppl"], rel=1e-6)  # the same test tokens, through the model's own tokenizer
+    assert set(saved["val_ppl"]) == {"ptq", "qd lr 0.001", "qd lr 0.0001"}
+    chosen = min(("qd lr 0.001", "qd lr 0.0001"), key=saved["val_ppl"].get)
+    assert [r["model"] for r in saved["rows"]][1:] == ["ptq 4 bits (Q4_1 layout)", f"{chosen} 4 bits (Q4_1 layout)"]
+    assert all(r["gguf_bytes"] > 0 for r in saved["rows"][1:])
+    logs = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").glob("*/metrics.jsonl")}
+    own_lm.main(args)  # a rerun (or a killed run) redoes no finished step
+    assert logs == {p: p.stat().st_mtime_ns for p in (tmp_path / "work").glob("*/metrics.jsonl")}
