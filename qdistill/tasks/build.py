@@ -129,14 +129,15 @@ def model_tokenizer(models, tokenizer=None) -> tuple[ModelTokenizer | None, int 
         if model.startswith("hf:"):
             folder = Path(model.removeprefix("hf:"))
             own = ModelTokenizer.find(folder) if folder.is_dir() else None  # (a missing directory: the loader says so)
-            size = hf_spec(folder)["kwargs"]["config"].get("vocab_size") if own is not None else None
+            size = hf_spec(folder, "causal-lm")["kwargs"]["config"].get("vocab_size") if own is not None else None
         else:
             task = saved_task(model)
             if not task.get("tokenizer"):
                 continue
             own, size = ModelTokenizer.find(Path(model).parent) if tokenizer is None else found, task.get("vocab_size")
             if own is None or own.key != task["tokenizer"]:
-                raise QDistillError(f"{model} was trained on text tokenized by a model's own tokenizer, which is not beside it: give that model's folder with --tokenizer DIR")
+                where = f"not the one in {tokenizer}" if tokenizer is not None else "which is not beside it"
+                raise QDistillError(f"{model} was trained on text tokenized by a model's own tokenizer, {where}: give that model's folder with --tokenizer DIR")
         if own is None:
             continue
         found = same_tokenizer(found, own, "the models and --tokenizer" if tokenizer is not None else "the teacher and the student")

@@ -88,6 +88,11 @@ def test_distill_eval_generate_export_with_the_models_own_tokenizer(workspace, t
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(exported(ids).logits, load_packed(packed)[0].eval()(ids).logits)
+    (run / "tokenizer.json").rename(run / "moved.json")  # the tokenizer it was trained with, gone: said, not guessed
+    assert main(["generate", str(packed), "--prompt", "the"]) == 2
+    assert "which is not beside it: give that model's folder with --tokenizer DIR" in capsys.readouterr().err
+    assert main(["generate", str(packed), "--prompt", "the", "--tokenizer", str(folder / "texts")]) == 2  # a folder without one
+    (run / "moved.json").rename(run / "tokenizer.json")
     sentence = "the lazy dog reads a line"
     assert AutoTokenizer.from_pretrained(tmp_path / "out", local_files_only=True).encode(sentence) == tokenizer.encode(sentence)
 
