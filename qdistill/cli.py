@@ -30,7 +30,7 @@ from qdistill.models import HF_FACTORY, LM_PRESETS, build_model, hf_spec, is_lan
 from qdistill.pipeline import new_run_dir, run_in, run_method
 from qdistill.report import markdown_table, plot_history, result_columns
 from qdistill.runtime import RUNTIMES, load_packed
-from qdistill.tasks import TASKS, generate
+from qdistill.tasks import FROM_PRETRAINED, TASKS, generate
 from qdistill.tasks.build import NO_REFERENCE, build_task, model_tokenizer, saved_task
 from qdistill.train import METHODS, TrainConfig, distributed, read_yaml
 from qdistill.train.loop import resolve_device
@@ -99,6 +99,9 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {default})")
         elif f.name in CHOICES:
             g.add_argument(flag, default=None, help=f"{' or '.join(CHOICES[f.name])} (default {default})")
+        elif f.name == "lr":
+            g.add_argument(flag, type=float, default=None, help="the peak learning rate (default: the task's: 0.05 images, 3e-3 language models, 1e-4 sentence embeddings "
+                           "and language models started from an hf: --init)")
         elif f.name == "dropout":
             g.add_argument(flag, type=float, default=None, help="the student's dropout while it trains (default: 0 for the embedding task, else the model's own; YAML null: the model's own)")
         elif f.name == "hidden_states":
@@ -338,7 +341,8 @@ def cmd_distill(args) -> None:
     files = [f if f.startswith("hf:") else saved_task(f) for f in (args.init, args.teacher) if f]  # an hf: directory's config says
     name = task_name(args, args.student, args.teacher_model, *files)
     if not args.resume:
-        cfg = config_from(args, defaults=TASKS[name], method=args.method)
+        pretrained = FROM_PRETRAINED.get(name, {}) if (args.init or "").startswith("hf:") else {}
+        cfg = config_from(args, defaults=TASKS[name] | pretrained, method=args.method)
     resolve_device(cfg.device)  # before any work: a device this machine lacks
     if (cfg.relational or cfg.hidden_states) and name != "embedding":
         raise QDistillError(f"--relational and --hidden-states weigh sentence embeddings' similarities and token states; the {name} task has none: leave them out")

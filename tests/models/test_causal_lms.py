@@ -75,6 +75,7 @@ def test_distill_eval_generate_export_with_the_models_own_tokenizer(workspace, t
     argv = ["distill", "--teacher", f"hf:{model_dir}", "--init", f"hf:{model_dir}", "--method", "qd", "--bits", "4", "--seq-len", "32", "--epochs", "1", "--run-dir", str(run), "--quiet"]
     assert main([*argv, *text]) == 0
     row = json.loads((run / "results.json").read_text())["rows"][0]
+    assert json.loads((run / "results.json").read_text())["config"]["lr"] == 1e-4  # fine-tuning a pretrained model, not 3e-3
     packed = run / row["file"]
     assert (run / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()  # beside the model, as transformers keeps it
     capsys.readouterr()
