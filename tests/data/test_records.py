@@ -85,6 +85,7 @@ def test_missing_splits_are_a_seeded_share_of_the_training_rows(tmp_path):
 def test_the_cache_is_reused_and_a_changed_file_is_tokenized_again(tmp_path, caplog):
     path = write_jsonl(tmp_path / "data.jsonl", documents(40))
     first = corpus(path, tmp_path)
+    caplog.clear()  # (the first build's own log, captured when an earlier test left the logger at INFO)
     with caplog.at_level("INFO", logger="qdistill"):
         again = corpus(path, tmp_path)
     assert again.key == first.key and "tokenizing" not in caplog.text
