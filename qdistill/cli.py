@@ -370,7 +370,7 @@ def cmd_distill(args) -> None:
     made = not (args.run_dir and os.path.lexists(args.run_dir))  # (a resumed run's directory is never removed)
     if not args.resume:
         run_dir = distributed.on_main(start_distill_run, args, cfg)
-    own = model_tokenizer((args.teacher, args.init, args.student), args.tokenizer)[0] if name == "lm" and not args.token_files else None
+    own = task.corpus.model_tokenizer if name == "lm" else None
     if own is not None and distributed.is_main():  # beside the model it writes, as in a save_pretrained directory: eval, generate and export find it
         own.copy_to(run_dir)
     state = run_dir / "state.pt"

@@ -50,7 +50,7 @@ class TokenCorpus:
     split_bytes: dict[str, int | None]  # UTF-8 bytes of each split's text, for bits per byte; None when unknown
     tokenizer_path: Path | None  # tokenizer.json of the tokenizers library; None for raw token files
     key: str  # hex digest of the token streams' source and tokenizer, for caches downstream
-    tokenizer_key: str | None = None  # a model's own tokenizer (`ModelTokenizer.key`); None: the corpus's own BPE
+    model_tokenizer: ModelTokenizer | None = None  # the model's own tokenizer the text was encoded with; None: the corpus's own BPE
 
     def split(self, name: str) -> np.ndarray:
         if name not in SPLITS:
@@ -77,7 +77,7 @@ class TokenCorpus:
         streams = {s: self.split(s)[: cut[s]] for s in SPLITS}
         sizes = {s: self.split_bytes.get(s) if len(streams[s]) == len(self.split(s)) else None for s in SPLITS}
         key = hashlib.sha256(f"{self.key}-{train}-{test}".encode()).hexdigest()[:16]
-        return TokenCorpus(self.name, self.vocab_size, streams["train"], streams["val"], streams["test"], sizes, self.tokenizer_path, key, self.tokenizer_key)
+        return TokenCorpus(self.name, self.vocab_size, streams["train"], streams["val"], streams["test"], sizes, self.tokenizer_path, key, self.model_tokenizer)
 
     def summary(self) -> dict:
         return {
@@ -265,7 +265,7 @@ def _build(sources: dict, vocab_size: int, tokenizer: ModelTokenizer | None, nam
         (dest / file).chmod(0o600)  # written with the umask's mode: a group-writable cache would not be trusted
 
 
-def _open(path: Path, name: str, key: str, tokenizer_key: str | None) -> TokenCorpus:
+def _open(path: Path, name: str, key: str, tokenizer: ModelTokenizer | None) -> TokenCorpus:
     """The cached corpus in `path`; raises on any damage (unreadable meta, tokenizer or arrays, wrong dtype or
     length) and on files someone else could have written."""
     check_cache_entry(path, *(path / file for file in CACHED))
@@ -282,7 +282,7 @@ def _open(path: Path, name: str, key: str, tokenizer_key: str | None) -> TokenCo
         if a.ndim != 1 or a.dtype != _dtype(vocab) or len(a) != int(meta["tokens"][s]) or len(a) == 0:
             raise ValueError(f"{s}.npy has shape {a.shape} and dtype {a.dtype}, meta.json says {meta['tokens'][s]} tokens")
         arrays[s] = a
-    return TokenCorpus(name, vocab, **arrays, split_bytes={s: int(meta["bytes"][s]) for s in SPLITS}, tokenizer_path=tok_path, key=key, tokenizer_key=tokenizer_key)
+    return TokenCorpus(name, vocab, **arrays, split_bytes={s: int(meta["bytes"][s]) for s in SPLITS}, tokenizer_path=tok_path, key=key, model_tokenizer=tokenizer)
 
 
 def _discard(path: Path) -> None:
@@ -331,11 +331,10 @@ def cached_corpus(name: str, hash_source, sources: dict, cache_dir, vocab_size: 
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
     final = Path(cache_dir) / "corpora" / f"{name}-{key}"
     final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tokenizer_key = tokenizer.key if tokenizer is not None else None
     for _ in range(3):
         if os.path.lexists(final):
             try:
-                return _open(final, name, key, tokenizer_key)
+                return _open(final, name, key, tokenizer)
             except Exception as e:  # whatever the damage (json, numpy, tokenizers errors), the cure is a rebuild
                 log.warning("rebuilding the token corpus, the cached one in %s is unreadable: %s", final, e)
                 _discard(final)

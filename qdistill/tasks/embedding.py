@@ -83,6 +83,13 @@ def retrieval_recall(queries: torch.Tensor, documents: torch.Tensor, ks=(1, 10))
     return {k: (rank < k).float().mean().item() for k in ks}
 
 
+def reference_tokenizer(tokenizer_json: str | Path):
+    """The reference encoder's own tokenizer.json, which the sentences are encoded with; a missing one named."""
+    if not Path(tokenizer_json).is_file():
+        raise QDistillError(f"no tokenizer for the embedding task ({tokenizer_json} not found): give --tokenizer TOKENIZER.JSON (the teacher's own)")
+    return load_tokenizer(Path(tokenizer_json))
+
+
 class SentenceEmbedding:
     name = "embedding"
     metric = "cos"
@@ -116,9 +123,7 @@ class SentenceEmbedding:
         `eval_subset` validation and test sentences where given."""
         from qdistill.data.sentences import load_sections, load_sentences
 
-        if not Path(tokenizer_json).is_file():
-            raise QDistillError(f"no tokenizer for the embedding task ({tokenizer_json} not found): give --tokenizer TOKENIZER.JSON (the teacher's own)")
-        tokenizer = load_tokenizer(Path(tokenizer_json))
+        tokenizer = reference_tokenizer(tokenizer_json)
         folder = Path(folder)
         sentences = {s: load_sentences(folder, s)[: train_subset if s == "train" else eval_subset] for s in SPLITS}
         sections = {s: load_sections(folder, s) for s in ("val", "test")}
@@ -131,11 +136,10 @@ class SentenceEmbedding:
         with the reference's own tokenizer.json. No titled sections: the metrics are cosine and neighbours."""
         from qdistill.data.records import records_texts
 
-        if not Path(tokenizer_json).is_file():
-            raise QDistillError(f"no tokenizer for the embedding task ({tokenizer_json} not found): give --tokenizer TOKENIZER.JSON (the teacher's own)")
+        tokenizer = reference_tokenizer(tokenizer_json)
         texts = records_texts(path, text_field, cache_dir)
         sentences = {s: texts[s][: train_subset if s == "train" else eval_subset] for s in SPLITS}
-        return cls(sentences, {}, load_tokenizer(Path(tokenizer_json)), reference, max_len=max_len, corpus_name=Path(path).name, cache_dir=cache_dir and Path(cache_dir) / "logits")
+        return cls(sentences, {}, tokenizer, reference, max_len=max_len, corpus_name=Path(path).name, cache_dir=cache_dir and Path(cache_dir) / "logits")
 
     def _encode(self, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids [N, max_len] (padded) and lengths [N]."""

@@ -38,6 +38,12 @@ def embedded_tokens(model: nn.Module) -> int | None:
     return tables[0].num_embeddings if len(tables) == 1 and tables[0] is not None else None
 
 
+def positions(model: nn.Module) -> int | None:
+    """How many positions a Hugging Face model has (its config's max_position_embeddings); None for other models."""
+    longest = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return longest if isinstance(longest, int) else None
+
+
 def vocabulary_mismatch(what: str, tokens: int, vocab_size: int) -> QDistillError:
     return QDistillError(
         f"the model {what} {tokens} tokens, the data have a vocabulary of {vocab_size}: "
@@ -66,7 +72,8 @@ class LanguageModelling:
     def describe(self) -> dict:
         """What a saved model needs to be evaluated as trained: kept in its file."""
         described = {"task": self.name, "seq_len": self.seq_len, "vocab_size": self.corpus.vocab_size, "corpus": self.corpus.name}
-        return described | ({"tokenizer": self.corpus.tokenizer_key} if self.corpus.tokenizer_key else {})  # a model's own, found beside the file
+        own = self.corpus.model_tokenizer  # a model's own, found beside the file by its key
+        return described | ({"tokenizer": own.key} if own is not None else {})
 
     def data_key(self) -> str:
         return f"{self.corpus.key}-{self.seq_len}"
@@ -100,8 +107,8 @@ class LanguageModelling:
         rows = embedded_tokens(model)
         if rows is not None and rows < self.corpus.vocab_size:
             raise vocabulary_mismatch("embeds", rows, self.corpus.vocab_size)
-        longest = getattr(getattr(model, "config", None), "max_position_embeddings", None)  # a Hugging Face model's
-        if isinstance(longest, int) and batch["x"].shape[-1] > longest:
+        longest = positions(model)
+        if longest is not None and batch["x"].shape[-1] > longest:
             raise QDistillError(f"windows of {batch['x'].shape[-1]} tokens are longer than the model's {longest} positions (max_position_embeddings): give --seq-len {longest} or less")
         logits = logits_of(model(batch["x"]))
         if logits.shape[-1] != self.corpus.vocab_size:
@@ -162,8 +169,8 @@ def generate(model: nn.Module, prompt: list[int], new_tokens: int, temperature: 
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     ids = list(prompt)
-    longest = getattr(getattr(model, "config", None), "max_position_embeddings", None)  # a Hugging Face model's positions
-    context = min(context, longest) if isinstance(longest, int) else context
+    longest = positions(model)
+    context = min(context, longest) if longest is not None else context
     with evaluating(model), parametrize.cached():
         vocab = embedded_tokens(model) or logits_of(model(torch.zeros(1, 1, dtype=torch.long, device=device))).shape[-1]  # else what it predicts
         bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab]

@@ -106,7 +106,7 @@ def test_the_text_is_tokenized_as_autotokenizer_does_with_documents_ended_by_eos
     model_dir = save_model(tmp_path / "gpt2", "gpt2", tokenizer)
     own = ModelTokenizer.find(model_dir)
     corpus = records_corpus(data, "body", tmp_path / "cache", VOCAB, own)
-    assert corpus.vocab_size == VOCAB and corpus.tokenizer_key == own.key
+    assert corpus.vocab_size == VOCAB and corpus.model_tokenizer.key == own.key
     auto = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     docs = [json.loads(line)["body"] for line in data.read_text().splitlines()]
     assign = held_out_rows(len(docs), ["val", "test"])  # the data have one split: val and test are held out of it
