@@ -315,6 +315,14 @@ def row_group(entry: dict) -> int | None:
     return row_group_size(entry["shape"], entry["bucket"], options(entry)["groups"])
 
 
+def within_rows_group(entry: dict) -> int | None:
+    """The size of the groups along each row [out, in*...] when no group spans two rows (`row_group`, or row
+    groups whose last one in each row is shorter: they hold ceil(in / size) groups a row), else None."""
+    if options(entry)["groups"] == "row":
+        return min(entry["bucket"] or math.inf, math.prod(entry["shape"][1:]))
+    return row_group(entry)
+
+
 def entry_indices(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """The tensor's level indices, flat; entries come from a layout `check_layout` accepted.
 

@@ -2,7 +2,7 @@
 
 Each quantized tensor runs one of these ways (docs/inference.md):
   lowbit  an nn.Linear, uniform levels at 1 to 8 bits or learned points (dq: by table lookup) at 1 to 4,
-          whose groups tile its rows, of an even size: `LowBitLinear`, qdistill's own kernel (`lowbit`,
+          of an even number of inputs in row groups of an even size (the last one may be shorter): `LowBitLinear`, qdistill's own kernel (`lowbit`,
           float32, codes at 2, 4 or 8 bits in memory), within float rounding of the dense layer, where that
           kernel builds here;
   int4    else such a layer (uniform, 1 to 4 bits) in groups of 32 to 256: `Int4Linear`, torch's int4 weight-only CPU
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdistill.errors import QDistillError
-from qdistill.format.packed import checked_indices, decode_entry, entry_indices, entry_params, entry_spans, group_step, row_group
+from qdistill.format.packed import checked_indices, decode_entry, entry_indices, entry_params, entry_spans, group_step, row_group, within_rows_group
 from qdistill.models import replace_module
 from qdistill.runtime import lowbit
 
@@ -107,11 +107,11 @@ class Int4Linear(nn.Module):
 
 
 def lowbit_fits(entry: dict) -> bool:
-    """Whether qdistill's kernel layout holds this tensor: a 2-D weight in row groups of an even size, uniform
-    levels at 1 to 8 bits or learned points at 1 to 4."""
-    if entry["kind"] not in ("uniform", "learned") or len(entry["shape"]) != 2 or row_group(entry) is None:
+    """Whether qdistill's kernel layout holds this tensor: a 2-D weight of an even number of inputs in row groups
+    of an even size (the last may be shorter), uniform levels at 1 to 8 bits or learned points at 1 to 4."""
+    if entry["kind"] not in ("uniform", "learned") or len(entry["shape"]) != 2 or within_rows_group(entry) is None:
         return False
-    return lowbit.fits(entry["shape"][1], row_group(entry), entry["index_bits"], entry["kind"] == "learned")
+    return lowbit.fits(entry["shape"][1], within_rows_group(entry), entry["index_bits"], entry["kind"] == "learned")
 
 
 def lowbit_ready(entry: dict) -> bool:
@@ -125,14 +125,14 @@ def lowbit_weights(entry: dict, tensors: dict[str, torch.Tensor]) -> dict[str, t
     minimum, -zero point * step, or a range's max - min over the top level (2**b - 1, or 1 for points: `group_step`)
     and min."""
     out, length = entry["shape"]
-    bits, group, learned = entry["index_bits"], row_group(entry), entry["kind"] == "learned"
+    bits, group, learned = entry["index_bits"], within_rows_group(entry), entry["kind"] == "learned"
     p = entry_params(entry, tensors)
     scale = group_step(entry, p)
     offset = -p["zero"] * scale if "zero" in p else p["lo"]
     weights = {
         "codes": lowbit.pack_codes(checked_indices(entry, tensors).view(out, length), bits),
-        "scale": lowbit.pack_params(scale.view(out, length // group)),
-        "offset": lowbit.pack_params(offset.view(out, length // group)),
+        "scale": lowbit.pack_params(scale.view(out, lowbit.groups_of(length, group))),
+        "offset": lowbit.pack_params(offset.view(out, lowbit.groups_of(length, group))),
     }
     if learned:
         weights["points"] = lowbit.table(tensors["points"][entry["points"] : entry["points"] + entry["n_points"]])
@@ -145,7 +145,7 @@ class LowBitWeights(nn.Module):
 
     def __init__(self, entry: dict, weights: dict[str, torch.Tensor]):
         super().__init__()
-        self.rows, self.bits, self.group = entry["shape"][0], entry["index_bits"], row_group(entry)
+        self.rows, self.bits, self.group = entry["shape"][0], entry["index_bits"], within_rows_group(entry)
         for key, value in weights.items():
             self.register_buffer(key, as_bits(value), persistent=False)
         self.learned = "points" in weights
@@ -270,7 +270,7 @@ def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], 
         as_layers = len(linears) + len(embeddings) == len(uses) and len(linears) <= 1
         ways = tuple(k for k, ready in (("lowbit", lowbit_ready), ("int4", int4_ready)) if ready(e) and (k == "lowbit" or not embeddings)) if linears and as_layers else ()
         if ways:
-            way = fastest(tuple(e["shape"]), row_group(e), e["index_bits"], e["kind"] == "learned", tune_batch, ways) if tune_batch else ways[0]
+            way = fastest(tuple(e["shape"]), within_rows_group(e), e["index_bits"], e["kind"] == "learned", tune_batch, ways) if tune_batch else ways[0]
             if way == "dense":
                 dense.append(e)
                 continue
@@ -300,7 +300,7 @@ def fastest(shape: tuple[int, int], group: int, bits: int, learned: bool, batch:
     runs = {"dense": functools.partial(F.linear, x, torch.randn(out, length))}
     if "lowbit" in ways:
         codes = lowbit.pack_codes(torch.randint(0, 2**bits, (out, length)), bits)
-        scale, offset = (lowbit.pack_params(torch.rand(out, length // group)) for _ in range(2))
+        scale, offset = (lowbit.pack_params(torch.rand(out, lowbit.groups_of(length, group))) for _ in range(2))
         points = lowbit.table(torch.rand(2**bits)) if learned else None
         runs["lowbit"] = functools.partial(lowbit.matmul, x, codes, bits, group, scale, offset, out, points)
     if "int4" in ways:

@@ -1,6 +1,7 @@
 /* qdistill's own low-bit matmul for the CPU (AVX2 and FMA): y = x W^T with W held as 2-, 4- or 8-bit codes.
 
-   W[n, k] = level(code[n, k]) * scale[n, g] + offset[n, g], g = k / group, where level(c) is c itself
+   W[n, k] = level(code[n, k]) * scale[n, g] + offset[n, g], g = k / group (the last group of a row may be
+   shorter), where level(c) is c itself
    (uniform levels) or points[c] (learned points, at 2 and 4 bits: a table of 16 floats, read by one lane
    permute for 2-bit codes, two and a blend for 4-bit ones). Output rows go in panels of 8, one per float32
    lane: for each k, a panel's 8 codes take `bits` bytes, lane l in byte l * bits / 8 from bit
@@ -63,7 +64,7 @@ static inline float hsum(__m256 v) {
 static inline __attribute__((always_inline)) void row_panels(const float *restrict x, int K, const uint8_t *restrict codes, const int bits, const int lut,
                                                              const float *restrict points, int group, const int P, const float *restrict scale, const float *restrict offset,
                                                              float *restrict y) {
-    const int groups = K / group;
+    const int groups = (K + group - 1) / group;
     __m256 table[2];
     if (lut) table[0] = _mm256_loadu_ps(points), table[1] = _mm256_loadu_ps(points + 8);
     __m256 total[PANELS];
@@ -71,7 +72,8 @@ static inline __attribute__((always_inline)) void row_panels(const float *restri
     for (int g = 0; g < groups; g++) {
         __m256 even[PANELS], odd[PANELS];
         for (int p = 0; p < P; p++) even[p] = odd[p] = _mm256_setzero_ps();
-        for (int k = g * group; k < (g + 1) * group; k += 2) {
+        const int start = g * group, end = start + group < K ? start + group : K;
+        for (int k = start; k < end; k += 2) {
             __m256 x0 = _mm256_set1_ps(x[k]), x1 = _mm256_set1_ps(x[k + 1]);
             for (int p = 0; p < P; p++) {
                 __m256 q0, q1;
@@ -81,9 +83,10 @@ static inline __attribute__((always_inline)) void row_panels(const float *restri
             }
         }
         __m256 sum = _mm256_setzero_ps();
-        for (int k = g * group; k + 8 <= (g + 1) * group; k += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(x + k));
+        int k = start;
+        for (; k + 8 <= end; k += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(x + k));
         float xsum = hsum(sum);
-        for (int k = (g + 1) * group - group % 8; k < (g + 1) * group; k++) xsum += x[k];
+        for (; k < end; k++) xsum += x[k];
         __m256 xs = _mm256_set1_ps(xsum);
         for (int p = 0; p < P; p++) {
             const long at = ((long)p * groups + g) * 8;
@@ -98,7 +101,7 @@ static inline __attribute__((always_inline)) void row_panels(const float *restri
 static inline __attribute__((always_inline)) void decode_pair(const uint8_t *restrict codes, int K, const int bits, const int lut, const float *restrict points,
                                                               int group, const float *restrict scale, const float *restrict offset, int k0, int n,
                                                               float *restrict w) {
-    const int groups = K / group;
+    const int groups = (K + group - 1) / group;
     __m256 table[2];
     if (lut) table[0] = _mm256_loadu_ps(points), table[1] = _mm256_loadu_ps(points + 8);
     for (int p = 0; p < 2; p++) {
@@ -158,7 +161,7 @@ static inline __attribute__((always_inline)) void batch_pair(const float *restri
 static inline __attribute__((always_inline)) void linear(const float *restrict x, int B, int K, const uint8_t *restrict codes, int N, const int bits,
                                                          const int lut, const float *restrict points, int group, const float *restrict scale,
                                                          const float *restrict offset, float *restrict y, int threads) {
-    const int groups = K / group, panels = N / 8;
+    const int groups = (K + group - 1) / group, panels = N / 8;
     const long panel_bytes = (long)K * bits, panel_params = (long)groups * 8;
     if (B < BATCH_ROWS) {
         const int sets = (panels + PANELS - 1) / PANELS;
@@ -187,9 +190,9 @@ static inline __attribute__((always_inline)) void linear(const float *restrict x
         batch_pair(x, B, K, codes + p * panel_bytes, bits, lut, points, group, scale + p * panel_params, offset + p * panel_params, y + 8 * p, N);
 }
 
-/* x [B, K] float32, codes [N / 8, K, bits] bytes, scale and offset [N / 8, K / group, 8] float32, points
-   NULL (uniform levels) or 16 floats, y [B, N] float32.
-   Needs bits 2, 4 or 8 (8: points NULL), N a multiple of 16, K a multiple of group and group even. */
+/* x [B, K] float32, codes [N / 8, K, bits] bytes, scale and offset [N / 8, ceil(K / group), 8] float32,
+   points NULL (uniform levels) or 16 floats, y [B, N] float32.
+   Needs bits 2, 4 or 8 (8: points NULL), N a multiple of 16, K and group even. */
 void lowbit_linear(const float *restrict x, int B, int K, const uint8_t *restrict codes, int N, int bits, int group,
                    const float *restrict scale, const float *restrict offset, const float *restrict points, float *restrict y, int threads) {
     if (points == 0 && bits == 8) linear(x, B, K, codes, N, 8, 0, points, group, scale, offset, y, threads);

@@ -117,9 +117,14 @@ def kernel_bits(bits: int) -> int:
 
 
 def fits(length: int, group: int, bits: int, learned: bool = False) -> bool:
-    """Whether rows of `length` inputs in groups of `group` run on the kernel: whole groups of an even size, at
-    most 8 bits (learned points: 4, the size of its table)."""
-    return bits <= (4 if learned else 8) and length % group == 0 and group % 2 == 0
+    """Whether rows of `length` inputs in groups of `group` (the last one may be shorter) run on the kernel:
+    an even length and group size, at most 8 bits (learned points: 4, the size of its table)."""
+    return bits <= (4 if learned else 8) and length % 2 == 0 and group % 2 == 0
+
+
+def groups_of(length: int, group: int) -> int:
+    """Groups in a row of `length` inputs: the last one holds what is left."""
+    return -(-length // group)
 
 
 def padded(out: int) -> int:
@@ -153,9 +158,8 @@ def decode_rows(codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor,
     panel, lane = ids // 8, ids % 8
     levels = (codes[panel, :, lane * b // 8] >> ((lane * b) % 8)[:, None].to(torch.uint8)) & (2**b - 1)
     levels = levels.float() if points is None else points[levels.long()]
-    length = codes.shape[1]
-    values = levels.view(len(ids), length // group, group) * scale[panel, :, lane][..., None] + offset[panel, :, lane][..., None]
-    return values.view(len(ids), length)
+    at = torch.arange(codes.shape[1]) // group  # each input's group
+    return levels * scale[panel[:, None], at, lane[:, None]] + offset[panel[:, None], at, lane[:, None]]
 
 
 def table(points: torch.Tensor) -> torch.Tensor:
@@ -190,12 +194,12 @@ def check_weights(codes: torch.Tensor, bits: int, group: int, scale: torch.Tenso
     panels, length = codes.shape[:2]
     if bits not in range(1, 5 if points is not None else 9):
         raise ValueError(f"the lowbit kernel runs 1 to 8 bits (learned points: 1 to 4), got {bits!r}")
-    if not isinstance(group, int) or group <= 0 or group % 2 or length % group:
-        raise ValueError(f"the lowbit kernel needs an even group size dividing the {length} inputs, got {group!r}")
+    if not isinstance(group, int) or group <= 0 or group % 2 or length % 2:
+        raise ValueError(f"the lowbit kernel needs an even group size and an even number of inputs, got groups of {group!r} for {length}")
     if panels % 2 or max(length, panels * 8) >= 2**31:
         raise ValueError(f"the lowbit kernel needs output rows in pairs of panels of 8 and sizes under 2**31, got {panels} panels of {length} inputs")
     wanted = [("codes", codes, torch.uint8, (panels, length, kernel_bits(bits)))]
-    wanted += [(name, t, torch.float32, (panels, length // group, 8)) for name, t in (("scale", scale), ("offset", offset))]
+    wanted += [(name, t, torch.float32, (panels, groups_of(length, group), 8)) for name, t in (("scale", scale), ("offset", offset))]
     wanted += [] if points is None else [("points", points, torch.float32, (16,))]
     for name, t, dtype, shape in wanted:
         if t.dtype != dtype or t.shape != shape or t.device.type != "cpu" or not t.is_contiguous():
@@ -229,16 +233,17 @@ def run(fn, x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: 
 def _agrees(fn) -> bool:
     """The built kernel against float32 arithmetic on a small case of each width, with uniform levels and (2 and
     4 bits) with learned points: 40 outputs (whole and partial sets of panels, padding), 320 inputs (two blocks of k), groups
-    of whole and partial vectors, 1, 3 and 9 input rows (both paths)."""
+    of whole and partial vectors and a short last group, 1, 3 and 9 input rows (both paths)."""
     g = torch.Generator().manual_seed(0)
     out, length = 40, 320
-    for bits, group in ((2, 32), (4, 64), (4, 10), (8, 32)):
+    for bits, group in ((2, 32), (4, 64), (4, 10), (4, 96), (8, 32)):
         codes = torch.randint(0, 2**bits, (out, length), generator=g)
-        scale = torch.rand(out, length // group, generator=g, dtype=torch.float32)
-        offset = torch.randn(out, length // group, generator=g, dtype=torch.float32)
+        scale = torch.rand(out, groups_of(length, group), generator=g, dtype=torch.float32)
+        offset = torch.randn(out, groups_of(length, group), generator=g, dtype=torch.float32)
+        at = torch.arange(length) // group
         for points in (None, torch.rand(2**bits, generator=g, dtype=torch.float32))[: 1 if bits == 8 else 2]:
             levels = codes.float() if points is None else points[codes]
-            weight = (levels.view(out, -1, group) * scale[..., None] + offset[..., None]).view(out, length)
+            weight = levels * scale[:, at] + offset[:, at]
             for rows in (1, 3, 9):
                 x = torch.randn(rows, length, generator=g, dtype=torch.float32)
                 lut = None if points is None else table(points)

@@ -33,7 +33,7 @@ SPEC = {"factory": "tests.runtime.test_kernels:Mlp", "kwargs": {}}  # never buil
 
 class Mlp(nn.Sequential):
     """A Linear the int4 kernel takes (groups of 32 tile 256 inputs; 40 outputs are padded to 48) and one
-    it cannot (40 inputs: groups of 32 are padded)."""
+    only qdistill's takes (40 inputs: groups of 32 and a last one of 8)."""
 
     def __init__(self, sizes=(256, 40, 64)):
         super().__init__(nn.Linear(sizes[0], sizes[1]), nn.ReLU(), nn.Linear(sizes[1], sizes[2]))
@@ -54,6 +54,11 @@ def kernel_way(request, monkeypatch):
 def counts(way: str, kernel: int, packed: int) -> dict[str, int]:
     """runtime_of's answer with `kernel` layers on `way`."""
     return {"lowbit": 0, "int4": 0, "lookup": 0, way: kernel, "packed": packed}
+
+
+def mlp_counts(way: str) -> dict[str, int]:
+    """runtime_of's answer for an `Mlp` in row groups of 32: both layers on qdistill's kernel, the first on torch's."""
+    return counts(way, 2, 0) if way == "lowbit" else counts(way, 1, 1)
 
 
 def packed_mlp(tmp_path, quantizer, sizes=(256, 40, 64)):
@@ -194,7 +199,7 @@ def test_runtime_model_pickles(tmp_path, way):
     path = packed_mlp(tmp_path, UniformQuantizer(4, 32, groups="row", scale_dtype="bfloat16"))
     model = load_packed(path, model=Mlp(), runtime="kernels")[0]
     copy = pickle.loads(pickle.dumps(model))
-    assert runtime_of(copy) == counts(way, 1, 1)
+    assert runtime_of(copy) == mlp_counts(way)
     x = torch.randn(5, 256)
     with torch.no_grad():
         assert torch.equal(copy(x), model(x))
@@ -292,10 +297,10 @@ def test_cli_runtime_kernels_needs_a_packed_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("way", ["int4", "lowbit"])
 def test_language_model_perplexity_on_kernels_within_0_05_of_dense(tmp_path, way):
-    """gpt-tiny at 4 bits: attention and MLP projections on the kernel (344 outputs padded to 352), the
-    down projections (344 inputs: groups of 32 do not tile them) decoded per call; the embedding tied to the
-    output layer decoded per call on torch's kernel, and on qdistill's the output layer's codes, which the
-    embedding looks up."""
+    """gpt-tiny at 4 bits: attention and MLP projections on the kernel (344 outputs padded to 352); the
+    down projections (344 inputs: groups of 32 and a last one of 24) on qdistill's kernel, decoded per call
+    on torch's; the embedding tied to the output layer decoded per call on torch's kernel, and on qdistill's
+    the output layer's codes, which the embedding looks up."""
     pytest.importorskip("transformers")
     task, spec = LanguageModelling(corpus(n_train=2000, n_test=500), seq_len=16), model_spec("gpt-tiny", num_classes=11)
     torch.manual_seed(0)
@@ -303,7 +308,7 @@ def test_language_model_perplexity_on_kernels_within_0_05_of_dense(tmp_path, way
     result = train(build_model(spec), task, cfg)
     path = save_packed(result.model, spec, tmp_path / "m.safetensors")
     dense, kernels = load_packed(path)[0], load_packed(path, runtime="kernels")[0]
-    assert runtime_of(kernels) == (counts(way, 12, 3) if way == "int4" else {"lowbit": 13, "int4": 0, "lookup": 1, "packed": 2})
+    assert runtime_of(kernels) == (counts(way, 12, 3) if way == "int4" else {"lowbit": 15, "int4": 0, "lookup": 1, "packed": 0})
     if way == "lowbit":
         assert kernels.model.embed_tokens.weight_lowbit is kernels.lm_head.weight_lowbit  # one copy
     ppl = task.evaluate(dense, "test")["ppl"]
@@ -321,9 +326,12 @@ def test_tune_batch_runs_dense_the_shapes_that_are_faster_dense(tmp_path, monkey
     asked = []
     monkeypatch.setattr(runtime_kernels, "fastest", lambda shape, group, bits, learned, batch, ways: asked.append((shape, group, bits, learned, batch, ways)) or ("dense" if dense_wins else ways[0]))
     model = load_packed(path, model=Mlp(), runtime="kernels", tune_batch=32)[0]
-    ways = ("lowbit", "int4") if way == "lowbit" else ("int4",)
-    assert asked == [((40, 256), 32, 4, False, 32, ways)]  # the one kernel-ready layer; the other is packed whatever the timing
-    assert runtime_of(model) == counts(way, 0 if dense_wins else 1, 1)
+    if way == "lowbit":  # both layers are kernel-ready
+        assert asked == [((40, 256), 32, 4, False, 32, ("lowbit", "int4")), ((64, 40), 32, 4, False, 32, ("lowbit",))]
+        assert runtime_of(model) == counts(way, 0 if dense_wins else 2, 0)
+    else:  # the one kernel-ready layer; the other is packed whatever the timing
+        assert asked == [((40, 256), 32, 4, False, 32, ("int4",))]
+        assert runtime_of(model) == counts(way, 0 if dense_wins else 1, 1)
     if dense_wins:
         assert torch.equal(model[0].weight, load_packed(path, model=Mlp())[0][0].weight)
 
@@ -361,12 +369,13 @@ def test_learned_points_run_on_the_lowbit_kernel_by_table_lookup(tmp_path, bits,
     rounding of the dense layer at every batch size."""
     path = packed_mlp(tmp_path, LearnedPointsQuantizer(bits, 32, groups="row", n_points=n_points))
     dense, kernels = load_packed(path, model=Mlp())[0], load_packed(path, model=Mlp(), runtime="kernels")[0]
-    assert runtime_of(kernels) == counts("lowbit", 1, 1) and kernels[0].weight_lowbit.learned
+    assert runtime_of(kernels) == counts("lowbit", 2, 0) and kernels[0].weight_lowbit.learned and kernels[2].weight_lowbit.learned
     for rows in (1, 3, 4, 13):
-        x = torch.randn(rows, 256)
-        with torch.no_grad():
-            want, got = dense[0](x), kernels[0](x)
-        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+        for layer, width in ((0, 256), (2, 40)):  # the second: a short last group
+            x = torch.randn(rows, width)
+            with torch.no_grad():
+                want, got = dense[layer](x), kernels[layer](x)
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 class Lookup(nn.Module):
@@ -384,7 +393,9 @@ class Lookup(nn.Module):
 
 @pytest.mark.parametrize("way", ["int4", "lowbit"])
 @pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("quantizer", [UniformQuantizer(4, 32, groups="row", scale_dtype="bfloat16"), LearnedPointsQuantizer(2, 32, groups="row")])
+@pytest.mark.parametrize(
+    "quantizer", [UniformQuantizer(4, 32, groups="row", scale_dtype="bfloat16"), LearnedPointsQuantizer(2, 32, groups="row"), UniformQuantizer(4, 24, groups="row")]
+)  # the last: groups of 24, 24 and 16, which torch's kernel does not take
 def test_embeddings_look_up_only_their_rows(tmp_path, way, tied, quantizer):
     """An embedding in the kernel layout decodes just the rows it looks up (same values as the dense loader's,
     within float rounding); tied to an output layer on qdistill's kernel it shares that layer's codes, and on
@@ -394,7 +405,7 @@ def test_embeddings_look_up_only_their_rows(tmp_path, way, tied, quantizer):
     attach(model, quantizer)
     path = save_packed(model.eval(), SPEC, tmp_path / "m.safetensors")
     dense, kernels = load_packed(path, model=Lookup(tied))[0], load_packed(path, model=Lookup(tied), runtime="kernels")[0]
-    head = int(way == "lowbit" or (not tied and isinstance(quantizer, UniformQuantizer)))  # no int4 kernel for learned points
+    head = int(way == "lowbit" or (not tied and isinstance(quantizer, UniformQuantizer) and quantizer.bucket == 32))  # no int4 kernel for learned points
     lookup = int(way == "lowbit" or not tied)
     assert runtime_of(kernels) == {"lowbit": 0, "int4": 0, way: head, "lookup": lookup, "packed": 1 - head + (not tied) * (1 - lookup)}
     if tied and way == "lowbit":

@@ -60,7 +60,8 @@ BAD = {
     "bits 0": dict(bits=0),
     "bits 9": dict(bits=9),
     "group odd": dict(group=1),
-    "group not dividing": dict(group=48),
+    "group without its scales": dict(group=20),  # 4 groups a row, scales for 2
+    "inputs odd": dict(x=lambda x: x[:, :-1].contiguous(), codes=lambda c: c[:, :-1].contiguous()),
     "group 0": dict(group=0),
     "threads 0": dict(threads=0),
 }
