@@ -149,15 +149,35 @@ class LowBitWeights(nn.Module):
         for key, value in weights.items():
             self.register_buffer(key, as_bits(value), persistent=False)
         self.learned = "points" in weights
-        lowbit.check_weights(self.codes, self.bits, self.group, *self.float_buffers())  # once: each call checks its input
+        self.kernel_args()  # checked once: each call checks its input
 
     def float_buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         points = self.points.view(torch.float32) if self.learned else None
         return self.scale.view(torch.float32), self.offset.view(torch.float32), points
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        scale, offset, points = self.float_buffers()
-        return lowbit.matmul(x, self.codes, self.bits, self.group, scale, offset, self.rows, points, weights_checked=True)
+    def kernel_args(self) -> tuple:
+        """`lowbit.weight_args` of the buffers, checked, kept while the buffers are these same tensors (a
+        plain attribute: a model moved or converted gets new buffers, whose arguments are taken again)."""
+        held, buffers = self.__dict__.get("_kernel_args", ((), ())), tuple(self._buffers.values())
+        if len(held[0]) != len(buffers) or any(a is not b for a, b in zip(held[0], buffers)):
+            operands = (self.codes, self.bits, self.group, *self.float_buffers())
+            lowbit.check_weights(*operands)
+            self.__dict__["_kernel_args"] = held = (buffers, lowbit.weight_args(*operands))
+        return held[1]
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_kernel_args"}  # pointers of this process
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [rows, in] (float32 on the kernel, any float dtype decoded) times the weight, transposed, plus
+        `bias`: [rows, out] float32."""
+        lib = lowbit.library()
+        if lib is None or x.dtype != torch.float32:
+            scale, offset, points = self.float_buffers()
+            return lowbit.matmul(x, self.codes, self.bits, self.group, scale, offset, self.rows, points, bias, weights_checked=True)
+        x = x.contiguous()
+        lowbit.check_input(x, self._buffers["codes"], 1)
+        return lowbit.call(lib.linear, x, self.kernel_args(), self.rows, bias, lowbit.threads_for(x.shape[0] * x.shape[1] * self.rows))
 
     def rows_of(self, ids: torch.Tensor) -> torch.Tensor:
         """The weight's rows `ids` (flat, in range) decoded to float32: only those rows are read."""
@@ -165,7 +185,7 @@ class LowBitWeights(nn.Module):
 
 
 def refuse_training(x: torch.Tensor) -> None:
-    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+    if not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()):
         raise QDistillError("the kernels runtime runs inference on the CPU: keep the model on the CPU, under torch.no_grad(), or load it dense to train or move it")
 
 
@@ -186,9 +206,13 @@ class LowBitLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         refuse_training(x)
-        y = self.weight_lowbit.matmul(x.reshape(-1, self.in_features).float())
+        weights, bias = self._modules["weight_lowbit"], self._parameters["bias"]  # the plain dicts: this runs per call
+        if x.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):  # the bias added by the kernel
+            y = weights.matmul(x.reshape(-1, self.in_features), bias)
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
+        y = weights.matmul(x.reshape(-1, self.in_features).float())
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        return y if bias is None else y + bias
 
 
 class LowBitEmbedding(nn.Module):

@@ -14,6 +14,7 @@
    rows at once from registers. Panels are shared among `threads` OpenMP threads. Compiled at first use
    by qdistill.runtime.lowbit. */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -60,10 +61,20 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(a);
 }
 
-/* One input row against P panels starting at `codes` (panel stride K * bits bytes): 8 * P outputs. */
+/* Lanes 0 .. valid - 1 of 8 floats at p (the others 0, not read), and the same for a store. */
+static inline __m256i lanes_below(int valid) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+static inline __m256 load8(const float *p, int valid) { return valid >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lanes_below(valid)); }
+static inline void store8(float *p, __m256 v, int valid) {
+    if (valid >= 8) _mm256_storeu_ps(p, v);
+    else if (valid > 0) _mm256_maskstore_ps(p, lanes_below(valid), v);
+}
+static inline __m256 bias8(const float *bias, int valid) { return bias ? load8(bias, valid) : _mm256_setzero_ps(); }
+
+/* One input row against P panels starting at `codes` (panel stride K * bits bytes): 8 * P outputs, of which
+   the first `valid` are written to y, each with its bias (NULL: none). */
 static inline __attribute__((always_inline)) void row_panels(const float *restrict x, int K, const uint8_t *restrict codes, const int bits, const int lut,
                                                              const float *restrict points, int group, const int P, const float *restrict scale, const float *restrict offset,
-                                                             float *restrict y) {
+                                                             const float *restrict bias, float *restrict y, int valid) {
     const int groups = (K + group - 1) / group;
     __m256 table[2];
     if (lut) table[0] = _mm256_loadu_ps(points), table[1] = _mm256_loadu_ps(points + 8);
@@ -94,7 +105,7 @@ static inline __attribute__((always_inline)) void row_panels(const float *restri
             total[p] = _mm256_fmadd_ps(_mm256_loadu_ps(offset + at), xs, total[p]);
         }
     }
-    for (int p = 0; p < P; p++) _mm256_storeu_ps(y + 8 * p, total[p]);
+    for (int p = 0; p < P; p++) store8(y + 8 * p, _mm256_add_ps(total[p], bias8(bias ? bias + 8 * p : 0, valid - 8 * p)), valid - 8 * p);
 }
 
 /* Two panels' weights for k in [k0, k0 + n) as float32, [k][16], into `w`. */
@@ -117,11 +128,13 @@ static inline __attribute__((always_inline)) void decode_pair(const uint8_t *res
     }
 }
 
-/* R (<= TILE) input rows times decoded weights w [n][16], added to (or, `first`, written to) y's 16 columns. */
-static inline __attribute__((always_inline)) void tile(const float *restrict x, int K, const int R, const float *restrict w, int n, float *restrict y, int N,
-                                                       int first) {
+/* R (<= TILE) input rows times decoded weights w [n][16], added to y's first `valid` of 16 columns (row
+   stride ldy), or, `first`, written there with the bias added (NULL: none). */
+static inline __attribute__((always_inline)) void tile(const float *restrict x, int K, const int R, const float *restrict w, int n, const float *restrict bias,
+                                                       float *restrict y, int ldy, int valid, int first) {
     __m256 acc[TILE][2];
-    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    const __m256 b0 = first ? bias8(bias, valid) : _mm256_setzero_ps(), b1 = first ? bias8(bias ? bias + 8 : 0, valid - 8) : _mm256_setzero_ps();
+    for (int r = 0; r < R; r++) acc[r][0] = b0, acc[r][1] = b1;
     for (int k = 0; k < n; k++) {
         __m256 w0 = _mm256_load_ps(w + 16 * k), w1 = _mm256_load_ps(w + 16 * k + 8);
         for (int r = 0; r < R; r++) {
@@ -131,37 +144,38 @@ static inline __attribute__((always_inline)) void tile(const float *restrict x, 
         }
     }
     for (int r = 0; r < R; r++) {
-        float *yr = y + (long)r * N;
+        float *yr = y + (long)r * ldy;
         if (!first) {
-            acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_loadu_ps(yr));
-            acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_loadu_ps(yr + 8));
+            acc[r][0] = _mm256_add_ps(acc[r][0], load8(yr, valid));
+            acc[r][1] = _mm256_add_ps(acc[r][1], load8(yr + 8, valid - 8));
         }
-        _mm256_storeu_ps(yr, acc[r][0]);
-        _mm256_storeu_ps(yr + 8, acc[r][1]);
+        store8(yr, acc[r][0], valid);
+        store8(yr + 8, acc[r][1], valid - 8);
     }
 }
 
 static inline __attribute__((always_inline)) void batch_pair(const float *restrict x, int B, int K, const uint8_t *restrict codes, const int bits, const int lut,
                                                              const float *restrict points, int group, const float *restrict scale,
-                                                             const float *restrict offset, float *restrict y, int N) {
+                                                             const float *restrict offset, const float *restrict bias, float *restrict y, int ldy, int valid) {
     float w[BLOCK * 16] __attribute__((aligned(32)));
     for (int k0 = 0; k0 < K; k0 += BLOCK) {
         int n = K - k0 < BLOCK ? K - k0 : BLOCK;
         decode_pair(codes, K, bits, lut, points, group, scale, offset, k0, n, w);
         int b = 0;
-        for (; b + TILE <= B; b += TILE) tile(x + (long)b * K + k0, K, TILE, w, n, y + (long)b * N, N, k0 == 0);
+        for (; b + TILE <= B; b += TILE) tile(x + (long)b * K + k0, K, TILE, w, n, bias, y + (long)b * ldy, ldy, valid, k0 == 0);
         switch (B - b) {
 #define REST(r) \
-    case r: tile(x + (long)b * K + k0, K, r, w, n, y + (long)b * N, N, k0 == 0); break;
+    case r: tile(x + (long)b * K + k0, K, r, w, n, bias, y + (long)b * ldy, ldy, valid, k0 == 0); break;
             REST(1) REST(2) REST(3) REST(4) REST(5)
         }
     }
 }
 
-static inline __attribute__((always_inline)) void linear(const float *restrict x, int B, int K, const uint8_t *restrict codes, int N, const int bits,
+/* y [B, M] = x [B, K] W^T + bias (NULL: none), W [M, K] in panels of 8 rows. */
+static inline __attribute__((always_inline)) void linear(const float *restrict x, int B, int K, const uint8_t *restrict codes, const int bits,
                                                          const int lut, const float *restrict points, int group, const float *restrict scale,
-                                                         const float *restrict offset, float *restrict y, int threads) {
-    const int groups = (K + group - 1) / group, panels = N / 8;
+                                                         const float *restrict offset, const float *restrict bias, float *restrict y, int M, int threads) {
+    const int groups = (K + group - 1) / group, panels = (M + 7) / 8;
     const long panel_bytes = (long)K * bits, panel_params = (long)groups * 8;
     if (B < BATCH_ROWS) {
         const int sets = (panels + PANELS - 1) / PANELS;
@@ -169,15 +183,15 @@ static inline __attribute__((always_inline)) void linear(const float *restrict x
         for (int s = 0; s < sets; s++) {
             for (int b = 0; b < B; b++) {
                 const float *xb = x + (long)b * K;
-                float *yb = y + (long)b * N;
+                float *yb = y + (long)b * M;
                 for (int p = s * PANELS; p < (s + 1) * PANELS && p < panels;) {
                     const uint8_t *c = codes + p * panel_bytes;
-                    const float *sc = scale + p * panel_params, *of = offset + p * panel_params;
+                    const float *sc = scale + p * panel_params, *of = offset + p * panel_params, *bi = bias ? bias + 8 * p : 0;
                     if (p + PANELS <= panels) {
-                        row_panels(xb, K, c, bits, lut, points, group, PANELS, sc, of, yb + 8 * p);
+                        row_panels(xb, K, c, bits, lut, points, group, PANELS, sc, of, bi, yb + 8 * p, M - 8 * p);
                         p += PANELS;
                     } else {
-                        row_panels(xb, K, c, bits, lut, points, group, 1, sc, of, yb + 8 * p);
+                        row_panels(xb, K, c, bits, lut, points, group, 1, sc, of, bi, yb + 8 * p, M - 8 * p);
                         p += 1;
                     }
                 }
@@ -187,17 +201,55 @@ static inline __attribute__((always_inline)) void linear(const float *restrict x
     }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int p = 0; p < panels; p += 2)
-        batch_pair(x, B, K, codes + p * panel_bytes, bits, lut, points, group, scale + p * panel_params, offset + p * panel_params, y + 8 * p, N);
+        batch_pair(x, B, K, codes + p * panel_bytes, bits, lut, points, group, scale + p * panel_params, offset + p * panel_params, bias ? bias + 8 * p : 0,
+                   y + 8 * p, M, M - 8 * p);
 }
 
-/* x [B, K] float32, codes [N / 8, K, bits] bytes, scale and offset [N / 8, ceil(K / group), 8] float32,
-   points NULL (uniform levels) or 16 floats, y [B, N] float32.
-   Needs bits 2, 4 or 8 (8: points NULL), N a multiple of 16, K and group even. */
-void lowbit_linear(const float *restrict x, int B, int K, const uint8_t *restrict codes, int N, int bits, int group,
-                   const float *restrict scale, const float *restrict offset, const float *restrict points, float *restrict y, int threads) {
-    if (points == 0 && bits == 8) linear(x, B, K, codes, N, 8, 0, points, group, scale, offset, y, threads);
-    else if (points == 0 && bits == 4) linear(x, B, K, codes, N, 4, 0, points, group, scale, offset, y, threads);
-    else if (points == 0) linear(x, B, K, codes, N, 2, 0, points, group, scale, offset, y, threads);
-    else if (bits == 4) linear(x, B, K, codes, N, 4, 1, points, group, scale, offset, y, threads);
-    else linear(x, B, K, codes, N, 2, 1, points, group, scale, offset, y, threads);
+/* Calls F(bits, lut) with both as compile-time constants: 8 (uniform only), 4 or 2 bits, levels or points. */
+#define DISPATCH(F)                              \
+    if (points == 0 && bits == 8) F(8, 0);       \
+    else if (points == 0 && bits == 4) F(4, 0);  \
+    else if (points == 0) F(2, 0);               \
+    else if (bits == 4) F(4, 1);                 \
+    else F(2, 1);
+
+/* y [B, M] = x [B, K] W^T + bias, W [M, K]: x float32, codes [N / 8, K, bits] bytes and scale and offset
+   [N / 8, ceil(K / group), 8] float32 with N = M rounded up to a multiple of 16, points NULL (uniform levels)
+   or 16 floats, bias NULL or M floats. Needs bits 2, 4 or 8 (8: points NULL), K and group even. */
+void lowbit_linear(const float *restrict x, int B, int K, const uint8_t *restrict codes, int bits, int group, const float *restrict scale,
+                   const float *restrict offset, const float *restrict points, const float *restrict bias, float *restrict y, int M, int threads) {
+#define LINEAR(b, l) linear(x, B, K, codes, b, l, points, group, scale, offset, bias, y, M, threads)
+    DISPATCH(LINEAR)
+}
+
+static inline float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
+
+static inline __attribute__((always_inline)) void lstm(const float *restrict gx, int B, int T, int H, const uint8_t *restrict codes, const int bits,
+                                                       const int lut, const float *restrict points, int group, const float *restrict scale,
+                                                       const float *restrict offset, float *restrict h, float *restrict c, float *restrict y,
+                                                       float *restrict gates, int threads) {
+    for (int t = 0; t < T; t++) {
+        linear(h, B, H, codes, bits, lut, points, group, scale, offset, 0, gates, 4 * H, threads);
+        for (int b = 0; b < B; b++) {
+            const float *in = gx + ((long)b * T + t) * 4 * H, *g = gates + (long)b * 4 * H;
+            float *hb = h + (long)b * H, *cb = c + (long)b * H, *yb = y + ((long)b * T + t) * H;
+            for (int j = 0; j < H; j++) {
+                float i = sigmoid(in[j] + g[j]), f = sigmoid(in[H + j] + g[H + j]);
+                float u = tanhf(in[2 * H + j] + g[2 * H + j]), o = sigmoid(in[3 * H + j] + g[3 * H + j]);
+                cb[j] = f * cb[j] + i * u;
+                hb[j] = yb[j] = o * tanhf(cb[j]);
+            }
+        }
+    }
+}
+
+/* One LSTM layer over T steps (PyTorch's gate order i, f, g, o): gx [B, T, 4H] the input projections with both
+   biases, the recurrent weights W_hh [4H, H] as lowbit_linear holds them,
+   h and c [B, H] the initial state, overwritten with the last; y [B, T, H] the outputs; gates [B, 4H] scratch.
+   Needs H even and what lowbit_linear needs. */
+void lowbit_lstm(const float *restrict gx, int B, int T, int H, const uint8_t *restrict codes, int bits, int group, const float *restrict scale,
+                 const float *restrict offset, const float *restrict points, float *restrict h, float *restrict c, float *restrict y, float *restrict gates,
+                 int threads) {
+#define LSTM(b, l) lstm(gx, B, T, H, codes, b, l, points, group, scale, offset, h, c, y, gates, threads)
+    DISPATCH(LSTM)
 }

@@ -20,7 +20,9 @@ import stat
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +30,10 @@ import torch.nn.functional as F
 from qdistill.files import cache_dir
 
 SOURCE = Path(__file__).with_name("lowbit.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-ARGS = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
+P, I = ctypes.c_void_p, ctypes.c_int
+LINEAR_ARGS = [P, I, I, P, I, I, P, P, P, P, P, I, I]  # x, B, K, codes, bits, group, scale, offset, points, bias, y, M, threads
+LSTM_ARGS = [P, I, I, I, P, I, I, P, P, P, P, P, P, P, I]  # gx, B, T, H, codes, bits, group, scale, offset, points, h, c, y, gates, threads
 BUILDING = threading.Lock()
 log = logging.getLogger(__name__)
 SERIAL_WORK = 2**19  # multiply-adds per thread below which extra threads cost more than they save (a few tens of µs)
@@ -43,11 +47,17 @@ def cpu_flags() -> set[str]:
     return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
 
 
+class Library(NamedTuple):
+    """The compiled functions (ctypes): `lowbit_linear` and `lowbit_lstm`."""
+
+    linear: Callable
+    lstm: Callable
+
+
 @functools.cache
-def library():
-    """The compiled `lowbit_linear` (a ctypes function), or None: not an x86-64 CPU with AVX2 and FMA, no C
-    compiler, a cache that cannot be written, a library that is not this user's own, or a build or a
-    self-check that failed."""
+def library() -> Library | None:
+    """The compiled kernels, or None: not an x86-64 CPU with AVX2 and FMA, no C compiler, a cache that cannot
+    be written, a library that is not this user's own, or a build or a self-check that failed."""
     flags = cpu_flags()
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= flags or compiler is None:
@@ -70,12 +80,14 @@ def library():
             # The descriptor's file is the one checked, whatever the path names by now. It stays open: glibc
             # knows a loaded library by the name it was opened with, so a later dlopen of this fd number
             # would be handed this library if the number were reused.
-            fn = ctypes.CDLL(f"/proc/self/fd/{fd}").lowbit_linear
+            compiled = ctypes.CDLL(f"/proc/self/fd/{fd}")
+            lib = Library(compiled.lowbit_linear, compiled.lowbit_lstm)
         except (OSError, AttributeError):
             os.close(fd)
             return None
-    fn.argtypes, fn.restype = ARGS, None
-    return fn if _agrees(fn) else None
+    for fn, args in zip(lib, (LINEAR_ARGS, LSTM_ARGS)):
+        fn.argtypes, fn.restype = args, None
+    return lib if _agrees(lib) else None
 
 
 def _open_own(target: Path, folder: int, compiler: str) -> int | None:
@@ -168,20 +180,22 @@ def table(points: torch.Tensor) -> torch.Tensor:
 
 
 def matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, out: int, points: torch.Tensor | None = None,
-           weights_checked: bool = False) -> torch.Tensor:
+           bias: torch.Tensor | None = None, weights_checked: bool = False) -> torch.Tensor:
     """x [rows, in] times the `out` rows of weights level * scale + offset (as `pack_codes` and `pack_params`
-    hold them; the level is the code, or `points[code]` with a `table` of learned points) transposed, in
-    float32: [rows, out]. On the kernel where it is built; else (a model pickled to a process without it)
-    the weights are decoded for the call."""
+    hold them; the level is the code, or `points[code]` with a `table` of learned points) transposed, plus
+    `bias`, in float32: [rows, out]. On the kernel where it is built; else (a model pickled to a process
+    without it) the weights are decoded for the call."""
     x = x.to(torch.float32).contiguous()
-    if codes.dim() != 3 or padded(out) != codes.shape[0] * 8:
-        raise ValueError(f"codes of shape {list(codes.shape)} do not hold {out} output rows in panels of 8 (padded to 16)")
-    rows, length = x.shape
-    fn = library()
-    if fn is None:
-        return x @ decode_rows(codes, bits, group, scale, offset, points, torch.arange(out)).T
-    threads = max(1, min(torch.get_num_threads(), rows * out * length // SERIAL_WORK))
-    return run(fn, x, codes, bits, group, scale, offset, points, threads, weights_checked)[:, :out]
+    lib = library()
+    if lib is None:
+        y = x @ decode_rows(codes, bits, group, scale, offset, points, torch.arange(out)).T
+        return y if bias is None else y + bias
+    return run(lib.linear, x, codes, bits, group, scale, offset, points, threads_for(x.shape[0] * out * x.shape[1]), weights_checked, out, bias)
+
+
+def threads_for(work: int) -> int:
+    """Threads for `work` multiply-adds: one per SERIAL_WORK, at most torch's."""
+    return max(1, min(torch.get_num_threads(), work // SERIAL_WORK))
 
 
 def check_weights(codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None) -> None:
@@ -209,31 +223,76 @@ def check_weights(codes: torch.Tensor, bits: int, group: int, scale: torch.Tenso
 
 def check_input(x: torch.Tensor, codes: torch.Tensor, threads: int) -> None:
     """What changes from call to call: x a contiguous CPU float32 [rows, K] for codes of K inputs, still on the CPU."""
-    if x.dim() != 2 or x.shape[1] != codes.shape[1] or x.dtype != torch.float32 or not x.is_cpu or not x.is_contiguous() or x.shape[0] >= 2**31:
+    shape = x.shape
+    if len(shape) != 2 or shape[1] != codes.shape[1] or x.dtype != torch.float32 or not x.is_cpu or not x.is_contiguous() or shape[0] >= 2**31:
         raise ValueError(f"the lowbit kernel needs x as a contiguous cpu float32 [rows, {codes.shape[1]}], got {x.device.type} {x.dtype} {list(x.shape)}")
     if not codes.is_cpu or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"the lowbit kernel needs its weights on the cpu (they are on {codes.device.type}) and threads >= 1, got {threads!r}")
 
 
+def check_vector(name: str, t: torch.Tensor | None, size: int) -> None:
+    if t is not None and (t.shape != (size,) or t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous()):
+        raise ValueError(f"the lowbit kernel needs {name} as a contiguous cpu float32 [{size}], got {t.device.type} {t.dtype} {list(t.shape)}")
+
+
 def run(fn, x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None, threads: int,
-        weights_checked: bool = False) -> torch.Tensor:
-    """One call of the compiled `fn` on contiguous float32 `x`: [rows, padded(out)], the operands checked first
-    (the weights too, unless their layer checked them when it was built)."""
+        weights_checked: bool = False, out: int | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One call of the compiled `lowbit_linear` (`fn`) on contiguous float32 `x`: [rows, out] (all the rows the
+    codes hold when None) plus `bias`, the operands checked first (the weights too, unless their layer checked
+    them when it was built)."""
     if not weights_checked:
         check_weights(codes, bits, group, scale, offset, points)
     check_input(x, codes, threads)
+    out = codes.shape[0] * 8 if out is None else out
+    if not isinstance(out, int) or padded(out) != codes.shape[0] * 8:
+        raise ValueError(f"codes of shape {list(codes.shape)} do not hold {out!r} output rows in panels of 8 (padded to 16)")
+    return call(fn, x, weight_args(codes, bits, group, scale, offset, points), out, bias, threads)
+
+
+def weight_args(codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None) -> tuple:
+    """The arguments `lowbit_linear` takes for checked weights (`check_weights`): codes, bits, group, scale,
+    offset, points; valid while those tensors live unchanged."""
+    return codes.data_ptr(), kernel_bits(bits), group, scale.data_ptr(), offset.data_ptr(), None if points is None else points.data_ptr()
+
+
+def call(fn, x: torch.Tensor, weights: tuple, out: int, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
+    """`lowbit_linear` (`fn`) on x, checked by `check_input`, and the `weight_args` of checked weights."""
+    check_vector("bias", bias, out)
     rows, length = x.shape
-    y = torch.empty(rows, codes.shape[0] * 8, dtype=torch.float32)
+    y = torch.empty(rows, out, dtype=torch.float32)
     if rows:
-        lut = None if points is None else points.data_ptr()
-        fn(x.data_ptr(), rows, length, codes.data_ptr(), y.shape[1], kernel_bits(bits), group, scale.data_ptr(), offset.data_ptr(), lut, y.data_ptr(), threads)
+        fn(x.data_ptr(), rows, length, *weights, None if bias is None else bias.data_ptr(), y.data_ptr(), out, threads)
     return y
 
 
-def _agrees(fn) -> bool:
-    """The built kernel against float32 arithmetic on a small case of each width, with uniform levels and (2 and
-    4 bits) with learned points: 40 outputs (whole and partial sets of panels, padding), 320 inputs (two blocks of k), groups
-    of whole and partial vectors and a short last group, 1, 3 and 9 input rows (both paths)."""
+def lstm(fn, gx: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None,
+         h: torch.Tensor, c: torch.Tensor, weights_checked: bool = False) -> torch.Tensor:
+    """One LSTM layer over all steps by the compiled `lowbit_lstm` (`fn`): gx [B, T, 4H] the input projections
+    with both biases, the recurrent weights [4H, H] as `pack_codes` and `pack_params` hold them, h and c [B, H]
+    the initial state, replaced by the last in place; returns the outputs [B, T, H]. Operands checked first."""
+    if not weights_checked:
+        check_weights(codes, bits, group, scale, offset, points)
+    hidden = codes.shape[1]
+    if gx.dim() != 3 or gx.shape[2] != 4 * hidden or padded(4 * hidden) != codes.shape[0] * 8:
+        raise ValueError(f"the lowbit LSTM needs inputs [batch, steps, {4 * hidden}] and recurrent codes of {padded(4 * hidden) // 8} panels, got {list(gx.shape)} and {list(codes.shape)}")
+    batch, steps = gx.shape[:2]
+    for name, t, shape in (("gx", gx, gx.shape), ("h", h, (batch, hidden)), ("c", c, (batch, hidden))):
+        if t.shape != shape or t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous() or t.numel() >= 2**31:
+            raise ValueError(f"the lowbit LSTM needs {name} as a contiguous cpu float32 {list(shape)}, got {t.device.type} {t.dtype} {list(t.shape)}")
+    y = torch.empty(batch, steps, hidden, dtype=torch.float32)
+    if batch and steps:
+        gates = torch.empty(batch, 4 * hidden, dtype=torch.float32)
+        lut = None if points is None else points.data_ptr()
+        fn(gx.data_ptr(), batch, steps, hidden, codes.data_ptr(), kernel_bits(bits), group, scale.data_ptr(), offset.data_ptr(), lut, h.data_ptr(), c.data_ptr(),
+           y.data_ptr(), gates.data_ptr(), threads_for(batch * 4 * hidden * hidden))
+    return y
+
+
+def _agrees(lib: Library) -> bool:
+    """The built kernels against float32 arithmetic on small cases. Matmul: each width, with uniform levels and
+    (2 and 4 bits) with learned points: 40 outputs (whole and partial sets of panels, padding), 320 inputs (two
+    blocks of k), groups of whole and partial vectors and a short last group, 1, 3 and 9 input rows (both
+    paths), with and without a bias. LSTM: 3 steps of 2 rows, 4 bits."""
     g = torch.Generator().manual_seed(0)
     out, length = 40, 320
     for bits, group in ((2, 32), (4, 64), (4, 10), (4, 96), (8, 32)):
@@ -244,10 +303,31 @@ def _agrees(fn) -> bool:
         for points in (None, torch.rand(2**bits, generator=g, dtype=torch.float32))[: 1 if bits == 8 else 2]:
             levels = codes.float() if points is None else points[codes]
             weight = levels * scale[:, at] + offset[:, at]
-            for rows in (1, 3, 9):
+            for rows, bias in ((1, None), (3, torch.randn(out, generator=g)), (9, None), (9, torch.randn(out, generator=g))):
                 x = torch.randn(rows, length, generator=g, dtype=torch.float32)
                 lut = None if points is None else table(points)
-                y = run(fn, x, pack_codes(codes, bits), bits, group, pack_params(scale), pack_params(offset), lut, 2)[:, :out]
-                if not torch.allclose(y, x @ weight.T, rtol=1e-4, atol=1e-4):
+                y = run(lib.linear, x, pack_codes(codes, bits), bits, group, pack_params(scale), pack_params(offset), lut, 2, out=out, bias=bias)
+                if not close(y, x @ weight.T + (0 if bias is None else bias)):
                     return False
-    return True
+    return _lstm_agrees(lib, g)
+
+
+def _lstm_agrees(lib: Library, g: torch.Generator) -> bool:
+    batch, steps, hidden, group = 2, 3, 16, 8
+    codes = torch.randint(0, 16, (4 * hidden, hidden), generator=g)
+    scale, offset = torch.rand(4 * hidden, hidden // group, generator=g) / 8, torch.randn(4 * hidden, hidden // group, generator=g) / 8
+    weight = codes.float() * scale.repeat_interleave(group, 1) + offset.repeat_interleave(group, 1)
+    gx, h, c = torch.randn(batch, steps, 4 * hidden, generator=g), torch.randn(batch, hidden, generator=g), torch.randn(batch, hidden, generator=g)
+    want, hc = [], (h.clone(), c.clone())
+    for t in range(steps):
+        i, f, u, o = (gx[:, t] + hc[0] @ weight.T).chunk(4, 1)
+        cell = f.sigmoid() * hc[1] + i.sigmoid() * u.tanh()
+        hc = (o.sigmoid() * cell.tanh(), cell)
+        want.append(hc[0])
+    y = lstm(lib.lstm, gx, pack_codes(codes, 4), 4, group, pack_params(scale), pack_params(offset), None, h, c)
+    return all(close(a, b) for a, b in ((y, torch.stack(want, 1)), (h, hc[0]), (c, hc[1])))
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Within float32 rounding of sums of a few hundred terms: 1e-5 of the largest value."""
+    return bool((got - want).abs().max() <= 1e-5 * want.abs().max())

@@ -40,6 +40,9 @@ def test_good_operands_reach_the_kernel(bits, learned):
 
 
 BAD = {
+    "bias of another size": dict(bias=torch.zeros(OUT - 1)),
+    "bias float64": dict(bias=torch.zeros(OUT, dtype=torch.float64)),
+    "out of another row count": dict(out=OUT + 1),
     "x float64": dict(x=torch.Tensor.double),
     "x not contiguous": dict(x=strided),
     "x not on the cpu": dict(x=lambda x: torch.empty(x.shape, device="meta")),
@@ -75,7 +78,7 @@ def test_wrong_operands_raise_before_the_kernel(bad):
 
 @pytest.mark.parametrize("out", [17, 32])  # codes for 16 rows (1 to 16 outputs)
 def test_matmul_refuses_codes_of_another_row_count(out, monkeypatch):
-    monkeypatch.setattr(lowbit, "library", lambda: never_called)
+    monkeypatch.setattr(lowbit, "library", lambda: lowbit.Library(never_called, never_called))
     ops = operands()
     with pytest.raises(ValueError):
         lowbit.matmul(ops["x"], ops["codes"], 4, GROUP, ops["scale"], ops["offset"], out, ops["points"])
