@@ -181,7 +181,21 @@ class LowBitWeights(nn.Module):
 
     def rows_of(self, ids: torch.Tensor) -> torch.Tensor:
         """The weight's rows `ids` (flat, in range) decoded to float32: only those rows are read."""
-        return lowbit.decode_rows(self.codes, self.bits, self.group, *self.float_buffers(), ids)
+        return lowbit.rows(self.codes, self.bits, self.group, *self.float_buffers(), ids)
+
+    def lstm(self, gx: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """An LSTM layer's outputs [B, T, H] for its input projections gx [B, T, 4H] (biases included), this
+        weight its recurrent one [4H, H]; h and c [B, H], the initial state, end as the last."""
+        lib = lowbit.library()
+        if lib is not None:
+            return lowbit.lstm(lib.lstm, gx.contiguous(), self.codes, self.bits, self.group, *self.float_buffers(), h, c, weights_checked=True)
+        weight, outputs = self.rows_of(torch.arange(self.rows)), []  # a process where the kernel does not build
+        for t in range(gx.shape[1]):
+            i, f, u, o = (gx[:, t] + h @ weight.T).chunk(4, 1)
+            c.copy_(f.sigmoid() * c + i.sigmoid() * u.tanh())
+            h.copy_(o.sigmoid() * c.tanh())
+            outputs.append(h.clone())
+        return torch.stack(outputs, 1)
 
 
 def refuse_training(x: torch.Tensor) -> None:
@@ -235,6 +249,60 @@ class LowBitEmbedding(nn.Module):
         return self.weight_lowbit.rows_of(flat).view(*ids.shape, self.embedding_dim)
 
 
+class LowBitLSTM(nn.Module):
+    """An nn.LSTM (one direction, no projection) whose weights stay as their codes: each layer's input projection
+    for all steps is one kernel call (both biases added there), its recurrence one call of `lowbit_lstm`, which
+    multiplies the hidden state by the codes at each step. Inference only, on tensors (not PackedSequence)."""
+
+    def __init__(self, lstm: nn.LSTM, entries: dict[str, dict], tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.input_size, self.hidden_size, self.num_layers = lstm.input_size, lstm.hidden_size, lstm.num_layers
+        self.batch_first = lstm.batch_first
+        self.input_weights = nn.ModuleList(LowBitWeights(e, lowbit_weights(e, tensors)) for e in (entries[f"weight_ih_l{k}"] for k in range(self.num_layers)))
+        self.recurrent_weights = nn.ModuleList(LowBitWeights(e, lowbit_weights(e, tensors)) for e in (entries[f"weight_hh_l{k}"] for k in range(self.num_layers)))
+        for k in range(self.num_layers):  # kept tensors: loaded with the others, under their own names
+            for name in (f"bias_ih_l{k}", f"bias_hh_l{k}"):
+                self.register_parameter(name, getattr(lstm, name, None))
+
+    def extra_repr(self) -> str:
+        w = self.input_weights[0]
+        return f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, batch_first={self.batch_first}, bits={w.bits}, group={w.group}"
+
+    @staticmethod
+    def ready(lstm: nn.Module, entries: dict[str, dict]) -> bool:
+        """Whether `lstm` is a plain nn.LSTM, one direction, no projection, whose weights are all in `entries`
+        (quantized, each used once) in the kernel's layout, where the kernel builds."""
+        if type(lstm) is not nn.LSTM or lstm.bidirectional or lstm.proj_size:
+            return False
+        names = [f"weight_{kind}_l{k}" for k in range(lstm.num_layers) for kind in ("ih", "hh")]
+        return all(name in entries and lowbit_ready(entries[name]) for name in names)
+
+    def forward(self, input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None):
+        if not isinstance(input, torch.Tensor):
+            raise QDistillError("the kernels runtime runs an LSTM on padded tensors, not a PackedSequence: load the model dense (--runtime dense) to run packed sequences")
+        refuse_training(input)
+        unbatched = input.dim() == 2
+        x = input.unsqueeze(0) if unbatched else input if self.batch_first else input.transpose(0, 1)
+        batch, steps = x.shape[:2]
+        if hx is None:
+            h0 = c0 = torch.zeros(self.num_layers, batch, self.hidden_size)
+        else:
+            h0, c0 = (t.unsqueeze(1) if unbatched else t for t in hx)
+        x, outputs = x.float(), []
+        for k in range(self.num_layers):
+            biases = [b for b in (getattr(self, f"bias_ih_l{k}"), getattr(self, f"bias_hh_l{k}")) if b is not None]
+            bias = sum(biases).float() if biases else None
+            gx = self.input_weights[k].matmul(x.reshape(batch * steps, -1).float(), bias).view(batch, steps, 4 * self.hidden_size)
+            h, c = (t[k].float().contiguous().clone() for t in (h0, c0))
+            x = self.recurrent_weights[k].lstm(gx, h, c)
+            outputs.append((h, c))
+        out = x.to(input.dtype)
+        h_n, c_n = (torch.stack([o[i] for o in outputs]).to(input.dtype) for i in (0, 1))
+        if unbatched:
+            return out.squeeze(0), (h_n.squeeze(1), c_n.squeeze(1))
+        return (out if self.batch_first else out.transpose(0, 1)), (h_n, c_n)
+
+
 KERNELS = {"lowbit": LowBitLinear, "int4": Int4Linear}
 
 
@@ -283,9 +351,17 @@ def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], 
         owners.setdefault(name, []).append(alias)
     params = dict(model.named_parameters(remove_duplicate=False))
     uses_of = {e["name"]: [e["name"], *owners.get(e["name"], [])] for e in meta["quantized"]}
-    dense, rest = [], []
+    dense, rest, done = [], [], set()
+    for path, module in list(model.named_modules()):
+        prefix = f"{path}." if path else ""
+        entries = {e["name"][len(prefix) :]: e for e in meta["quantized"] if e["name"].startswith(prefix) and uses_of[e["name"]] == [e["name"]] and math.prod(e["shape"]) >= dense_below}
+        if path and LowBitLSTM.ready(module, entries):
+            replace_module(model, module, LowBitLSTM(module, entries, tensors))
+            done |= {f"{prefix}weight_{kind}_l{k}" for k in range(module.num_layers) for kind in ("ih", "hh")}
     for e in meta["quantized"]:
         uses = uses_of[e["name"]]
+        if e["name"] in done:
+            continue
         if math.prod(e["shape"]) < dense_below or not all(u in params for u in uses):
             dense.append(e)
             continue

@@ -129,28 +129,44 @@ static inline __attribute__((always_inline)) void decode_pair(const uint8_t *res
 }
 
 /* R (<= TILE) input rows times decoded weights w [n][16], added to y's first `valid` of 16 columns (row
-   stride ldy), or, `first`, written there with the bias added (NULL: none). */
+   stride ldy), or, `first`, written there with the bias added (NULL: none). A few rows take U steps of k at
+   once into separate sums, so that enough independent multiply-adds are in flight. */
 static inline __attribute__((always_inline)) void tile(const float *restrict x, int K, const int R, const float *restrict w, int n, const float *restrict bias,
                                                        float *restrict y, int ldy, int valid, int first) {
-    __m256 acc[TILE][2];
+    const int U = R == 1 ? 4 : R <= 3 ? 2 : 1;
+    __m256 acc[4][TILE][2];
     const __m256 b0 = first ? bias8(bias, valid) : _mm256_setzero_ps(), b1 = first ? bias8(bias ? bias + 8 : 0, valid - 8) : _mm256_setzero_ps();
-    for (int r = 0; r < R; r++) acc[r][0] = b0, acc[r][1] = b1;
-    for (int k = 0; k < n; k++) {
+    for (int u = 0; u < U; u++)
+        for (int r = 0; r < R; r++) acc[u][r][0] = u ? _mm256_setzero_ps() : b0, acc[u][r][1] = u ? _mm256_setzero_ps() : b1;
+    int k = 0;
+    for (; k + U <= n; k += U) {
+        for (int u = 0; u < U; u++) {
+            __m256 w0 = _mm256_load_ps(w + 16 * (k + u)), w1 = _mm256_load_ps(w + 16 * (k + u) + 8);
+            for (int r = 0; r < R; r++) {
+                __m256 xb = _mm256_broadcast_ss(x + (long)r * K + k + u);
+                acc[u][r][0] = _mm256_fmadd_ps(w0, xb, acc[u][r][0]);
+                acc[u][r][1] = _mm256_fmadd_ps(w1, xb, acc[u][r][1]);
+            }
+        }
+    }
+    for (; k < n; k++) {
         __m256 w0 = _mm256_load_ps(w + 16 * k), w1 = _mm256_load_ps(w + 16 * k + 8);
         for (int r = 0; r < R; r++) {
             __m256 xb = _mm256_broadcast_ss(x + (long)r * K + k);
-            acc[r][0] = _mm256_fmadd_ps(w0, xb, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(w1, xb, acc[r][1]);
+            acc[0][r][0] = _mm256_fmadd_ps(w0, xb, acc[0][r][0]);
+            acc[0][r][1] = _mm256_fmadd_ps(w1, xb, acc[0][r][1]);
         }
     }
+    for (int u = 1; u < U; u++)
+        for (int r = 0; r < R; r++) acc[0][r][0] = _mm256_add_ps(acc[0][r][0], acc[u][r][0]), acc[0][r][1] = _mm256_add_ps(acc[0][r][1], acc[u][r][1]);
     for (int r = 0; r < R; r++) {
         float *yr = y + (long)r * ldy;
         if (!first) {
-            acc[r][0] = _mm256_add_ps(acc[r][0], load8(yr, valid));
-            acc[r][1] = _mm256_add_ps(acc[r][1], load8(yr + 8, valid - 8));
+            acc[0][r][0] = _mm256_add_ps(acc[0][r][0], load8(yr, valid));
+            acc[0][r][1] = _mm256_add_ps(acc[0][r][1], load8(yr + 8, valid - 8));
         }
-        store8(yr, acc[r][0], valid);
-        store8(yr + 8, acc[r][1], valid - 8);
+        store8(yr, acc[0][r][0], valid);
+        store8(yr + 8, acc[0][r][1], valid - 8);
     }
 }
 
@@ -224,16 +240,61 @@ void lowbit_linear(const float *restrict x, int B, int K, const uint8_t *restric
 
 static inline float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 
+/* exp of 8 floats (Cephes' expf: a degree-5 polynomial on the reduced argument, about 1 ulp), inputs clamped
+   to +-88.38. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+static inline __m256 sigmoid8(__m256 v) { return _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), v)))); }
+static inline __m256 tanh8(__m256 v) { return _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(2.0f), sigmoid8(_mm256_add_ps(v, v))), _mm256_set1_ps(1.0f)); }
+
 static inline __attribute__((always_inline)) void lstm(const float *restrict gx, int B, int T, int H, const uint8_t *restrict codes, const int bits,
                                                        const int lut, const float *restrict points, int group, const float *restrict scale,
                                                        const float *restrict offset, float *restrict h, float *restrict c, float *restrict y,
-                                                       float *restrict gates, int threads) {
+                                                       float *restrict gates, float *restrict w, int threads) {
+    const int pairs = (4 * H + 15) / 16, groups = (H + group - 1) / group;
+    const long pair_bytes = 2L * H * bits, pair_params = 2L * groups * 8;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int q = 0; q < pairs; q++) decode_pair(codes + q * pair_bytes, H, bits, lut, points, group, scale + q * pair_params, offset + q * pair_params, 0, H, w + (long)q * H * 16);
     for (int t = 0; t < T; t++) {
-        linear(h, B, H, codes, bits, lut, points, group, scale, offset, 0, gates, 4 * H, threads);
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int q = 0; q < pairs; q++) {
+            int b = 0;
+            for (; b + TILE <= B; b += TILE) tile(h + (long)b * H, H, TILE, w + (long)q * H * 16, H, 0, gates + (long)b * 4 * H + 16 * q, 4 * H, 4 * H - 16 * q, 1);
+            switch (B - b) {
+#define STEP_REST(r) \
+    case r: tile(h + (long)b * H, H, r, w + (long)q * H * 16, H, 0, gates + (long)b * 4 * H + 16 * q, 4 * H, 4 * H - 16 * q, 1); break;
+                STEP_REST(1) STEP_REST(2) STEP_REST(3) STEP_REST(4) STEP_REST(5)
+            }
+        }
         for (int b = 0; b < B; b++) {
             const float *in = gx + ((long)b * T + t) * 4 * H, *g = gates + (long)b * 4 * H;
             float *hb = h + (long)b * H, *cb = c + (long)b * H, *yb = y + ((long)b * T + t) * H;
-            for (int j = 0; j < H; j++) {
+            int j = 0;
+            for (; j + 8 <= H; j += 8) {
+                __m256 i = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(in + j), _mm256_loadu_ps(g + j)));
+                __m256 f = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(in + H + j), _mm256_loadu_ps(g + H + j)));
+                __m256 u = tanh8(_mm256_add_ps(_mm256_loadu_ps(in + 2 * H + j), _mm256_loadu_ps(g + 2 * H + j)));
+                __m256 o = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(in + 3 * H + j), _mm256_loadu_ps(g + 3 * H + j)));
+                __m256 cell = _mm256_fmadd_ps(f, _mm256_loadu_ps(cb + j), _mm256_mul_ps(i, u));
+                __m256 out = _mm256_mul_ps(o, tanh8(cell));
+                _mm256_storeu_ps(cb + j, cell);
+                _mm256_storeu_ps(hb + j, out);
+                _mm256_storeu_ps(yb + j, out);
+            }
+            for (; j < H; j++) {
                 float i = sigmoid(in[j] + g[j]), f = sigmoid(in[H + j] + g[H + j]);
                 float u = tanhf(in[2 * H + j] + g[2 * H + j]), o = sigmoid(in[3 * H + j] + g[3 * H + j]);
                 cb[j] = f * cb[j] + i * u;
@@ -244,12 +305,35 @@ static inline __attribute__((always_inline)) void lstm(const float *restrict gx,
 }
 
 /* One LSTM layer over T steps (PyTorch's gate order i, f, g, o): gx [B, T, 4H] the input projections with both
-   biases, the recurrent weights W_hh [4H, H] as lowbit_linear holds them,
-   h and c [B, H] the initial state, overwritten with the last; y [B, T, H] the outputs; gates [B, 4H] scratch.
-   Needs H even and what lowbit_linear needs. */
+   biases, the recurrent weights W_hh [4H, H] as lowbit_linear holds them, decoded once to float32 into w
+   [N / 16, H, 16] (N = 4H rounded up to a multiple of 16; 32-byte aligned) for all steps; h and c [B, H] the
+   initial state, overwritten with the last; y [B, T, H] the outputs; gates [B, 4H] scratch. Needs H even and
+   what lowbit_linear needs. */
 void lowbit_lstm(const float *restrict gx, int B, int T, int H, const uint8_t *restrict codes, int bits, int group, const float *restrict scale,
                  const float *restrict offset, const float *restrict points, float *restrict h, float *restrict c, float *restrict y, float *restrict gates,
-                 int threads) {
-#define LSTM(b, l) lstm(gx, B, T, H, codes, b, l, points, group, scale, offset, h, c, y, gates, threads)
+                 float *restrict w, int threads) {
+#define LSTM(b, l) lstm(gx, B, T, H, codes, b, l, points, group, scale, offset, h, c, y, gates, w, threads)
     DISPATCH(LSTM)
+}
+
+/* Rows `ids` (n of them, each in range) of W as lowbit_linear holds it, decoded to float32: out [n, K]. `bits`
+   2, 4 or 8; points NULL (uniform levels) or 16 floats. */
+void lowbit_rows(const uint8_t *restrict codes, int K, int bits, int group, const float *restrict scale, const float *restrict offset,
+                 const float *restrict points, const int64_t *restrict ids, int n, float *restrict out) {
+    const int groups = (K + group - 1) / group, mask = (1 << bits) - 1;
+    for (int i = 0; i < n; i++) {
+        const long panel = ids[i] / 8;
+        const int lane = ids[i] % 8, shift = (lane * bits) % 8;
+        const uint8_t *c = codes + panel * K * bits + lane * bits / 8;
+        const float *sc = scale + panel * groups * 8 + lane, *of = offset + panel * groups * 8 + lane;
+        float *row = out + (long)i * K;
+        for (int g = 0; g < groups; g++) {
+            const float s = sc[8 * g], o = of[8 * g];
+            const int end = (g + 1) * group < K ? (g + 1) * group : K;
+            for (int k = g * group; k < end; k++) {
+                const int q = (c[(long)k * bits] >> shift) & mask;
+                row[k] = (points ? points[q] : (float)q) * s + o;
+            }
+        }
+    }
 }

@@ -33,7 +33,8 @@ SOURCE = Path(__file__).with_name("lowbit.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
 P, I = ctypes.c_void_p, ctypes.c_int
 LINEAR_ARGS = [P, I, I, P, I, I, P, P, P, P, P, I, I]  # x, B, K, codes, bits, group, scale, offset, points, bias, y, M, threads
-LSTM_ARGS = [P, I, I, I, P, I, I, P, P, P, P, P, P, P, I]  # gx, B, T, H, codes, bits, group, scale, offset, points, h, c, y, gates, threads
+ROWS_ARGS = [P, I, I, I, P, P, P, P, I, P]  # codes, K, bits, group, scale, offset, points, ids, n, out
+LSTM_ARGS = [P, I, I, I, P, I, I, P, P, P, P, P, P, P, P, I]  # gx, B, T, H, codes, bits, group, scale, offset, points, h, c, y, gates, w, threads
 BUILDING = threading.Lock()
 log = logging.getLogger(__name__)
 SERIAL_WORK = 2**19  # multiply-adds per thread below which extra threads cost more than they save (a few tens of µs)
@@ -48,10 +49,11 @@ def cpu_flags() -> set[str]:
 
 
 class Library(NamedTuple):
-    """The compiled functions (ctypes): `lowbit_linear` and `lowbit_lstm`."""
+    """The compiled functions (ctypes): `lowbit_linear`, `lowbit_lstm` and `lowbit_rows`."""
 
     linear: Callable
     lstm: Callable
+    rows: Callable
 
 
 @functools.cache
@@ -81,11 +83,11 @@ def library() -> Library | None:
             # knows a loaded library by the name it was opened with, so a later dlopen of this fd number
             # would be handed this library if the number were reused.
             compiled = ctypes.CDLL(f"/proc/self/fd/{fd}")
-            lib = Library(compiled.lowbit_linear, compiled.lowbit_lstm)
+            lib = Library(compiled.lowbit_linear, compiled.lowbit_lstm, compiled.lowbit_rows)
         except (OSError, AttributeError):
             os.close(fd)
             return None
-    for fn, args in zip(lib, (LINEAR_ARGS, LSTM_ARGS)):
+    for fn, args in zip(lib, (LINEAR_ARGS, LSTM_ARGS, ROWS_ARGS)):
         fn.argtypes, fn.restype = args, None
     return lib if _agrees(lib) else None
 
@@ -163,6 +165,22 @@ def pack_params(values: torch.Tensor) -> torch.Tensor:
     return F.pad(values.float(), (0, 0, 0, padded(out) - out)).view(-1, 8, groups).transpose(1, 2).contiguous()
 
 
+def rows(codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+    """`decode_rows` by the compiled `lowbit_rows` where it is built, for weights `check_weights` accepted and
+    ids (flat int64, each a row the codes hold) checked by the caller."""
+    lib = library()
+    return decode_rows(codes, bits, group, scale, offset, points, ids) if lib is None else call_rows(lib.rows, codes, bits, group, scale, offset, points, ids)
+
+
+def call_rows(fn, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+    ids = ids.to(torch.int64).contiguous()
+    out = torch.empty(len(ids), codes.shape[1], dtype=torch.float32)
+    if len(ids):
+        lut = None if points is None else points.data_ptr()
+        fn(codes.data_ptr(), codes.shape[1], kernel_bits(bits), group, scale.data_ptr(), offset.data_ptr(), lut, ids.data_ptr(), len(ids), out.data_ptr())
+    return out
+
+
 def decode_rows(codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
     """Rows `ids` (flat, in range) of the weights level * scale + offset, as `pack_codes`, `pack_params` and
     `table` hold them, in float32 [len(ids), in]: only those rows are read."""
@@ -170,8 +188,9 @@ def decode_rows(codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor,
     panel, lane = ids // 8, ids % 8
     levels = (codes[panel, :, lane * b // 8] >> ((lane * b) % 8)[:, None].to(torch.uint8)) & (2**b - 1)
     levels = levels.float() if points is None else points[levels.long()]
-    at = torch.arange(codes.shape[1]) // group  # each input's group
-    return levels * scale[panel[:, None], at, lane[:, None]] + offset[panel[:, None], at, lane[:, None]]
+    length, groups = codes.shape[1], scale.shape[1]
+    levels = F.pad(levels, (0, groups * group - length)).view(len(ids), groups, group)  # a short last group padded
+    return (levels * scale[panel, :, lane][..., None] + offset[panel, :, lane][..., None]).view(len(ids), -1)[:, :length]
 
 
 def table(points: torch.Tensor) -> torch.Tensor:
@@ -269,7 +288,9 @@ def lstm(fn, gx: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale
          h: torch.Tensor, c: torch.Tensor, weights_checked: bool = False) -> torch.Tensor:
     """One LSTM layer over all steps by the compiled `lowbit_lstm` (`fn`): gx [B, T, 4H] the input projections
     with both biases, the recurrent weights [4H, H] as `pack_codes` and `pack_params` hold them, h and c [B, H]
-    the initial state, replaced by the last in place; returns the outputs [B, T, H]. Operands checked first."""
+    the initial state, replaced by the last in place; returns the outputs [B, T, H]. Operands checked first.
+    The recurrent weights are decoded to float32 for the call (4H x H floats, freed after it): every step
+    reads them, and a decoded matrix multiplies faster than codes decoded at each step."""
     if not weights_checked:
         check_weights(codes, bits, group, scale, offset, points)
     hidden = codes.shape[1]
@@ -281,10 +302,12 @@ def lstm(fn, gx: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale
             raise ValueError(f"the lowbit LSTM needs {name} as a contiguous cpu float32 {list(shape)}, got {t.device.type} {t.dtype} {list(t.shape)}")
     y = torch.empty(batch, steps, hidden, dtype=torch.float32)
     if batch and steps:
-        gates = torch.empty(batch, 4 * hidden, dtype=torch.float32)
+        gates, weights = torch.empty(batch, 4 * hidden, dtype=torch.float32), torch.empty(padded(4 * hidden) * hidden, dtype=torch.float32)
+        if weights.data_ptr() % 32:
+            raise ValueError("the lowbit LSTM needs its scratch memory 32-byte aligned")
         lut = None if points is None else points.data_ptr()
         fn(gx.data_ptr(), batch, steps, hidden, codes.data_ptr(), kernel_bits(bits), group, scale.data_ptr(), offset.data_ptr(), lut, h.data_ptr(), c.data_ptr(),
-           y.data_ptr(), gates.data_ptr(), threads_for(batch * 4 * hidden * hidden))
+           y.data_ptr(), gates.data_ptr(), weights.data_ptr(), threads_for(batch * 4 * hidden * hidden))
     return y
 
 
@@ -292,7 +315,7 @@ def _agrees(lib: Library) -> bool:
     """The built kernels against float32 arithmetic on small cases. Matmul: each width, with uniform levels and
     (2 and 4 bits) with learned points: 40 outputs (whole and partial sets of panels, padding), 320 inputs (two
     blocks of k), groups of whole and partial vectors and a short last group, 1, 3 and 9 input rows (both
-    paths), with and without a bias. LSTM: 3 steps of 2 rows, 4 bits."""
+    paths), with and without a bias; rows looked up. LSTM: 3 steps of 2 rows, 4 bits, 18 hidden units."""
     g = torch.Generator().manual_seed(0)
     out, length = 40, 320
     for bits, group in ((2, 32), (4, 64), (4, 10), (4, 96), (8, 32)):
@@ -303,17 +326,20 @@ def _agrees(lib: Library) -> bool:
         for points in (None, torch.rand(2**bits, generator=g, dtype=torch.float32))[: 1 if bits == 8 else 2]:
             levels = codes.float() if points is None else points[codes]
             weight = levels * scale[:, at] + offset[:, at]
-            for rows, bias in ((1, None), (3, torch.randn(out, generator=g)), (9, None), (9, torch.randn(out, generator=g))):
-                x = torch.randn(rows, length, generator=g, dtype=torch.float32)
-                lut = None if points is None else table(points)
+            lut = None if points is None else table(points)
+            for n_rows, bias in ((1, None), (3, torch.randn(out, generator=g)), (9, None), (9, torch.randn(out, generator=g))):
+                x = torch.randn(n_rows, length, generator=g, dtype=torch.float32)
                 y = run(lib.linear, x, pack_codes(codes, bits), bits, group, pack_params(scale), pack_params(offset), lut, 2, out=out, bias=bias)
                 if not close(y, x @ weight.T + (0 if bias is None else bias)):
                     return False
+            ids = torch.tensor([0, 39, 7, 7, 8])
+            if not close(call_rows(lib.rows, pack_codes(codes, bits), bits, group, pack_params(scale), pack_params(offset), lut, ids), weight[ids]):
+                return False
     return _lstm_agrees(lib, g)
 
 
 def _lstm_agrees(lib: Library, g: torch.Generator) -> bool:
-    batch, steps, hidden, group = 2, 3, 16, 8
+    batch, steps, hidden, group = 2, 3, 18, 6  # 18: 16 on vectors, 2 on the scalar tail
     codes = torch.randint(0, 16, (4 * hidden, hidden), generator=g)
     scale, offset = torch.rand(4 * hidden, hidden // group, generator=g) / 8, torch.randn(4 * hidden, hidden // group, generator=g) / 8
     weight = codes.float() * scale.repeat_interleave(group, 1) + offset.repeat_interleave(group, 1)

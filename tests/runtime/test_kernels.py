@@ -4,11 +4,13 @@ dense model, everything else bit for bit, quantized weights held packed, and the
 import json
 import pickle
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_flatten
 
 from qdistill import LearnedPointsQuantizer, QDistillError, UniformQuantizer, attach, load_packed, save_packed
 from qdistill.cli import main
@@ -499,3 +501,58 @@ def test_lowbit_layer_without_its_library_decodes_and_refuses_what_it_cannot_run
     assert torch.allclose(pickle.loads(pickle.dumps(model))(x), want, rtol=0, atol=1e-5 * want.abs().max().item())
     with pytest.raises(QDistillError, match="runs inference on the CPU"):
         model(x.requires_grad_())
+
+
+class Recurrent(nn.Module):
+    """An nn.LSTM to run on its own (`kwargs` as nn.LSTM's)."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.lstm = nn.LSTM(**kwargs)
+
+    def forward(self, x, hx=None):
+        return self.lstm(x, hx)
+
+
+LSTMS = {
+    "batch first": dict(input_size=40, hidden_size=24, batch_first=True),  # groups of 32: 32 + 8 inputs, 24 in one group
+    "two layers, time first": dict(input_size=64, hidden_size=48, num_layers=2),
+    "no biases": dict(input_size=64, hidden_size=32, bias=False, batch_first=True),
+}
+
+
+@pytest.mark.parametrize("way", ["lowbit"])
+@pytest.mark.parametrize("kind", LSTMS)
+def test_lstm_runs_on_the_kernel_within_float_rounding(tmp_path, kind, way):
+    """An nn.LSTM's weights stay as codes (`LowBitLSTM`): outputs and final states within float rounding of the
+    dense model, batched or not, with or without an initial state, after pickling and without the library."""
+    torch.manual_seed(0)
+    model = Recurrent(**LSTMS[kind])
+    attach(model, UniformQuantizer(4, 32, groups="row"))
+    path = save_packed(model.eval(), SPEC, tmp_path / "m.safetensors")
+    dense, kernels = load_packed(path, model=Recurrent(**LSTMS[kind]))[0], load_packed(path, model=Recurrent(**LSTMS[kind]), runtime="kernels")[0]
+    assert isinstance(kernels.lstm, runtime_kernels.LowBitLSTM) and runtime_of(kernels)["packed"] == 0
+    lstm = dense.lstm
+    x = torch.randn(3, 7, lstm.input_size)
+    hx = tuple(torch.randn(lstm.num_layers, 7 if not lstm.batch_first else 3, lstm.hidden_size) for _ in range(2))
+    calls = [(x,), (x, hx), (x[0],), (x[0], tuple(t[:, 0] for t in hx))]  # the last two unbatched
+    with torch.no_grad():
+        for args in calls:
+            for got, want in zip(tree_flatten(kernels(*args))[0], tree_flatten(dense(*args))[0]):
+                assert got.shape == want.shape and (got - want).abs().max() <= 1e-5 * want.abs().max()
+        want = dense(x)[0]
+        assert (pickle.loads(pickle.dumps(kernels))(x)[0] - want).abs().max() <= 1e-5 * want.abs().max()
+        with mock.patch.object(lowbit, "library", lambda: None):  # a process where the kernel does not build
+            assert (kernels(x)[0] - want).abs().max() <= 1e-5 * want.abs().max()
+        with pytest.raises(QDistillError, match="PackedSequence"):
+            kernels(nn.utils.rnn.pack_sequence([x[0], x[1, :3]]))
+
+
+@pytest.mark.parametrize("way", ["lowbit"])
+def test_bidirectional_lstm_stays_packed(tmp_path, way):
+    torch.manual_seed(0)
+    model = Recurrent(input_size=32, hidden_size=32, bidirectional=True)
+    attach(model, UniformQuantizer(4, 32, groups="row"))
+    path = save_packed(model.eval(), SPEC, tmp_path / "m.safetensors")
+    kernels = load_packed(path, model=Recurrent(input_size=32, hidden_size=32, bidirectional=True), runtime="kernels")[0]
+    assert type(kernels.lstm) is nn.LSTM and runtime_of(kernels)["packed"] == 4
