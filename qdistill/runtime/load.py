@@ -14,7 +14,7 @@ from qdistill.format.packed import decode_entry, read_packed
 from qdistill.models import build_model, load_state
 from qdistill.models.hf import Held
 from qdistill.quant.base import check_choice
-from qdistill.runtime.kernels import keep_packed
+from qdistill.runtime.kernels import fold_batch_norms, keep_packed
 
 RUNTIMES = ("dense", "kernels")  # load_packed: float32 weights, or kept packed (qdistill.runtime.kernels)
 
@@ -64,6 +64,8 @@ def load_packed(
         if name in state:  # else kept packed, with its aliases
             state[alias] = state[name]
     model = load_state(model, state, path, f"the model {type(model).__name__}").eval()
+    if runtime == "kernels":
+        fold_batch_norms(model)
     del state, tensors, expected
     release_freed_memory()
     return model, meta

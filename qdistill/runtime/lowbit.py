@@ -217,17 +217,18 @@ def threads_for(work: int) -> int:
     return max(1, min(torch.get_num_threads(), work // SERIAL_WORK))
 
 
-def check_weights(codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None) -> None:
-    """Raise ValueError unless the weights are what `lowbit_linear` reads through raw pointers, which it cannot
+def check_weights(codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None, matmul: bool = True) -> None:
+    """Raise ValueError unless the weights are what the kernels read through raw pointers, which they cannot
     check: contiguous CPU tensors, codes uint8 [N / 8, K, kernel_bits(bits)] with N a multiple of 16, scale and
-    offset float32 [N / 8, K / group, 8] with an even group dividing K, points None or 16 float32 (bits at most
-    4), sizes that fit a C int. A layer checks its weights once (`LowBitWeights`); `check_input` each call."""
+    offset float32 [N / 8, groups_of(K, group), 8], points None or 16 float32 (bits at most 4), sizes that fit a
+    C int; for `lowbit_linear` and `lowbit_lstm` (`matmul`), K and the group size even. A layer checks its
+    weights once (`LowBitWeights`); `check_input` each call."""
     if codes.dim() != 3:
         raise ValueError(f"the lowbit kernel needs codes [panels, in, bytes], got {list(codes.shape)}")
     panels, length = codes.shape[:2]
     if bits not in range(1, 5 if points is not None else 9):
         raise ValueError(f"the lowbit kernel runs 1 to 8 bits (learned points: 1 to 4), got {bits!r}")
-    if not isinstance(group, int) or group <= 0 or group % 2 or length % 2:
+    if not isinstance(group, int) or group <= 0 or (matmul and (group % 2 or length % 2)):
         raise ValueError(f"the lowbit kernel needs an even group size and an even number of inputs, got groups of {group!r} for {length}")
     if panels % 2 or max(length, panels * 8) >= 2**31:
         raise ValueError(f"the lowbit kernel needs output rows in pairs of panels of 8 and sizes under 2**31, got {panels} panels of {length} inputs")

@@ -48,6 +48,7 @@ def kernel_way(request, monkeypatch):
     way = request.node.callspec.params.get("way", "int4") if hasattr(request.node, "callspec") else "int4"
     if way == "int4":
         monkeypatch.setattr(runtime_kernels, "lowbit_ready", lambda entry: False)
+        monkeypatch.setattr(runtime_kernels, "lowbit_rows_ready", lambda entry: False)
     elif lowbit.library() is None:
         pytest.skip("qdistill's low-bit kernel does not build here (x86-64 with AVX2 and a C compiler)")
     return way
@@ -556,3 +557,51 @@ def test_bidirectional_lstm_stays_packed(tmp_path, way):
     path = save_packed(model.eval(), SPEC, tmp_path / "m.safetensors")
     kernels = load_packed(path, model=Recurrent(input_size=32, hidden_size=32, bidirectional=True), runtime="kernels")[0]
     assert type(kernels.lstm) is nn.LSTM and runtime_of(kernels)["packed"] == 4
+
+
+def conv_with_statistics(size: str = "tiny") -> nn.Module:
+    """A conv student whose batch norms have running statistics and affine values of their own (not 0 and 1)."""
+    model = build_model(model_spec(size))
+    for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2), norm.weight.data.uniform_(0.5, 2), norm.bias.data.uniform_(-1, 1)
+    return model
+
+
+@pytest.mark.parametrize("way", ["lowbit"])
+@pytest.mark.parametrize("quantizer", [UniformQuantizer(4, 128, groups="row", scale_dtype="bfloat16"), UniformQuantizer(3, 32, groups="row"), LearnedPointsQuantizer(2, 64, groups="row")])
+def test_convolutions_decode_on_the_kernel_layout_with_batch_norms_folded(tmp_path, quantizer, way):
+    """Convolution weights (9, 72, 144 or 288 inputs a row: short last groups, an odd row) stay in the kernel
+    layout and are decoded by its C lookup at each call; each batch norm after one is folded into it. Outputs
+    within float rounding of the dense model; no decoded copy kept between calls."""
+    torch.manual_seed(0)
+    model = conv_with_statistics()
+    attach(model, quantizer)
+    path = save_packed(model.eval(), model_spec("tiny"), tmp_path / "m.safetensors")
+    dense, kernels = load_packed(path)[0], load_packed(path, runtime="kernels")[0]
+    stores = [m for m in kernels.modules() if isinstance(m, runtime_kernels.LowBitRows)]
+    assert len(stores) == 4 and runtime_of(kernels) == {"lowbit": 2, "int4": 0, "lookup": 0, "packed": 4}
+    assert not [m for m in kernels.modules() if isinstance(m, nn.BatchNorm2d)] and len([m for m in dense.modules() if isinstance(m, nn.BatchNorm2d)]) == 4
+    for batch in (1, 5):
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.no_grad():
+            want, got = dense(x), kernels(x)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert all(m.weight is None for m in kernels.modules() if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.parametrize("way", ["lowbit"])
+def test_a_batch_norm_is_folded_only_into_the_convolution_just_before_it(tmp_path, way):
+    """Pre-activation blocks (norm, then convolution) and a norm that is not a Sequential's next child stay as they are."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(2), nn.Conv2d(2, 16, 3), nn.ReLU(), nn.BatchNorm2d(16), nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16))
+    for norm in (m for m in model if isinstance(m, nn.BatchNorm2d)):
+        norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2)
+    attach(model, UniformQuantizer(4, 32, groups="row"))
+    path = save_packed(model.eval(), SPEC, tmp_path / "m.safetensors")
+    fresh = lambda: nn.Sequential(nn.BatchNorm2d(2), nn.Conv2d(2, 16, 3), nn.ReLU(), nn.BatchNorm2d(16), nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16))  # noqa: E731
+    dense, kernels = load_packed(path, model=fresh())[0], load_packed(path, model=fresh(), runtime="kernels")[0]
+    assert [type(m).__name__ for m in kernels] == ["BatchNorm2d", "Conv2d", "ReLU", "BatchNorm2d", "Conv2d", "Identity"]
+    x = torch.randn(3, 2, 9, 9)
+    with torch.no_grad():
+        want, got = dense(x), kernels(x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
