@@ -348,7 +348,8 @@ class LowBitRows(DecodedPerCall):
         self.weight_lowbit = LowBitWeights(entry, lowbit_weights(entry, tensors), matmul=False)
 
     def forward(self) -> torch.Tensor:
-        return self.weight_lowbit.rows_of(torch.arange(self.shape[0])).view(self.shape)
+        w = self.weight_lowbit
+        return lowbit.decoded(w.codes, w.bits, w.group, *w.float_buffers(), w.rows).view(self.shape)
 
     def scale_rows(self, factor: torch.Tensor) -> None:
         """Multiply output row n of the tensor by factor[n] (in its scales and offsets, in place)."""

@@ -337,3 +337,55 @@ void lowbit_rows(const uint8_t *restrict codes, int K, int bits, int group, cons
         }
     }
 }
+
+/* Transposes 8 vectors of 8 floats in place: r[i][j] becomes r[j][i]. */
+static inline void transpose8(__m256 *r) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; i++) r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20), r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+}
+
+static inline __attribute__((always_inline)) void decode(const uint8_t *restrict codes, int K, int M, const int bits, const int lut, const float *restrict points,
+                                                         int group, const float *restrict scale, const float *restrict offset, float *restrict out, int threads) {
+    const int groups = (K + group - 1) / group, panels = (M + 7) / 8, whole = K - K % 8;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int p = 0; p < panels; p++) {
+        __m256 table[2];
+        if (lut) table[0] = _mm256_loadu_ps(points), table[1] = _mm256_loadu_ps(points + 8);
+        const uint8_t *c = codes + (long)p * K * bits;
+        const float *sc = scale + (long)p * groups * 8, *of = offset + (long)p * groups * 8;
+        const int rows = M - 8 * p < 8 ? M - 8 * p : 8;
+        for (int k0 = 0; k0 < whole; k0 += 8) {
+            __m256 v[8];
+            for (int j = 0; j < 8; j += 2) {
+                levels_at(c + (long)(k0 + j) * bits, bits, lut, table, &v[j], &v[j + 1]);
+                for (int i = j; i < j + 2; i++) {
+                    const long at = (long)((k0 + i) / group) * 8;
+                    v[i] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(sc + at), _mm256_loadu_ps(of + at));
+                }
+            }
+            transpose8(v);
+            for (int r = 0; r < rows; r++) _mm256_storeu_ps(out + (long)(8 * p + r) * K + k0, v[r]);
+        }
+        for (int k = whole; k < K; k++) { /* the last K % 8 inputs, one at a time */
+            const long at = (long)(k / group) * 8;
+            for (int r = 0; r < rows; r++) {
+                const int q = (c[(long)k * bits + r * bits / 8] >> ((r * bits) % 8)) & ((1 << bits) - 1);
+                out[(long)(8 * p + r) * K + k] = (lut ? points[q] : (float)q) * sc[at + r] + of[at + r];
+            }
+        }
+    }
+}
+
+/* The first M rows of W as lowbit_linear holds it, decoded to float32: out [M, K]. Any K and group. */
+void lowbit_decode(const uint8_t *restrict codes, int K, int M, int bits, int group, const float *restrict scale, const float *restrict offset,
+                   const float *restrict points, float *restrict out, int threads) {
+#define DECODE(b, l) decode(codes, K, M, b, l, points, group, scale, offset, out, threads)
+    DISPATCH(DECODE)
+}

@@ -33,6 +33,7 @@ SOURCE = Path(__file__).with_name("lowbit.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
 P, I = ctypes.c_void_p, ctypes.c_int
 LINEAR_ARGS = [P, I, I, P, I, I, P, P, P, P, P, I, I]  # x, B, K, codes, bits, group, scale, offset, points, bias, y, M, threads
+DECODE_ARGS = [P, I, I, I, I, P, P, P, P, I]  # codes, K, M, bits, group, scale, offset, points, out, threads
 ROWS_ARGS = [P, I, I, I, P, P, P, P, I, P]  # codes, K, bits, group, scale, offset, points, ids, n, out
 LSTM_ARGS = [P, I, I, I, P, I, I, P, P, P, P, P, P, P, P, I]  # gx, B, T, H, codes, bits, group, scale, offset, points, h, c, y, gates, w, threads
 BUILDING = threading.Lock()
@@ -49,11 +50,12 @@ def cpu_flags() -> set[str]:
 
 
 class Library(NamedTuple):
-    """The compiled functions (ctypes): `lowbit_linear`, `lowbit_lstm` and `lowbit_rows`."""
+    """The compiled functions (ctypes): `lowbit_linear`, `lowbit_lstm`, `lowbit_rows` and `lowbit_decode`."""
 
     linear: Callable
     lstm: Callable
     rows: Callable
+    decode: Callable
 
 
 @functools.cache
@@ -83,11 +85,11 @@ def library() -> Library | None:
             # knows a loaded library by the name it was opened with, so a later dlopen of this fd number
             # would be handed this library if the number were reused.
             compiled = ctypes.CDLL(f"/proc/self/fd/{fd}")
-            lib = Library(compiled.lowbit_linear, compiled.lowbit_lstm, compiled.lowbit_rows)
+            lib = Library(compiled.lowbit_linear, compiled.lowbit_lstm, compiled.lowbit_rows, compiled.lowbit_decode)
         except (OSError, AttributeError):
             os.close(fd)
             return None
-    for fn, args in zip(lib, (LINEAR_ARGS, LSTM_ARGS, ROWS_ARGS)):
+    for fn, args in zip(lib, (LINEAR_ARGS, LSTM_ARGS, ROWS_ARGS, DECODE_ARGS)):
         fn.argtypes, fn.restype = args, None
     return lib if _agrees(lib) else None
 
@@ -179,6 +181,26 @@ def call_rows(fn, codes: torch.Tensor, bits: int, group: int, scale: torch.Tenso
         lut = None if points is None else points.data_ptr()
         fn(codes.data_ptr(), codes.shape[1], kernel_bits(bits), group, scale.data_ptr(), offset.data_ptr(), lut, ids.data_ptr(), len(ids), out.data_ptr())
     return out
+
+
+def decoded(codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None, out: int) -> torch.Tensor:
+    """The first `out` rows of weights `check_weights` accepted, decoded to float32 [out, K]: by the compiled
+    `lowbit_decode` where it is built, else `decode_rows`."""
+    lib = library()
+    if lib is None:
+        return decode_rows(codes, bits, group, scale, offset, points, torch.arange(out))
+    return call_decode(lib.decode, codes, bits, group, scale, offset, points, out)
+
+
+def call_decode(fn, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None, out: int) -> torch.Tensor:
+    if not 0 <= out <= codes.shape[0] * 8:
+        raise ValueError(f"codes of {codes.shape[0]} panels of 8 rows do not hold {out} rows")
+    length = codes.shape[1]
+    y = torch.empty(out, length, dtype=torch.float32)
+    if out and length:
+        lut = None if points is None else points.data_ptr()
+        fn(codes.data_ptr(), length, out, kernel_bits(bits), group, scale.data_ptr(), offset.data_ptr(), lut, y.data_ptr(), threads_for(out * length * 8))
+    return y
 
 
 def decode_rows(codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
@@ -316,7 +338,7 @@ def _agrees(lib: Library) -> bool:
     """The built kernels against float32 arithmetic on small cases. Matmul: each width, with uniform levels and
     (2 and 4 bits) with learned points: 40 outputs (whole and partial sets of panels, padding), 320 inputs (two
     blocks of k), groups of whole and partial vectors and a short last group, 1, 3 and 9 input rows (both
-    paths), with and without a bias; rows looked up. LSTM: 3 steps of 2 rows, 4 bits, 18 hidden units."""
+    paths), with and without a bias; rows looked up and decoded. LSTM: 3 steps of 2 rows, 4 bits, 18 hidden units."""
     g = torch.Generator().manual_seed(0)
     out, length = 40, 320
     for bits, group in ((2, 32), (4, 64), (4, 10), (4, 96), (8, 32)):
@@ -336,7 +358,16 @@ def _agrees(lib: Library) -> bool:
             ids = torch.tensor([0, 39, 7, 7, 8])
             if not close(call_rows(lib.rows, pack_codes(codes, bits), bits, group, pack_params(scale), pack_params(offset), lut, ids), weight[ids]):
                 return False
-    return _lstm_agrees(lib, g)
+            if not close(call_decode(lib.decode, pack_codes(codes, bits), bits, group, pack_params(scale), pack_params(offset), lut, out), weight):
+                return False
+    return _odd_rows_agree(lib, g) and _lstm_agrees(lib, g)
+
+
+def _odd_rows_agree(lib: Library, g: torch.Generator) -> bool:
+    """Decoding rows of 9 inputs in one group (no whole block of 8), 37 of them (a partial panel), at 4 bits."""
+    codes, scale, offset = torch.randint(0, 16, (37, 9), generator=g), torch.rand(37, 1, generator=g), torch.randn(37, 1, generator=g)
+    got = call_decode(lib.decode, pack_codes(codes, 4), 4, 9, pack_params(scale), pack_params(offset), None, 37)
+    return close(got, codes.float() * scale + offset)
 
 
 def _lstm_agrees(lib: Library, g: torch.Generator) -> bool:

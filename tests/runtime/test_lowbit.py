@@ -78,7 +78,7 @@ def test_wrong_operands_raise_before_the_kernel(bad):
 
 @pytest.mark.parametrize("out", [17, 32])  # codes for 16 rows (1 to 16 outputs)
 def test_matmul_refuses_codes_of_another_row_count(out, monkeypatch):
-    monkeypatch.setattr(lowbit, "library", lambda: lowbit.Library(never_called, never_called, never_called))
+    monkeypatch.setattr(lowbit, "library", lambda: lowbit.Library(*[never_called] * len(lowbit.Library._fields)))
     ops = operands()
     with pytest.raises(ValueError):
         lowbit.matmul(ops["x"], ops["codes"], 4, GROUP, ops["scale"], ops["offset"], out, ops["points"])
