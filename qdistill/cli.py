@@ -614,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="the file's architecture, a preset, hf:DIR or package.module:factory (for a plain state dict or a model of your own)")
     p.add_argument("--teacher", help="embedding models: the teacher (hf:DIR) their embeddings are compared with")
     p.add_argument("--runtime", choices=RUNTIMES, default="dense", help="dense: float32 weights (default); kernels: a packed model's weights kept packed, on low-bit CPU kernels where they fit (docs/inference.md)")
-    p.add_argument("--tune-batch", type=int, help="with --runtime kernels: time each layer shape at this many rows while loading and run it the fastest way: on a kernel or dense (float32, more memory)")
+    p.add_argument("--tune-batch", type=int, help="with --runtime kernels: run each layer shape the way that was fastest at this many rows on this machine (timed once, kept in the cache): on a kernel or dense (float32, more memory)")
     add_hf_flag(p)
     add_trust_flag(p)
     add_data_flags(p)

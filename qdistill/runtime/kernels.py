@@ -19,15 +19,22 @@ The runtime model runs in float32 on the CPU.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
+import os
+import platform
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qdistill.errors import QDistillError
+from qdistill.files import cache_dir, check_cache_entry
 from qdistill.format.packed import checked_indices, decode_entry, entry_indices, entry_params, entry_spans, group_step, row_group, within_rows_group
 from qdistill.models import replace_module
 from qdistill.runtime import lowbit
@@ -458,11 +465,52 @@ def fold_batch_norms(model: nn.Module) -> int:
     return folded
 
 
-@functools.cache
 def fastest(shape: tuple[int, int], group: int, bits: int, learned: bool, batch: int, ways: tuple[str, ...]) -> str:
     """The fastest of the kernels `ways` and a dense float32 matmul ("dense") for this layer shape at `batch`
-    rows on this machine, timed once per shape, group, width, kind of levels and batch on random weights
-    (small layers at large batches can lose on a kernel)."""
+    rows on this machine (small layers at large batches can lose on a kernel): timed once per machine, shape,
+    group, width, kind of levels and batch on random weights, and kept in the cache's table of choices."""
+    table = choices()
+    key = f"{shape[0]}x{shape[1]} group {group} bits {bits}{' learned' if learned else ''} rows {batch} ways {'+'.join(ways)}"
+    if table.get(key) not in ("dense", *ways):
+        table[key] = time_ways(tuple(shape), group, bits, learned, batch, ways)
+        save_choices(table)
+    return table[key]
+
+
+@functools.cache
+def choices() -> dict[str, str]:
+    """This machine's table of timed choices (`fastest`), from the cache (kernels/choices-<machine>.json, keyed
+    by the kernel's source, torch's version, the CPU and the thread count), or empty where it is absent,
+    damaged, or not this user's own; entries are only ever compared with the names of ways."""
+    path = choices_path()
+    try:
+        check_cache_entry(path)
+        table = json.loads(path.read_text())
+    except (OSError, ValueError, QDistillError):
+        return {}
+    return {k: v for k, v in table.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(table, dict) else {}
+
+
+def choices_path() -> Path:
+    machine = " ".join((torch.__version__, platform.machine(), str(torch.get_num_threads()), *sorted(lowbit.cpu_flags())))
+    return cache_dir() / "kernels" / f"choices-{hashlib.sha256(lowbit.SOURCE.read_bytes() + machine.encode()).hexdigest()[:16]}.json"
+
+
+def save_choices(table: dict[str, str]) -> None:
+    """Write the table whole (a temporary file renamed over the old one); a cache that cannot be written keeps it for this process only."""
+    path = choices_path()
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=path.parent, suffix=".partial")
+        with os.fdopen(fd, "w") as f:
+            json.dump(table, f, indent=0, sort_keys=True)
+        os.replace(partial, path)
+    except OSError:
+        pass
+
+
+def time_ways(shape: tuple[int, int], group: int, bits: int, learned: bool, batch: int, ways: tuple[str, ...]) -> str:
+    """`fastest`, timed here."""
     out, length = shape
     x = torch.randn(batch, length)
     runs = {"dense": functools.partial(F.linear, x, torch.randn(out, length))}

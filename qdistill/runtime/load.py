@@ -35,7 +35,8 @@ def load_packed(
     `runtime="kernels"` keeps the quantized tensors packed in memory and runs them on low-bit kernels
     where they fit, decoding the others at each call (CPU, float32: `qdistill.runtime.kernels`); tensors
     of fewer than `dense_below` values are decoded once instead. With `tune_batch`, each kernel layer's
-    shape is timed at that many rows while loading and runs the fastest way: on a kernel, or decoded once
+    shape runs the way that was fastest at that many rows when timed on this machine (once, kept in the
+    cache: `kernels.fastest`): on a kernel, or decoded once
     (more memory for those, less time).
     Heap memory freed while loading is handed back to the system (`release_freed_memory`)."""
     check_choice("runtime", runtime, RUNTIMES)

@@ -339,12 +339,41 @@ def test_tune_batch_runs_dense_the_shapes_that_are_faster_dense(tmp_path, monkey
         assert torch.equal(model[0].weight, load_packed(path, model=Mlp())[0][0].weight)
 
 
+@pytest.fixture
+def fresh_choices():
+    """The table of timed choices read afresh from this test's cache (as by a new process), and after it."""
+    runtime_kernels.choices.cache_clear()
+    yield
+    runtime_kernels.choices.cache_clear()
+
+
 @pytest.mark.parametrize("way", ["lowbit"])
-def test_fastest_times_each_way_once_per_shape(way):
-    runtime_kernels.fastest.cache_clear()
-    assert runtime_kernels.fastest((40, 256), 32, 4, False, 4, ("lowbit", "int4")) in ("lowbit", "int4", "dense") and runtime_kernels.fastest.cache_info().misses == 1
-    runtime_kernels.fastest((40, 256), 32, 4, False, 4, ("lowbit", "int4"))
-    assert runtime_kernels.fastest.cache_info().hits == 1  # once per shape, group, width, kind of levels, batch and set of kernels
+def test_fastest_times_each_shape_once_per_machine(way, monkeypatch, fresh_choices):
+    """Timed once, then read from the cache's table, in this process and the next; another batch is timed anew."""
+    timed = []
+    real = runtime_kernels.time_ways
+    monkeypatch.setattr(runtime_kernels, "time_ways", lambda *args: timed.append(args) or real(*args))
+    first = runtime_kernels.fastest((40, 256), 32, 4, False, 4, ("lowbit", "int4"))
+    assert first in ("lowbit", "int4", "dense") and runtime_kernels.fastest((40, 256), 32, 4, False, 4, ("lowbit", "int4")) == first and len(timed) == 1
+    runtime_kernels.choices.cache_clear()  # a new process
+    assert runtime_kernels.fastest((40, 256), 32, 4, False, 4, ("lowbit", "int4")) == first and len(timed) == 1
+    runtime_kernels.fastest((40, 256), 32, 4, False, 8, ("lowbit", "int4"))
+    assert len(timed) == 2 and len(json.loads(runtime_kernels.choices_path().read_text())) == 2
+
+
+@pytest.mark.parametrize("way", ["lowbit"])
+@pytest.mark.parametrize("damage", ["not json", "a list", "a way not offered", "writable by others"])
+def test_a_damaged_table_of_choices_is_timed_again(way, monkeypatch, fresh_choices, damage):
+    key = "40x256 group 32 bits 4 rows 4 ways lowbit"
+    path = runtime_kernels.choices_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text({"not json": "{", "a list": "[1]", "a way not offered": json.dumps({key: "int4"}), "writable by others": json.dumps({key: "dense"})}[damage])
+    if damage == "writable by others":
+        path.chmod(0o666)
+    timed = []
+    monkeypatch.setattr(runtime_kernels, "time_ways", lambda *args: timed.append(args) or "lowbit")
+    assert runtime_kernels.fastest((40, 256), 32, 4, False, 4, ("lowbit",)) == "lowbit" and len(timed) == 1
+    assert json.loads(path.read_text()) == {key: "lowbit"}  # rewritten whole, this user's own
 
 
 @pytest.mark.parametrize("way", ["lowbit"])
