@@ -201,17 +201,24 @@ class LowBitWeights(nn.Module):
         """The weight's rows `ids` (flat, in range) decoded to float32: only those rows are read."""
         return lowbit.rows(self.codes, self.bits, self.group, *self.float_buffers(), ids)
 
-    def lstm(self, gx: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """An LSTM layer's outputs [B, T, H] for its input projections gx [B, T, 4H] (biases included), this
-        weight its recurrent one [4H, H]; h and c [B, H], the initial state, end as the last."""
+    def recurrent(self, gx: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None = None, bias_hh: torch.Tensor | None = None) -> torch.Tensor:
+        """An LSTM layer's (c its cell state) or a GRU layer's (c None) outputs [B, T, H] for its input projections
+        gx [B, T, G·H] (`lowbit.recurrent`), this weight its recurrent one [G·H, H]; h (and c) [B, H], the
+        initial state, end as the last."""
         lib = lowbit.library()
         if lib is not None:
-            return lowbit.lstm(lib.lstm, gx.contiguous(), self.codes, self.bits, self.group, *self.float_buffers(), h, c, weights_checked=True)
+            return lowbit.recurrent(lib.recurrent, gx.contiguous(), self.codes, self.bits, self.group, *self.float_buffers(), h, c, bias_hh, weights_checked=True)
         weight, outputs = self.rows_of(torch.arange(self.rows)), []  # a process where the kernel does not build
         for t in range(gx.shape[1]):
-            i, f, u, o = (gx[:, t] + h @ weight.T).chunk(4, 1)
-            c.copy_(f.sigmoid() * c + i.sigmoid() * u.tanh())
-            h.copy_(o.sigmoid() * c.tanh())
+            hidden = h @ weight.T + (0 if bias_hh is None else bias_hh)
+            if c is not None:
+                i, f, u, o = (gx[:, t] + hidden).chunk(4, 1)
+                c.copy_(f.sigmoid() * c + i.sigmoid() * u.tanh())
+                h.copy_(o.sigmoid() * c.tanh())
+            else:
+                (xr, xz, xn), (hr, hz, hn) = gx[:, t].chunk(3, 1), hidden.chunk(3, 1)
+                r, z = (xr + hr).sigmoid(), (xz + hz).sigmoid()
+                h.copy_((1 - z) * (xn + r * hn).tanh() + z * h)
             outputs.append(h.clone())
         return torch.stack(outputs, 1)
 
@@ -267,58 +274,61 @@ class LowBitEmbedding(nn.Module):
         return self.weight_lowbit.rows_of(flat).view(*ids.shape, self.embedding_dim)
 
 
-class LowBitLSTM(nn.Module):
-    """An nn.LSTM (one direction, no projection) whose weights stay as their codes: each layer's input projection
-    for all steps is one kernel call (both biases added there), its recurrence one call of `lowbit_lstm`, which
-    multiplies the hidden state by the codes at each step. Inference only, on tensors (not PackedSequence)."""
+class LowBitRNN(nn.Module):
+    """An nn.LSTM or nn.GRU (one direction, no projection) whose weights stay as their codes: each layer's input
+    projection for all steps is one kernel call (with the input bias, and an LSTM's recurrent bias), its
+    recurrence one call of `lowbit_recurrent`, which multiplies the hidden state by the recurrent weights at
+    each step. Inference only, on tensors (not PackedSequence)."""
 
-    def __init__(self, lstm: nn.LSTM, entries: dict[str, dict], tensors: dict[str, torch.Tensor]):
+    def __init__(self, rnn: nn.LSTM | nn.GRU, entries: dict[str, dict], tensors: dict[str, torch.Tensor]):
         super().__init__()
-        self.input_size, self.hidden_size, self.num_layers = lstm.input_size, lstm.hidden_size, lstm.num_layers
-        self.batch_first = lstm.batch_first
-        self.input_weights = nn.ModuleList(LowBitWeights(e, lowbit_weights(e, tensors)) for e in (entries[f"weight_ih_l{k}"] for k in range(self.num_layers)))
-        self.recurrent_weights = nn.ModuleList(LowBitWeights(e, lowbit_weights(e, tensors)) for e in (entries[f"weight_hh_l{k}"] for k in range(self.num_layers)))
+        self.mode, self.input_size, self.hidden_size, self.num_layers = type(rnn).__name__, rnn.input_size, rnn.hidden_size, rnn.num_layers
+        self.batch_first = rnn.batch_first
+        self.input_weights = nn.ModuleList(LowBitWeights(entries[f"weight_ih_l{k}"], lowbit_weights(entries[f"weight_ih_l{k}"], tensors)) for k in range(self.num_layers))
+        self.recurrent_weights = nn.ModuleList(LowBitWeights(entries[f"weight_hh_l{k}"], lowbit_weights(entries[f"weight_hh_l{k}"], tensors)) for k in range(self.num_layers))
         for k in range(self.num_layers):  # kept tensors: loaded with the others, under their own names
             for name in (f"bias_ih_l{k}", f"bias_hh_l{k}"):
-                self.register_parameter(name, getattr(lstm, name, None))
+                self.register_parameter(name, getattr(rnn, name, None))
 
     def extra_repr(self) -> str:
         w = self.input_weights[0]
-        return f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, batch_first={self.batch_first}, bits={w.bits}, group={w.group}"
+        return f"{self.mode}, {self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, batch_first={self.batch_first}, bits={w.bits}, group={w.group}"
 
     @staticmethod
-    def ready(lstm: nn.Module, entries: dict[str, dict]) -> bool:
-        """Whether `lstm` is a plain nn.LSTM, one direction, no projection, whose weights are all in `entries`
-        (quantized, each used once) in the kernel's layout, where the kernel builds."""
-        if type(lstm) is not nn.LSTM or lstm.bidirectional or lstm.proj_size:
+    def ready(rnn: nn.Module, entries: dict[str, dict]) -> bool:
+        """Whether `rnn` is a plain nn.LSTM or nn.GRU, one direction, no projection, whose weights are all in
+        `entries` (quantized, each used once) on qdistill's kernel."""
+        if type(rnn) not in (nn.LSTM, nn.GRU) or rnn.bidirectional or getattr(rnn, "proj_size", 0):
             return False
-        names = [f"weight_{kind}_l{k}" for k in range(lstm.num_layers) for kind in ("ih", "hh")]
+        names = [f"weight_{kind}_l{k}" for k in range(rnn.num_layers) for kind in ("ih", "hh")]
         return all(name in entries and lowbit_ready(entries[name]) for name in names)
 
-    def forward(self, input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def forward(self, input: torch.Tensor, hx: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None):
         if not isinstance(input, torch.Tensor):
-            raise QDistillError("the kernels runtime runs an LSTM on padded tensors, not a PackedSequence: load the model dense (--runtime dense) to run packed sequences")
+            raise QDistillError("the kernels runtime runs an LSTM or GRU on padded tensors, not a PackedSequence: load the model dense (--runtime dense) to run packed sequences")
         refuse_training(input)
-        unbatched = input.dim() == 2
+        lstm, unbatched = self.mode == "LSTM", input.dim() == 2
         x = input.unsqueeze(0) if unbatched else input if self.batch_first else input.transpose(0, 1)
         batch, steps = x.shape[:2]
         if hx is None:
-            h0 = c0 = torch.zeros(self.num_layers, batch, self.hidden_size)
+            states = [torch.zeros(self.num_layers, batch, self.hidden_size)] * (2 if lstm else 1)
         else:
-            h0, c0 = (t.unsqueeze(1) if unbatched else t for t in hx)
-        x, outputs = x.float(), []
+            states = [t.unsqueeze(1) if unbatched else t for t in (hx if lstm else (hx,))]
+        x, finals = x.float(), []
         for k in range(self.num_layers):
-            biases = [b for b in (getattr(self, f"bias_ih_l{k}"), getattr(self, f"bias_hh_l{k}")) if b is not None]
-            bias = sum(biases).float() if biases else None
-            gx = self.input_weights[k].matmul(x.reshape(batch * steps, -1).float(), bias).view(batch, steps, 4 * self.hidden_size)
-            h, c = (t[k].float().contiguous().clone() for t in (h0, c0))
-            x = self.recurrent_weights[k].lstm(gx, h, c)
-            outputs.append((h, c))
+            b_ih, b_hh = getattr(self, f"bias_ih_l{k}"), getattr(self, f"bias_hh_l{k}")
+            bias = (b_ih + b_hh if lstm else b_ih) if b_ih is not None else None
+            gx = self.input_weights[k].matmul(x.reshape(batch * steps, -1).float(), None if bias is None else bias.float())
+            state = [t[k].float().contiguous().clone() for t in states]
+            x = self.recurrent_weights[k].recurrent(gx.view(batch, steps, -1), *state, bias_hh=None if lstm or b_hh is None else b_hh.float())
+            finals.append(state)
         out = x.to(input.dtype)
-        h_n, c_n = (torch.stack([o[i] for o in outputs]).to(input.dtype) for i in (0, 1))
+        last = [torch.stack([f[i] for f in finals]).to(input.dtype) for i in range(len(states))]
         if unbatched:
-            return out.squeeze(0), (h_n.squeeze(1), c_n.squeeze(1))
-        return (out if self.batch_first else out.transpose(0, 1)), (h_n, c_n)
+            out, last = out.squeeze(0), [t.squeeze(1) for t in last]
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, (tuple(last) if lstm else last[0])
 
 
 KERNELS = {"lowbit": LowBitLinear, "int4": Int4Linear}
@@ -398,8 +408,8 @@ def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], 
     for path, module in list(model.named_modules()):
         prefix = f"{path}." if path else ""
         entries = {e["name"][len(prefix) :]: e for e in meta["quantized"] if e["name"].startswith(prefix) and uses_of[e["name"]] == [e["name"]] and math.prod(e["shape"]) >= dense_below}
-        if path and LowBitLSTM.ready(module, entries):
-            replace_module(model, module, LowBitLSTM(module, entries, tensors))
+        if path and LowBitRNN.ready(module, entries):
+            replace_module(model, module, LowBitRNN(module, entries, tensors))
             done |= {f"{prefix}weight_{kind}_l{k}" for k in range(module.num_layers) for kind in ("ih", "hh")}
     for e in meta["quantized"]:
         uses = uses_of[e["name"]]

@@ -260,60 +260,81 @@ static inline __m256 exp8(__m256 x) {
 static inline __m256 sigmoid8(__m256 v) { return _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), v)))); }
 static inline __m256 tanh8(__m256 v) { return _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(2.0f), sigmoid8(_mm256_add_ps(v, v))), _mm256_set1_ps(1.0f)); }
 
-static inline __attribute__((always_inline)) void lstm(const float *restrict gx, int B, int T, int H, const uint8_t *restrict codes, const int bits,
-                                                       const int lut, const float *restrict points, int group, const float *restrict scale,
-                                                       const float *restrict offset, float *restrict h, float *restrict c, float *restrict y,
-                                                       float *restrict gates, float *restrict w, int threads) {
-    const int pairs = (4 * H + 15) / 16, groups = (H + group - 1) / group;
+/* One recurrent layer (LSTM: gates i, f, g, o; GRU: r, z, n, PyTorch's orders) over T steps: gx [B, T, G·H]
+   the input projections (LSTM: with both biases; GRU: with the input bias), the recurrent weights W_hh
+   [G·H, H] as lowbit_linear holds them, decoded once to float32 into w [N / 16, H, 16] (N = G·H rounded up to
+   a multiple of 16; 32-byte aligned) for all steps, bias_hh the recurrent bias (GRU: it goes inside r * (...);
+   LSTM: NULL), h (and for an LSTM c) [B, H] the initial state, overwritten with the last; y [B, T, H] the
+   outputs; gates [B, G·H] scratch. Needs H even and what lowbit_linear needs. */
+static inline __attribute__((always_inline)) void recurrent(const int gru, const float *restrict gx, int B, int T, int H, const uint8_t *restrict codes,
+                                                            const int bits, const int lut, const float *restrict points, int group, const float *restrict scale,
+                                                            const float *restrict offset, const float *restrict bias_hh, float *restrict h, float *restrict c,
+                                                            float *restrict y, float *restrict gates, float *restrict w, int threads) {
+    const int G = gru ? 3 : 4, pairs = (G * H + 15) / 16, groups = (H + group - 1) / group;
     const long pair_bytes = 2L * H * bits, pair_params = 2L * groups * 8;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int q = 0; q < pairs; q++) decode_pair(codes + q * pair_bytes, H, bits, lut, points, group, scale + q * pair_params, offset + q * pair_params, 0, H, w + (long)q * H * 16);
     for (int t = 0; t < T; t++) {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int q = 0; q < pairs; q++) {
+            const float *bias = bias_hh ? bias_hh + 16 * q : 0;
             int b = 0;
-            for (; b + TILE <= B; b += TILE) tile(h + (long)b * H, H, TILE, w + (long)q * H * 16, H, 0, gates + (long)b * 4 * H + 16 * q, 4 * H, 4 * H - 16 * q, 1);
+            for (; b + TILE <= B; b += TILE) tile(h + (long)b * H, H, TILE, w + (long)q * H * 16, H, bias, gates + (long)b * G * H + 16 * q, G * H, G * H - 16 * q, 1);
             switch (B - b) {
 #define STEP_REST(r) \
-    case r: tile(h + (long)b * H, H, r, w + (long)q * H * 16, H, 0, gates + (long)b * 4 * H + 16 * q, 4 * H, 4 * H - 16 * q, 1); break;
+    case r: tile(h + (long)b * H, H, r, w + (long)q * H * 16, H, bias, gates + (long)b * G * H + 16 * q, G * H, G * H - 16 * q, 1); break;
                 STEP_REST(1) STEP_REST(2) STEP_REST(3) STEP_REST(4) STEP_REST(5)
             }
         }
         for (int b = 0; b < B; b++) {
-            const float *in = gx + ((long)b * T + t) * 4 * H, *g = gates + (long)b * 4 * H;
-            float *hb = h + (long)b * H, *cb = c + (long)b * H, *yb = y + ((long)b * T + t) * H;
+            const float *in = gx + ((long)b * T + t) * G * H, *g = gates + (long)b * G * H;
+            float *hb = h + (long)b * H, *yb = y + ((long)b * T + t) * H, *cb = gru ? 0 : c + (long)b * H;
             int j = 0;
             for (; j + 8 <= H; j += 8) {
-                __m256 i = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(in + j), _mm256_loadu_ps(g + j)));
-                __m256 f = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(in + H + j), _mm256_loadu_ps(g + H + j)));
-                __m256 u = tanh8(_mm256_add_ps(_mm256_loadu_ps(in + 2 * H + j), _mm256_loadu_ps(g + 2 * H + j)));
-                __m256 o = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(in + 3 * H + j), _mm256_loadu_ps(g + 3 * H + j)));
-                __m256 cell = _mm256_fmadd_ps(f, _mm256_loadu_ps(cb + j), _mm256_mul_ps(i, u));
-                __m256 out = _mm256_mul_ps(o, tanh8(cell));
-                _mm256_storeu_ps(cb + j, cell);
+                __m256 out;
+                if (gru) {
+                    __m256 r = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(in + j), _mm256_loadu_ps(g + j)));
+                    __m256 z = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(in + H + j), _mm256_loadu_ps(g + H + j)));
+                    __m256 n = tanh8(_mm256_fmadd_ps(r, _mm256_loadu_ps(g + 2 * H + j), _mm256_loadu_ps(in + 2 * H + j)));
+                    out = _mm256_fmadd_ps(z, _mm256_sub_ps(_mm256_loadu_ps(hb + j), n), n); /* (1 - z) n + z h */
+                } else {
+                    __m256 i = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(in + j), _mm256_loadu_ps(g + j)));
+                    __m256 f = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(in + H + j), _mm256_loadu_ps(g + H + j)));
+                    __m256 u = tanh8(_mm256_add_ps(_mm256_loadu_ps(in + 2 * H + j), _mm256_loadu_ps(g + 2 * H + j)));
+                    __m256 o = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(in + 3 * H + j), _mm256_loadu_ps(g + 3 * H + j)));
+                    __m256 cell = _mm256_fmadd_ps(f, _mm256_loadu_ps(cb + j), _mm256_mul_ps(i, u));
+                    _mm256_storeu_ps(cb + j, cell);
+                    out = _mm256_mul_ps(o, tanh8(cell));
+                }
                 _mm256_storeu_ps(hb + j, out);
                 _mm256_storeu_ps(yb + j, out);
             }
             for (; j < H; j++) {
-                float i = sigmoid(in[j] + g[j]), f = sigmoid(in[H + j] + g[H + j]);
-                float u = tanhf(in[2 * H + j] + g[2 * H + j]), o = sigmoid(in[3 * H + j] + g[3 * H + j]);
-                cb[j] = f * cb[j] + i * u;
-                hb[j] = yb[j] = o * tanhf(cb[j]);
+                if (gru) {
+                    float r = sigmoid(in[j] + g[j]), z = sigmoid(in[H + j] + g[H + j]), n = tanhf(in[2 * H + j] + r * g[2 * H + j]);
+                    hb[j] = yb[j] = (1.0f - z) * n + z * hb[j];
+                } else {
+                    float i = sigmoid(in[j] + g[j]), f = sigmoid(in[H + j] + g[H + j]);
+                    float u = tanhf(in[2 * H + j] + g[2 * H + j]), o = sigmoid(in[3 * H + j] + g[3 * H + j]);
+                    cb[j] = f * cb[j] + i * u;
+                    hb[j] = yb[j] = o * tanhf(cb[j]);
+                }
             }
         }
     }
 }
 
-/* One LSTM layer over T steps (PyTorch's gate order i, f, g, o): gx [B, T, 4H] the input projections with both
-   biases, the recurrent weights W_hh [4H, H] as lowbit_linear holds them, decoded once to float32 into w
-   [N / 16, H, 16] (N = 4H rounded up to a multiple of 16; 32-byte aligned) for all steps; h and c [B, H] the
-   initial state, overwritten with the last; y [B, T, H] the outputs; gates [B, 4H] scratch. Needs H even and
-   what lowbit_linear needs. */
-void lowbit_lstm(const float *restrict gx, int B, int T, int H, const uint8_t *restrict codes, int bits, int group, const float *restrict scale,
-                 const float *restrict offset, const float *restrict points, float *restrict h, float *restrict c, float *restrict y, float *restrict gates,
-                 float *restrict w, int threads) {
-#define LSTM(b, l) lstm(gx, B, T, H, codes, b, l, points, group, scale, offset, h, c, y, gates, w, threads)
-    DISPATCH(LSTM)
+/* `recurrent` for an LSTM (gru 0; c its cell state, bias_hh NULL) or a GRU (gru 1; c NULL). */
+void lowbit_recurrent(int gru, const float *restrict gx, int B, int T, int H, const uint8_t *restrict codes, int bits, int group, const float *restrict scale,
+                      const float *restrict offset, const float *restrict points, const float *restrict bias_hh, float *restrict h, float *restrict c,
+                      float *restrict y, float *restrict gates, float *restrict w, int threads) {
+#define LSTM(b, l) recurrent(0, gx, B, T, H, codes, b, l, points, group, scale, offset, bias_hh, h, c, y, gates, w, threads)
+#define GRU(b, l) recurrent(1, gx, B, T, H, codes, b, l, points, group, scale, offset, bias_hh, h, c, y, gates, w, threads)
+    if (gru) {
+        DISPATCH(GRU)
+    } else {
+        DISPATCH(LSTM)
+    }
 }
 
 /* Rows `ids` (n of them, each in range) of W as lowbit_linear holds it, decoded to float32: out [n, K]. `bits`

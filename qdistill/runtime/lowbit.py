@@ -35,7 +35,7 @@ P, I = ctypes.c_void_p, ctypes.c_int
 LINEAR_ARGS = [P, I, I, P, I, I, P, P, P, P, P, I, I]  # x, B, K, codes, bits, group, scale, offset, points, bias, y, M, threads
 DECODE_ARGS = [P, I, I, I, I, P, P, P, P, I]  # codes, K, M, bits, group, scale, offset, points, out, threads
 ROWS_ARGS = [P, I, I, I, P, P, P, P, I, P]  # codes, K, bits, group, scale, offset, points, ids, n, out
-LSTM_ARGS = [P, I, I, I, P, I, I, P, P, P, P, P, P, P, P, I]  # gx, B, T, H, codes, bits, group, scale, offset, points, h, c, y, gates, w, threads
+RECURRENT_ARGS = [I, P, I, I, I, P, I, I, P, P, P, P, P, P, P, P, P, I]  # gru, gx, B, T, H, codes, bits, group, scale, offset, points, bias_hh, h, c, y, gates, w, threads
 BUILDING = threading.Lock()
 log = logging.getLogger(__name__)
 SERIAL_WORK = 2**19  # multiply-adds per thread below which extra threads cost more than they save (a few tens of µs)
@@ -50,10 +50,10 @@ def cpu_flags() -> set[str]:
 
 
 class Library(NamedTuple):
-    """The compiled functions (ctypes): `lowbit_linear`, `lowbit_lstm`, `lowbit_rows` and `lowbit_decode`."""
+    """The compiled functions (ctypes): `lowbit_linear`, `lowbit_recurrent`, `lowbit_rows` and `lowbit_decode`."""
 
     linear: Callable
-    lstm: Callable
+    recurrent: Callable
     rows: Callable
     decode: Callable
 
@@ -85,11 +85,11 @@ def library() -> Library | None:
             # knows a loaded library by the name it was opened with, so a later dlopen of this fd number
             # would be handed this library if the number were reused.
             compiled = ctypes.CDLL(f"/proc/self/fd/{fd}")
-            lib = Library(compiled.lowbit_linear, compiled.lowbit_lstm, compiled.lowbit_rows, compiled.lowbit_decode)
+            lib = Library(compiled.lowbit_linear, compiled.lowbit_recurrent, compiled.lowbit_rows, compiled.lowbit_decode)
         except (OSError, AttributeError):
             os.close(fd)
             return None
-    for fn, args in zip(lib, (LINEAR_ARGS, LSTM_ARGS, ROWS_ARGS, DECODE_ARGS)):
+    for fn, args in zip(lib, (LINEAR_ARGS, RECURRENT_ARGS, ROWS_ARGS, DECODE_ARGS)):
         fn.argtypes, fn.restype = args, None
     return lib if _agrees(lib) else None
 
@@ -243,7 +243,7 @@ def check_weights(codes: torch.Tensor, bits: int, group: int, scale: torch.Tenso
     """Raise ValueError unless the weights are what the kernels read through raw pointers, which they cannot
     check: contiguous CPU tensors, codes uint8 [N / 8, K, kernel_bits(bits)] with N a multiple of 16, scale and
     offset float32 [N / 8, groups_of(K, group), 8], points None or 16 float32 (bits at most 4), sizes that fit a
-    C int; for `lowbit_linear` and `lowbit_lstm` (`matmul`), K and the group size even. A layer checks its
+    C int; for `lowbit_linear` and `lowbit_recurrent` (`matmul`), K and the group size even. A layer checks its
     weights once (`LowBitWeights`); `check_input` each call."""
     if codes.dim() != 3:
         raise ValueError(f"the lowbit kernel needs codes [panels, in, bytes], got {list(codes.shape)}")
@@ -307,30 +307,36 @@ def call(fn, x: torch.Tensor, weights: tuple, out: int, bias: torch.Tensor | Non
     return y
 
 
-def lstm(fn, gx: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None,
-         h: torch.Tensor, c: torch.Tensor, weights_checked: bool = False) -> torch.Tensor:
-    """One LSTM layer over all steps by the compiled `lowbit_lstm` (`fn`): gx [B, T, 4H] the input projections
-    with both biases, the recurrent weights [4H, H] as `pack_codes` and `pack_params` hold them, h and c [B, H]
-    the initial state, replaced by the last in place; returns the outputs [B, T, H]. Operands checked first.
-    The recurrent weights are decoded to float32 for the call (4H x H floats, freed after it): every step
-    reads them, and a decoded matrix multiplies faster than codes decoded at each step."""
+def recurrent(fn, gx: torch.Tensor, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None,
+              h: torch.Tensor, c: torch.Tensor | None = None, bias_hh: torch.Tensor | None = None, weights_checked: bool = False) -> torch.Tensor:
+    """One LSTM (`c` its cell state) or GRU (`c` None) layer over all steps by the compiled `lowbit_recurrent`
+    (`fn`): gx [B, T, G·H] the input projections (G = 4 gates i, f, g, o with both biases; G = 3 gates r, z,
+    n with the input bias), the recurrent weights [G·H, H] as `pack_codes` and `pack_params` hold them, the
+    GRU's recurrent bias (`bias_hh`), h (and c) [B, H] the initial state, replaced by the last in place;
+    returns the outputs [B, T, H]. Operands checked first. The recurrent weights are decoded to float32 for
+    the call (G·H x H floats, freed after it): every step reads them, and a decoded matrix multiplies faster
+    than codes decoded at each step."""
     if not weights_checked:
         check_weights(codes, bits, group, scale, offset, points)
-    hidden = codes.shape[1]
-    if gx.dim() != 3 or gx.shape[2] != 4 * hidden or padded(4 * hidden) != codes.shape[0] * 8:
-        raise ValueError(f"the lowbit LSTM needs inputs [batch, steps, {4 * hidden}] and recurrent codes of {padded(4 * hidden) // 8} panels, got {list(gx.shape)} and {list(codes.shape)}")
+    hidden, gates = codes.shape[1], 4 if c is not None else 3
+    if gx.dim() != 3 or gx.shape[2] != gates * hidden or padded(gates * hidden) != codes.shape[0] * 8:
+        raise ValueError(f"the lowbit recurrence needs inputs [batch, steps, {gates * hidden}] and recurrent codes of {padded(gates * hidden) // 8} panels, got {list(gx.shape)} and {list(codes.shape)}")
     batch, steps = gx.shape[:2]
-    for name, t, shape in (("gx", gx, gx.shape), ("h", h, (batch, hidden)), ("c", c, (batch, hidden))):
+    states = [("gx", gx, gx.shape), ("h", h, (batch, hidden))] + ([("c", c, (batch, hidden))] if c is not None else [])
+    for name, t, shape in states:
         if t.shape != shape or t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous() or t.numel() >= 2**31:
-            raise ValueError(f"the lowbit LSTM needs {name} as a contiguous cpu float32 {list(shape)}, got {t.device.type} {t.dtype} {list(t.shape)}")
+            raise ValueError(f"the lowbit recurrence needs {name} as a contiguous cpu float32 {list(shape)}, got {t.device.type} {t.dtype} {list(t.shape)}")
+    check_vector("bias_hh", bias_hh, gates * hidden)
+    if bias_hh is not None and c is not None:
+        raise ValueError("an LSTM's recurrent bias goes into its input projections (gx), not bias_hh")
     y = torch.empty(batch, steps, hidden, dtype=torch.float32)
     if batch and steps:
-        gates, weights = torch.empty(batch, 4 * hidden, dtype=torch.float32), torch.empty(padded(4 * hidden) * hidden, dtype=torch.float32)
+        scratch, weights = torch.empty(batch, gates * hidden, dtype=torch.float32), torch.empty(padded(gates * hidden) * hidden, dtype=torch.float32)
         if weights.data_ptr() % 32:
-            raise ValueError("the lowbit LSTM needs its scratch memory 32-byte aligned")
-        lut = None if points is None else points.data_ptr()
-        fn(gx.data_ptr(), batch, steps, hidden, codes.data_ptr(), kernel_bits(bits), group, scale.data_ptr(), offset.data_ptr(), lut, h.data_ptr(), c.data_ptr(),
-           y.data_ptr(), gates.data_ptr(), weights.data_ptr(), threads_for(batch * 4 * hidden * hidden))
+            raise ValueError("the lowbit recurrence needs its scratch memory 32-byte aligned")
+        lut, bias, cell = (None if t is None else t.data_ptr() for t in (points, bias_hh, c))
+        fn(int(c is None), gx.data_ptr(), batch, steps, hidden, codes.data_ptr(), kernel_bits(bits), group, scale.data_ptr(), offset.data_ptr(), lut, bias,
+           h.data_ptr(), cell, y.data_ptr(), scratch.data_ptr(), weights.data_ptr(), threads_for(batch * gates * hidden * hidden))
     return y
 
 
@@ -338,7 +344,7 @@ def _agrees(lib: Library) -> bool:
     """The built kernels against float32 arithmetic on small cases. Matmul: each width, with uniform levels and
     (2 and 4 bits) with learned points: 40 outputs (whole and partial sets of panels, padding), 320 inputs (two
     blocks of k), groups of whole and partial vectors and a short last group, 1, 3 and 9 input rows (both
-    paths), with and without a bias; rows looked up and decoded. LSTM: 3 steps of 2 rows, 4 bits, 18 hidden units."""
+    paths), with and without a bias; rows looked up and decoded; an LSTM and a GRU layer."""
     g = torch.Generator().manual_seed(0)
     out, length = 40, 320
     for bits, group in ((2, 32), (4, 64), (4, 10), (4, 96), (8, 32)):
@@ -360,7 +366,7 @@ def _agrees(lib: Library) -> bool:
                 return False
             if not close(call_decode(lib.decode, pack_codes(codes, bits), bits, group, pack_params(scale), pack_params(offset), lut, out), weight):
                 return False
-    return _odd_rows_agree(lib, g) and _lstm_agrees(lib, g)
+    return _odd_rows_agree(lib, g) and _recurrences_agree(lib, g)
 
 
 def _odd_rows_agree(lib: Library, g: torch.Generator) -> bool:
@@ -370,20 +376,31 @@ def _odd_rows_agree(lib: Library, g: torch.Generator) -> bool:
     return close(got, codes.float() * scale + offset)
 
 
-def _lstm_agrees(lib: Library, g: torch.Generator) -> bool:
-    batch, steps, hidden, group = 2, 3, 18, 6  # 18: 16 on vectors, 2 on the scalar tail
-    codes = torch.randint(0, 16, (4 * hidden, hidden), generator=g)
-    scale, offset = torch.rand(4 * hidden, hidden // group, generator=g) / 8, torch.randn(4 * hidden, hidden // group, generator=g) / 8
-    weight = codes.float() * scale.repeat_interleave(group, 1) + offset.repeat_interleave(group, 1)
-    gx, h, c = torch.randn(batch, steps, 4 * hidden, generator=g), torch.randn(batch, hidden, generator=g), torch.randn(batch, hidden, generator=g)
-    want, hc = [], (h.clone(), c.clone())
-    for t in range(steps):
-        i, f, u, o = (gx[:, t] + hc[0] @ weight.T).chunk(4, 1)
-        cell = f.sigmoid() * hc[1] + i.sigmoid() * u.tanh()
-        hc = (o.sigmoid() * cell.tanh(), cell)
-        want.append(hc[0])
-    y = lstm(lib.lstm, gx, pack_codes(codes, 4), 4, group, pack_params(scale), pack_params(offset), None, h, c)
-    return all(close(a, b) for a, b in ((y, torch.stack(want, 1)), (h, hc[0]), (c, hc[1])))
+def _recurrences_agree(lib: Library, g: torch.Generator) -> bool:
+    """An LSTM and a GRU layer, 3 steps of 2 rows, 4 bits, 18 hidden units (16 on vectors, 2 on the scalar
+    tail), against the same recurrences in float32 torch ops."""
+    batch, steps, hidden, group = 2, 3, 18, 6
+    for gates in (4, 3):
+        codes = torch.randint(0, 16, (gates * hidden, hidden), generator=g)
+        scale, offset = torch.rand(gates * hidden, hidden // group, generator=g) / 8, torch.randn(gates * hidden, hidden // group, generator=g) / 8
+        weight = codes.float() * scale.repeat_interleave(group, 1) + offset.repeat_interleave(group, 1)
+        gx, h, c = torch.randn(batch, steps, gates * hidden, generator=g), torch.randn(batch, hidden, generator=g), torch.randn(batch, hidden, generator=g)
+        bias = torch.randn(gates * hidden, generator=g) if gates == 3 else None
+        want, state = [], (h.clone(), c.clone())
+        for t in range(steps):
+            if gates == 4:
+                i, f, u, o = (gx[:, t] + state[0] @ weight.T).chunk(4, 1)
+                cell = f.sigmoid() * state[1] + i.sigmoid() * u.tanh()
+                state = (o.sigmoid() * cell.tanh(), cell)
+            else:
+                (xr, xz, xn), (hr, hz, hn) = gx[:, t].chunk(3, 1), (state[0] @ weight.T + bias).chunk(3, 1)
+                r, z = (xr + hr).sigmoid(), (xz + hz).sigmoid()
+                state = ((1 - z) * (xn + r * hn).tanh() + z * state[0], None)
+            want.append(state[0])
+        y = recurrent(lib.recurrent, gx, pack_codes(codes, 4), 4, group, pack_params(scale), pack_params(offset), None, h, c if gates == 4 else None, bias)
+        if not (close(y, torch.stack(want, 1)) and close(h, state[0]) and (gates == 3 or close(c, state[1]))):
+            return False
+    return True
 
 
 def close(got: torch.Tensor, want: torch.Tensor) -> bool:

@@ -534,41 +534,46 @@ def test_lowbit_layer_without_its_library_decodes_and_refuses_what_it_cannot_run
 
 
 class Recurrent(nn.Module):
-    """An nn.LSTM to run on its own (`kwargs` as nn.LSTM's)."""
+    """An nn.LSTM or nn.GRU to run on its own (`kwargs` as theirs)."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, cell: str = "LSTM", **kwargs):
         super().__init__()
-        self.lstm = nn.LSTM(**kwargs)
+        self.lstm = getattr(nn, cell)(**kwargs)
 
     def forward(self, x, hx=None):
         return self.lstm(x, hx)
 
 
-LSTMS = {
-    "batch first": dict(input_size=40, hidden_size=24, batch_first=True),  # groups of 32: 32 + 8 inputs, 24 in one group
-    "two layers, time first": dict(input_size=64, hidden_size=48, num_layers=2),
-    "no biases": dict(input_size=64, hidden_size=32, bias=False, batch_first=True),
+RECURRENT = {
+    "LSTM, batch first": dict(cell="LSTM", input_size=40, hidden_size=24, batch_first=True),  # groups of 32: 32 + 8 inputs, 24 in one group
+    "LSTM, two layers, time first": dict(cell="LSTM", input_size=64, hidden_size=48, num_layers=2),
+    "LSTM, no biases": dict(cell="LSTM", input_size=64, hidden_size=32, bias=False, batch_first=True),
+    "GRU, batch first": dict(cell="GRU", input_size=40, hidden_size=24, batch_first=True),
+    "GRU, two layers, time first": dict(cell="GRU", input_size=64, hidden_size=50, num_layers=2),  # 50: a scalar tail in the gates
+    "GRU, no biases": dict(cell="GRU", input_size=64, hidden_size=32, bias=False),
 }
 
 
 @pytest.mark.parametrize("way", ["lowbit"])
-@pytest.mark.parametrize("kind", LSTMS)
-def test_lstm_runs_on_the_kernel_within_float_rounding(tmp_path, kind, way):
-    """An nn.LSTM's weights stay as codes (`LowBitLSTM`): outputs and final states within float rounding of the
-    dense model, batched or not, with or without an initial state, after pickling and without the library."""
+@pytest.mark.parametrize("kind", RECURRENT)
+def test_lstm_and_gru_run_on_the_kernel_within_float_rounding(tmp_path, kind, way):
+    """An nn.LSTM's or nn.GRU's weights stay as codes (`LowBitRNN`): outputs and final states within float
+    rounding of the dense model, batched or not, with or without an initial state, after pickling and
+    without the library."""
     torch.manual_seed(0)
-    model = Recurrent(**LSTMS[kind])
+    model = Recurrent(**RECURRENT[kind])
     attach(model, UniformQuantizer(4, 32, groups="row"))
     path = save_packed(model.eval(), SPEC, tmp_path / "m.safetensors")
-    dense, kernels = load_packed(path, model=Recurrent(**LSTMS[kind]))[0], load_packed(path, model=Recurrent(**LSTMS[kind]), runtime="kernels")[0]
-    assert isinstance(kernels.lstm, runtime_kernels.LowBitLSTM) and runtime_of(kernels)["packed"] == 0
-    lstm = dense.lstm
-    x = torch.randn(3, 7, lstm.input_size)
-    hx = tuple(torch.randn(lstm.num_layers, 7 if not lstm.batch_first else 3, lstm.hidden_size) for _ in range(2))
-    calls = [(x,), (x, hx), (x[0],), (x[0], tuple(t[:, 0] for t in hx))]  # the last two unbatched
+    dense, kernels = load_packed(path, model=Recurrent(**RECURRENT[kind]))[0], load_packed(path, model=Recurrent(**RECURRENT[kind]), runtime="kernels")[0]
+    assert isinstance(kernels.lstm, runtime_kernels.LowBitRNN) and runtime_of(kernels)["packed"] == 0
+    rnn, lstm = dense.lstm, isinstance(dense.lstm, nn.LSTM)
+    x = torch.randn(3, 7, rnn.input_size)
+    states = [torch.randn(rnn.num_layers, 7 if not rnn.batch_first else 3, rnn.hidden_size) for _ in range(2 if lstm else 1)]
+    hx, hx_unbatched = (tuple(states), tuple(t[:, 0] for t in states)) if lstm else (states[0], states[0][:, 0])
+    calls = [(x,), (x, hx), (x[0],), (x[0], hx_unbatched)]  # the last two unbatched
     with torch.no_grad():
         for args in calls:
-            for got, want in zip(tree_flatten(kernels(*args))[0], tree_flatten(dense(*args))[0]):
+            for got, want in zip(tree_flatten(kernels(*args))[0], tree_flatten(dense(*args))[0], strict=True):
                 assert got.shape == want.shape and (got - want).abs().max() <= 1e-5 * want.abs().max()
         want = dense(x)[0]
         assert (pickle.loads(pickle.dumps(kernels))(x)[0] - want).abs().max() <= 1e-5 * want.abs().max()
