@@ -12,7 +12,8 @@ For each width (4096 and 1024 by default), a stack of `--layers` Linear layers w
   torch int4    the same with that kernel left out: torch's int4 kernel (bf16 activations; 2 bits in 4-bit memory)
   tuned         runtime="kernels", tune_batch=32: each layer shape on whichever of the two kernels and a
                 dense matmul ran fastest at 32 rows while loading
-  per-call      4 bits in groups of 100, which no kernel takes (they do not tile 4096 or 1024): decoded to float32 at each call
+  groups of 100 4 bits in row groups of 100 (a short last group in each row): on qdistill's kernel
+  per-call      4 bits in flat buckets of 100, which cross rows and no kernel takes: decoded to float32 at each call
   onnx runtime  the file exported by `qdistill export --format onnx` (integer zero points: MatMulNBits'
                 fast path) run by ONNX Runtime at 4 and 2 bits, with float activations (accuracy_level 0)
                 and with int8 ones (accuracy_level 4)
@@ -59,7 +60,7 @@ from embedding import minilm_dir  # bench/embedding.py, next to this script
 
 RESULTS = Path(__file__).parent / "results"
 ROWS = {  # name: (bits, bucket, levels: "float" or "int" zero point, or "learned" points, runtime, dtype); "kernels": qdistill's kernel where it builds; "kernels-int4": torch's
-    # int4 kernel instead; "kernels@N": tune_batch N; "onnx-N": ONNX Runtime at accuracy_level N
+    # int4 kernel instead; "kernels@N": tune_batch N; "onnx-N": ONNX Runtime at accuracy_level N; a negative bucket: flat buckets of that size (across rows)
     "fp32 dense": (4, 128, "float", "dense", torch.float32),
     "bf16 dense": (4, 128, "float", "dense", torch.bfloat16),
     "qdistill kernel, 4 bits": (4, 128, "float", "kernels", torch.float32),
@@ -70,7 +71,8 @@ ROWS = {  # name: (bits, bucket, levels: "float" or "int" zero point, or "learne
     "torch int4 kernel, 4 bits": (4, 128, "float", "kernels-int4", torch.float32),
     "torch int4 kernel, 2 bits": (2, 128, "float", "kernels-int4", torch.float32),
     "kernels, 4 bits, tuned for batch 32": (4, 128, "float", "kernels@32", torch.float32),
-    "per-call decode, 4 bits": (4, 100, "float", "kernels", torch.float32),
+    "qdistill kernel, 4 bits, groups of 100": (4, 100, "float", "kernels", torch.float32),
+    "per-call decode, 4 bits": (4, -100, "float", "kernels", torch.float32),
     "onnx runtime, 4 bits": (4, 128, "int", "onnx-0", torch.float32),
     "onnx runtime, 2 bits": (2, 128, "int", "onnx-0", torch.float32),
     "onnx runtime, 4 bits, int8 activations": (4, 128, "int", "onnx-4", torch.float32),
@@ -130,10 +132,11 @@ def write_file(path: Path, name: str, bits: int, bucket: int, levels: str) -> No
 
     torch.manual_seed(0)
     model, spec = build(name)
+    groups = "row" if bucket > 0 else "flat"
     if levels == "learned":
-        attach(model, LearnedPointsQuantizer(bits, bucket, groups="row", scale_dtype="bfloat16"))
+        attach(model, LearnedPointsQuantizer(bits, abs(bucket), groups=groups, scale_dtype="bfloat16"))
     else:
-        attach(model, UniformQuantizer(bits, bucket, groups="row", zero_point=levels, scale_dtype="bfloat16"))
+        attach(model, UniformQuantizer(bits, abs(bucket), groups=groups, zero_point=levels, scale_dtype="bfloat16"))
     save_packed(model.eval(), spec, path)
 
 
@@ -324,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     idle, measured = rows[0], with_ratios(rows[1:], rows[0], references)
     setup = (
         f"CPU ({platform.machine()}, {threads} threads), torch {torch.__version__}; stack-W-L: L Linear layers W wide (with biases); every quantized tensor "
-        f"in row groups of 128 with bf16 scales (the per-call row: groups of 100); language models: vocabulary {VOCAB}, {TOKENS} tokens a sequence, fresh weights; "
+        f"in row groups of 128 with bf16 scales (the groups-of-100 row: row groups of 100; the per-call row: flat buckets of 100); language models: vocabulary {VOCAB}, {TOKENS} tokens a sequence, fresh weights; "
         f"conv medium: 28x28 images, fresh weights (on the kernels runtime each batch norm is folded into the convolution before it); MiniLM: its own weights, {SENTENCE} word pieces a sentence; median of {args.reps} calls, the best of {args.rounds} rounds; "
         f"RSS of an idle process: {idle['rss_mib']:.0f} MiB"
     )
