@@ -510,11 +510,12 @@ def test_inference_job_and_ratios(tmp_path):
     assert done[0]["max_rel_err"] == 0 and 0 < done[1]["max_rel_err"] < 2**-6 and done[2]["max_rel_err"] < 1e-5  # ONNX Runtime: the file's own levels
     assert done[1]["b32_speedup"] == rows[0]["b32_ms"] / rows[1]["b32_ms"] and done[1]["memory_ratio"] == (rows[0]["held_mib"] / rows[1]["held_mib"] if rows[1]["held_mib"] > 0 else None)  # in-process: freed memory may be reused
     assert done[1]["of_file"] == rows[1]["held_mib"] / (path.stat().st_size / 2**20) and done[1]["mib"] == rows[1]["rss_mib"] - 1
+    assert done[1]["tensors_of_file"] == rows[1]["tensors_mib"] / (path.stat().st_size / 2**20) and done[2]["tensors_of_file"] is None  # ONNX Runtime's are not counted
     assert "| stack-64-2 | torch int4 kernel, 4 bits |" in inference.markdown(done, "setup")
     assert inference.best_of([{"b1_ms": 3.0, "b32_ms": 5.0, "held_mib": 1.0}, {"b1_ms": 2.0, "b32_ms": 6.0, "held_mib": 9.0}]) == {"b1_ms": 2.0, "b32_ms": 5.0, "held_mib": 1.0}
     inference.write_file(lm, "gpt-tiny", 4, 128, "float")
     tuned = inference.run_job("kernels, 4 bits, tuned for batch 32", str(lm), "gpt-tiny", torch.get_num_threads(), 2, 1.0)
-    assert tuned["packed"] > 0 and len(tuned["output"]) == inference.VOCAB * inference.TOKENS
+    assert tuned["packed"] == 0 and len(tuned["output"]) == inference.VOCAB * inference.TOKENS  # every tensor runs from its codes or dense
     got, want = torch.tensor(tuned["output"]), torch.tensor(inference.dense_output(lm, "gpt-tiny"))
     assert (got - want).abs().max() <= 2**-6 * want.abs().max()
 
