@@ -174,10 +174,13 @@ class LowBitWeights(nn.Module):
         return self.scale.view(torch.float32), self.offset.view(torch.float32), points
 
     def kernel_args(self) -> tuple:
-        """`lowbit.weight_args` of the buffers, checked, kept while the buffers are these same tensors (a
-        plain attribute: a model moved or converted gets new buffers, whose arguments are taken again)."""
-        held, buffers = self.__dict__.get("_kernel_args", ((), ())), tuple(self._buffers.values())
-        if len(held[0]) != len(buffers) or any(a is not b for a, b in zip(held[0], buffers)):
+        """`lowbit.weight_args` of the buffers, checked, kept while the buffers are these same tensors at the same
+        addresses (a plain attribute: a model moved, converted or put in shared memory gets new storage, whose
+        arguments are taken and checked again)."""
+        held, buffers = self.__dict__.get("_kernel_args", ((), ())), [(b, b.data_ptr()) for b in self._buffers.values()]
+        if len(held[0]) != len(buffers) or any(a is not b or p != q for (a, p), (b, q) in zip(held[0], buffers)):
+            if not self.codes.is_cpu:
+                raise QDistillError(REFUSED)
             operands = (self.codes, self.bits, self.group, *self.float_buffers())
             lowbit.check_weights(*operands, matmul=self.for_matmul)
             self.__dict__["_kernel_args"] = held = (buffers, lowbit.weight_args(*operands))
@@ -199,6 +202,7 @@ class LowBitWeights(nn.Module):
 
     def rows_of(self, ids: torch.Tensor) -> torch.Tensor:
         """The weight's rows `ids` (flat, in range) decoded to float32: only those rows are read."""
+        self.kernel_args()  # the buffers still on the CPU, as checked
         return lowbit.rows(self.codes, self.bits, self.group, *self.float_buffers(), ids)
 
     def recurrent(self, gx: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None = None, bias_hh: torch.Tensor | None = None) -> torch.Tensor:
@@ -206,6 +210,7 @@ class LowBitWeights(nn.Module):
         gx [B, T, G·H] (`lowbit.recurrent`), this weight its recurrent one [G·H, H]; h (and c) [B, H], the
         initial state, end as the last."""
         lib = lowbit.library()
+        self.kernel_args()
         if lib is not None:
             return lowbit.recurrent(lib.recurrent, gx.contiguous(), self.codes, self.bits, self.group, *self.float_buffers(), h, c, bias_hh, weights_checked=True)
         weight, outputs = self.rows_of(torch.arange(self.rows)), []  # a process where the kernel does not build
@@ -223,9 +228,12 @@ class LowBitWeights(nn.Module):
         return torch.stack(outputs, 1)
 
 
+REFUSED = "the kernels runtime runs inference on the CPU: keep the model on the CPU, under torch.no_grad(), or load it dense to train or move it"
+
+
 def refuse_training(x: torch.Tensor) -> None:
     if not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()):
-        raise QDistillError("the kernels runtime runs inference on the CPU: keep the model on the CPU, under torch.no_grad(), or load it dense to train or move it")
+        raise QDistillError(REFUSED)
 
 
 class LowBitLinear(nn.Module):
@@ -366,6 +374,7 @@ class LowBitRows(DecodedPerCall):
 
     def forward(self) -> torch.Tensor:
         w = self.weight_lowbit
+        w.kernel_args()  # the buffers still on the CPU, as checked
         return lowbit.decoded(w.codes, w.bits, w.group, *w.float_buffers(), w.rows).view(self.shape)
 
     def scale_rows(self, factor: torch.Tensor) -> None:
@@ -452,16 +461,16 @@ def fold_batch_norms(model: nn.Module) -> int:
     offsets, its shift into the convolution's bias, and the norm becomes nn.Identity (one pass over the
     activations less; outputs within float rounding). Run after the model's tensors are loaded. Returns how
     many were folded."""
-    owners = {}
+    owners = {}  # how many places hold each module (a module repeated in one Sequential counts each time)
     for module in model.modules():
-        for child in module.children():
+        for child in module._modules.values():
             owners[id(child)] = owners.get(id(child), 0) + 1
     folded = 0
-    for sequence in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        children = list(sequence.named_children())
+    for sequence in [m for m in model.modules() if type(m) is nn.Sequential]:  # a subclass may run its children otherwise
+        children = list(sequence._modules.items())
         for (_, conv), (name, norm) in zip(children, children[1:]):
             store = conv._modules.get("weight_packed") if type(conv) in CONVS else None
-            if not isinstance(store, LowBitRows) or owners[id(store)] != 1 or "bias_packed" in conv._modules:
+            if not isinstance(store, LowBitRows) or "bias_packed" in conv._modules or any(owners.get(id(m)) != 1 for m in (store, conv, norm)):
                 continue
             if type(norm) not in NORMS or norm.training or norm.running_mean is None or norm.num_features != conv.out_channels:
                 continue
@@ -479,36 +488,35 @@ def fastest(shape: tuple[int, int], group: int, bits: int, learned: bool, batch:
     """The fastest of the kernels `ways` and a dense float32 matmul ("dense") for this layer shape at `batch`
     rows on this machine (small layers at large batches can lose on a kernel): timed once per machine, shape,
     group, width, kind of levels and batch on random weights, and kept in the cache's table of choices."""
-    table = choices()
+    table = choices(choices_path())
     key = f"{shape[0]}x{shape[1]} group {group} bits {bits}{' learned' if learned else ''} rows {batch} ways {'+'.join(ways)}"
     if table.get(key) not in ("dense", *ways):
         table[key] = time_ways(tuple(shape), group, bits, learned, batch, ways)
-        save_choices(table)
+        save_choices(table, choices_path())
     return table[key]
 
 
 @functools.cache
-def choices() -> dict[str, str]:
-    """This machine's table of timed choices (`fastest`), from the cache (kernels/choices-<machine>.json, keyed
-    by the kernel's source, torch's version, the CPU and the thread count), or empty where it is absent,
+def choices(path: Path) -> dict[str, str]:
+    """This machine's table of timed choices (`fastest`) at `path` (`choices_path`), or empty where it is absent,
     damaged, or not this user's own; entries are only ever compared with the names of ways."""
-    path = choices_path()
     try:
         check_cache_entry(path)
         table = json.loads(path.read_text())
-    except (OSError, ValueError, QDistillError):
+    except (OSError, ValueError, RecursionError, QDistillError):
         return {}
     return {k: v for k, v in table.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(table, dict) else {}
 
 
 def choices_path() -> Path:
+    """kernels/choices-<machine>.json in the cache, keyed by the kernel's source, torch's version, the CPU and the thread count."""
     machine = " ".join((torch.__version__, platform.machine(), str(torch.get_num_threads()), *sorted(lowbit.cpu_flags())))
     return cache_dir() / "kernels" / f"choices-{hashlib.sha256(lowbit.SOURCE.read_bytes() + machine.encode()).hexdigest()[:16]}.json"
 
 
-def save_choices(table: dict[str, str]) -> None:
+def save_choices(table: dict[str, str], path: Path) -> None:
     """Write the table whole (a temporary file renamed over the old one); a cache that cannot be written keeps it for this process only."""
-    path = choices_path()
+    partial = None
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(dir=path.parent, suffix=".partial")
@@ -516,7 +524,8 @@ def save_choices(table: dict[str, str]) -> None:
             json.dump(table, f, indent=0, sort_keys=True)
         os.replace(partial, path)
     except OSError:
-        pass
+        if partial is not None and os.path.exists(partial):
+            os.unlink(partial)
 
 
 def time_ways(shape: tuple[int, int], group: int, bits: int, learned: bool, batch: int, ways: tuple[str, ...]) -> str:

@@ -241,9 +241,9 @@ void lowbit_linear(const float *restrict x, int B, int K, const uint8_t *restric
 static inline float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 
 /* exp of 8 floats (Cephes' expf: a degree-5 polynomial on the reduced argument, about 1 ulp), inputs clamped
-   to +-88.38. */
+   to +-88.38 (the clamp's operands in this order pass a NaN through). */
 static inline __m256 exp8(__m256 x) {
-    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+    x = _mm256_max_ps(_mm256_set1_ps(-88.3762626647949f), _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x)); /* NaN stays NaN */
     __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
     x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
     x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);

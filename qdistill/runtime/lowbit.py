@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from qdistill.files import cache_dir
 
 SOURCE = Path(__file__).with_name("lowbit.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+LIBS = ("-lm",)  # after the source, so that the library records libm
 P, I = ctypes.c_void_p, ctypes.c_int
 LINEAR_ARGS = [P, I, I, P, I, I, P, P, P, P, P, I, I]  # x, B, K, codes, bits, group, scale, offset, points, bias, y, M, threads
 DECODE_ARGS = [P, I, I, I, I, P, P, P, P, I]  # codes, K, M, bits, group, scale, offset, points, out, threads
@@ -66,7 +67,7 @@ def library() -> Library | None:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= flags or compiler is None:
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS, *sorted(flags))).encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS, *LIBS, *sorted(flags))).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"lowbit-{key}.so"
     with BUILDING:
         try:
@@ -110,7 +111,7 @@ def _open_own(target: Path, folder: int, compiler: str) -> int | None:
         if not target.exists():
             fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".partial")
             os.close(fd)
-            if subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True).returncode:
+            if subprocess.run([compiler, *FLAGS, str(SOURCE), *LIBS, "-o", partial], capture_output=True).returncode:
                 os.unlink(partial)
                 return None
             os.replace(partial, target)  # whole or absent, also with other processes building at once
@@ -174,8 +175,15 @@ def rows(codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset
     return decode_rows(codes, bits, group, scale, offset, points, ids) if lib is None else call_rows(lib.rows, codes, bits, group, scale, offset, points, ids)
 
 
+def check_ids(ids: torch.Tensor) -> torch.Tensor:
+    """Row ids as the C lookups read them: a contiguous CPU int64 vector (their range is the caller's to check)."""
+    if ids.dim() != 1 or not ids.is_cpu or ids.is_floating_point() or ids.is_complex():
+        raise ValueError(f"the lowbit row lookup needs ids as a cpu integer vector, got {ids.device.type} {ids.dtype} {list(ids.shape)}")
+    return ids.to(torch.int64).contiguous()
+
+
 def call_rows(fn, codes: torch.Tensor, bits: int, group: int, scale: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
-    ids = ids.to(torch.int64).contiguous()
+    ids = check_ids(ids)
     out = torch.empty(len(ids), codes.shape[1], dtype=torch.float32)
     if len(ids):
         lut = None if points is None else points.data_ptr()

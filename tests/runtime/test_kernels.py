@@ -639,3 +639,40 @@ def test_a_batch_norm_is_folded_only_into_the_convolution_just_before_it(tmp_pat
     with torch.no_grad():
         want, got = dense(x), kernels(x)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("way", ["lowbit"])
+def test_weight_arguments_follow_storage_that_moves(tmp_path, way):
+    """share_memory() moves a buffer's storage and keeps the tensor: the kernel's pointers are taken again. A model
+    moved off the CPU is refused in a clear error, on every path that reads the codes (matmul, conv decode)."""
+    path = packed_mlp(tmp_path, UniformQuantizer(4, 32, groups="row"))
+    model = load_packed(path, model=Mlp(), runtime="kernels")[0]
+    x = torch.randn(3, 256)
+    want = model(x)
+    model.share_memory()
+    weights = model[0].weight_lowbit
+    assert weights.kernel_args()[0] == weights.codes.data_ptr() and torch.equal(model(x), want)
+    torch.manual_seed(0)
+    conv = conv_with_statistics()
+    attach(conv, UniformQuantizer(4, 32, groups="row"))
+    kernels = load_packed(save_packed(conv.eval(), model_spec("tiny"), tmp_path / "c.safetensors"), runtime="kernels")[0].to("meta")
+    with pytest.raises(QDistillError, match="runs inference on the CPU"):
+        kernels.features[0].weight_packed()
+
+
+@pytest.mark.parametrize("way", ["lowbit"])
+def test_a_convolution_used_twice_keeps_its_batch_norms(tmp_path, way):
+    torch.manual_seed(0)
+    conv, norms = nn.Conv2d(16, 16, 1), [nn.BatchNorm2d(16) for _ in range(2)]
+    for norm in norms:
+        norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2)
+    model = nn.Sequential(conv, norms[0], conv, norms[1])
+    attach(model, UniformQuantizer(4, 16, groups="row"))
+    path = save_packed(model.eval(), SPEC, tmp_path / "m.safetensors")
+    fresh = lambda: nn.Sequential(conv := nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16), conv, nn.BatchNorm2d(16))  # noqa: E731
+    dense, kernels = load_packed(path, model=fresh())[0], load_packed(path, model=fresh(), runtime="kernels")[0]
+    assert [type(m).__name__ for m in kernels._modules.values()] == ["Conv2d", "BatchNorm2d", "Conv2d", "BatchNorm2d"]
+    x = torch.randn(2, 16, 5, 5)
+    with torch.no_grad():
+        want, got = dense(x), kernels(x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
