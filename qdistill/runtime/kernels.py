@@ -4,13 +4,16 @@ Each quantized tensor runs one of these ways (docs/inference.md):
   lowbit  an nn.Linear, uniform levels at 1 to 8 bits or learned points (dq: by table lookup) at 1 to 4,
           of an even number of inputs in row groups of an even size (the last one may be shorter): `LowBitLinear`, qdistill's own kernel (`lowbit`,
           float32, codes at 2, 4 or 8 bits in memory), within float rounding of the dense layer, where that
-          kernel builds here;
+          kernel builds here; and an nn.LSTM's or nn.GRU's weights (one direction) in that layout: `LowBitRNN`,
+          the input projections on the kernel, the recurrence in one C call;
   int4    else such a layer (uniform, 1 to 4 bits) in groups of 32 to 256: `Int4Linear`, torch's int4 weight-only CPU
           kernel (bf16 activations), within a stated tolerance;
   lookup  an nn.Embedding whose weight that kernel's layout holds: `LowBitEmbedding`, which decodes only the
           rows it looks up; tied to a lowbit layer (an output layer), it shares that layer's codes;
-  packed  everything else: its bytes as in the file (`PackedTensor`), decoded for each forward call of
-          its module, bit for bit the dense loader's weight;
+  packed  any other tensor of 2 or more dimensions in row groups (a convolution's weight): held in that
+          kernel's layout and decoded whole by one C call before each forward call of its module (`LowBitRows`;
+          a batch norm right after such a convolution is folded into it); everything else: its bytes as in
+          the file (`PackedTensor`), decoded for each forward call, bit for bit the dense loader's weight;
   dense   tensors of fewer than `dense_below` values, and, with `tune_batch`, kernel layers of the shapes
           that ran faster dense when timed at that batch while loading: decoded once, as by the dense loader.
 The runtime model runs in float32 on the CPU.
@@ -566,8 +569,10 @@ def weight_of(model: nn.Module, name: str, kind: type) -> nn.Module | None:
 
 
 def runtime_of(model: nn.Module) -> dict[str, int]:
-    """How many quantized tensors run each way: on qdistill's kernel (lowbit), on torch's (int4), packed (decoded
-    per call); and how many embeddings look up their rows in the kernel layout (lookup; a tied one shares a
-    lowbit layer's codes)."""
-    kinds = [type(m) for m in model.modules()]
-    return {"lowbit": kinds.count(LowBitLinear), "int4": kinds.count(Int4Linear), "lookup": kinds.count(LowBitEmbedding), "packed": kinds.count(PackedTensor) + kinds.count(LowBitRows)}
+    """How many quantized tensors run each way: on qdistill's kernel (lowbit: Linear layers and the two matrices
+    of each LSTM or GRU layer), on torch's (int4), packed (decoded per call, in C or by torch ops); and how many
+    embeddings look up their rows in the kernel layout (lookup; a tied one shares a lowbit layer's codes)."""
+    modules = list(model.modules())
+    kinds = [type(m) for m in modules]
+    recurrent = sum(2 * m.num_layers for m in modules if isinstance(m, LowBitRNN))
+    return {"lowbit": kinds.count(LowBitLinear) + recurrent, "int4": kinds.count(Int4Linear), "lookup": kinds.count(LowBitEmbedding), "packed": kinds.count(PackedTensor) + kinds.count(LowBitRows)}

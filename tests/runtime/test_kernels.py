@@ -565,7 +565,7 @@ def test_lstm_and_gru_run_on_the_kernel_within_float_rounding(tmp_path, kind, wa
     attach(model, UniformQuantizer(4, 32, groups="row"))
     path = save_packed(model.eval(), SPEC, tmp_path / "m.safetensors")
     dense, kernels = load_packed(path, model=Recurrent(**RECURRENT[kind]))[0], load_packed(path, model=Recurrent(**RECURRENT[kind]), runtime="kernels")[0]
-    assert isinstance(kernels.lstm, runtime_kernels.LowBitRNN) and runtime_of(kernels)["packed"] == 0
+    assert isinstance(kernels.lstm, runtime_kernels.LowBitRNN) and runtime_of(kernels) == counts("lowbit", 2 * dense.lstm.num_layers, 0)
     rnn, lstm = dense.lstm, isinstance(dense.lstm, nn.LSTM)
     x = torch.randn(3, 7, rnn.input_size)
     states = [torch.randn(rnn.num_layers, 7 if not rnn.batch_first else 3, rnn.hidden_size) for _ in range(2 if lstm else 1)]
