@@ -1,4 +1,5 @@
-/* qdistill's own low-bit matmul for the CPU (AVX2 and FMA): y = x W^T with W held as 2-, 4- or 8-bit codes.
+/* qdistill's own low-bit kernels for the CPU (AVX2 and FMA): y = x W^T with W held as 2-, 4- or 8-bit codes,
+   LSTM and GRU recurrences on such weights, and decoding them (rows, or whole).
 
    W[n, k] = level(code[n, k]) * scale[n, g] + offset[n, g], g = k / group (the last group of a row may be
    shorter), where level(c) is c itself

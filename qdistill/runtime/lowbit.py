@@ -1,6 +1,6 @@
-"""qdistill's own 2-, 4- and 8-bit matmul for x86-64 CPUs with AVX2 and FMA (`lowbit.c`): compiled with the
-system's C compiler at first use into the cache (`QDISTILL_CACHE`/kernels, keyed by the source, the flags
-and the CPU), checked on a small case, and loaded with ctypes (only a file of this user's own, through the
+"""qdistill's own 2-, 4- and 8-bit kernels for x86-64 CPUs with AVX2 and FMA (`lowbit.c`: matmul, LSTM and
+GRU recurrences, decoding rows or whole weights): compiled with the system's C compiler at first use into the
+cache (`QDISTILL_CACHE`/kernels, keyed by the source, the flags and the CPU), checked on small cases, and loaded with ctypes (only a file of this user's own, through the
 descriptor that was checked). Where any of that cannot be done (`library()` is None) the runtime runs those
 layers on torch's int4 kernel (uniform, 1 to 4 bits) or decodes them per call; an embedding not tied to such
 a layer is looked up in this layout either way. The source is qdistill's own: nothing from a model file is
