@@ -160,13 +160,14 @@ def lowbit_weights(entry: dict, tensors: dict[str, torch.Tensor]) -> dict[str, t
 
 
 class LowBitWeights(nn.Module):
-    """A weight as qdistill's kernel holds it (`lowbit_weights`), possibly shared by a layer and the embeddings
-    tied to it: float buffers are kept as their bits, which model.to(dtype) leaves alone. `matmul`: checked for
-    the kernel's matmul (else only looked up by rows)."""
+    """A quantized tensor as qdistill's kernel holds it (`lowbit_weights`), possibly shared by a layer and the
+    embeddings tied to it: float buffers are kept as their bits, which model.to(dtype) leaves alone. `matmul`:
+    checked for the kernel's matmul (else only decoded by rows)."""
 
-    def __init__(self, entry: dict, weights: dict[str, torch.Tensor], matmul: bool = True):
+    def __init__(self, entry: dict, tensors: dict[str, torch.Tensor], matmul: bool = True):
         super().__init__()
         self.rows, self.bits, self.group, self.for_matmul = entry["shape"][0], entry["index_bits"], within_rows_group(entry), matmul
+        weights = lowbit_weights(entry, tensors)
         for key, value in weights.items():
             self.register_buffer(key, as_bits(value), persistent=False)
         self.learned = "points" in weights
@@ -247,7 +248,7 @@ class LowBitLinear(nn.Module):
     def __init__(self, linear: nn.Linear, entry: dict, tensors: dict[str, torch.Tensor]):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight_lowbit = LowBitWeights(entry, lowbit_weights(entry, tensors))
+        self.weight_lowbit = LowBitWeights(entry, tensors)
         self.register_parameter("bias", linear.bias)  # a kept tensor: loaded with the others
 
     def extra_repr(self) -> str:
@@ -285,6 +286,9 @@ class LowBitEmbedding(nn.Module):
         return self.weight_lowbit.rows_of(flat).view(*ids.shape, self.embedding_dim)
 
 
+RECURRENT = (nn.LSTM, nn.GRU)
+
+
 class LowBitRNN(nn.Module):
     """An nn.LSTM or nn.GRU (one direction, no projection) whose weights stay as their codes: each layer's input
     projection for all steps is one kernel call (with the input bias, and an LSTM's recurrent bias), its
@@ -295,8 +299,8 @@ class LowBitRNN(nn.Module):
         super().__init__()
         self.mode, self.input_size, self.hidden_size, self.num_layers = type(rnn).__name__, rnn.input_size, rnn.hidden_size, rnn.num_layers
         self.batch_first = rnn.batch_first
-        self.input_weights = nn.ModuleList(LowBitWeights(entries[f"weight_ih_l{k}"], lowbit_weights(entries[f"weight_ih_l{k}"], tensors)) for k in range(self.num_layers))
-        self.recurrent_weights = nn.ModuleList(LowBitWeights(entries[f"weight_hh_l{k}"], lowbit_weights(entries[f"weight_hh_l{k}"], tensors)) for k in range(self.num_layers))
+        self.input_weights = nn.ModuleList(LowBitWeights(entries[f"weight_ih_l{k}"], tensors) for k in range(self.num_layers))
+        self.recurrent_weights = nn.ModuleList(LowBitWeights(entries[f"weight_hh_l{k}"], tensors) for k in range(self.num_layers))
         for k in range(self.num_layers):  # kept tensors: loaded with the others, under their own names
             for name in (f"bias_ih_l{k}", f"bias_hh_l{k}"):
                 self.register_parameter(name, getattr(rnn, name, None))
@@ -309,7 +313,7 @@ class LowBitRNN(nn.Module):
     def ready(rnn: nn.Module, entries: dict[str, dict]) -> bool:
         """Whether `rnn` is a plain nn.LSTM or nn.GRU, one direction, no projection, whose weights are all in
         `entries` (quantized, each used once) on qdistill's kernel."""
-        if type(rnn) not in (nn.LSTM, nn.GRU) or rnn.bidirectional or getattr(rnn, "proj_size", 0):
+        if type(rnn) not in RECURRENT or rnn.bidirectional or getattr(rnn, "proj_size", 0):
             return False
         names = [f"weight_{kind}_l{k}" for k in range(rnn.num_layers) for kind in ("ih", "hh")]
         return all(name in entries and lowbit_ready(entries[name]) for name in names)
@@ -373,7 +377,7 @@ class LowBitRows(DecodedPerCall):
     def __init__(self, entry: dict, tensors: dict[str, torch.Tensor]):
         super().__init__()
         self.shape = tuple(entry["shape"])
-        self.weight_lowbit = LowBitWeights(entry, lowbit_weights(entry, tensors), matmul=False)
+        self.weight_lowbit = LowBitWeights(entry, tensors, matmul=False)
 
     def forward(self) -> torch.Tensor:
         w = self.weight_lowbit
@@ -417,10 +421,10 @@ def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], 
     params = dict(model.named_parameters(remove_duplicate=False))
     uses_of = {e["name"]: [e["name"], *owners.get(e["name"], [])] for e in meta["quantized"]}
     dense, rest, done = [], [], set()
-    for path, module in list(model.named_modules()):
-        prefix = f"{path}." if path else ""
+    for path, module in [(p, m) for p, m in model.named_modules() if p and type(m) in RECURRENT]:
+        prefix = f"{path}."
         entries = {e["name"][len(prefix) :]: e for e in meta["quantized"] if e["name"].startswith(prefix) and uses_of[e["name"]] == [e["name"]] and math.prod(e["shape"]) >= dense_below}
-        if path and LowBitRNN.ready(module, entries):
+        if LowBitRNN.ready(module, entries):
             replace_module(model, module, LowBitRNN(module, entries, tensors))
             done |= {f"{prefix}weight_{kind}_l{k}" for k in range(module.num_layers) for kind in ("ih", "hh")}
     for e in meta["quantized"]:
@@ -443,7 +447,7 @@ def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], 
             for embedding in embeddings:
                 replace_module(model, embedding, LowBitEmbedding(embedding, layer.weight_lowbit))
         elif as_layers and not linears and lowbit_fits(e):
-            weights = LowBitWeights(e, lowbit_weights(e, tensors))
+            weights = LowBitWeights(e, tensors)
             for embedding in embeddings:
                 replace_module(model, embedding, LowBitEmbedding(embedding, weights))
         else:
@@ -458,17 +462,15 @@ def keep_packed(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], 
 CONVS, NORMS = (nn.Conv1d, nn.Conv2d, nn.Conv3d), (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def fold_batch_norms(model: nn.Module) -> int:
+def fold_batch_norms(model: nn.Module) -> None:
     """In each nn.Sequential, fold a batch norm (eval mode, running statistics) into the convolution before it
     whose weight is a `LowBitRows` of its own: the norm's per-channel scale goes into the weight's scales and
     offsets, its shift into the convolution's bias, and the norm becomes nn.Identity (one pass over the
-    activations less; outputs within float rounding). Run after the model's tensors are loaded. Returns how
-    many were folded."""
+    activations less; outputs within float rounding). Run after the model's tensors are loaded."""
     owners = {}  # how many places hold each module (a module repeated in one Sequential counts each time)
     for module in model.modules():
         for child in module._modules.values():
             owners[id(child)] = owners.get(id(child), 0) + 1
-    folded = 0
     for sequence in [m for m in model.modules() if type(m) is nn.Sequential]:  # a subclass may run its children otherwise
         children = list(sequence._modules.items())
         for (_, conv), (name, norm) in zip(children, children[1:]):
@@ -483,19 +485,18 @@ def fold_batch_norms(model: nn.Module) -> int:
             bias = shift if conv.bias is None else conv.bias.float() * factor + shift
             conv.bias = nn.Parameter(bias.detach().to(norm.running_mean.dtype), requires_grad=False)
             setattr(sequence, name, nn.Identity())
-            folded += 1
-    return folded
 
 
 def fastest(shape: tuple[int, int], group: int, bits: int, learned: bool, batch: int, ways: tuple[str, ...]) -> str:
     """The fastest of the kernels `ways` and a dense float32 matmul ("dense") for this layer shape at `batch`
     rows on this machine (small layers at large batches can lose on a kernel): timed once per machine, shape,
     group, width, kind of levels and batch on random weights, and kept in the cache's table of choices."""
-    table = choices(choices_path())
+    path = choices_path()
+    table = choices(path)
     key = f"{shape[0]}x{shape[1]} group {group} bits {bits}{' learned' if learned else ''} rows {batch} ways {'+'.join(ways)}"
     if table.get(key) not in ("dense", *ways):
         table[key] = time_ways(tuple(shape), group, bits, learned, batch, ways)
-        save_choices(table, choices_path())
+        save_choices(table, path)
     return table[key]
 
 

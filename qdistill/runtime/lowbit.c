@@ -171,6 +171,18 @@ static inline __attribute__((always_inline)) void tile(const float *restrict x, 
     }
 }
 
+/* All B input rows (row stride K) times decoded weights w [n][16], TILE rows at a time, then the rest: `tile`. */
+static inline __attribute__((always_inline)) void tiles(const float *restrict x, int B, int K, const float *restrict w, int n, const float *restrict bias,
+                                                        float *restrict y, int ldy, int valid, int first) {
+    int b = 0;
+    for (; b + TILE <= B; b += TILE) tile(x + (long)b * K, K, TILE, w, n, bias, y + (long)b * ldy, ldy, valid, first);
+    switch (B - b) {
+#define REST(r) \
+    case r: tile(x + (long)b * K, K, r, w, n, bias, y + (long)b * ldy, ldy, valid, first); break;
+        REST(1) REST(2) REST(3) REST(4) REST(5)
+    }
+}
+
 static inline __attribute__((always_inline)) void batch_pair(const float *restrict x, int B, int K, const uint8_t *restrict codes, const int bits, const int lut,
                                                              const float *restrict points, int group, const float *restrict scale,
                                                              const float *restrict offset, const float *restrict bias, float *restrict y, int ldy, int valid) {
@@ -178,13 +190,7 @@ static inline __attribute__((always_inline)) void batch_pair(const float *restri
     for (int k0 = 0; k0 < K; k0 += BLOCK) {
         int n = K - k0 < BLOCK ? K - k0 : BLOCK;
         decode_pair(codes, K, bits, lut, points, group, scale, offset, k0, n, w);
-        int b = 0;
-        for (; b + TILE <= B; b += TILE) tile(x + (long)b * K + k0, K, TILE, w, n, bias, y + (long)b * ldy, ldy, valid, k0 == 0);
-        switch (B - b) {
-#define REST(r) \
-    case r: tile(x + (long)b * K + k0, K, r, w, n, bias, y + (long)b * ldy, ldy, valid, k0 == 0); break;
-            REST(1) REST(2) REST(3) REST(4) REST(5)
-        }
+        tiles(x + k0, B, K, w, n, bias, y, ldy, valid, k0 == 0);
     }
 }
 
@@ -277,16 +283,8 @@ static inline __attribute__((always_inline)) void recurrent(const int gru, const
     for (int q = 0; q < pairs; q++) decode_pair(codes + q * pair_bytes, H, bits, lut, points, group, scale + q * pair_params, offset + q * pair_params, 0, H, w + (long)q * H * 16);
     for (int t = 0; t < T; t++) {
 #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int q = 0; q < pairs; q++) {
-            const float *bias = bias_hh ? bias_hh + 16 * q : 0;
-            int b = 0;
-            for (; b + TILE <= B; b += TILE) tile(h + (long)b * H, H, TILE, w + (long)q * H * 16, H, bias, gates + (long)b * G * H + 16 * q, G * H, G * H - 16 * q, 1);
-            switch (B - b) {
-#define STEP_REST(r) \
-    case r: tile(h + (long)b * H, H, r, w + (long)q * H * 16, H, bias, gates + (long)b * G * H + 16 * q, G * H, G * H - 16 * q, 1); break;
-                STEP_REST(1) STEP_REST(2) STEP_REST(3) STEP_REST(4) STEP_REST(5)
-            }
-        }
+        for (int q = 0; q < pairs; q++)
+            tiles(h, B, H, w + (long)q * H * 16, H, bias_hh ? bias_hh + 16 * q : 0, gates + 16 * q, G * H, G * H - 16 * q, 1);
         for (int b = 0; b < B; b++) {
             const float *in = gx + ((long)b * T + t) * G * H, *g = gates + (long)b * G * H;
             float *hb = h + (long)b * H, *yb = y + ((long)b * T + t) * H, *cb = gru ? 0 : c + (long)b * H;
